@@ -1,0 +1,24 @@
+"""snapshotd_client: hand asynchronous in-memory snapshots of training state to snapshotd.
+
+A few lines in a training script::
+
+    from snapshotd_client import SnapshotClient
+
+    client = SnapshotClient(job="gpt")                 # rank from $RANK, daemon from env
+    client.protect(optimizer)                          # optimizer.step() waits for copies
+    if (restored := client.restore()) is not None:     # all ranks agree on one step
+        start, state = restored
+        model.load_state_dict(state["model"]); optimizer.load_state_dict(state["optim"])
+    for step in range(start + 1, steps):
+        train_one_step()
+        client.save(step, {"model": model.state_dict(), "optim": optimizer.state_dict()})
+
+The daemon owns the memory, so a trainer that crashes loses nothing it had committed.
+"""
+
+from ._channel import DaemonError, DaemonUnavailable, SnapshotError
+from ._client import ENV_ENDPOINT, SnapshotClient, SnapshotSkipped
+
+__all__ = ["SnapshotClient", "SnapshotError", "DaemonUnavailable", "DaemonError",
+           "SnapshotSkipped", "ENV_ENDPOINT"]
+__version__ = "0.1.0"

@@ -1,0 +1,308 @@
+"""The trainer-side client: asynchronous save into daemon memory, and restore."""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import threading
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Optional
+
+import torch
+
+from . import _protocol as p
+from ._channel import Channel, DaemonError, SnapshotError
+from ._flatten import Layout, flatten, unflatten, view_of
+
+__all__ = ["SnapshotClient", "SnapshotSkipped", "ENV_ENDPOINT"]
+
+log = logging.getLogger("snapshotd_client")
+ENV_ENDPOINT = "SNAPSHOTD_ENDPOINT"
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+class SnapshotSkipped(SnapshotError):
+    """A save was not taken because the previous one is still waiting for the daemon."""
+
+
+def _default_endpoint() -> str:
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    return f"ipc://{os.path.join(base, 'snapshotd') if base else '/run/snapshotd'}/control.sock"
+
+
+@dataclass
+class _Job:
+    step: int
+    layout: Layout
+    future: Future = field(default_factory=Future)
+    copying: threading.Event = field(default_factory=threading.Event)
+    copied: threading.Event = field(default_factory=threading.Event)
+
+
+class SnapshotClient:
+    """Hands snapshots of one rank's state to the node's snapshotd, and gets them back.
+
+    Example::
+
+        client = SnapshotClient(job="gpt", rank=0)
+        client.protect(optimizer)             # optimizer.step() waits for copies in flight
+        restored = client.restore()
+        if restored is not None:
+            step, state = restored
+            model.load_state_dict(state["model"])
+        for step in range(...):
+            ...                                # forward, backward, optimizer.step()
+            client.save(step, {"model": model.state_dict(), "step": step})
+        client.close()
+
+    ``save`` never blocks on the daemon and never raises: its future carries any error, and
+    :meth:`last_error` keeps the newest one. ``restore`` raises :class:`SnapshotError`.
+    """
+
+    def __init__(self, endpoint: Optional[str] = None, job: str = "default",
+                 rank: Optional[int] = None, *, timeout: timedelta = timedelta(seconds=30),
+                 context: Any = None) -> None:
+        self.endpoint = endpoint or os.environ.get(ENV_ENDPOINT) or _default_endpoint()
+        self.job = job
+        self.rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+        self._channel = Channel(self.endpoint, timeout, context)
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="snapshotd-save")
+        self._maps = _MapCache()
+        self._current: Optional[_Job] = None
+        self._last_error: Optional[BaseException] = None
+        self._warned = False
+        self._closed = False
+
+    # ------------------------------------------------------------------ saving
+
+    def save(self, step: int, state: Any) -> Future:
+        """Snapshot ``state`` as version ``step``; return a future that resolves to ``step``.
+
+        Returns after laying out the state (no copy). The bytes are copied on a background
+        thread: do not modify the tensors until :meth:`wait_copied` (or use :meth:`protect`).
+        """
+        if self._closed:
+            raise SnapshotError("save() on a closed SnapshotClient")
+        prev = self._current
+        if prev is not None and not prev.copied.is_set():
+            if not prev.copying.is_set():
+                return self._failed(step, SnapshotSkipped(
+                    f"step {step} not saved: step {prev.step} is still waiting for snapshotd"))
+            prev.copied.wait()
+        try:
+            layout = flatten(state)
+        except TypeError as exc:
+            return self._failed(step, exc)
+        job = _Job(step, layout)
+        self._current = job
+        self._worker.submit(self._run, job)
+        return job.future
+
+    def _failed(self, step: int, exc: BaseException) -> Future:
+        future: Future = Future()
+        future.set_exception(exc)
+        self._record(exc)
+        return future
+
+    def _run(self, job: _Job) -> None:
+        slot = None
+        try:
+            reply = self._channel.call(p.Alloc(self.job, self.rank, job.step, job.layout.nbytes,
+                                               os.getpid()))
+            slot = reply.slot
+            job.copying.set()
+            self._copy_in(reply.path, reply.nbytes, job.layout)
+            job.copied.set()
+            tensors = tuple(p.TensorEntry(e["name"], e["dtype"], tuple(e["shape"]), e["offset"],
+                                          e["nbytes"]) for e in job.layout.entries)
+            self._channel.call(p.Commit(slot, tensors, job.layout.meta))
+            slot = None
+            job.future.set_result(job.step)
+        except BaseException as exc:  # noqa: BLE001 - reported through the future
+            job.copied.set()
+            if slot is not None:
+                self._abort(slot)
+            self._record(exc)
+            job.future.set_exception(exc)
+
+    def _copy_in(self, path: str, nbytes: int, layout: Layout) -> None:
+        if nbytes == 0:
+            return
+        mm = self._maps.get(path, nbytes)
+        with torch.no_grad():
+            for tensor, entry in zip(layout.tensors, layout.entries):
+                if entry["nbytes"]:
+                    view_of(mm, entry).copy_(tensor)
+
+    def _abort(self, slot: int) -> None:
+        try:
+            self._channel.call(p.Abort(slot), timeout=timedelta(seconds=5))
+        except SnapshotError:
+            pass
+
+    def _record(self, exc: BaseException) -> None:
+        self._last_error = exc
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"snapshotd: a snapshot failed and training goes on: {exc}",
+                          RuntimeWarning, stacklevel=3)
+        log.warning("snapshot failed: %s", exc)
+
+    def wait_copied(self) -> None:
+        """Block until the bytes of the save in flight are copied (the state may change then)."""
+        job = self._current
+        if job is not None:
+            job.copied.wait()
+
+    def wait(self) -> None:
+        """Block until every save handed in so far is committed or failed."""
+        job = self._current
+        if job is not None:
+            job.copied.wait()
+            try:
+                job.future.result()
+            except BaseException:  # noqa: BLE001 - recorded in last_error()
+                pass
+
+    def protect(self, optimizer: torch.optim.Optimizer) -> Any:
+        """Make ``optimizer.step()`` wait for copies in flight; returns the hook handle."""
+        return optimizer.register_step_pre_hook(lambda *_: self.wait_copied())
+
+    def last_error(self) -> Optional[BaseException]:
+        """The newest error of a save, or None."""
+        return self._last_error
+
+    # ------------------------------------------------------------------ restoring
+
+    def steps(self) -> list[int]:
+        """Committed steps of this rank held by the daemon, oldest first."""
+        reply = self._channel.call(p.ListVersions(self.job, self.rank))
+        return [v.step for v in reply.versions]
+
+    def latest(self) -> Optional[int]:
+        """This rank's newest committed step, or None."""
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def restore(self, step: Optional[int] = None) -> Optional[tuple[int, Any]]:
+        """Return ``(step, state)`` of the newest version (or of ``step``), or None if none.
+
+        Inside a job with ``torch.distributed`` initialised and ``step`` None, every rank
+        restores the same step: the newest one that all ranks hold (one MIN all-reduce).
+        """
+        if step is None and _distributed():
+            step = self._agree()
+            if step is None:
+                return None
+        try:
+            lease = self._channel.call(p.Open(self.job, self.rank, os.getpid(), step))
+        except DaemonError as exc:
+            if exc.code == "not_found" and step is None:
+                return None
+            raise
+        try:
+            tensors = self._copy_out(lease)
+        finally:
+            self._channel.call(p.Release(lease.lease))
+        return lease.step, unflatten(lease.meta, tensors)
+
+    def _agree(self) -> Optional[int]:
+        import torch.distributed as dist
+
+        newest = self.latest()
+        value = torch.tensor([-1 if newest is None else newest], dtype=torch.int64)
+        if dist.get_backend() == "nccl":
+            value = value.cuda()
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        agreed = int(value.item())
+        return None if agreed < 0 else agreed
+
+    def _copy_out(self, lease: p.OpenReply) -> list[torch.Tensor]:
+        if lease.nbytes == 0:
+            return [view_of(b"", e.__dict__) for e in lease.tensors]
+        fd = os.open(lease.path, os.O_RDONLY)
+        try:
+            mm = mmap.mmap(fd, lease.nbytes, mmap.MAP_SHARED | _POPULATE, mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        out = []
+        with warnings.catch_warnings():  # the mapping is read-only on purpose
+            warnings.filterwarnings("ignore", "The given buffer is not writable")
+            for entry in lease.tensors:
+                src = view_of(mm, entry.__dict__)
+                out.append(torch.empty_like(src).copy_(src))
+                del src
+        _close(mm)
+        return out
+
+    # ------------------------------------------------------------------ lifetime
+
+    def close(self) -> None:
+        """Wait for saves in flight, then release the connection."""
+        if self._closed:
+            return
+        self.wait()
+        self._closed = True
+        self._worker.shutdown(wait=True)
+        self._maps.clear()
+        self._channel.close()
+
+    def __enter__(self) -> "SnapshotClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _MapCache:
+    """Write mappings of recently used slots, kept so a recycled segment is not re-faulted.
+
+    The daemon recycles a rank's segments, so the same few come back save after save. A mapping
+    whose file was replaced or removed is dropped at the next lookup; at most ``size`` are kept.
+    """
+
+    def __init__(self, size: int = 4) -> None:
+        self._size = size
+        self._maps: dict[str, tuple[int, mmap.mmap]] = {}
+
+    def get(self, path: str, nbytes: int) -> mmap.mmap:
+        for known, (inode, mm) in list(self._maps.items()):
+            try:
+                alive = os.stat(known).st_ino == inode
+            except FileNotFoundError:
+                alive = False
+            if not alive or (known == path and len(mm) < nbytes):
+                _close(self._maps.pop(known)[1])
+        if path in self._maps:
+            self._maps[path] = self._maps.pop(path)  # most recently used last
+            return self._maps[path][1]
+        fd = os.open(path, os.O_RDWR)
+        try:
+            inode, size = os.fstat(fd).st_ino, os.fstat(fd).st_size
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED | _POPULATE, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self._maps[path] = (inode, mm)
+        while len(self._maps) > self._size:
+            _close(self._maps.pop(next(iter(self._maps)))[1])
+        return mm
+
+    def clear(self) -> None:
+        while self._maps:
+            _close(self._maps.popitem()[1][1])
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _close(mm: mmap.mmap) -> None:
+    try:
+        mm.close()
+    except BufferError:  # a tensor view is still alive somewhere; the GC unmaps it later
+        pass
+

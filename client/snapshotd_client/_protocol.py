@@ -1,0 +1,1 @@
+../../snapshotd/protocol.py

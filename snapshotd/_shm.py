@@ -1,0 +1,140 @@
+"""Daemon-owned shared-memory segments: files on a tmpfs directory (POSIX shm lives in /dev/shm).
+
+Each daemon owns one directory (mode 0700) holding ``seg-N.bin`` segments (mode 0600) and their
+``seg-N.json`` manifests. A segment's memory is reserved with ``posix_fallocate`` when it is
+created, so a full tmpfs is an error reply at allocation time, never a SIGBUS in a trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+__all__ = ["SegmentDir", "Leftover"]
+
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+_SEG_RE = re.compile(r"seg-(\d+)\.(bin|json|json\.tmp)")
+
+
+@dataclass
+class Leftover:
+    """What a previous daemon left in the directory."""
+
+    number: int
+    size: int
+    manifest: dict[str, Any] | None
+
+
+class SegmentDir:
+    """The segment files of one daemon. Not thread-safe; the store serialises access."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._maps: dict[int, mmap.mmap] = {}
+
+    def prepare(self) -> None:
+        """Create the directory with mode 0700 (or tighten an existing one we own)."""
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        os.chmod(self.path, 0o700)
+
+    def seg_path(self, number: int) -> str:
+        return os.path.join(self.path, f"seg-{number}.bin")
+
+    def manifest_path(self, number: int) -> str:
+        return os.path.join(self.path, f"seg-{number}.json")
+
+    def create(self, number: int, size: int) -> None:
+        """Create and reserve a segment; raise OSError (ENOSPC) if the tmpfs has no room.
+
+        The pages are reserved (``posix_fallocate``) and then faulted in once by mapping the
+        segment here, so the writer's first copy runs at memory speed."""
+        path = self.seg_path(number)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            if size:
+                os.posix_fallocate(fd, 0, size)
+        except OSError:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)
+        if size:
+            self.view(number, size).release()
+
+    def unlink(self, number: int) -> None:
+        mapped = self._maps.pop(number, None)
+        if mapped is not None:
+            try:
+                mapped.close()
+            except BufferError:  # a view is still in use; the GC unmaps it
+                pass
+        for path in (self.manifest_path(number), self.seg_path(number)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def drop_manifest(self, number: int) -> None:
+        try:
+            os.unlink(self.manifest_path(number))
+        except FileNotFoundError:
+            pass
+
+    def write_manifest(self, number: int, manifest: dict[str, Any]) -> int:
+        """Write the manifest atomically (temp file, fsync-free rename); return its size."""
+        data = json.dumps(manifest, separators=(",", ":")).encode()
+        tmp = self.manifest_path(number) + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.manifest_path(number))
+        return len(data)
+
+    def view(self, number: int, size: int) -> memoryview:
+        """A view of a whole segment. The daemon maps each segment once and keeps the mapping
+        (populated) until the segment is unlinked, so checksums never pay page faults."""
+        mapped = self._maps.get(number)
+        if mapped is None or len(mapped) < size:
+            if not size:
+                return memoryview(b"")
+            fd = os.open(self.seg_path(number), os.O_RDWR)
+            try:
+                mapped = mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED | _POPULATE,
+                                   mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                os.close(fd)
+            self._maps[number] = mapped
+        return memoryview(mapped)[:size]
+
+    def scan(self) -> Iterator[Leftover]:
+        """Yield leftover segments; remove stray temp manifests and orphan manifests."""
+        numbers: set[int] = set()
+        for name in os.listdir(self.path):
+            match = _SEG_RE.fullmatch(name)
+            if not match:
+                continue
+            if match.group(2) == "json.tmp":
+                os.unlink(os.path.join(self.path, name))
+            else:
+                numbers.add(int(match.group(1)))
+        for number in sorted(numbers):
+            try:
+                size = os.stat(self.seg_path(number)).st_size
+            except FileNotFoundError:
+                self.drop_manifest(number)
+                continue
+            yield Leftover(number, size, self._read_manifest(number))
+
+    def _read_manifest(self, number: int) -> dict[str, Any] | None:
+        try:
+            with open(self.manifest_path(number), "rb") as fh:
+                data = json.load(fh)
+        except (FileNotFoundError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None

@@ -1,0 +1,159 @@
+"""Daemon configuration: one frozen dataclass, built in one place.
+
+Precedence, highest first: command-line flags, ``SNAPSHOTD_*`` environment variables, the TOML
+file named by ``--config`` (or ``SNAPSHOTD_CONFIG``), the defaults below. Every field's
+environment name is ``SNAPSHOTD_`` plus the field name in capitals (``memory_limit`` is
+``SNAPSHOTD_MEMORY_LIMIT``), its flag is ``--`` plus the name with dashes, and its TOML key is the
+name itself.
+
+Example::
+
+    >>> cfg = build_config(["--node-slot", "3", "--memory-limit", "2GiB"], environ={})
+    >>> cfg.node_slot, cfg.memory_limit
+    (3, 2147483648)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+__all__ = ["Config", "ConfigError", "build_config", "parse_size", "add_arguments",
+           "default_control", "ENV_PREFIX", "ENV_CONFIG"]
+
+ENV_PREFIX = "SNAPSHOTD_"
+ENV_CONFIG = "SNAPSHOTD_CONFIG"
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
+          "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20,
+          "gib": 1 << 30, "tib": 1 << 40}
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the setting."""
+
+
+def parse_size(text: str | int) -> int:
+    """Parse a byte size such as ``4GiB``, ``512MiB``, ``1.5GB`` or ``1048576``."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ConfigError(f"cannot read {text!r} as a size; write e.g. 4GiB, 512MiB or 1000000")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def _parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    if str(text).lower() in ("1", "true", "yes", "on"):
+        return True
+    if str(text).lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"cannot read {text!r} as true/false")
+
+
+def _opt_int(text: Any) -> Optional[int]:
+    return None if text in (None, "", "none") else int(text)
+
+
+def _runtime_dir(environ: Mapping[str, str]) -> str:
+    base = environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(base, "snapshotd") if base else "/run/snapshotd"
+
+
+def default_control(environ: Mapping[str, str] = os.environ) -> str:
+    """The control endpoint a daemon binds, and a client connects to, when none is given."""
+    return f"ipc://{_runtime_dir(environ)}/control.sock"
+
+
+def _opt(default: Any, parse: Callable[[Any], Any], doc: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"parse": parse, "help": doc, **extra})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the daemon is told. Sizes are bytes, durations seconds."""
+
+    node_slot: int = _opt(0, int, "this node's slot (0-based) in the cluster")
+    control: str = _opt("", str, "local control endpoint (ipc://PATH); default under "
+                        "$XDG_RUNTIME_DIR/snapshotd or /run/snapshotd")
+    shm_dir: str = _opt("", str, "directory on a tmpfs holding the segments (default "
+                        "/dev/shm/snapshotd-<slot>); one per daemon")
+    memory_limit: int = _opt(4 << 30, parse_size, "bytes of snapshot memory (e.g. 4GiB)")
+    keep: int = _opt(2, int, "committed versions kept per rank")
+    log_level: str = _opt("INFO", str, "DEBUG, INFO, WARNING or ERROR")
+    reap_interval: float = _opt(1.0, float, "seconds between checks for dead writers/readers")
+    adopt: bool = _opt(True, _parse_bool, "adopt committed segments left by a previous daemon")
+    metrics_port: Optional[int] = _opt(None, _opt_int, "port for /metrics, /healthz, /readyz")
+    workers: int = _opt(2, int, "threads for checksum and copy work")
+
+    def __post_init__(self) -> None:
+        if self.node_slot < 0:
+            raise ConfigError(f"node_slot must be >= 0, got {self.node_slot}")
+        if self.keep < 1:
+            raise ConfigError(f"keep must be >= 1, got {self.keep}")
+        if self.memory_limit <= 0:
+            raise ConfigError(f"memory_limit must be positive, got {self.memory_limit}")
+        if not self.control.startswith(("ipc://", "tcp://", "inproc://")):
+            raise ConfigError(f"control endpoint {self.control!r} must start with ipc:// or tcp://")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"log_level {self.log_level!r} is not DEBUG/INFO/WARNING/ERROR")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per config field (all default to None, meaning "not given")."""
+    parser.add_argument("--config", help="TOML file with settings (flags and env win)")
+    for name, f in _FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, dest=name, default=None,
+                                action=argparse.BooleanOptionalAction, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, dest=name, default=None, help=f.metadata["help"])
+
+
+def build_config(argv: Sequence[str] | argparse.Namespace | None = None,
+                 environ: Mapping[str, str] = os.environ) -> Config:
+    """Build the one Config from flags over environment over TOML file over defaults."""
+    if isinstance(argv, argparse.Namespace):
+        args = vars(argv)
+    else:
+        parser = argparse.ArgumentParser(add_help=False)
+        add_arguments(parser)
+        args = vars(parser.parse_args(list(argv or [])))
+    values: dict[str, Any] = {}
+    path = args.get("config") or environ.get(ENV_CONFIG)
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                values.update(tomllib.load(fh))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        unknown = set(values) - set(_FIELDS)
+        if unknown:
+            raise ConfigError(f"config file {path}: unknown settings {sorted(unknown)}")
+    for name in _FIELDS:
+        env = environ.get(ENV_PREFIX + name.upper())
+        if env is not None:
+            values[name] = env
+        if args.get(name) is not None:
+            values[name] = args[name]
+    parsed = {}
+    for name, raw in values.items():
+        try:
+            parsed[name] = _FIELDS[name].metadata["parse"](raw)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"setting {name}={raw!r}: {exc}") from None
+    slot = parsed.get("node_slot", 0)
+    parsed.setdefault("control", default_control(environ))
+    parsed.setdefault("shm_dir", f"/dev/shm/snapshotd-{slot}")
+    return Config(**parsed)

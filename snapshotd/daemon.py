@@ -1,0 +1,115 @@
+"""The ``snapshotd`` process: wires config, store, control server and metrics, and runs them.
+
+Run it as ``snapshotd --node-slot 0 --memory-limit 8GiB`` (or ``python -m snapshotd``). On
+SIGTERM or SIGINT it refuses new writes, finishes the commits in flight, answers them, releases
+its segments and exits 0. A daemon that was killed leaves its directory behind; the next one
+adopts the committed versions in it and removes the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import os
+import signal
+import sys
+from typing import Optional, Sequence
+
+import zmq
+from prometheus_client import CollectorRegistry
+
+from .config import Config, ConfigError, add_arguments, build_config
+from .metrics import Metrics, StoreCollector
+from .server import ControlServer
+from .store import Store
+
+__all__ = ["Daemon", "main"]
+
+log = logging.getLogger("snapshotd")
+
+
+class Daemon:
+    """One node's daemon. ``start()`` then ``serve()``; ``stop()`` from a signal handler."""
+
+    def __init__(self, config: Config, *, context: Optional[zmq.Context] = None,
+                 registry: Optional[CollectorRegistry] = None) -> None:
+        self.config = config
+        self.context = context or zmq.Context()
+        self.registry = registry or CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.store = Store(config.shm_dir, config.memory_limit, config.keep)
+        self.server: Optional[ControlServer] = None
+        self._lock_fd: Optional[int] = None
+
+    def start(self) -> None:
+        self._take_lock()
+        report = self.store.open(adopt=self.config.adopt)
+        log.info("segments in %s: adopted %d committed versions, removed %d leftovers (%d bytes)",
+                 self.config.shm_dir, report["adopted"], report["removed"], report["bytes_removed"])
+        self.registry.register(StoreCollector(self.store))
+        self.server = ControlServer(
+            self.store, self.config.control, context=self.context, metrics=self.metrics,
+            node_slot=self.config.node_slot, workers=self.config.workers,
+            reap_interval=self.config.reap_interval)
+        log.info("snapshotd node slot %d serving %s (memory limit %d bytes, keep %d)",
+                 self.config.node_slot, self.server.endpoint, self.config.memory_limit,
+                 self.config.keep)
+
+    def _take_lock(self) -> None:
+        self.store.dir.prepare()
+        fd = os.open(os.path.join(self.config.shm_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"another snapshotd is running on {self.config.shm_dir}; give "
+                              "each daemon its own --shm-dir") from None
+        self._lock_fd = fd
+
+    def serve(self) -> None:
+        assert self.server is not None, "call start() first"
+        self.server.serve()
+
+    def stop(self) -> None:
+        """Ask the loop to stop (safe from a signal handler)."""
+        if self.server is not None:
+            self.server.stopping = True
+        self.store.accepting = False
+
+    def close(self) -> None:
+        """Drain in-flight requests, release every segment, close sockets."""
+        if self.server is not None:
+            self.server.close()
+        self.store.close()
+        self.context.destroy(linger=0)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+        log.info("snapshotd stopped; segments released")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="snapshotd", description="Per-node in-memory snapshot daemon for training jobs.")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        config = build_config(args)
+    except ConfigError as exc:
+        print(f"snapshotd: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s snapshotd[%(process)d] %(levelname)s %(message)s")
+    daemon = Daemon(config)
+    try:
+        daemon.start()
+    except (ConfigError, OSError, zmq.ZMQError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: daemon.stop())
+    try:
+        daemon.serve()
+    finally:
+        daemon.close()
+    return 0

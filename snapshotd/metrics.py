@@ -1,0 +1,100 @@
+"""Prometheus metrics of one daemon, registered on a registry passed in (tests use a fresh one).
+
+Counters and histograms are updated where things happen; figures that are cheap to read but
+change all the time (bytes held, versions, snapshot age, host memory) are computed at scrape time
+by :class:`StoreCollector`, so they are never stale.
+
+Example::
+
+    >>> from prometheus_client import CollectorRegistry, generate_latest
+    >>> m = Metrics(CollectorRegistry())
+    >>> m.rejected.labels(reason="malformed").inc()
+    >>> b"snapshotd_rejected_requests_total" in generate_latest(m.registry)
+    True
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterator
+
+import psutil
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+__all__ = ["Metrics", "StoreCollector"]
+
+_SECONDS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    """Every counter and histogram the daemon updates."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        c = lambda name, doc, *labels: Counter(name, doc, labels, registry=registry)  # noqa: E731
+        h = lambda name, doc: Histogram(name, doc, buckets=_SECONDS, registry=registry)  # noqa: E731
+        self.rejected = c("snapshotd_rejected_requests_total",
+                          "Requests answered with an error, by reason", "reason")
+        self.committed_bytes = c("snapshotd_committed_bytes_total", "Bytes of committed versions")
+        self.checksum_failures = c("snapshotd_checksum_failures_total",
+                                   "Tensors or chunks whose bytes failed their checksum")
+        self.reclaimed = c("snapshotd_reclaimed_total",
+                           "Slots and leases reclaimed because their process was gone")
+        self.commit_seconds = h("snapshotd_commit_duration_seconds",
+                                "Time to check, checksum and publish one version")
+        self.open_seconds = h("snapshotd_open_duration_seconds",
+                              "Time to lease and verify one version for a restore")
+
+
+class StoreCollector(Collector):
+    """Scrape-time gauges read from the store (and the host, through psutil)."""
+
+    def __init__(self, store: Any, clock: Callable[[], float] = time.time,
+                 memory: Callable[[], Any] = psutil.virtual_memory) -> None:
+        self._store = store
+        self._clock = clock
+        self._memory = memory
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        stats = self._store.stats()
+        versions = self._store.versions()
+        yield GaugeMetricFamily("snapshotd_memory_limit_bytes", "Configured memory limit",
+                                value=self._store.memory_limit)
+        yield GaugeMetricFamily("snapshotd_memory_headroom_bytes",
+                                "Memory limit minus bytes in use",
+                                value=self._store.memory_limit - stats["bytes_used"])
+        held = GaugeMetricFamily("snapshotd_memory_used_bytes", "Bytes in use, by kind",
+                                 labels=["kind"])
+        for kind, value in self._store.bytes_by_kind().items():
+            held.add_metric([kind], value)
+        yield held
+        count = GaugeMetricFamily("snapshotd_versions", "Versions held, by state",
+                                  labels=["state"])
+        for state in ("local", "protected"):
+            count.add_metric([state], sum(1 for v in versions if v.state == state))
+        yield count
+        yield from self._ages(versions)
+        yield GaugeMetricFamily("snapshotd_host_memory_available_bytes",
+                                "Host memory available (psutil)", value=self._memory().available)
+
+    def _ages(self, versions: list[Any]) -> Iterator[GaugeMetricFamily]:
+        now = self._clock()
+        newest: dict[tuple[str, int], float] = {}
+        newest_protected: dict[tuple[str, int], float] = {}
+        for v in versions:
+            key = (v.job, v.rank)
+            newest[key] = max(newest.get(key, 0.0), v.committed_at)
+            if v.protected:
+                newest_protected[key] = max(newest_protected.get(key, 0.0), v.committed_at)
+        for name, doc, table in (
+                ("snapshotd_snapshot_age_seconds",
+                 "Seconds since the newest committed version of a rank", newest),
+                ("snapshotd_protected_snapshot_age_seconds",
+                 "Seconds since the newest protected version of a rank: work a node loss "
+                 "would lose now", newest_protected)):
+            family = GaugeMetricFamily(name, doc, labels=["job", "rank"])
+            for (job, rank), at in sorted(table.items()):
+                family.add_metric([job, str(rank)], max(0.0, now - at))
+            yield family

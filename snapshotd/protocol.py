@@ -1,0 +1,356 @@
+"""The local control protocol between trainer clients and the node daemon.
+
+Every message is one ZeroMQ frame holding a UTF-8 JSON object::
+
+    {"v": 1, "op": "alloc", "id": 7, "job": "gpt", "rank": 0, ...}
+
+``v`` is :data:`PROTOCOL_VERSION`, ``op`` names the message class, ``id`` is echoed in the
+reply so a client can match replies to requests. The remaining keys are the dataclass fields.
+Every message is defined exactly once, here, as a frozen dataclass; :func:`decode` checks the
+version, the operation and the type of every field before anything else sees the message, so
+the daemon never acts on a partly valid request. This module needs only the standard library:
+the client distribution ships the same file (see ``docs/protocol.md``).
+
+Example::
+
+    >>> frame = encode(Alloc(job="gpt", rank=0, step=5, nbytes=4096, pid=1234), req_id=1)
+    >>> req_id, msg = decode(frame)
+    >>> msg.step, req_id
+    (5, 1)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional, Union
+
+__all__ = [
+    "PROTOCOL_VERSION", "MAX_MESSAGE_BYTES", "DTYPE_SIZES", "ALIGNMENT", "ProtocolError",
+    "TensorEntry", "Alloc", "Commit", "Abort", "ListVersions", "Open", "Release", "Status",
+    "Drop", "Error", "AllocReply", "CommitReply", "Ok", "VersionInfo", "ListReply", "OpenReply",
+    "StatusReply", "encode", "decode", "check_table",
+]
+
+PROTOCOL_VERSION = 1
+#: Largest control frame accepted (the tensor table of a very large model fits easily).
+MAX_MESSAGE_BYTES = 64 << 20
+#: Byte alignment of every tensor inside a slot.
+ALIGNMENT = 64
+#: Element size of every dtype a snapshot may hold (torch dtype names without ``torch.``).
+DTYPE_SIZES: dict[str, int] = {
+    "bool": 1, "uint8": 1, "int8": 1, "float8_e4m3fn": 1, "float8_e5m2": 1,
+    "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1, "int16": 2, "uint16": 2, "float16": 2,
+    "bfloat16": 2, "int32": 4, "uint32": 4, "float32": 4, "complex32": 4, "int64": 8,
+    "uint64": 8, "float64": 8, "complex64": 8, "complex128": 16,
+}
+
+
+class ProtocolError(Exception):
+    """A request or reply that cannot be accepted; ``code`` is a stable machine-readable tag."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+# --------------------------------------------------------------------------- payload types
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor inside a slot: ``nbytes`` bytes at ``offset``; ``checksum`` is set by the daemon."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+    checksum: str = ""
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One committed version as listed by the daemon; ``state`` is ``local`` or ``protected``."""
+
+    job: str
+    rank: int
+    step: int
+    nbytes: int
+    state: str
+    committed_at: float
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class Alloc:
+    """Ask for a write slot of ``nbytes`` for (job, rank, step); ``pid`` is the writer."""
+
+    OP: ClassVar[str] = "alloc"
+    job: str
+    rank: int
+    step: int
+    nbytes: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class Commit:
+    """Publish a written slot; ``meta`` is the JSON skeleton of the non-tensor values."""
+
+    OP: ClassVar[str] = "commit"
+    slot: int
+    tensors: tuple[TensorEntry, ...]
+    meta: str
+
+
+@dataclass(frozen=True)
+class Abort:
+    """Discard a slot that will not be committed."""
+
+    OP: ClassVar[str] = "abort"
+    slot: int
+
+
+@dataclass(frozen=True)
+class ListVersions:
+    """List committed versions of a job (one rank, or all ranks when ``rank`` is None)."""
+
+    OP: ClassVar[str] = "list"
+    job: str
+    rank: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Open:
+    """Lease a version for reading: ``step`` None means the newest one not above ``max_step``."""
+
+    OP: ClassVar[str] = "open"
+    job: str
+    rank: int
+    pid: int
+    step: Optional[int] = None
+    max_step: Optional[int] = None
+    verify: bool = True
+
+
+@dataclass(frozen=True)
+class Release:
+    """Return a read lease."""
+
+    OP: ClassVar[str] = "release"
+    lease: int
+
+
+@dataclass(frozen=True)
+class Status:
+    """Ask for the daemon's summary."""
+
+    OP: ClassVar[str] = "status"
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Drop versions: one ``step``, or every step above ``newer_than``, or all (both None)."""
+
+    OP: ClassVar[str] = "drop"
+    job: str
+    rank: Optional[int] = None
+    step: Optional[int] = None
+    newer_than: Optional[int] = None
+
+
+# --------------------------------------------------------------------------- replies
+
+
+@dataclass(frozen=True)
+class Error:
+    """Any request that failed; nothing was changed by it."""
+
+    OP: ClassVar[str] = "error"
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Ok:
+    """A request that succeeded and has nothing to say; ``count`` is how many items it touched."""
+
+    OP: ClassVar[str] = "ok"
+    count: int = 0
+
+
+@dataclass(frozen=True)
+class AllocReply:
+    """A write slot: the file under the daemon's shared-memory directory to map and fill."""
+
+    OP: ClassVar[str] = "alloc_reply"
+    slot: int
+    path: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class CommitReply:
+    """The version is published and is now the newest local version of (job, rank)."""
+
+    OP: ClassVar[str] = "commit_reply"
+    job: str
+    rank: int
+    step: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class ListReply:
+    OP: ClassVar[str] = "list_reply"
+    versions: tuple[VersionInfo, ...]
+
+
+@dataclass(frozen=True)
+class OpenReply:
+    """A read lease on one version; the bytes stay valid until :class:`Release`."""
+
+    OP: ClassVar[str] = "open_reply"
+    lease: int
+    job: str
+    rank: int
+    step: int
+    path: str
+    nbytes: int
+    tensors: tuple[TensorEntry, ...]
+    meta: str
+    tier: str
+
+
+@dataclass(frozen=True)
+class StatusReply:
+    OP: ClassVar[str] = "status_reply"
+    node_slot: int
+    pid: int
+    accepting: bool
+    memory_limit: int
+    bytes_used: int
+    open_slots: int
+    open_leases: int
+    versions: tuple[VersionInfo, ...]
+
+
+_MESSAGES: dict[str, type] = {
+    cls.OP: cls  # type: ignore[attr-defined]
+    for cls in (Alloc, Commit, Abort, ListVersions, Open, Release, Status, Drop, Error, Ok,
+                AllocReply, CommitReply, ListReply, OpenReply, StatusReply)
+}
+Message = Any
+
+
+# --------------------------------------------------------------------------- codec
+
+
+def encode(msg: Message, req_id: int = 0) -> bytes:
+    """Serialise one message to its frame."""
+    body = {"v": PROTOCOL_VERSION, "op": msg.OP, "id": req_id}
+    body.update(dataclasses.asdict(msg))
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+
+
+def decode(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[int, Message]:
+    """Parse and type-check one frame; raise :class:`ProtocolError` naming what is wrong."""
+    if len(frame) > max_bytes:
+        raise ProtocolError("too_large", f"message of {len(frame)} bytes exceeds {max_bytes}")
+    try:
+        body = json.loads(frame)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError("malformed", f"not a JSON object: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("malformed", "message is not a JSON object")
+    version = body.pop("v", None)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            "bad_version", f"protocol version {version!r}, this side speaks {PROTOCOL_VERSION}")
+    req_id = body.pop("id", 0)
+    if type(req_id) is not int:
+        raise ProtocolError("malformed", "field 'id' must be an integer")
+    cls = _MESSAGES.get(body.pop("op", None))  # type: ignore[arg-type]
+    if cls is None:
+        raise ProtocolError("unknown_op", f"unknown operation; known: {sorted(_MESSAGES)}")
+    return req_id, _build(cls, body, cls.OP)
+
+
+def _build(cls: type, body: Any, where: str) -> Any:
+    if not isinstance(body, dict):
+        raise ProtocolError("malformed", f"{where} must be an object")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for field in dataclasses.fields(cls):
+        if field.name in body:
+            kwargs[field.name] = _check(body.pop(field.name), hints[field.name],
+                                        f"{where}.{field.name}")
+        elif (field.default is dataclasses.MISSING
+              and field.default_factory is dataclasses.MISSING):
+            raise ProtocolError("malformed", f"{where}: missing field '{field.name}'")
+    if body:
+        raise ProtocolError("malformed", f"{where}: unexpected fields {sorted(body)}")
+    return cls(**kwargs)
+
+
+def _check(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check(value, inner, where)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ProtocolError("malformed", f"{where} must be a list")
+        inner = typing.get_args(hint)[0]
+        return tuple(_check(item, inner, f"{where}[{i}]") for i, item in enumerate(value))
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, dict(value) if isinstance(value, dict) else value, where)
+    if hint is float and type(value) is int:
+        return float(value)
+    if type(value) is not hint:
+        raise ProtocolError("malformed", f"{where} must be {hint.__name__}, got {type(value).__name__}")
+    return value
+
+
+def check_table(tensors: tuple[TensorEntry, ...], slot_bytes: int) -> None:
+    """Check that a tensor table describes disjoint, in-bounds, correctly sized tensors.
+
+    Raises :class:`ProtocolError` (code ``bad_table``) naming the first offending tensor.
+    """
+    seen: set[str] = set()
+    spans = []
+    for t in tensors:
+        if t.name in seen:
+            raise ProtocolError("bad_table", f"tensor {t.name!r} appears twice")
+        seen.add(t.name)
+        size = DTYPE_SIZES.get(t.dtype)
+        if size is None:
+            raise ProtocolError("bad_table", f"tensor {t.name!r}: unknown dtype {t.dtype!r}")
+        count = 1
+        for dim in t.shape:
+            if dim < 0:
+                raise ProtocolError("bad_table", f"tensor {t.name!r}: negative dimension {dim}")
+            count *= dim
+        if count * size != t.nbytes:
+            raise ProtocolError(
+                "bad_table", f"tensor {t.name!r}: shape {list(t.shape)} of {t.dtype} is "
+                f"{count * size} bytes, table says {t.nbytes}")
+        if t.offset < 0 or t.offset % ALIGNMENT or t.offset + t.nbytes > slot_bytes:
+            raise ProtocolError(
+                "bad_table", f"tensor {t.name!r}: bytes [{t.offset}, {t.offset + t.nbytes}) "
+                f"are not an aligned range inside the {slot_bytes}-byte slot")
+        spans.append((t.offset, t.offset + t.nbytes, t.name))
+    spans.sort()
+    for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
+        if start < end:
+            raise ProtocolError("bad_table", f"tensors {name!r} and {other!r} overlap")

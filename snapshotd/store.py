@@ -1,0 +1,446 @@
+"""The node's snapshot store: write slots, committed versions, read leases, retention, budget.
+
+Lifecycle of one version (see DESIGN section 3)::
+
+    alloc(job, rank, step, nbytes, pid) -> Slot      segment reserved, invisible
+    (client writes the bytes through its own mapping)
+    commit(slot, tensors, meta)        -> Version     table checked, checksums stored,
+                                                      manifest written last, then visible
+    lease(job, rank, ...)              -> Lease       bytes pinned until release(lease)
+
+A slot whose writer dies, or that is aborted, goes back to the free pool and is never listed.
+Every public method is thread-safe; the slow parts (reserving memory, checksums) run outside the
+lock so the daemon can serve other requests meanwhile.
+
+Example::
+
+    >>> import tempfile
+    >>> store = Store(tempfile.mkdtemp(), memory_limit=1 << 20, keep=2)
+    >>> _ = store.open()
+    >>> slot = store.alloc("job", 0, 1, 0, pid=os.getpid())
+    >>> store.commit(slot.number, (), "{}").step
+    1
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import psutil
+import xxhash
+
+from ._shm import SegmentDir
+from .protocol import ProtocolError, TensorEntry, check_table
+
+__all__ = ["Store", "StoreError", "Slot", "Version", "Lease", "process_identity"]
+
+_JOB_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+#: Bookkeeping charged per version on top of its manifest (index entries, Python objects).
+_VERSION_OVERHEAD = 4096
+#: Free segments kept for reuse; reuse avoids re-faulting pages on every save.
+_POOL_MAX = 64
+
+
+class StoreError(ProtocolError):
+    """A store operation that was refused; nothing stored was changed."""
+
+
+def process_identity(pid: int) -> Optional[float]:
+    """A process's start time (so a recycled pid is told apart), or None if it is gone."""
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return None
+    except psutil.AccessDenied:
+        return -1.0
+
+
+def checksum(buf: memoryview) -> str:
+    """The checksum stored per tensor: XXH3-64, hex."""
+    return xxhash.xxh3_64_hexdigest(buf)
+
+
+@dataclass
+class Slot:
+    number: int
+    job: str
+    rank: int
+    step: int
+    nbytes: int
+    size: int
+    pid: int
+    pid_start: Optional[float]
+    created: float
+    committing: bool = False
+
+
+@dataclass
+class Version:
+    number: int
+    job: str
+    rank: int
+    step: int
+    nbytes: int
+    size: int
+    tensors: tuple[TensorEntry, ...]
+    meta: str
+    committed_at: float
+    book: int
+    protected: bool = False
+    leases: int = 0
+    doomed: bool = False
+
+    @property
+    def state(self) -> str:
+        return "protected" if self.protected else "local"
+
+
+@dataclass
+class Lease:
+    id: int
+    version: Version
+    pid: int
+    pid_start: Optional[float]
+
+
+@dataclass
+class _Pool:
+    free: dict[int, tuple[int, float]] = field(default_factory=dict)  # number -> (size, since)
+
+    def take(self, nbytes: int) -> Optional[tuple[int, int]]:
+        """Take the smallest free segment that fits ``nbytes`` without wasting over 25%."""
+        fits = [(size, n) for n, (size, _) in self.free.items()
+                if nbytes <= size <= nbytes + nbytes // 4 + (1 << 20)]
+        if not fits:
+            return None
+        size, number = min(fits)
+        del self.free[number]
+        return number, size
+
+
+class Store:
+    """Thread-safe index of one daemon's slots, versions and leases over a SegmentDir."""
+
+    def __init__(self, shm_dir: str, memory_limit: int, keep: int = 2, *,
+                 clock: Callable[[], float] = time.time,
+                 identity: Callable[[int], Optional[float]] = process_identity,
+                 pool_idle: float = 60.0) -> None:
+        self.dir = SegmentDir(shm_dir)
+        self.memory_limit = memory_limit
+        self.keep = keep
+        self.accepting = True
+        self._clock = clock
+        self._identity = identity
+        self._pool_idle = pool_idle
+        self._lock = threading.Lock()
+        self._next = 1
+        self._slots: dict[int, Slot] = {}
+        self._versions: dict[tuple[str, int], dict[int, Version]] = {}
+        self._leases: dict[int, Lease] = {}
+        self._pool = _Pool()
+        self._next_lease = 1
+
+    # ------------------------------------------------------------------ start and stop
+
+    def open(self, adopt: bool = True) -> dict[str, int]:
+        """Prepare the directory and deal with what a crashed daemon left behind.
+
+        Committed segments (with a manifest) are adopted when ``adopt``; everything else is removed.
+        Returns counts: ``adopted``, ``removed``, ``bytes_removed``.
+        """
+        self.dir.prepare()
+        report = {"adopted": 0, "removed": 0, "bytes_removed": 0}
+        for left in self.dir.scan():
+            self._next = max(self._next, left.number + 1)
+            version = self._adoptable(left.number, left.size, left.manifest) if adopt else None
+            if version is None:
+                self.dir.unlink(left.number)
+                report["removed"] += 1
+                report["bytes_removed"] += left.size
+                continue
+            self._versions.setdefault((version.job, version.rank), {})[version.step] = version
+            report["adopted"] += 1
+        for key in list(self._versions):
+            self._retain(key)
+        return report
+
+    def _adoptable(self, number: int, size: int, m: Optional[dict]) -> Optional[Version]:
+        if m is None or m.get("format") != 1:
+            return None
+        try:
+            tensors = tuple(TensorEntry(t["name"], t["dtype"], tuple(t["shape"]), t["offset"],
+                                        t["nbytes"], t["checksum"]) for t in m["tensors"])
+            check_table(tensors, size)
+            return Version(number, m["job"], m["rank"], m["step"], m["nbytes"], size, tensors,
+                           m["meta"], m["committed_at"], _VERSION_OVERHEAD + len(m["meta"]))
+        except (KeyError, TypeError, ProtocolError):
+            return None
+
+    def close(self) -> None:
+        """Release every segment (graceful shutdown)."""
+        with self._lock:
+            self.accepting = False
+            numbers = list(self._slots) + list(self._pool.free) + [
+                v.number for vs in self._versions.values() for v in vs.values()]
+            self._slots.clear()
+            self._versions.clear()
+            self._pool.free.clear()
+            self._leases.clear()
+        for number in numbers:
+            self.dir.unlink(number)
+
+    # ------------------------------------------------------------------ writing
+
+    def alloc(self, job: str, rank: int, step: int, nbytes: int, pid: int) -> Slot:
+        """Reserve a write slot of ``nbytes``; refuse over the memory limit."""
+        if not _JOB_RE.fullmatch(job):
+            raise StoreError("bad_request", f"job name {job!r} must match {_JOB_RE.pattern}")
+        for name, value in (("rank", rank), ("step", step), ("nbytes", nbytes), ("pid", pid)):
+            if value < 0:
+                raise StoreError("bad_request", f"{name} must be >= 0, got {value}")
+        pid_start = self._identity(pid)
+        if pid_start is None:
+            raise StoreError("bad_request", f"writer pid {pid} is not a running process")
+        with self._lock:
+            if not self.accepting:
+                raise StoreError("shutting_down", "the daemon is shutting down; retry on restart")
+            reused = self._pool.take(nbytes)
+            fresh = reused is None
+            if reused is None:
+                number, size = self._reserve(nbytes, job, rank, step), nbytes
+            else:
+                number, size = reused
+            slot = Slot(number, job, rank, step, nbytes, size, pid, pid_start, self._clock())
+            self._slots[number] = slot
+        if fresh:
+            try:
+                self.dir.create(number, nbytes)
+            except OSError as exc:
+                with self._lock:
+                    self._slots.pop(number, None)
+                raise StoreError("memory_full", f"cannot reserve {nbytes} bytes in "
+                                 f"{self.dir.path}: {exc.strerror}; free memory or lower "
+                                 "--memory-limit") from None
+        return slot
+
+    def _reserve(self, nbytes: int, job: str, rank: int, step: int) -> int:
+        while self._used() + nbytes > self.memory_limit and self._pool.free:
+            victim = next(iter(self._pool.free))
+            del self._pool.free[victim]
+            self.dir.unlink(victim)
+        used = self._used()
+        if used + nbytes > self.memory_limit:
+            raise StoreError(
+                "memory_full", f"save of {nbytes} bytes for job {job!r} rank {rank} step {step} "
+                f"refused: memory limit is {self.memory_limit} bytes and {used} are in use; "
+                "raise --memory-limit, lower --keep, or save less state")
+        number = self._next
+        self._next += 1
+        return number
+
+    def commit(self, number: int, tensors: tuple[TensorEntry, ...], meta: str) -> Version:
+        """Check the table, store checksums, write the manifest, and publish the version."""
+        with self._lock:
+            slot = self._slots.get(number)
+            if slot is None or slot.committing:
+                raise StoreError("unknown_slot", f"slot {number} is not open for writing "
+                                 "(never allocated, already committed, aborted or reclaimed)")
+            try:
+                check_table(tensors, slot.nbytes)
+                json.loads(meta)
+            except ValueError as exc:
+                raise StoreError("bad_table", f"slot {number} meta is not JSON: {exc}") from None
+            slot.committing = True
+        try:
+            version = self._seal(slot, tensors, meta)
+        except BaseException:
+            with self._lock:
+                self._slots.pop(number, None)
+                self._to_pool(number, slot.size)
+            raise
+        with self._lock:
+            self._slots.pop(number, None)
+            old = self._versions.setdefault((slot.job, slot.rank), {}).get(slot.step)
+            self._versions[(slot.job, slot.rank)][slot.step] = version
+            if old is not None:
+                self._evict(old)
+            self._retain((slot.job, slot.rank))
+        return version
+
+    def _seal(self, slot: Slot, tensors: tuple[TensorEntry, ...], meta: str) -> Version:
+        view = self.dir.view(slot.number, slot.size)
+        try:
+            summed = tuple(TensorEntry(t.name, t.dtype, t.shape, t.offset, t.nbytes,
+                                       checksum(view[t.offset:t.offset + t.nbytes]))
+                           for t in tensors)
+        finally:
+            view.release()
+        now = self._clock()
+        manifest = {"format": 1, "job": slot.job, "rank": slot.rank, "step": slot.step,
+                    "nbytes": slot.nbytes, "meta": meta, "committed_at": now,
+                    "tensors": [t.__dict__ | {"shape": list(t.shape)} for t in summed]}
+        book = self.dir.write_manifest(slot.number, manifest) + _VERSION_OVERHEAD
+        return Version(slot.number, slot.job, slot.rank, slot.step, slot.nbytes, slot.size,
+                       summed, meta, now, book)
+
+    def abort(self, number: int) -> None:
+        with self._lock:
+            slot = self._slots.get(number)
+            if slot is None or slot.committing:
+                raise StoreError("unknown_slot", f"slot {number} is not open for writing")
+            del self._slots[number]
+            self._to_pool(number, slot.size)
+
+    # ------------------------------------------------------------------ reading
+
+    def versions(self, job: Optional[str] = None, rank: Optional[int] = None) -> list[Version]:
+        with self._lock:
+            return sorted((v for (j, r), vs in self._versions.items() for v in vs.values()
+                           if (job is None or j == job) and (rank is None or r == rank)
+                           and not v.doomed),
+                          key=lambda v: (v.job, v.rank, v.step))
+
+    def lease(self, job: str, rank: int, pid: int, step: Optional[int] = None,
+              max_step: Optional[int] = None) -> Lease:
+        """Pin a version for reading: ``step``, or the newest one not above ``max_step``."""
+        with self._lock:
+            held = {s: v for s, v in self._versions.get((job, rank), {}).items() if not v.doomed}
+            if step is not None:
+                version = held.get(step)
+            else:
+                eligible = [s for s in held if max_step is None or s <= max_step]
+                version = held[max(eligible)] if eligible else None
+            if version is None:
+                want = f"step {step}" if step is not None else "any version"
+                raise StoreError("not_found", f"job {job!r} rank {rank} has no {want} here; "
+                                 f"held steps: {sorted(held) or 'none'}")
+            version.leases += 1
+            lease = Lease(self._next_lease, version, pid, self._identity(pid))
+            self._next_lease += 1
+            self._leases[lease.id] = lease
+            return lease
+
+    def verify(self, version: Version) -> list[str]:
+        """Recompute checksums; return the names of tensors whose bytes do not match."""
+        view = self.dir.view(version.number, version.size)
+        try:
+            return [t.name for t in version.tensors
+                    if checksum(view[t.offset:t.offset + t.nbytes]) != t.checksum]
+        finally:
+            view.release()
+
+    def release(self, lease_id: int) -> None:
+        with self._lock:
+            lease = self._leases.pop(lease_id, None)
+            if lease is None:
+                raise StoreError("unknown_lease", f"lease {lease_id} is not held")
+            self._unpin(lease.version)
+
+    def drop(self, job: str, rank: Optional[int] = None, step: Optional[int] = None,
+             newer_than: Optional[int] = None) -> int:
+        """Drop versions of a job; return how many were dropped."""
+        with self._lock:
+            doomed = [v for (j, r), vs in self._versions.items() for v in vs.values()
+                      if j == job and (rank is None or r == rank)
+                      and (step is None or v.step == step)
+                      and (newer_than is None or v.step > newer_than) and not v.doomed]
+            for version in doomed:
+                self._evict(version)
+            return len(doomed)
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def reap(self) -> int:
+        """Reclaim slots and leases whose process is gone; trim idle pool segments."""
+        with self._lock:
+            slots = [s for s in self._slots.values() if not s.committing]
+            leases = list(self._leases.values())
+        dead_slots = [s for s in slots if self._identity(s.pid) != s.pid_start]
+        dead_leases = [le for le in leases if self._identity(le.pid) != le.pid_start]
+        with self._lock:
+            for slot in dead_slots:
+                if self._slots.get(slot.number) is slot and not slot.committing:
+                    del self._slots[slot.number]
+                    self._to_pool(slot.number, slot.size)
+            for lease in dead_leases:
+                if self._leases.pop(lease.id, None) is not None:
+                    self._unpin(lease.version)
+            now = self._clock()
+            for number, (_, since) in list(self._pool.free.items()):
+                if now - since > self._pool_idle:
+                    del self._pool.free[number]
+                    self.dir.unlink(number)
+        return len(dead_slots) + len(dead_leases)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"bytes_used": self._used(), "open_slots": len(self._slots),
+                    "open_leases": len(self._leases), "pool_segments": len(self._pool.free),
+                    "versions": sum(len(vs) for vs in self._versions.values())}
+
+    def bytes_by_kind(self) -> dict[str, int]:
+        """Bytes held: committed ``data``, ``writing`` slots, free ``pool``, ``bookkeeping``."""
+        with self._lock:
+            versions = [v for vs in self._versions.values() for v in vs.values()]
+            return {"data": sum(v.size for v in versions),
+                    "writing": sum(s.size for s in self._slots.values()),
+                    "pool": sum(size for size, _ in self._pool.free.values()),
+                    "bookkeeping": sum(v.book for v in versions)}
+
+    def mark_protected(self, job: str, rank: int, step: int) -> None:
+        with self._lock:
+            version = self._versions.get((job, rank), {}).get(step)
+            if version is not None:
+                version.protected = True
+                self._retain((job, rank))
+
+    # ------------------------------------------------------------------ internals (lock held)
+
+    def _used(self) -> int:
+        data = sum(s.size for s in self._slots.values())
+        data += sum(size for size, _ in self._pool.free.values())
+        data += sum(v.size + v.book for vs in self._versions.values() for v in vs.values())
+        return data
+
+    def _retain(self, key: tuple[str, int]) -> None:
+        held = self._versions.get(key, {})
+        live = sorted((v for v in held.values() if not v.doomed), key=lambda v: -v.step)
+        protected = [v for v in live if v.protected]
+        keep = set(id(v) for v in live[:self.keep])
+        if protected:
+            keep.add(id(protected[0]))
+        for version in live:
+            if id(version) not in keep:
+                self._evict(version)
+
+    def _evict(self, version: Version) -> None:
+        version.doomed = True
+        self.dir.drop_manifest(version.number)
+        if version.leases == 0:
+            self._forget(version)
+
+    def _forget(self, version: Version) -> None:
+        held = self._versions.get((version.job, version.rank), {})
+        if held.get(version.step) is version:
+            del held[version.step]
+            if not held:
+                del self._versions[(version.job, version.rank)]
+        self._to_pool(version.number, version.size)
+
+    def _unpin(self, version: Version) -> None:
+        version.leases -= 1
+        if version.leases == 0 and version.doomed:
+            self._forget(version)
+
+    def _to_pool(self, number: int, size: int) -> None:
+        self.dir.drop_manifest(number)
+        if len(self._pool.free) >= _POOL_MAX:
+            self.dir.unlink(number)
+            return
+        self._pool.free[number] = (size, self._clock())

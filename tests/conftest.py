@@ -1,0 +1,1 @@
+"""Shared fixtures: every test has a timeout (pyproject sets the default)."""

@@ -1,0 +1,195 @@
+"""The store: slots, commit, retention, memory budget, leases, reaping and adoption."""
+
+import os
+
+import pytest
+
+from snapshotd.protocol import ProtocolError, TensorEntry
+from snapshotd.store import Store, StoreError
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Procs:
+    """A fake process table: pid -> start time; a missing pid is a dead process."""
+
+    def __init__(self):
+        self.alive = {100: 1.0, 200: 2.0}
+
+    def __call__(self, pid):
+        return self.alive.get(pid)
+
+
+@pytest.fixture
+def procs():
+    return Procs()
+
+
+@pytest.fixture
+def store(tmp_path, procs):
+    s = Store(str(tmp_path / "shm"), memory_limit=1 << 20, keep=2, identity=procs)
+    s.open()
+    return s
+
+
+def write(store, step, payload=b"x" * 64, rank=0, pid=100, job="j"):
+    slot = store.alloc(job, rank, step, len(payload), pid)
+    view = store.dir.view(slot.number, slot.size)
+    view[:len(payload)] = payload
+    view.release()
+    return slot
+
+
+def commit(store, step, payload=b"x" * 64, rank=0, job="j"):
+    slot = write(store, step, payload, rank, job=job)
+    entry = TensorEntry("t", "uint8", (len(payload),), 0, len(payload))
+    return store.commit(slot.number, (entry,), '{"step": %d}' % step)
+
+
+def steps(store, rank=0):
+    return [v.step for v in store.versions("j", rank)]
+
+
+def test_commit_makes_version_visible_with_checksum(store):
+    slot = write(store, 1)
+    assert steps(store) == []                           # invisible before commit
+    version = store.commit(slot.number, (TensorEntry("t", "uint8", (64,), 0, 64),), "{}")
+    assert steps(store) == [1]
+    assert len(version.tensors[0].checksum) == 16
+    assert store.verify(version) == []
+
+
+def test_retention_keeps_newest_n(store):
+    for step in range(1, 6):
+        commit(store, step)
+    assert steps(store) == [4, 5]
+
+
+def test_retention_keeps_newest_protected(store):
+    commit(store, 1)
+    store.mark_protected("j", 0, 1)
+    commit(store, 2)
+    commit(store, 3)
+    assert steps(store) == [1, 2, 3]
+    store.mark_protected("j", 0, 3)
+    assert steps(store) == [2, 3]
+
+
+def test_recommit_of_a_step_replaces_it(store):
+    commit(store, 1, b"a" * 64)
+    v = commit(store, 1, b"b" * 64)
+    assert steps(store) == [1]
+    assert bytes(store.dir.view(v.number, 64)) == b"b" * 64
+
+
+def test_over_limit_refused_and_versions_intact(store):
+    commit(store, 1, b"a" * 300_000)
+    commit(store, 2, b"b" * 300_000)
+    with pytest.raises(StoreError) as err:
+        store.alloc("j", 0, 3, 600_000, 100)
+    assert err.value.code == "memory_full"
+    assert "600000 bytes" in err.value.message and str(1 << 20) in err.value.message
+    assert steps(store) == [1, 2]
+    lease = store.lease("j", 0, 100)
+    assert lease.version.step == 2 and store.verify(lease.version) == []
+
+
+def test_pool_segments_are_reused_and_freed_for_new_sizes(store):
+    for step in range(1, 5):
+        commit(store, step, b"z" * 200_000)
+    assert store.stats()["pool_segments"] <= 2
+    commit(store, 5, b"q" * 500_000)          # needs the pool's memory back
+    assert steps(store) == [4, 5]
+
+
+def test_abort_and_dead_writer_are_reclaimed(store, procs):
+    slot = write(store, 1)
+    store.abort(slot.number)
+    with pytest.raises(StoreError, match="unknown_slot"):
+        store.commit(slot.number, (), "{}")
+    write(store, 2, pid=200)
+    del procs.alive[200]
+    assert store.reap() == 1
+    assert store.stats()["open_slots"] == 0
+    assert steps(store) == []
+
+
+def test_recycled_pid_is_not_mistaken_for_the_writer(store, procs):
+    write(store, 1, pid=200)
+    procs.alive[200] = 99.0                    # same pid, another process
+    assert store.reap() == 1
+
+
+def test_lease_defers_eviction(store):
+    commit(store, 1)
+    lease = store.lease("j", 0, 100, step=1)
+    commit(store, 2)
+    commit(store, 3)
+    assert steps(store) == [2, 3]               # step 1 hidden ...
+    assert store.verify(lease.version) == []    # ... but its bytes stay until release
+    store.release(lease.id)
+    with pytest.raises(StoreError, match="unknown_lease"):
+        store.release(lease.id)
+
+
+def test_lease_picks_newest_under_max_step_and_names_missing(store):
+    commit(store, 1)
+    commit(store, 2)
+    assert store.lease("j", 0, 100, max_step=1).version.step == 1
+    with pytest.raises(StoreError) as err:
+        store.lease("j", 0, 100, step=9)
+    assert err.value.code == "not_found" and "held steps: [1, 2]" in err.value.message
+
+
+def test_verify_names_corrupted_tensor(store):
+    v = commit(store, 1)
+    view = store.dir.view(v.number, v.size)
+    view[3] ^= 0xFF
+    view.release()
+    assert store.verify(v) == ["t"]
+
+
+def test_bad_table_leaves_slot_usable(store):
+    slot = write(store, 1)
+    with pytest.raises(ProtocolError, match="bad_table"):
+        store.commit(slot.number, (TensorEntry("t", "uint8", (65,), 0, 65),), "{}")
+    store.commit(slot.number, (TensorEntry("t", "uint8", (64,), 0, 64),), "{}")
+    assert steps(store) == [1]
+
+
+def test_bad_requests(store):
+    for args, needle in [(("bad job!", 0, 1, 8, 100), "job name"),
+                         (("j", -1, 1, 8, 100), "rank must be"),
+                         (("j", 0, 1, 8, 12345), "not a running process")]:
+        with pytest.raises(StoreError, match=needle):
+            store.alloc(*args)
+
+
+def test_drop_newer_than(store):
+    for step in (1, 2):
+        commit(store, step)
+    assert store.drop("j", 0, newer_than=1) == 1
+    assert steps(store) == [1]
+
+
+def test_restart_adopts_committed_and_removes_uncommitted(tmp_path, store, procs):
+    commit(store, 1, b"a" * 64)
+    commit(store, 2, b"b" * 64)
+    write(store, 3)                                 # in flight when the daemon "dies"
+    again = Store(store.dir.path, memory_limit=1 << 20, keep=2, identity=procs)
+    report = again.open()
+    assert report == {"adopted": 2, "removed": 1, "bytes_removed": 64}
+    assert [v.step for v in again.versions("j", 0)] == [1, 2]
+    lease = again.lease("j", 0, 100)
+    assert again.verify(lease.version) == []
+    assert sorted(os.listdir(again.dir.path)) == sorted(
+        f"seg-{v.number}.{ext}" for v in again.versions() for ext in ("bin", "json"))
+
+
+def test_close_releases_every_segment(store):
+    commit(store, 1)
+    write(store, 2)
+    store.close()
+    assert os.listdir(store.dir.path) == []
+    with pytest.raises(StoreError, match="shutting_down"):
+        store.alloc("j", 0, 3, 8, 100)
