@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import zmq
 from prometheus_client import CollectorRegistry
 
+from ._http import MetricsServer
 from .config import Config, ConfigError, add_arguments, build_config
 from .metrics import Metrics, StoreCollector
 from .server import ControlServer
@@ -40,6 +41,7 @@ class Daemon:
         self.metrics = Metrics(self.registry)
         self.store = Store(config.shm_dir, config.memory_limit, config.keep)
         self.server: Optional[ControlServer] = None
+        self.http: Optional[MetricsServer] = None
         self._lock_fd: Optional[int] = None
 
     def start(self) -> None:
@@ -52,9 +54,19 @@ class Daemon:
             self.store, self.config.control, context=self.context, metrics=self.metrics,
             node_slot=self.config.node_slot, workers=self.config.workers,
             reap_interval=self.config.reap_interval)
+        if self.config.metrics_port is not None:
+            self.http = MetricsServer(self.registry, self.config.metrics_port,
+                                      ready=self.readiness).start()
+            log.info("metrics on http://0.0.0.0:%d/metrics", self.http.port)
         log.info("snapshotd node slot %d serving %s (memory limit %d bytes, keep %d)",
                  self.config.node_slot, self.server.endpoint, self.config.memory_limit,
                  self.config.keep)
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready once the store is open and the daemon accepts writes."""
+        if self.server is None or self.server.stopping:
+            return False, "not serving"
+        return True, "ready"
 
     def _take_lock(self) -> None:
         self.store.dir.prepare()
@@ -81,6 +93,8 @@ class Daemon:
         """Drain in-flight requests, release every segment, close sockets."""
         if self.server is not None:
             self.server.close()
+        if self.http is not None:
+            self.http.close()
         self.store.close()
         self.context.destroy(linger=0)
         if self._lock_fd is not None:

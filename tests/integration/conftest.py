@@ -1,0 +1,51 @@
+"""Fixtures that start real daemons and real trainer processes."""
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from snapshotd.localcluster import LocalCluster
+
+TRAINER = os.path.join(os.path.dirname(__file__), "trainer.py")
+
+
+@pytest.fixture
+def cluster_factory(tmp_path):
+    made = []
+
+    def make(nodes=1, **kw):
+        workdir = tmp_path / f"c{uuid.uuid4().hex[:6]}"
+        cluster = LocalCluster(nodes, str(workdir), **kw)
+        made.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in made:
+        cluster.stop()
+
+
+@pytest.fixture
+def node(cluster_factory):
+    """One real daemon (slot 0) with a 1 GiB budget."""
+    cluster = cluster_factory(1, args=["--memory-limit", "1GiB", "--reap-interval", "0.2"])
+    cluster.start()
+    return cluster
+
+
+def trainer(endpoint, *args, check=True, timeout=120, **popen):
+    """Run the trainer script to completion; return its last JSON line."""
+    out = subprocess.run([sys.executable, TRAINER, *args, "--endpoint", endpoint],
+                         capture_output=True, text=True, timeout=timeout, **popen)
+    if check and out.returncode not in (0, 3):
+        raise AssertionError(f"trainer failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else {"rc": out.returncode, "stderr": out.stderr}
+
+
+def spawn_trainer(endpoint, *args):
+    return subprocess.Popen([sys.executable, TRAINER, *args, "--endpoint", endpoint],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
