@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 __all__ = ["Config", "ConfigError", "build_config", "parse_size", "add_arguments",
+           "peer_endpoints",
            "default_control", "ENV_PREFIX", "ENV_CONFIG"]
 
 ENV_PREFIX = "SNAPSHOTD_"
@@ -92,6 +93,19 @@ class Config:
     adopt: bool = _opt(True, _parse_bool, "adopt committed segments left by a previous daemon")
     metrics_port: Optional[int] = _opt(None, _opt_int, "port for /metrics, /healthz, /readyz")
     workers: int = _opt(2, int, "threads for checksum and copy work")
+    listen: str = _opt("", str, "TCP endpoint peers reach, e.g. tcp://0.0.0.0:7600")
+    peers: str = _opt("", str, "peer daemons: '0=host:port,1=host:port' or a template "
+                      "'snapshotd-{slot}.snapshotd:7600' with --nodes")
+    nodes: int = _opt(0, int, "number of node slots (with a --peers template)")
+    k: int = _opt(4, int, "data chunks per stripe (group size is k+m)")
+    m: int = _opt(2, int, "parity chunks per stripe: node losses a group survives")
+    codec: str = _opt("isal", str, "isal (ISA-L Reed-Solomon), reedsolo (slow pure-Python "
+                      "fallback) or replicate (m full copies; forces k=1)")
+    keys: str = _opt("", str, "directory with the cluster CURVE keys (snapshotctl keygen)")
+    insecure: bool = _opt(False, _parse_bool, "allow peer traffic without CURVE encryption")
+    heartbeat_interval: float = _opt(1.0, float, "seconds between heartbeats to peers")
+    peer_timeout: float = _opt(5.0, float, "seconds without an answer before a peer is down")
+    encode_timeout: float = _opt(60.0, float, "seconds to wait for a stripe's data chunks")
 
     def __post_init__(self) -> None:
         if self.node_slot < 0:
@@ -102,6 +116,10 @@ class Config:
             raise ConfigError(f"memory_limit must be positive, got {self.memory_limit}")
         if not self.control.startswith(("ipc://", "tcp://", "inproc://")):
             raise ConfigError(f"control endpoint {self.control!r} must start with ipc:// or tcp://")
+        if self.codec not in ("isal", "reedsolo", "replicate"):
+            raise ConfigError(f"codec {self.codec!r} is not isal, reedsolo or replicate")
+        if self.k < 1 or self.m < 0 or self.k + self.m > 255:
+            raise ConfigError(f"k={self.k}, m={self.m}: need k >= 1, m >= 0, k + m <= 255")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level {self.log_level!r} is not DEBUG/INFO/WARNING/ERROR")
 
@@ -156,4 +174,27 @@ def build_config(argv: Sequence[str] | argparse.Namespace | None = None,
     slot = parsed.get("node_slot", 0)
     parsed.setdefault("control", default_control(environ))
     parsed.setdefault("shm_dir", f"/dev/shm/snapshotd-{slot}")
+    if parsed.get("codec") == "replicate":
+        parsed["k"] = 1
     return Config(**parsed)
+
+
+def peer_endpoints(config: Config) -> dict[int, str]:
+    """Node slot -> ``tcp://host:port`` of every node, this one included (empty: no peers)."""
+    spec = config.peers.strip()
+    if not spec:
+        return {}
+    if "{slot}" in spec:
+        if config.nodes < 1:
+            raise ConfigError(f"peers template {spec!r} needs --nodes N")
+        return {i: "tcp://" + spec.format(slot=i) for i in range(config.nodes)}
+    out: dict[int, str] = {}
+    for item in spec.split(","):
+        slot, sep, addr = item.strip().partition("=")
+        if not sep or not slot.strip().isdigit() or ":" not in addr:
+            raise ConfigError(f"peer entry {item!r} is not slot=host:port")
+        out[int(slot)] = "tcp://" + addr.strip()
+    if config.node_slot not in out:
+        raise ConfigError(f"--peers lists slots {sorted(out)} but not this node's slot "
+                          f"{config.node_slot}")
+    return out

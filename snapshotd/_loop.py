@@ -1,0 +1,152 @@
+"""A ROUTER-socket request loop shared by the control server and the peer server.
+
+``while not stopping: run_once()``. A pass takes the waiting requests, answers cheap ones inline,
+hands slow ones to a worker pool, and forwards the replies the workers finished. Workers send
+their replies through an inproc PUSH socket of their own thread, because ZeroMQ sockets are not
+thread-safe. Every request is handled inside its own ``try``: a failing request gets an
+:class:`~snapshotd.protocol.Error` reply, is counted, and the loop goes on.
+
+A handler is a method ``_on_<op>(msg, payload) -> reply`` where ``payload`` is the list of frames
+after the header, and ``reply`` is a message or a ``(message, frames)`` pair.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Optional
+
+import zmq
+
+from . import protocol as p
+
+__all__ = ["RouterLoop"]
+
+log = logging.getLogger("snapshotd.loop")
+
+
+class RouterLoop:
+    """Base class: subclasses define ``_on_<op>`` handlers and the ``SLOW`` op names."""
+
+    SLOW: frozenset[str] = frozenset()
+    MAX_PAYLOAD_FRAMES = 0
+
+    def __init__(self, sock: zmq.Socket, context: zmq.Context, *, workers: int,
+                 decode: Callable[[bytes], tuple[int, Any]],
+                 on_reject: Callable[[str], None] = lambda code: None,
+                 housekeeping: Optional[Callable[[], None]] = None,
+                 housekeeping_interval: float = 1.0) -> None:
+        self.stopping = False
+        self._sock = sock
+        self._ctx = context
+        self._decode = decode
+        self._on_reject = on_reject
+        self._housekeeping = housekeeping
+        self._interval = housekeeping_interval
+        self._next_housekeeping = 0.0
+        self._results_ep = f"inproc://snapshotd-results-{id(self)}"
+        self._results = context.socket(zmq.PULL)
+        self._results.bind(self._results_ep)
+        self._local = threading.local()
+        self._pushes: list[zmq.Socket] = []
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=type(self).__name__)
+        self._inflight = 0
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._results, zmq.POLLIN)
+
+    def serve(self) -> None:
+        while not self.stopping:
+            self.run_once(100)
+
+    def run_once(self, timeout_ms: int = 100) -> None:
+        """One pass: answer waiting requests, forward finished replies, housekeeping if due."""
+        events = dict(self._poller.poll(timeout_ms))
+        if self._sock in events:
+            for _ in range(64):
+                try:
+                    frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._handle(frames)
+        self._forward_results()
+        if self._housekeeping is not None and time.monotonic() >= self._next_housekeeping:
+            self._next_housekeeping = time.monotonic() + self._interval
+            try:
+                self._housekeeping()
+            except Exception:  # noqa: BLE001 - the loop must survive housekeeping errors
+                log.exception("housekeeping failed")
+
+    def _forward_results(self) -> None:
+        while True:
+            try:
+                frames = self._results.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._inflight -= 1
+            self._sock.send_multipart(frames, copy=False)
+
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        ident = frames[0].bytes
+        req_id = 0
+        try:
+            if len(frames) < 2 or len(frames) - 2 > self.MAX_PAYLOAD_FRAMES:
+                raise p.ProtocolError("malformed", f"unexpected number of frames "
+                                      f"({len(frames) - 1})")
+            req_id, msg = self._decode(frames[1].bytes)
+            if msg.OP in self.SLOW:
+                self._inflight += 1
+                self._pool.submit(self._work, ident, req_id, msg, frames[2:])
+                return
+            reply = self._dispatch(msg, frames[2:])
+        except Exception as exc:  # noqa: BLE001 - one bad request never stops the loop
+            reply = self._error(exc)
+        self._send(self._sock, ident, req_id, reply)
+
+    def _work(self, ident: bytes, req_id: int, msg: Any, payload: list[zmq.Frame]) -> None:
+        try:
+            reply = self._dispatch(msg, payload)
+        except Exception as exc:  # noqa: BLE001
+            reply = self._error(exc)
+        sock = getattr(self._local, "push", None)
+        if sock is None:
+            sock = self._local.push = self._ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.connect(self._results_ep)
+            self._pushes.append(sock)
+        self._send(sock, ident, req_id, reply)
+
+    @staticmethod
+    def _send(sock: zmq.Socket, ident: bytes, req_id: int, reply: Any) -> None:
+        msg, extra = reply if isinstance(reply, tuple) else (reply, [])
+        sock.send_multipart([ident, p.encode(msg, req_id), *extra], copy=False)
+
+    def _dispatch(self, msg: Any, payload: list[zmq.Frame]) -> Any:
+        handler = getattr(self, "_on_" + msg.OP, None)
+        if handler is None:
+            raise p.ProtocolError("unknown_op", f"{msg.OP!r} is not a request here")
+        return handler(msg, payload)
+
+    def _error(self, exc: Exception) -> p.Error:
+        if isinstance(exc, p.ProtocolError):
+            log.warning("rejected request: %s", exc)
+            self._on_reject(exc.code)
+            return p.Error(exc.code, exc.message)
+        log.exception("request failed")
+        self._on_reject("internal")
+        return p.Error("internal", f"{type(exc).__name__}: {exc}")
+
+    def drain(self, timeout: float = 30.0) -> None:
+        """Finish in-flight requests and answer them, then close the sockets."""
+        self.stopping = True
+        deadline = time.monotonic() + timeout
+        while self._inflight > 0 and time.monotonic() < deadline:
+            self.run_once(50)
+        self._pool.shutdown(wait=True)
+        self._forward_results()
+        for sock in self._pushes:
+            sock.close(0)
+        self._sock.close(0)
+        self._results.close(0)
