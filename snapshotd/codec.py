@@ -32,16 +32,17 @@ import importlib
 import importlib.util
 import logging
 import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from functools import lru_cache
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator, Mapping, Sequence
+from functools import cache, lru_cache
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 else:
     Buffer = Any
 
-__all__ = ["Buffer", "CODECS", "Codec", "CodecError", "IsalCodec", "ReedsoloCodec", "make_codec"]
+__all__ = ["CODECS", "Buffer", "Codec", "CodecError", "IsalCodec", "ReedsoloCodec", "make_codec"]
 
 log = logging.getLogger(__name__)
 
@@ -110,25 +111,24 @@ _get_buffer = ctypes.pythonapi.PyObject_GetBuffer  # a PyDLL: a failure raises i
 _get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
 _release_buffer = ctypes.pythonapi.PyBuffer_Release
 _release_buffer.argtypes, _release_buffer.restype = [ctypes.POINTER(_PyBuffer)], None
-_PYBUF_SIMPLE, _PYBUF_WRITABLE = 0, 1
 
 
 @contextmanager
-def _addresses(objs: Sequence[Buffer], writable: bool) -> Iterator[list[int]]:
-    """Pin each buffer through the buffer protocol and yield its base address.
+def _addresses(objs: Sequence[Buffer], writable: bool) -> Iterator[list[tuple[int, int]]]:
+    """Pin each buffer through the buffer protocol and yield its (base address, length).
 
     PyObject_GetBuffer works for read-only exporters too (bytes, read-only memoryview or mmap),
     where ctypes' from_buffer would refuse, so no input is ever copied. The exports are held until
     the block ends, so no buffer can be resized or freed while ISA-L uses its address.
     """
     views: list[_PyBuffer] = []
-    flags = _PYBUF_WRITABLE if writable else _PYBUF_SIMPLE
+    flags = 1 if writable else 0  # PyBUF_WRITABLE or PyBUF_SIMPLE (C-contiguous bytes)
     try:
         for obj in objs:
             view = _PyBuffer()
             _get_buffer(obj, ctypes.byref(view), flags)
             views.append(view)
-        yield [view.buf or 0 for view in views]
+        yield [(view.buf or 0, view.len) for view in views]
     finally:
         for view in views:
             _release_buffer(ctypes.byref(view))
@@ -216,7 +216,7 @@ def _isal_candidates() -> list[str]:
     return found + ([system] if system else [])
 
 
-@lru_cache(maxsize=None)
+@cache
 def _isal() -> ctypes.CDLL:
     """Load ISA-L once and declare the functions used (CDLL calls release the GIL)."""
     for path in _isal_candidates():
@@ -242,7 +242,7 @@ def _isal() -> ctypes.CDLL:
     return lib
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cauchy_rows(k: int, m: int) -> tuple[tuple[int, ...], ...]:
     """The (k+m) x k systematic Cauchy generator: identity on top, any k rows invertible."""
     n = k + m
@@ -283,10 +283,12 @@ def _isal_run(length: int, tables: ctypes.Array[ctypes.c_ubyte],
     lib, tbl = _isal(), ctypes.addressof(tables)
     srcp, dstp = (ctypes.c_void_p * len(src))(), (ctypes.c_void_p * len(dst))()
     with _addresses(src, writable=False) as sa, _addresses(dst, writable=True) as da:
+        if any(size != length for _, size in sa + da):
+            raise CodecError("a fragment buffer was resized during the call")
         for off in range(0, length, UNIT):
             step = min(UNIT, length - off)
-            srcp[:] = [addr + off for addr in sa]
-            dstp[:] = [addr + off for addr in da]
+            srcp[:] = [addr + off for addr, _ in sa]
+            dstp[:] = [addr + off for addr, _ in da]
             lib.ec_encode_data(step, len(src), len(dst), tbl, srcp, dstp)
 
 
@@ -311,7 +313,7 @@ class IsalCodec(Codec):
             _isal_run(length, tables, [present[i] for i in chosen], [missing[i] for i in lost])
 
 
-@lru_cache(maxsize=None)
+@cache
 def _mul_table(coef: int) -> bytes:
     """bytes.translate table for multiplication by `coef` in GF(2^8)."""
     return bytes(_gf_mul(coef, x) for x in range(256))
@@ -351,7 +353,7 @@ class ReedsoloCodec(Codec):
             self._rs = importlib.import_module("reedsolo")
         except ImportError as exc:
             raise CodecError("codec 'reedsolo' needs the package: pip install reedsolo") from exc
-        self._rsc = self._rs.RSCodec(m, nsize=_GF_SIZE) if m else None
+        self._rsc: Any = self._rs.RSCodec(m, nsize=_GF_SIZE) if m else None
         self._rows: dict[tuple[tuple[int, ...], tuple[int, ...]], list[list[int]]] = {}
         log.warning("codec 'reedsolo' is a slow pure-Python fallback (RS(%d,%d)), many times "
                     "slower than 'isal'; install pyeclib for the ISA-L codec", k, m)
@@ -386,11 +388,33 @@ class ReedsoloCodec(Codec):
                       [_bytes_view(present[i]) for i in chosen])
 
 
-CODECS: dict[str, type[Codec]] = {IsalCodec.name: IsalCodec, ReedsoloCodec.name: ReedsoloCodec}
+class ReplicateCodec(Codec):
+    """The replication policy as a codec: k = 1 and every "parity" fragment is a full copy."""
+
+    name = "replicate"
+
+    def __init__(self, k: int, m: int) -> None:
+        if k != 1:
+            raise CodecError(f"replicate keeps m full copies and needs k=1, got k={k}")
+        super().__init__(k, m)
+
+    def encode(self, data: Sequence[Buffer], parity: Sequence[Buffer]) -> None:
+        self._check_encode(data, parity)
+        for out in parity:
+            memoryview(out).cast("B")[:] = memoryview(data[0]).cast("B")
+
+    def reconstruct(self, present: Mapping[int, Buffer], missing: Mapping[int, Buffer]) -> None:
+        _, chosen, lost = self._check_reconstruct(present, missing)
+        for index in lost:
+            memoryview(missing[index]).cast("B")[:] = memoryview(present[chosen[0]]).cast("B")
+
+
+CODECS: dict[str, type[Codec]] = {IsalCodec.name: IsalCodec, ReedsoloCodec.name: ReedsoloCodec,
+                                  ReplicateCodec.name: ReplicateCodec}
 
 
 def make_codec(name: str, k: int, m: int) -> Codec:
-    """Build the codec called `name` ("isal" or "reedsolo") for RS(k, m)."""
+    """Build the codec called `name` ("isal", "reedsolo" or "replicate") for (k, m)."""
     if name not in CODECS:
         raise CodecError(f"unknown codec {name!r}; known codecs: {', '.join(sorted(CODECS))}")
     return CODECS[name](k, m)

@@ -22,8 +22,8 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 __all__ = [
     "Group", "PlacementError", "Stripe", "data_stripes", "group_of", "make_groups",

@@ -32,7 +32,7 @@ __all__ = [
     "PROTOCOL_VERSION", "MAX_MESSAGE_BYTES", "DTYPE_SIZES", "ALIGNMENT", "ProtocolError",
     "TensorEntry", "Alloc", "Commit", "Abort", "ListVersions", "Open", "Release", "Status",
     "Drop", "Error", "AllocReply", "CommitReply", "Ok", "VersionInfo", "ListReply", "OpenReply",
-    "StatusReply", "encode", "decode", "check_table",
+    "StatusReply", "encode", "decode", "registry", "check_table",
 ]
 
 PROTOCOL_VERSION = 1
@@ -90,7 +90,10 @@ class VersionInfo:
 
 @dataclass(frozen=True)
 class Alloc:
-    """Ask for a write slot of ``nbytes`` for (job, rank, step); ``pid`` is the writer."""
+    """Ask for a write slot of ``nbytes`` for (job, rank, step); ``pid`` is the writer.
+
+    ``local_world_size`` is how many ranks of the job run on this node: once that many ranks
+    have committed a step, the node's data for it is erasure-coded across the group."""
 
     OP: ClassVar[str] = "alloc"
     job: str
@@ -98,6 +101,7 @@ class Alloc:
     step: int
     nbytes: int
     pid: int
+    local_world_size: int = 1
 
 
 @dataclass(frozen=True)
@@ -260,8 +264,15 @@ def encode(msg: Message, req_id: int = 0) -> bytes:
     return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
 
 
-def decode(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[int, Message]:
+def registry(*classes: type) -> dict[str, type]:
+    """A table of message classes by ``OP``, for :func:`decode` (the peer protocol has its own)."""
+    return {cls.OP: cls for cls in classes}  # type: ignore[attr-defined]
+
+
+def decode(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES,
+           messages: Optional[dict[str, type]] = None) -> tuple[int, Message]:
     """Parse and type-check one frame; raise :class:`ProtocolError` naming what is wrong."""
+    messages = _MESSAGES if messages is None else messages
     if len(frame) > max_bytes:
         raise ProtocolError("too_large", f"message of {len(frame)} bytes exceeds {max_bytes}")
     try:
@@ -277,9 +288,9 @@ def decode(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[int, Messa
     req_id = body.pop("id", 0)
     if type(req_id) is not int:
         raise ProtocolError("malformed", "field 'id' must be an integer")
-    cls = _MESSAGES.get(body.pop("op", None))  # type: ignore[arg-type]
+    cls = messages.get(body.pop("op", None))  # type: ignore[arg-type]
     if cls is None:
-        raise ProtocolError("unknown_op", f"unknown operation; known: {sorted(_MESSAGES)}")
+        raise ProtocolError("unknown_op", f"unknown operation; known: {sorted(messages)}")
     return req_id, _build(cls, body, cls.OP)
 
 

@@ -63,7 +63,7 @@ class ControlServer(RouterLoop):
     def _on_alloc(self, m: p.Alloc, _: Any = None) -> p.AllocReply:
         if self.stopping:
             raise StoreError("shutting_down", "the daemon is shutting down; retry on restart")
-        slot = self.store.alloc(m.job, m.rank, m.step, m.nbytes, m.pid)
+        slot = self.store.alloc(m.job, m.rank, m.step, m.nbytes, m.pid, m.local_world_size)
         return p.AllocReply(slot.number, self.store.dir.seg_path(slot.number), slot.nbytes)
 
     def _on_commit(self, m: p.Commit, _: Any = None) -> p.CommitReply:

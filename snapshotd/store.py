@@ -77,6 +77,7 @@ class Slot:
     pid: int
     pid_start: Optional[float]
     created: float
+    local_world_size: int = 1
     committing: bool = False
 
 
@@ -92,6 +93,7 @@ class Version:
     meta: str
     committed_at: float
     book: int
+    local_world_size: int = 1
     protected: bool = False
     leases: int = 0
     doomed: bool = False
@@ -178,7 +180,8 @@ class Store:
                                         t["nbytes"], t["checksum"]) for t in m["tensors"])
             check_table(tensors, size)
             return Version(number, m["job"], m["rank"], m["step"], m["nbytes"], size, tensors,
-                           m["meta"], m["committed_at"], _VERSION_OVERHEAD + len(m["meta"]))
+                           m["meta"], m["committed_at"], _VERSION_OVERHEAD + len(m["meta"]),
+                           m.get("local_world_size", 1), m.get("protected", False))
         except (KeyError, TypeError, ProtocolError):
             return None
 
@@ -197,7 +200,8 @@ class Store:
 
     # ------------------------------------------------------------------ writing
 
-    def alloc(self, job: str, rank: int, step: int, nbytes: int, pid: int) -> Slot:
+    def alloc(self, job: str, rank: int, step: int, nbytes: int, pid: int,
+              local_world_size: int = 1) -> Slot:
         """Reserve a write slot of ``nbytes``; refuse over the memory limit."""
         if not _JOB_RE.fullmatch(job):
             raise StoreError("bad_request", f"job name {job!r} must match {_JOB_RE.pattern}")
@@ -216,7 +220,8 @@ class Store:
                 number, size = self._reserve(nbytes, job, rank, step), nbytes
             else:
                 number, size = reused
-            slot = Slot(number, job, rank, step, nbytes, size, pid, pid_start, self._clock())
+            slot = Slot(number, job, rank, step, nbytes, size, pid, pid_start, self._clock(),
+                        max(1, local_world_size))
             self._slots[number] = slot
         if fresh:
             try:
@@ -284,10 +289,11 @@ class Store:
         now = self._clock()
         manifest = {"format": 1, "job": slot.job, "rank": slot.rank, "step": slot.step,
                     "nbytes": slot.nbytes, "meta": meta, "committed_at": now,
+                    "local_world_size": slot.local_world_size,
                     "tensors": [t.__dict__ | {"shape": list(t.shape)} for t in summed]}
         book = self.dir.write_manifest(slot.number, manifest) + _VERSION_OVERHEAD
         return Version(slot.number, slot.job, slot.rank, slot.step, slot.nbytes, slot.size,
-                       summed, meta, now, book)
+                       summed, meta, now, book, slot.local_world_size)
 
     def abort(self, number: int) -> None:
         with self._lock:

@@ -69,6 +69,7 @@ class SnapshotClient:
         self.endpoint = endpoint or os.environ.get(ENV_ENDPOINT) or _default_endpoint()
         self.job = job
         self.rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+        self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         self._channel = Channel(self.endpoint, timeout, context)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="snapshotd-save")
         self._maps = _MapCache()
@@ -112,7 +113,7 @@ class SnapshotClient:
         slot = None
         try:
             reply = self._channel.call(p.Alloc(self.job, self.rank, job.step, job.layout.nbytes,
-                                               os.getpid()))
+                                               os.getpid(), self.local_world_size))
             slot = reply.slot
             job.copying.set()
             self._copy_in(reply.path, reply.nbytes, job.layout)

@@ -1,0 +1,168 @@
+"""The peer protocol between daemons of one group (ZeroMQ TCP, CURVE-encrypted).
+
+Same framing as the control protocol (one JSON header frame, :data:`protocol.PROTOCOL_VERSION`),
+plus payload frames after the header for chunk bytes. See ``docs/protocol.md``.
+
+Encoding a version ``v`` of job ``J`` (DESIGN section 4)::
+
+    data node x ──PutData(stripe s, frag f)──► first parity holder of s
+    first holder, once it has all k fragments: encode, keep parity 0,
+                 ──PutParity(index i)──► holder i (i = 1..m-1), each replies Ok
+                 ──Protected(s)──► every data node of s
+
+Rebuilding node ``j``: ``Inventory`` from every reachable group peer, then ``GetData`` /
+``GetParity`` for the fragments of each stripe, decode, verify tensor checksums.
+
+Example::
+
+    >>> from snapshotd.protocol import encode
+    >>> _, msg = decode(encode(Ping(slot=2, cluster="c1")))
+    >>> msg.slot
+    2
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from . import protocol as p
+
+__all__ = ["FragInfo", "Ping", "Pong", "PutData", "PutParity", "Protected", "Inventory",
+           "DataHolding", "ParityHolding", "InventoryReply", "GetData", "GetParity", "Chunk",
+           "decode"]
+
+
+@dataclass(frozen=True)
+class FragInfo:
+    """One data fragment of a stripe: from node ``src``, its chunk ``frag``, ``length`` bytes.
+
+    ``manifest`` is the source node's node-manifest JSON for this version (its ranks' tables),
+    kept by parity holders so a lost node's layout can be rebuilt too."""
+
+    src: int
+    frag: int
+    length: int
+    manifest: str
+
+
+@dataclass(frozen=True)
+class Ping:
+    OP: ClassVar[str] = "ping"
+    slot: int
+    cluster: str
+
+
+@dataclass(frozen=True)
+class Pong:
+    OP: ClassVar[str] = "pong"
+    slot: int
+    ready: bool
+
+
+@dataclass(frozen=True)
+class PutData:
+    """A data fragment for a stripe's first parity holder; payload: ``info.length`` bytes."""
+
+    OP: ClassVar[str] = "put_data"
+    job: str
+    step: int
+    stripe: int
+    info: FragInfo
+    checksum: str
+
+
+@dataclass(frozen=True)
+class PutParity:
+    """A parity fragment for holder ``index``; payload: ``length`` bytes."""
+
+    OP: ClassVar[str] = "put_parity"
+    job: str
+    step: int
+    stripe: int
+    index: int
+    length: int
+    frags: tuple[FragInfo, ...]
+    checksum: str
+
+
+@dataclass(frozen=True)
+class Protected:
+    """Stripe ``stripe`` of (job, step) has all its parity stored."""
+
+    OP: ClassVar[str] = "protected"
+    job: str
+    step: int
+    stripe: int
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What do you hold of this group? (asked by a node that rebuilds ``slot``)."""
+
+    OP: ClassVar[str] = "inventory"
+    slot: int
+
+
+@dataclass(frozen=True)
+class DataHolding:
+    """A complete node version the answering node holds as a data node."""
+
+    job: str
+    step: int
+    total: int
+
+
+@dataclass(frozen=True)
+class ParityHolding:
+    job: str
+    step: int
+    stripe: int
+    index: int
+    length: int
+    frags: tuple[FragInfo, ...]
+
+
+@dataclass(frozen=True)
+class InventoryReply:
+    OP: ClassVar[str] = "inventory_reply"
+    slot: int
+    data: tuple[DataHolding, ...]
+    parity: tuple[ParityHolding, ...]
+
+
+@dataclass(frozen=True)
+class GetData:
+    """Send your chunk ``frag`` of your node version (job, step)."""
+
+    OP: ClassVar[str] = "get_data"
+    job: str
+    step: int
+    frag: int
+
+
+@dataclass(frozen=True)
+class GetParity:
+    OP: ClassVar[str] = "get_parity"
+    job: str
+    step: int
+    stripe: int
+    index: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Reply carrying ``length`` bytes of payload and their XXH3 checksum."""
+
+    OP: ClassVar[str] = "chunk"
+    length: int
+    checksum: str
+
+
+_PEER_MESSAGES = p.registry(Ping, Pong, PutData, PutParity, Protected, Inventory, InventoryReply,
+                            GetData, GetParity, Chunk, p.Ok, p.Error)
+
+
+def decode(frame: bytes) -> tuple[int, Any]:
+    """Parse one peer header frame (see :func:`snapshotd.protocol.decode`)."""
+    return p.decode(frame, messages=_PEER_MESSAGES)

@@ -1,0 +1,207 @@
+"""Peer transport: CURVE security, request/reply links to peers, liveness by heartbeats.
+
+Every daemon of a cluster shares one CURVE key pair (``snapshotctl keygen``). A server accepts
+only clients presenting the cluster's public key (checked by ZAP), and a client only talks to a
+server holding the cluster's secret key, so a peer with another key can neither read nor write.
+
+Example::
+
+    links = PeerLinks({1: "tcp://10.0.0.2:7600"}, context, security)
+    reply, frames = links.call(1, Ping(slot=0, cluster="c"), timeout=timedelta(seconds=1))
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, Optional, Sequence
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from . import protocol as p
+from .peerproto import Ping, decode
+
+__all__ = ["Security", "PeerLinks", "PeerError", "Heartbeats", "load_security"]
+
+log = logging.getLogger("snapshotd.peers")
+
+
+class PeerError(Exception):
+    """A peer did not answer in time, or answered with an error."""
+
+
+@dataclass(frozen=True)
+class Security:
+    """CURVE keys of the cluster, or ``insecure`` (plain TCP, for tests and trusted networks)."""
+
+    public: bytes = b""
+    secret: bytes = b""
+    keys_dir: str = ""
+
+    @property
+    def insecure(self) -> bool:
+        return not self.secret
+
+    def server(self, sock: zmq.Socket) -> None:
+        if not self.insecure:
+            sock.curve_secretkey = self.secret
+            sock.curve_publickey = self.public
+            sock.curve_server = True
+
+    def client(self, sock: zmq.Socket) -> None:
+        if not self.insecure:
+            sock.curve_secretkey = self.secret
+            sock.curve_publickey = self.public
+            sock.curve_serverkey = self.public
+
+    def authenticator(self, context: zmq.Context) -> Optional[ThreadAuthenticator]:
+        """Start ZAP: only clients with a public key in ``keys_dir`` get in."""
+        if self.insecure:
+            return None
+        auth = ThreadAuthenticator(context, log=logging.getLogger("snapshotd.zap"))
+        auth.start()
+        auth.configure_curve(domain="*", location=self.keys_dir)
+        return auth
+
+
+def load_security(keys_dir: str, insecure: bool) -> Security:
+    """Read ``cluster.key_secret`` from ``keys_dir``; refuse to run without keys unless told."""
+    if not keys_dir:
+        if insecure:
+            return Security()
+        raise ValueError("peer traffic needs the cluster CURVE keys: run `snapshotctl keygen "
+                         "DIR` once, copy DIR to every node and pass --keys DIR (or pass "
+                         "--insecure on a trusted network)")
+    path = os.path.join(keys_dir, "cluster.key_secret")
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the cluster key {path}: {exc}") from None
+    if secret is None:
+        raise ValueError(f"{path} holds no secret key; use the file `snapshotctl keygen` wrote")
+    return Security(public, secret, keys_dir)
+
+
+class PeerLinks:
+    """Request/reply to peers over DEALER sockets; one socket per (thread, peer)."""
+
+    def __init__(self, endpoints: dict[int, str], context: zmq.Context, security: Security,
+                 on_bytes: Callable[[str, int], None] = lambda direction, n: None) -> None:
+        self.endpoints = endpoints
+        self._ctx = context
+        self._security = security
+        self._local = threading.local()
+        self._on_bytes = on_bytes
+        self._ids = iter(range(1, 1 << 62))
+        self._lock = threading.Lock()
+
+    def call(self, slot: int, msg: Any, frames: Sequence[Any] = (),
+             timeout: timedelta = timedelta(seconds=30)) -> tuple[Any, list[zmq.Frame]]:
+        """Send ``msg`` (and payload ``frames``) to ``slot``; return the reply and its frames."""
+        sock = self._socket(slot)
+        with self._lock:
+            req_id = next(self._ids)
+        sent = sum(memoryview(f).nbytes for f in frames)
+        sock.send_multipart([p.encode(msg, req_id), *frames], copy=False)
+        self._on_bytes("sent", sent)
+        deadline = time.monotonic() + timeout.total_seconds()
+        while (left := deadline - time.monotonic()) > 0:
+            if not sock.poll(int(left * 1000) + 1):
+                break
+            parts = sock.recv_multipart(copy=False)
+            got_id, reply = decode(parts[0].bytes)
+            if got_id != req_id:
+                continue
+            self._on_bytes("received", sum(f.buffer.nbytes for f in parts[1:]))
+            if isinstance(reply, p.Error):
+                raise PeerError(f"node {slot} refused {msg.OP}: {reply.code}: {reply.message}")
+            return reply, parts[1:]
+        self._reset(slot)
+        raise PeerError(f"node {slot} ({self.endpoints[slot]}) did not answer {msg.OP} within "
+                        f"{timeout.total_seconds():.1f}s")
+
+    def _socket(self, slot: int) -> zmq.Socket:
+        socks = self._local.__dict__.setdefault("socks", {})
+        sock = socks.get(slot)
+        if sock is None:
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.setsockopt(zmq.SNDTIMEO, 5000)
+            self._security.client(sock)
+            sock.connect(self.endpoints[slot])
+            socks[slot] = sock
+        return sock
+
+    def _reset(self, slot: int) -> None:
+        sock = self._local.__dict__.get("socks", {}).pop(slot, None)
+        if sock is not None:
+            sock.close(0)
+
+    def close_thread(self) -> None:
+        """Close this thread's sockets (call at the end of a thread that used the links)."""
+        for sock in self._local.__dict__.pop("socks", {}).values():
+            sock.close(0)
+
+
+class Heartbeats:
+    """Pings every peer each ``interval``; a peer silent for ``timeout`` is down."""
+
+    def __init__(self, links: PeerLinks, me: int, cluster: str, interval: float,
+                 timeout: float, clock: Callable[[], float] = time.monotonic,
+                 on_change: Callable[[int, bool], None] = lambda slot, up: None) -> None:
+        self.links = links
+        self.me = me
+        self.cluster = cluster
+        self.interval = interval
+        self.timeout = timeout
+        self._clock = clock
+        self._on_change = on_change
+        self._last_ok: dict[int, float] = {}
+        self._up: dict[int, bool] = {s: False for s in links.endpoints if s != me}
+        self.stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="snapshotd-heartbeat",
+                                        daemon=True)
+
+    def start(self) -> "Heartbeats":
+        self._thread.start()
+        return self
+
+    def up(self, slot: int) -> bool:
+        return slot == self.me or self._up.get(slot, False)
+
+    def status(self) -> dict[int, bool]:
+        return dict(self._up)
+
+    def beat_once(self) -> None:
+        """Ping every peer once and update who is up."""
+        for slot in self._up:
+            try:
+                self.links.call(slot, Ping(self.me, self.cluster),
+                                timeout=timedelta(seconds=max(0.2, self.interval)))
+                self._last_ok[slot] = self._clock()
+            except (PeerError, zmq.ZMQError):
+                pass
+            up = self._clock() - self._last_ok.get(slot, -1e18) < self.timeout
+            if up != self._up[slot]:
+                self._up[slot] = up
+                log.log(logging.INFO if up else logging.WARNING, "peer node %d is %s", slot,
+                        "up" if up else "DOWN")
+                self._on_change(slot, up)
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            started = self._clock()
+            self.beat_once()
+            self.stopping.wait(max(0.0, self.interval - (self._clock() - started)))
+        self.links.close_thread()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._thread.join(timeout=5)

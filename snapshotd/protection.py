@@ -1,0 +1,331 @@
+"""Erasure-coded protection of node versions across a group (DESIGN section 4).
+
+A *node version* is every rank's committed version of one (job, step) on this node, laid end to
+end in rank order (``S`` bytes) and cut into ``k`` chunks of ``ceil(S/k)`` bytes. Chunk ``c`` of
+node ``x`` is the data fragment of ``x`` in the ``c``-th stripe where ``x`` is a data node.
+
+This module holds the policy and the state: which chunks to send where, the stripes being
+assembled, the parity this node holds, which versions are protected. Bytes move through
+:class:`~snapshotd.peers.PeerLinks`; the peer server calls the ``on_*`` handlers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Callable, Optional, Sequence
+
+import xxhash
+
+from . import peerproto as pp
+from .codec import Codec
+from .placement import Group, Stripe, data_stripes, stripes
+from .store import Store, StoreError, Version
+
+__all__ = ["Protector", "ParityRecord", "NodeVersion", "frames_checksum"]
+
+log = logging.getLogger("snapshotd.protection")
+
+
+def frames_checksum(frames: Sequence[Any]) -> str:
+    h = xxhash.xxh3_64()
+    for frame in frames:
+        h.update(frame)
+    return h.hexdigest()
+
+
+@dataclass
+class ParityRecord:
+    job: str
+    step: int
+    stripe: int
+    index: int
+    length: int
+    frags: tuple[pp.FragInfo, ...]
+    buf: bytearray
+    checksum: str
+
+    def holding(self) -> pp.ParityHolding:
+        return pp.ParityHolding(self.job, self.step, self.stripe, self.index, self.length,
+                                self.frags)
+
+
+@dataclass
+class NodeVersion:
+    """This node's data for one (job, step): the rank versions, in rank order."""
+
+    job: str
+    step: int
+    versions: list[Version]
+
+    @property
+    def total(self) -> int:
+        return sum(v.nbytes for v in self.versions)
+
+    def manifest(self, slot: int) -> str:
+        ranks = [{"rank": v.rank, "nbytes": v.nbytes, "meta": v.meta,
+                  "committed_at": v.committed_at, "local_world_size": v.local_world_size,
+                  "tensors": [[t.name, t.dtype, list(t.shape), t.offset, t.nbytes, t.checksum]
+                              for t in v.tensors]} for v in self.versions]
+        return json.dumps({"slot": slot, "job": self.job, "step": self.step,
+                           "total": self.total, "ranks": ranks}, separators=(",", ":"))
+
+    def chunk_frames(self, store: Store, start: int, length: int) -> list[memoryview]:
+        """Zero-copy views of blob bytes [start, start+length) across the rank segments."""
+        frames, offset = [], 0
+        for v in self.versions:
+            lo, hi = max(start, offset), min(start + length, offset + v.nbytes)
+            if lo < hi:
+                frames.append(store.dir.view(v.number, v.size)[lo - offset:hi - offset])
+            offset += v.nbytes
+        return frames
+
+
+def chunk_size(total: int, k: int) -> int:
+    return -(-total // k)
+
+
+@dataclass
+class _Assembly:
+    """Data fragments of one stripe arriving at its first parity holder."""
+
+    started: float
+    frags: dict[int, tuple[pp.FragInfo, list[Any]]] = field(default_factory=dict)
+
+
+class Protector:
+    """Runs the encode pipeline and keeps this node's parity."""
+
+    def __init__(self, me: int, group: Group, codec: Codec, store: Store, links: Any, *,
+                 keep: int = 2, encode_timeout: float = 60.0, up: Callable[[int], bool],
+                 metrics: Any = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.me, self.group, self.codec, self.store, self.links = me, group, codec, store, links
+        self.keep = keep
+        self.encode_timeout = encode_timeout
+        self.up = up
+        self.metrics = metrics
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._parity: dict[tuple[str, int, int], ParityRecord] = {}  # (job, stripe, step)
+        self._assembling: dict[tuple[str, int, int], _Assembly] = {}  # (job, step, stripe)
+        self._protected: dict[tuple[str, int], set[int]] = {}
+        self._sent: set[tuple[str, int]] = set()
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="snapshotd-encode")
+        self.stripes = {s.index: s for s in stripes(group)}
+        store.extra_usage = self.parity_bytes
+
+    # ------------------------------------------------------------------ data-node side
+
+    def node_version(self, job: str, step: int) -> Optional[NodeVersion]:
+        """This node's complete data for (job, step), or None if a rank has not committed."""
+        versions = [v for v in self.store.versions(job) if v.step == step]
+        if not versions or len(versions) < versions[0].local_world_size:
+            return None
+        return NodeVersion(job, step, sorted(versions, key=lambda v: v.rank))
+
+    def on_commit(self, version: Version) -> None:
+        """Called after every local commit: start encoding once the node version is complete."""
+        if self.group.m == 0:
+            return
+        key = (version.job, version.step)
+        with self._lock:
+            if key in self._sent or self.node_version(*key) is None:
+                return
+            self._sent.add(key)
+        self._pool.submit(self._send_data, version.job, version.step)
+
+    def _send_data(self, job: str, step: int) -> None:
+        started = time.perf_counter()
+        try:
+            self._send_data_chunks(job, step)
+        except Exception as exc:  # noqa: BLE001 - a failed encode leaves the version local
+            log.warning("job %r step %d stays unprotected: %s", job, step, exc)
+            with self._lock:
+                self._sent.discard((job, step))
+        finally:
+            self.links.close_thread()
+        if self.metrics is not None:
+            self.metrics.encode_seconds.observe(time.perf_counter() - started)
+
+    def _send_data_chunks(self, job: str, step: int) -> None:
+        leases, nv = self._lease_node_version(job, step)
+        try:
+            manifest = nv.manifest(self.me)
+            cs = chunk_size(nv.total, self.group.k)
+            for chunk, (stripe, _) in enumerate(data_stripes(self.me, self.group)):
+                start = chunk * cs
+                length = max(0, min(cs, nv.total - start))
+                frames = nv.chunk_frames(self.store, start, length)
+                info = pp.FragInfo(self.me, chunk, length, manifest)
+                msg = pp.PutData(job, step, stripe.index, info, frames_checksum(frames))
+                self.links.call(stripe.parity[0], msg, frames, timeout=timedelta(seconds=60))
+        finally:
+            for lease in leases:
+                self.store.release(lease)
+
+    def _lease_node_version(self, job: str, step: int) -> tuple[list[int], NodeVersion]:
+        nv = self.node_version(job, step)
+        if nv is None:
+            raise StoreError("not_found", f"job {job!r} step {step} is not complete here")
+        leases = []
+        for v in nv.versions:
+            leases.append(self.store.lease(job, v.rank, 0, step=step).id)
+        return leases, nv
+
+    def on_protected(self, msg: pp.Protected) -> None:
+        with self._lock:
+            done = self._protected.setdefault((msg.job, msg.step), set())
+            done.add(msg.stripe)
+            complete = len(done) >= self.group.k
+        if complete:
+            for v in self.store.versions(msg.job):
+                if v.step == msg.step:
+                    self.store.mark_protected(msg.job, v.rank, msg.step)
+            with self._lock:
+                for key in [k for k in self._protected if k[0] == msg.job and k[1] <= msg.step]:
+                    del self._protected[key]
+
+    # ------------------------------------------------------------------ parity-holder side
+
+    def on_put_data(self, msg: pp.PutData, frames: list[Any]) -> None:
+        stripe = self._stripe(msg.stripe)
+        if stripe.parity[0] != self.me or msg.info.src not in stripe.data:
+            raise StoreError("bad_request", f"stripe {msg.stripe}: node {self.me} is not its "
+                             f"first parity holder, or node {msg.info.src} is not a data node")
+        got = sum(memoryview(f).nbytes for f in frames)
+        if got != msg.info.length or frames_checksum(frames) != msg.checksum:
+            raise StoreError("corrupt", f"data fragment of node {msg.info.src} for job "
+                             f"{msg.job!r} step {msg.step}: {got} bytes or checksum mismatch")
+        key = (msg.job, msg.step, msg.stripe)
+        with self._lock:
+            assembly = self._assembling.setdefault(key, _Assembly(self._clock()))
+            assembly.frags[stripe.data.index(msg.info.src)] = (msg.info, frames)
+            if len(assembly.frags) < self.group.k:
+                return
+            del self._assembling[key]
+        self._pool.submit(self._encode, msg.job, msg.step, stripe, assembly)
+
+    def _encode(self, job: str, step: int, stripe: Stripe, assembly: _Assembly) -> None:
+        try:
+            infos = tuple(assembly.frags[i][0] for i in range(self.group.k))
+            length = max(info.length for info in infos)
+            data = [_contiguous(assembly.frags[i][1], length) for i in range(self.group.k)]
+            parity = [bytearray(length) for _ in range(self.group.m)]
+            self.codec.encode(data, parity)
+            self._keep(ParityRecord(job, step, stripe.index, 0, length, infos, parity[0],
+                                    frames_checksum([parity[0]])))
+            for index in range(1, self.group.m):
+                msg = pp.PutParity(job, step, stripe.index, index, length, infos,
+                                   frames_checksum([parity[index]]))
+                self.links.call(stripe.parity[index], msg, [parity[index]],
+                                timeout=timedelta(seconds=60))
+            for slot in stripe.data:
+                self.links.call(slot, pp.Protected(job, step, stripe.index),
+                                timeout=timedelta(seconds=10))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("stripe %d of job %r step %d not protected: %s", stripe.index, job, step,
+                        exc)
+        finally:
+            self.links.close_thread()
+
+    def on_put_parity(self, msg: pp.PutParity, frames: list[Any]) -> None:
+        stripe = self._stripe(msg.stripe)
+        if not 0 < msg.index < self.group.m or stripe.parity[msg.index] != self.me:
+            raise StoreError("bad_request", f"node {self.me} does not hold parity {msg.index} "
+                             f"of stripe {msg.stripe}")
+        buf = _contiguous(frames, msg.length)
+        if sum(memoryview(f).nbytes for f in frames) != msg.length or (
+                frames_checksum([buf]) != msg.checksum):
+            raise StoreError("corrupt", f"parity {msg.index} of stripe {msg.stripe} for job "
+                             f"{msg.job!r} step {msg.step}: length or checksum mismatch")
+        self._keep(ParityRecord(msg.job, msg.step, msg.stripe, msg.index, msg.length,
+                                msg.frags, bytearray(buf), msg.checksum))
+
+    def _keep(self, record: ParityRecord) -> None:
+        used = self.store.stats()["bytes_used"]
+        if used + record.length > self.store.memory_limit:
+            raise StoreError("memory_full", f"no room for {record.length} parity bytes: "
+                             f"{used} of {self.store.memory_limit} in use")
+        with self._lock:
+            self._parity[(record.job, record.stripe, record.step)] = record
+            steps = sorted(s for (j, st, s) in self._parity
+                           if j == record.job and st == record.stripe)
+            for old in steps[:-self.keep]:
+                del self._parity[(record.job, record.stripe, old)]
+
+    def _stripe(self, index: int) -> Stripe:
+        stripe = self.stripes.get(index)
+        if stripe is None:
+            raise StoreError("bad_request", f"stripe {index} is not in group {self.group.index}")
+        return stripe
+
+    # ------------------------------------------------------------------ serving rebuilds
+
+    def inventory(self) -> pp.InventoryReply:
+        held = {(v.job, v.step) for v in self.store.versions()}
+        data = []
+        for job, step in sorted(held):
+            nv = self.node_version(job, step)
+            if nv is not None:
+                data.append(pp.DataHolding(job, step, nv.total))
+        with self._lock:
+            parity = tuple(r.holding() for r in self._parity.values())
+        return pp.InventoryReply(self.me, tuple(data), parity)
+
+    def get_data(self, msg: pp.GetData) -> tuple[pp.Chunk, list[Any]]:
+        leases, nv = self._lease_node_version(msg.job, msg.step)
+        try:
+            cs = chunk_size(nv.total, self.group.k)
+            start = msg.frag * cs
+            length = max(0, min(cs, nv.total - start))
+            payload = bytes(_contiguous(nv.chunk_frames(self.store, start, length), length))
+        finally:
+            for lease in leases:
+                self.store.release(lease)
+        return pp.Chunk(length, frames_checksum([payload])), [payload]
+
+    def get_parity(self, msg: pp.GetParity) -> tuple[pp.Chunk, list[Any]]:
+        with self._lock:
+            record = self._parity.get((msg.job, msg.stripe, msg.step))
+        if record is None or record.index != msg.index:
+            raise StoreError("not_found", f"no parity {msg.index} of stripe {msg.stripe} for "
+                             f"job {msg.job!r} step {msg.step} on node {self.me}")
+        if frames_checksum([record.buf]) != record.checksum:
+            if self.metrics is not None:
+                self.metrics.checksum_failures.inc()
+            raise StoreError("corrupt", f"parity {msg.index} of stripe {msg.stripe} on node "
+                             f"{self.me} fails its checksum")
+        return pp.Chunk(record.length, record.checksum), [record.buf]
+
+    def store_parity(self, record: ParityRecord) -> None:
+        """Keep a parity record re-created by a rebuild."""
+        self._keep(record)
+
+    def parity_bytes(self) -> int:
+        with self._lock:
+            return sum(r.length for r in self._parity.values())
+
+    def parity_records(self) -> list[ParityRecord]:
+        with self._lock:
+            return list(self._parity.values())
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def _contiguous(frames: Sequence[Any], length: int) -> Any:
+    """One buffer of ``length`` bytes: the single frame itself, or a zero-padded copy."""
+    views = [memoryview(f).cast("B") for f in frames]
+    if len(views) == 1 and views[0].nbytes == length:
+        return views[0]
+    out = bytearray(length)
+    offset = 0
+    for view in views:
+        out[offset:offset + view.nbytes] = view
+        offset += view.nbytes
+    return out
