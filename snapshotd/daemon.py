@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from ._http import MetricsServer
 from .config import Config, ConfigError, add_arguments, build_config
 from .metrics import Metrics, StoreCollector
+from .cluster import ClusterNode, start_cluster
 from .server import ControlServer
 from .store import Store
 
@@ -41,6 +42,7 @@ class Daemon:
         self.metrics = Metrics(self.registry)
         self.store = Store(config.shm_dir, config.memory_limit, config.keep)
         self.server: Optional[ControlServer] = None
+        self.cluster: Optional[ClusterNode] = None
         self.http: Optional[MetricsServer] = None
         self._lock_fd: Optional[int] = None
 
@@ -49,11 +51,16 @@ class Daemon:
         report = self.store.open(adopt=self.config.adopt)
         log.info("segments in %s: adopted %d committed versions, removed %d leftovers (%d bytes)",
                  self.config.shm_dir, report["adopted"], report["removed"], report["bytes_removed"])
-        self.registry.register(StoreCollector(self.store))
+        self.cluster = start_cluster(self.config, self.store, self.context, self.metrics)
+        self.registry.register(StoreCollector(
+            self.store, peers=self.cluster.heartbeats.status if self.cluster else None,
+            insecure=bool(self.cluster and self.cluster.security.insecure)))
         self.server = ControlServer(
             self.store, self.config.control, context=self.context, metrics=self.metrics,
             node_slot=self.config.node_slot, workers=self.config.workers,
-            reap_interval=self.config.reap_interval)
+            reap_interval=self.config.reap_interval,
+            on_commit=self.cluster.protector.on_commit if self.cluster else lambda v: None,
+            recovery=self.cluster.recovery if self.cluster else None)
         if self.config.metrics_port is not None:
             self.http = MetricsServer(self.registry, self.config.metrics_port,
                                       ready=self.readiness).start()
@@ -66,6 +73,8 @@ class Daemon:
         """Ready once the store is open and the daemon accepts writes."""
         if self.server is None or self.server.stopping:
             return False, "not serving"
+        if self.cluster is not None and not self.cluster.recovery.ready:
+            return False, "rebuilding from peers"
         return True, "ready"
 
     def _take_lock(self) -> None:
@@ -93,6 +102,8 @@ class Daemon:
         """Drain in-flight requests, release every segment, close sockets."""
         if self.server is not None:
             self.server.close()
+        if self.cluster is not None:
+            self.cluster.stop()
         if self.http is not None:
             self.http.close()
         self.store.close()
@@ -117,7 +128,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     daemon = Daemon(config)
     try:
         daemon.start()
-    except (ConfigError, OSError, zmq.ZMQError) as exc:
+    except (ConfigError, ValueError, OSError, zmq.ZMQError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     for sig in (signal.SIGTERM, signal.SIGINT):

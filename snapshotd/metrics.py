@@ -16,7 +16,7 @@ Example::
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -46,14 +46,26 @@ class Metrics:
                                 "Time to check, checksum and publish one version")
         self.open_seconds = h("snapshotd_open_duration_seconds",
                               "Time to lease and verify one version for a restore")
+        self.encode_seconds = h("snapshotd_encode_duration_seconds",
+                                "Time to send one node version's data chunks for encoding")
+        self.rebuild_seconds = h("snapshotd_rebuild_duration_seconds",
+                                 "Time to rebuild one node version from the group")
+        self.rebuilds = c("snapshotd_rebuilds_total", "Node versions rebuilt from peers")
+        self.rebuilt_bytes = c("snapshotd_rebuilt_bytes_total", "Bytes rebuilt from peers")
+        self.peer_bytes = c("snapshotd_peer_bytes_total", "Payload bytes exchanged with peers",
+                            "direction")
 
 
 class StoreCollector(Collector):
     """Scrape-time gauges read from the store (and the host, through psutil)."""
 
     def __init__(self, store: Any, clock: Callable[[], float] = time.time,
-                 memory: Callable[[], Any] = psutil.virtual_memory) -> None:
+                 memory: Callable[[], Any] = psutil.virtual_memory,
+                 peers: Optional[Callable[[], dict[int, bool]]] = None,
+                 insecure: bool = False) -> None:
         self._store = store
+        self._peers = peers
+        self.insecure = insecure
         self._clock = clock
         self._memory = memory
 
@@ -76,6 +88,15 @@ class StoreCollector(Collector):
             count.add_metric([state], sum(1 for v in versions if v.state == state))
         yield count
         yield from self._ages(versions)
+        if self._peers is not None:
+            up = GaugeMetricFamily("snapshotd_peer_up", "1 if the peer answers heartbeats",
+                                   labels=["peer"])
+            for slot, alive in sorted(self._peers().items()):
+                up.add_metric([str(slot)], 1.0 if alive else 0.0)
+            yield up
+        yield GaugeMetricFamily("snapshotd_peer_insecure",
+                                "1 if peer traffic runs without CURVE (--insecure)",
+                                value=1.0 if self.insecure else 0.0)
         yield GaugeMetricFamily("snapshotd_host_memory_available_bytes",
                                 "Host memory available (psutil)", value=self._memory().available)
 

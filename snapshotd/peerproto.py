@@ -157,6 +157,7 @@ class Chunk:
     OP: ClassVar[str] = "chunk"
     length: int
     checksum: str
+    manifest: str = ""
 
 
 _PEER_MESSAGES = p.registry(Ping, Pong, PutData, PutParity, Protected, Inventory, InventoryReply,

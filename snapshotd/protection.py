@@ -133,8 +133,10 @@ class Protector:
         if self.group.m == 0:
             return
         key = (version.job, version.step)
+        if self.node_version(*key) is None:       # outside our lock: the store calls back in
+            return
         with self._lock:
-            if key in self._sent or self.node_version(*key) is None:
+            if key in self._sent:
                 return
             self._sent.add(key)
         self._pool.submit(self._send_data, version.job, version.step)
@@ -287,7 +289,7 @@ class Protector:
         finally:
             for lease in leases:
                 self.store.release(lease)
-        return pp.Chunk(length, frames_checksum([payload])), [payload]
+        return pp.Chunk(length, frames_checksum([payload]), nv.manifest(self.me)), [payload]
 
     def get_parity(self, msg: pp.GetParity) -> tuple[pp.Chunk, list[Any]]:
         with self._lock:

@@ -147,6 +147,8 @@ class Store:
         self._leases: dict[int, Lease] = {}
         self._pool = _Pool()
         self._next_lease = 1
+        #: Bytes held outside the segments (parity); set by the protection layer.
+        self.extra_usage: Callable[[], int] = lambda: 0
 
     # ------------------------------------------------------------------ start and stop
 
@@ -295,6 +297,33 @@ class Store:
         return Version(slot.number, slot.job, slot.rank, slot.step, slot.nbytes, slot.size,
                        summed, meta, now, book, slot.local_world_size)
 
+    def install(self, job: str, rank: int, step: int, nbytes: int,
+                tensors: tuple[TensorEntry, ...], meta: str, local_world_size: int,
+                fill: Callable[[memoryview], None], committed_at: Optional[float] = None,
+                protected: bool = True) -> Version:
+        """Publish a version rebuilt from peers: reserve, ``fill`` the bytes, verify, commit.
+
+        The tensor checksums come with the table; bytes that do not match them are refused
+        (``checksum_mismatch``, naming the tensors) and nothing is published.
+        """
+        slot = self.alloc(job, rank, step, nbytes, os.getpid(), local_world_size)
+        view = self.dir.view(slot.number, slot.size)
+        try:
+            fill(view[:nbytes])
+            bad = [t.name for t in tensors
+                   if checksum(view[t.offset:t.offset + t.nbytes]) != t.checksum]
+        finally:
+            view.release()
+        if bad:
+            self.abort(slot.number)
+            raise StoreError("checksum_mismatch", f"rebuilt job {job!r} rank {rank} step {step}: "
+                             f"tensors {bad} do not match their checksums")
+        version = self.commit(slot.number, tuple(TensorEntry(t.name, t.dtype, t.shape, t.offset,
+                                                             t.nbytes) for t in tensors), meta)
+        if protected:
+            self.mark_protected(job, rank, step)
+        return version
+
     def abort(self, number: int) -> None:
         with self._lock:
             slot = self._slots.get(number)
@@ -397,12 +426,13 @@ class Store:
             return {"data": sum(v.size for v in versions),
                     "writing": sum(s.size for s in self._slots.values()),
                     "pool": sum(size for size, _ in self._pool.free.values()),
-                    "bookkeeping": sum(v.book for v in versions)}
+                    "bookkeeping": sum(v.book for v in versions),
+                    "parity": self.extra_usage()}
 
     def mark_protected(self, job: str, rank: int, step: int) -> None:
         with self._lock:
             version = self._versions.get((job, rank), {}).get(step)
-            if version is not None:
+            if version is not None and not version.protected:
                 version.protected = True
                 self._retain((job, rank))
 
@@ -412,7 +442,7 @@ class Store:
         data = sum(s.size for s in self._slots.values())
         data += sum(size for size, _ in self._pool.free.values())
         data += sum(v.size + v.book for vs in self._versions.values() for v in vs.values())
-        return data
+        return data + self.extra_usage()
 
     def _retain(self, key: tuple[str, int]) -> None:
         held = self._versions.get(key, {})

@@ -18,7 +18,8 @@ The daemon owns the memory, so a trainer that crashes loses nothing it had commi
 
 from ._channel import DaemonError, DaemonUnavailable, SnapshotError
 from ._client import ENV_ENDPOINT, SnapshotClient, SnapshotSkipped
+from ._training import TrainingState
 
 __all__ = ["SnapshotClient", "SnapshotError", "DaemonUnavailable", "DaemonError",
-           "SnapshotSkipped", "ENV_ENDPOINT"]
+           "SnapshotSkipped", "ENV_ENDPOINT", "TrainingState"]
 __version__ = "0.1.0"

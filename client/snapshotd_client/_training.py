@@ -1,0 +1,244 @@
+"""Everything an exact resume needs, captured and restored in one place.
+
+:class:`TrainingState` gathers the model, optimizer, learning-rate scheduler, every random number
+generator a training script commonly draws from (torch CPU and CUDA, numpy, Python's
+``random``, plus any extra ``torch.Generator``), the data-loader position and the step into one
+nested dict that :class:`~snapshotd_client.SnapshotClient` can store, and puts all of it back.
+A run resumed from that dict computes exactly what the uninterrupted run would have computed,
+provided the rest of the script is deterministic (fixed seeds, data chosen by the saved position,
+deterministic kernels).
+
+Example (runs as is, without a daemon: the state is captured and loaded in memory)::
+
+    >>> import copy, torch
+    >>> from snapshotd_client import TrainingState
+    >>> model = torch.nn.Linear(4, 2)
+    >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    >>> scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10)
+    >>> position = {"epoch": 0, "offset": 0}          # your sampler's position, kept up to date
+    >>> state = TrainingState(model, optimizer, scheduler, data=position)
+    >>> def train_step():
+    ...     model(torch.randn(8, 4)).pow(2).mean().backward()
+    ...     optimizer.step(); optimizer.zero_grad(); scheduler.step()
+    ...     position["offset"] += 8
+    >>> train_step()
+    >>> saved = copy.deepcopy(state.state_dict(step=0))  # state.save(client, 0) copies too
+    >>> train_step(); expected = model.weight.detach().clone()
+    >>> state.load(saved)                              # back to just after step 0
+    0
+    >>> position
+    {'epoch': 0, 'offset': 8}
+    >>> train_step(); torch.equal(model.weight, expected)   # same data, same update, same bits
+    True
+
+With a daemon, in a training loop (``client = SnapshotClient(job="gpt")``)::
+
+    state = TrainingState(model, optimizer, scheduler, data=sampler)
+    client.protect(optimizer)                  # optimizer.step() waits for copies in flight
+    last = state.restore(client)               # all ranks agree on one step; None: fresh start
+    for step in range(0 if last is None else last + 1, total_steps):
+        train_one_step()
+        state.save(client, step)               # asynchronous; never blocks on the daemon
+    client.close()
+"""
+
+from __future__ import annotations
+
+import random
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, Mapping, MutableMapping, Optional, Protocol, Union
+
+import torch
+
+if TYPE_CHECKING:
+    from ._client import SnapshotClient
+
+try:  # numpy is optional: its global RNG is captured only when it is installed
+    import numpy as np
+except ImportError:  # pragma: no cover
+    np = None  # type: ignore[assignment]
+
+__all__ = ["TrainingState", "Stateful", "FORMAT"]
+
+#: Version of the dict layout written by :meth:`TrainingState.state_dict`.
+FORMAT = 1
+
+
+class Stateful(Protocol):
+    """Anything with ``state_dict()`` / ``load_state_dict()``: a sampler, a data loader, ..."""
+
+    def state_dict(self) -> Mapping[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> Any: ...
+
+
+DataPosition = Union[MutableMapping[str, Any], Stateful]
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DistributedDataParallel/DataParallel wrapper (stable keys)."""
+    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
+
+
+class TrainingState:
+    """Capture and restore model, optimizer, scheduler, RNGs, data position and step.
+
+    Args:
+        model: the model (a ``DistributedDataParallel`` wrapper is looked through, so the keys
+            are the same with and without it).
+        optimizer: optional optimizer; its state (moments, step counts, param groups with the
+            current learning rate) is restored through ``load_state_dict``.
+        scheduler: optional learning-rate scheduler (anything with ``state_dict``).
+        data: optional data position. Either a mutable dict that the script keeps up to date
+            (e.g. ``{"epoch": 3, "offset": 1024}``; it is updated in place on load) or an
+            object with ``state_dict()``/``load_state_dict()`` such as a stateful sampler.
+            Its values must be plain (int, float, str, bool, None, bytes, list, tuple, dict)
+            or tensors/numpy arrays.
+        generators: optional named extra ``torch.Generator`` objects (e.g. the generator a
+            ``DataLoader`` shuffles with) whose states are captured too.
+        rng: capture and restore the global RNGs (torch CPU, CUDA when available, numpy,
+            Python ``random``). Default True.
+
+    The dict returned by :meth:`state_dict` holds references to live tensors (parameters,
+    optimizer moments): hand it to ``SnapshotClient.save`` and make ``optimizer.step()`` wait
+    for the copy with ``client.protect(optimizer)``, as :meth:`save` expects.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                 scheduler: Optional[Any] = None, data: Optional[DataPosition] = None, *,
+                 generators: Optional[Mapping[str, torch.Generator]] = None,
+                 rng: bool = True) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.data = data
+        self.generators = dict(generators or {})
+        self.rng = rng
+
+    # ------------------------------------------------------------------ capture
+
+    def state_dict(self, step: int) -> dict[str, Any]:
+        """Everything needed to resume right after ``step``, as a snapshot-able nested dict."""
+        state: dict[str, Any] = {
+            "format": FORMAT,
+            "step": int(step),
+            "model": _unwrap(self.model).state_dict(),
+        }
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        if self.data is not None:
+            state["data"] = self._data_state()
+        if self.rng:
+            state["rng"] = capture_rng()
+        if self.generators:
+            state["generators"] = {name: g.get_state() for name, g in self.generators.items()}
+        return state
+
+    def _data_state(self) -> Any:
+        data = self.data
+        if hasattr(data, "state_dict") and callable(getattr(data, "state_dict")):
+            return dict(data.state_dict())  # type: ignore[union-attr]
+        return dict(data)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ restore
+
+    def load(self, state: Mapping[str, Any]) -> int:
+        """Put every captured piece back; return the step the state was captured after.
+
+        Tensors restored by ``SnapshotClient.restore`` are CPU tensors; ``load_state_dict``
+        copies them into the live model (on whatever device it is) and the optimizer.
+        """
+        if state.get("format") != FORMAT:
+            raise ValueError(f"not a TrainingState snapshot (format {state.get('format')!r}, "
+                             f"expected {FORMAT})")
+        _unwrap(self.model).load_state_dict(state["model"])
+        if self.optimizer is not None:
+            if "optimizer" not in state:
+                raise KeyError("the snapshot holds no optimizer state")
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            if "scheduler" not in state:
+                raise KeyError("the snapshot holds no scheduler state")
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.data is not None:
+            if "data" not in state:
+                raise KeyError("the snapshot holds no data position")
+            self._load_data(state["data"])
+        if self.rng and "rng" in state:
+            restore_rng(state["rng"])
+        for name, gen in self.generators.items():
+            gen.set_state(state["generators"][name])
+        return int(state["step"])
+
+    def _load_data(self, value: Mapping[str, Any]) -> None:
+        data = self.data
+        if hasattr(data, "load_state_dict") and callable(getattr(data, "load_state_dict")):
+            data.load_state_dict(value)  # type: ignore[union-attr]
+        else:
+            data.clear()  # type: ignore[union-attr]
+            data.update(value)  # type: ignore[union-attr]
+
+    # ------------------------------------------------------------------ with a client
+
+    def save(self, client: "SnapshotClient", step: int) -> Future:
+        """Snapshot the state after ``step`` through ``client`` (asynchronous, never raises)."""
+        return client.save(step, self.state_dict(step))
+
+    def restore(self, client: "SnapshotClient", step: Optional[int] = None) -> Optional[int]:
+        """Load the newest snapshot (or ``step``) from ``client``; return its step, or None.
+
+        With ``torch.distributed`` initialised every rank restores the same step (the newest
+        one all ranks hold), so call it on every rank. None means nothing to restore: start
+        from scratch. Raises ``SnapshotError`` if the daemon cannot serve the snapshot.
+        """
+        restored = client.restore(step)
+        if restored is None:
+            return None
+        step_restored, state = restored
+        loaded = self.load(state)
+        if loaded != step_restored:
+            raise ValueError(f"snapshot of step {step_restored} says it was taken at {loaded}")
+        return loaded
+
+
+# ---------------------------------------------------------------------- RNG helpers
+
+
+def capture_rng() -> dict[str, Any]:
+    """States of the global RNGs: torch CPU, every CUDA device, numpy, Python ``random``."""
+    out: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    if np is not None:
+        kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+        out["numpy"] = {"kind": str(kind), "keys": np.asarray(keys, dtype=np.uint32).copy(),
+                        "pos": int(pos), "has_gauss": int(has_gauss),
+                        "cached_gaussian": float(cached)}
+    return out
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    """Set the global RNGs from :func:`capture_rng`'s dict (CUDA and numpy when present)."""
+    torch.set_rng_state(_byte_tensor(state["torch"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        states = [_byte_tensor(s) for s in state["cuda"]]
+        count = min(len(states), torch.cuda.device_count())
+        for device in range(count):
+            torch.cuda.set_rng_state(states[device], device)
+    if "numpy" in state and np is not None:
+        n = state["numpy"]
+        np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"],
+                             n["has_gauss"], n["cached_gaussian"]))
+
+
+def _byte_tensor(value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", torch.uint8).contiguous()
+    return torch.as_tensor(value, dtype=torch.uint8)

@@ -1,0 +1,77 @@
+"""Wiring of the multi-node part of a daemon: security, links, heartbeats, protection, rebuild."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import zmq
+
+from .codec import make_codec
+from .config import Config, ConfigError, peer_endpoints
+from .peers import Heartbeats, PeerLinks, Security, load_security
+from .peerserver import PeerServer
+from .placement import PlacementError, group_of, make_groups
+from .protection import Protector
+from .rebuild import Recovery
+from .store import Store
+
+__all__ = ["ClusterNode", "start_cluster"]
+
+log = logging.getLogger("snapshotd.cluster")
+
+
+@dataclass
+class ClusterNode:
+    security: Security
+    links: PeerLinks
+    heartbeats: Heartbeats
+    protector: Protector
+    recovery: Recovery
+    server: PeerServer
+    auth: Any
+
+    def stop(self) -> None:
+        self.heartbeats.stop()
+        self.server.stop()
+        self.protector.close()
+        if self.auth is not None:
+            self.auth.stop()
+
+
+def start_cluster(config: Config, store: Store, context: zmq.Context,
+                  metrics: Any) -> Optional[ClusterNode]:
+    """Start the peer side when ``--peers`` is set; None for a stand-alone node."""
+    endpoints = peer_endpoints(config)
+    if not endpoints:
+        return None
+    me = config.node_slot
+    if sorted(endpoints) != list(range(len(endpoints))):
+        raise ConfigError(f"--peers must list slots 0..N-1, got {sorted(endpoints)}")
+    try:
+        security = load_security(config.keys, config.insecure)
+        group = group_of(me, make_groups(len(endpoints), config.k, config.m))
+    except (ValueError, PlacementError) as exc:
+        raise ConfigError(str(exc)) from None
+    if security.insecure:
+        log.warning("peer traffic is NOT encrypted or authenticated (--insecure)")
+    codec = make_codec(config.codec, group.k, group.m)
+    auth = security.authenticator(context)
+    links = PeerLinks({s: endpoints[s] for s in group.slots}, context, security,
+                      on_bytes=lambda d, n: metrics.peer_bytes.labels(direction=d).inc(n))
+    heartbeats = Heartbeats(links, me, "snapshotd", config.heartbeat_interval,
+                            config.peer_timeout)
+    protector = Protector(me, group, codec, store, links, keep=config.keep,
+                          encode_timeout=config.encode_timeout, up=heartbeats.up,
+                          metrics=metrics)
+    recovery = Recovery(me, group, codec, store, protector, links, heartbeats.up, metrics,
+                        settle=config.peer_timeout)
+    listen = config.listen or "tcp://*:" + endpoints[me].rsplit(":", 1)[1]
+    server = PeerServer(listen, context, security, protector, me, metrics,
+                        ready=lambda: recovery.ready).start()
+    heartbeats.start()
+    recovery.start()
+    log.info("node %d in group %d %s (k=%d, m=%d, codec %s), peers listen on %s", me,
+             group.index, list(group.slots), group.k, group.m, config.codec, server.endpoint)
+    return ClusterNode(security, links, heartbeats, protector, recovery, server, auth)

@@ -1,0 +1,283 @@
+"""Rebuilding a node's data and parity from its group (DESIGN section 5, node replacement).
+
+At start, a daemon asks every reachable group peer for its inventory. For each job, if the
+peers' parity records know a newer version of this node's data than it holds, it rebuilds the
+newest one the group can: per stripe, ``k`` fragments (peers' data chunks and parity), decoded,
+checked against the tensor checksums, installed as protected versions. Then it re-creates the
+parity it held. Control requests that list or open versions wait until this is done
+(:meth:`Recovery.wait_ready`), so a replacement node serves its ranks as if nothing happened.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Optional
+
+from . import peerproto as pp
+from .codec import Codec
+from .placement import Group, Stripe, data_stripes, parity_stripes
+from .protection import ParityRecord, Protector, frames_checksum
+from .protocol import TensorEntry
+from .store import Store, StoreError
+
+__all__ = ["Recovery", "RebuildError"]
+
+log = logging.getLogger("snapshotd.rebuild")
+_FETCH = timedelta(seconds=60)
+
+
+class RebuildError(Exception):
+    """The group cannot rebuild what was asked; the message names group, slots and version."""
+
+
+@dataclass
+class _Source:
+    index: int          # codec fragment index: 0..k-1 data, k.. parity
+    slot: int
+    request: Any        # GetData or GetParity
+    length: int         # bytes the source sends (data chunks may be shorter than L)
+
+
+class Recovery:
+    """Rebuilds this node from its peers once at start, and on demand (checksum failures)."""
+
+    def __init__(self, me: int, group: Group, codec: Codec, store: Store,
+                 protector: Protector, links: Any, up: Any, metrics: Any = None,
+                 settle: float = 5.0) -> None:
+        self.me, self.group, self.codec, self.store = me, group, codec, store
+        self.protector, self.links, self.up, self.metrics = protector, links, up, metrics
+        self.settle = settle
+        self.failures: dict[str, str] = {}
+        self.rebuilt_bytes = 0
+        self._ready = threading.Event()
+        self._lock = threading.Lock()
+
+    def start(self) -> "Recovery":
+        threading.Thread(target=self._run, name="snapshotd-recovery", daemon=True).start()
+        return self
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.settle
+        peers = [s for s in self.group.slots if s != self.me]
+        while time.monotonic() < deadline and not all(self.up(s) for s in peers):
+            time.sleep(0.1)
+        try:
+            self.recover()
+        except Exception:  # noqa: BLE001 - recovery problems must not stop the daemon
+            log.exception("recovery failed")
+        finally:
+            self.links.close_thread()
+            self._ready.set()
+
+    def wait_ready(self, job: str, timeout: float = 600.0) -> None:
+        """Block until start-up recovery is done; raise if ``job`` could not be rebuilt."""
+        self._ready.wait(timeout)
+        reason = self.failures.get(job)
+        if reason and not self.store.versions(job):
+            raise StoreError("cannot_rebuild", reason)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    # ------------------------------------------------------------------ the passes
+
+    def recover(self) -> None:
+        with self._lock:
+            inv = self._inventories()
+            jobs = sorted({h.job for r in inv.values() for h in (*r.data, *r.parity)})
+            for job in jobs:
+                try:
+                    self._recover_job(job, inv)
+                except RebuildError as exc:
+                    log.error("%s", exc)
+                    self.failures[job] = str(exc)
+            self._recreate_parity(inv, jobs)
+
+    def _inventories(self) -> dict[int, pp.InventoryReply]:
+        out = {}
+        for slot in self.group.slots:
+            if slot != self.me and self.up(slot):
+                try:
+                    out[slot], _ = self.links.call(slot, pp.Inventory(self.me),
+                                                   timeout=timedelta(seconds=10))
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("no inventory from node %d: %s", slot, exc)
+        return out
+
+    def _recover_job(self, job: str, inv: dict[int, pp.InventoryReply]) -> None:
+        mine = {h.step: f.manifest for r in inv.values() for h in r.parity if h.job == job
+                for f in h.frags if f.src == self.me}
+        held = [v.step for v in self.store.versions(job)]
+        candidates = sorted((s for s in mine if not held or s > max(held)), reverse=True)
+        for step in candidates:
+            plan = self._plan(job, step, inv)
+            if plan is not None:
+                self.rebuild(job, step, mine[step], plan)
+                return
+        if candidates:
+            lost = [s for s in self.group.slots if s == self.me or not self.up(s)]
+            raise RebuildError(
+                f"group {self.group.index} lost slots {lost} (more than m={self.group.m}): "
+                f"job {job!r} step {candidates[0]} (and older) cannot be rebuilt for slot "
+                f"{self.me}; fall back to the newest persisted checkpoint")
+
+    def _plan(self, job: str, step: int,
+              inv: dict[int, pp.InventoryReply]) -> Optional[list[tuple[Stripe, int, int, int,
+                                                                         list[_Source]]]]:
+        plan = []
+        for stripe, pos in data_stripes(self.me, self.group):
+            holdings = [h for r in inv.values() for h in r.parity
+                        if (h.job, h.step, h.stripe) == (job, step, stripe.index)]
+            if not holdings:
+                return None
+            length = holdings[0].length
+            mine = [f for f in holdings[0].frags if f.src == self.me]
+            sources = self._sources(job, step, stripe, inv, holdings, skip=self.me)
+            if len(sources) < self.group.k or not mine:
+                return None
+            plan.append((stripe, pos, length, mine[0].length, sources[:self.group.k]))
+        return plan
+
+    def _sources(self, job: str, step: int, stripe: Stripe, inv: dict[int, pp.InventoryReply],
+                 holdings: list[pp.ParityHolding], skip: int) -> list[_Source]:
+        out = []
+        frags = {f.src: f for f in holdings[0].frags} if holdings else {}
+        for pos, slot in enumerate(stripe.data):
+            reply = inv.get(slot)
+            if slot == skip or reply is None:
+                continue
+            if any((d.job, d.step) == (job, step) for d in reply.data):
+                chunk = [s.index for s, _ in data_stripes(slot, self.group)].index(stripe.index)
+                length = frags[slot].length if slot in frags else -1
+                out.append(_Source(pos, slot, pp.GetData(job, step, chunk), length))
+        for h in holdings:
+            slot = stripe.parity[h.index]
+            if slot != skip and slot in inv:
+                out.append(_Source(self.group.k + h.index, slot,
+                                   pp.GetParity(job, step, stripe.index, h.index), h.length))
+        return out
+
+    # ------------------------------------------------------------------ data
+
+    def rebuild(self, job: str, step: int, manifest: str, plan: list) -> None:
+        """Fetch, decode and install this node's data for (job, step)."""
+        started = time.perf_counter()
+        chunks: list[Any] = []
+        for stripe, pos, length, my_length, sources in plan:
+            present = {s.index: self._fetch(s, length)[0] for s in sources}
+            out = bytearray(length)
+            self.codec.reconstruct(present, {pos: out})
+            chunks.append(memoryview(out)[:my_length])
+        self._install(json.loads(manifest), chunks)
+        seconds = time.perf_counter() - started
+        total = sum(c.nbytes for c in chunks)
+        self.rebuilt_bytes += total
+        if self.metrics is not None:
+            self.metrics.rebuilds.inc()
+            self.metrics.rebuilt_bytes.inc(total)
+            self.metrics.rebuild_seconds.observe(seconds)
+        log.info("rebuilt job %r step %d for slot %d: %d bytes in %.2fs", job, step, self.me,
+                 total, seconds)
+
+    def _fetch(self, source: _Source, length: int) -> tuple[Any, pp.Chunk]:
+        reply, frames = self.links.call(source.slot, source.request, timeout=_FETCH)
+        if frames_checksum(frames) != reply.checksum or (
+                sum(f.buffer.nbytes for f in frames) != reply.length):
+            raise RebuildError(f"fragment from node {source.slot} failed its checksum")
+        buf = frames[0].buffer if frames else memoryview(b"")
+        if 0 <= length != buf.nbytes:
+            padded = bytearray(length)
+            padded[:buf.nbytes] = buf
+            buf = padded
+        return buf, reply
+
+    def _install(self, manifest: dict[str, Any], chunks: list[Any]) -> None:
+        blob = _Blob(chunks)
+        offset = 0
+        for r in manifest["ranks"]:
+            tensors = tuple(TensorEntry(n, d, tuple(s), o, b, c) for n, d, s, o, b, c
+                            in r["tensors"])
+            start = offset
+            self.store.install(manifest["job"], r["rank"], manifest["step"], r["nbytes"],
+                               tensors, r["meta"], r["local_world_size"],
+                               lambda view, start=start: blob.read_into(start, view),
+                               committed_at=r["committed_at"])
+            offset += r["nbytes"]
+
+    # ------------------------------------------------------------------ parity
+
+    def _recreate_parity(self, inv: dict[int, pp.InventoryReply], jobs: list[str]) -> None:
+        held = {(r.job, r.stripe, r.step) for r in self.protector.parity_records()}
+        for stripe, index in parity_stripes(self.me, self.group):
+            for job in jobs:
+                steps = sorted({d.step for r in inv.values() for d in r.data if d.job == job},
+                               reverse=True)
+                for step in steps:
+                    if (job, stripe.index, step) in held:
+                        break
+                    try:
+                        if self._recreate(job, step, stripe, index, inv):
+                            break
+                    except Exception as exc:  # noqa: BLE001
+                        log.warning("parity %d of stripe %d, job %r step %d not re-created: %s",
+                                    index, stripe.index, job, step, exc)
+
+    def _recreate(self, job: str, step: int, stripe: Stripe, index: int,
+                  inv: dict[int, pp.InventoryReply]) -> bool:
+        holdings = [h for r in inv.values() for h in r.parity
+                    if (h.job, h.step, h.stripe) == (job, step, stripe.index)]
+        sources = self._sources(job, step, stripe, inv, holdings, skip=self.me)
+        data = [s for s in sources if s.index < self.group.k]
+        if len(data) == self.group.k:
+            fetched = [self._fetch(s, -1) for s in data]
+            infos = tuple(pp.FragInfo(s.slot, s.request.frag, reply.length, reply.manifest)
+                          for s, (_, reply) in zip(data, fetched))
+            length = max(i.length for i in infos)
+            bufs = [_pad(buf, length) for buf, _ in fetched]
+            parity = [bytearray(length) for _ in range(self.group.m)]
+            self.codec.encode(bufs, parity)
+            out = parity[index]
+        elif holdings and len(sources) >= self.group.k:
+            length, infos = holdings[0].length, holdings[0].frags
+            present = {s.index: self._fetch(s, length)[0] for s in sources[:self.group.k]}
+            out = bytearray(length)
+            self.codec.reconstruct(present, {self.group.k + index: out})
+        else:
+            return False
+        self.protector.store_parity(ParityRecord(job, step, stripe.index, index, length, infos,
+                                                 out, frames_checksum([out])))
+        log.info("re-created parity %d of stripe %d for job %r step %d", index, stripe.index,
+                 job, step)
+        return True
+
+
+def _pad(buf: Any, length: int) -> Any:
+    if buf.nbytes == length:
+        return buf
+    out = bytearray(length)
+    out[:buf.nbytes] = buf
+    return out
+
+
+class _Blob:
+    """Reads a node's bytes back out of its decoded chunks (in chunk order)."""
+
+    def __init__(self, chunks: list[Any]) -> None:
+        self.chunks = chunks
+
+    def read_into(self, start: int, out: memoryview) -> None:
+        pos, done = 0, 0
+        for chunk in self.chunks:
+            lo, hi = max(start, pos), min(start + out.nbytes, pos + chunk.nbytes)
+            if lo < hi:
+                out[done:done + hi - lo] = chunk[lo - pos:hi - pos]
+                done += hi - lo
+            pos += chunk.nbytes
+        if done != out.nbytes:
+            raise RebuildError(f"decoded data is {pos} bytes, short of what the manifest lists")
