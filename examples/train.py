@@ -130,6 +130,9 @@ class GPT(nn.Module):
         self.blocks = nn.Sequential(*(Block(d, heads, dropout) for _ in range(layers)))
         self.ln = nn.LayerNorm(d)
         self.drop = nn.Dropout(dropout)
+        for name, param in self.named_parameters():             # GPT-2 style initialisation
+            if name.endswith("weight") and param.dim() == 2:
+                nn.init.normal_(param, std=0.02)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.drop(self.tok(idx) + self.pos(torch.arange(idx.shape[1])))
@@ -186,6 +189,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--fail-at", action="append", default=[], metavar="RANK:STEP",
                     help="test fault injection: SIGKILL this rank during this step "
                          "(first attempt only); repeatable")
+    ap.add_argument("--deterministic-algorithms", action="store_true",
+                    help="torch.use_deterministic_algorithms(True): not needed on CPU, where "
+                         "every kernel this model uses is deterministic, and it costs about "
+                         "2 s of start-up (it imports the compiler stack) at every restart")
     ap.add_argument("--step-delay", type=float, default=0.0,
                     help="sleep this long after each step (slows a tiny run for tests)")
     return ap.parse_args(argv)
@@ -203,7 +210,8 @@ def log_line(path: str, record: dict[str, Any]) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
+    if args.deterministic_algorithms:
+        torch.use_deterministic_algorithms(True)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))

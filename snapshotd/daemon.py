@@ -60,7 +60,8 @@ class Daemon:
             node_slot=self.config.node_slot, workers=self.config.workers,
             reap_interval=self.config.reap_interval,
             on_commit=self.cluster.protector.on_commit if self.cluster else lambda v: None,
-            recovery=self.cluster.recovery if self.cluster else None)
+            recovery=self.cluster.recovery if self.cluster else None,
+            peers=self.cluster.heartbeats.status if self.cluster else None)
         if self.config.metrics_port is not None:
             self.http = MetricsServer(self.registry, self.config.metrics_port,
                                       ready=self.readiness).start()

@@ -129,7 +129,8 @@ class LocalCluster:
     """``nodes`` daemons on loopback, each in its own slot, all peers of each other."""
 
     def __init__(self, nodes: int, workdir: str, *, k: int = 4, m: int = 2,
-                 args: Sequence[str] = (), shm_root: str = "/dev/shm") -> None:
+                 args: Sequence[str] = (), shm_root: str = "/dev/shm",
+                 keys: Optional[str] = None) -> None:
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         ports = free_ports(2 * nodes)
@@ -138,15 +139,21 @@ class LocalCluster:
         self.k, self.m = k, m
         self.args = list(args)
         self.daemons: dict[int, DaemonProcess] = {}
+        self.keys = keys
+        #: Extra daemon arguments for one slot (e.g. another key, for attack tests).
+        self.slot_args: dict[int, list[str]] = {}
 
     def peer_args(self) -> list[str]:
         peers = ",".join(f"{s.slot}={s.listen[len('tcp://'):]}" for s in self.specs)
         return ["--peers", peers, "--k", str(self.k), "--m", str(self.m)]
 
     def daemon_args(self, slot: int) -> list[str]:
+        extra = self.slot_args.get(slot, [])
         if len(self.specs) == 1:
-            return list(self.args)
-        return ["--listen", self.specs[slot].listen, *self.peer_args(), *self.args]
+            return [*self.args, *extra]
+        keys = ["--keys", self.keys] if self.keys else []
+        return ["--listen", self.specs[slot].listen, *self.peer_args(), *keys, *self.args,
+                *extra]
 
     def start(self, slots: Optional[Sequence[int]] = None, timeout: float = 30.0) -> None:
         chosen = list(range(len(self.specs)) if slots is None else slots)

@@ -108,7 +108,11 @@ class PeerLinks:
         with self._lock:
             req_id = next(self._ids)
         sent = sum(memoryview(f).nbytes for f in frames)
-        sock.send_multipart([p.encode(msg, req_id), *frames], copy=False)
+        try:
+            sock.send_multipart([p.encode(msg, req_id), *frames], copy=False)
+        except zmq.Again:
+            self._reset(slot)
+            raise PeerError(f"node {slot} ({self.endpoints[slot]}) is not reachable") from None
         self._on_bytes("sent", sent)
         deadline = time.monotonic() + timeout.total_seconds()
         while (left := deadline - time.monotonic()) > 0:
@@ -125,6 +129,33 @@ class PeerLinks:
         self._reset(slot)
         raise PeerError(f"node {slot} ({self.endpoints[slot]}) did not answer {msg.OP} within "
                         f"{timeout.total_seconds():.1f}s")
+
+    def ping_all(self, slots: Sequence[int], msg: Any, timeout: float) -> set[int]:
+        """Send ``msg`` to every slot at once; return the slots that answered in ``timeout``."""
+        pending: dict[zmq.Socket, tuple[int, int]] = {}
+        for slot in slots:
+            sock = self._socket(slot)
+            with self._lock:
+                req_id = next(self._ids)
+            try:
+                sock.send(p.encode(msg, req_id), zmq.NOBLOCK)
+                pending[sock] = (slot, req_id)
+            except zmq.Again:  # not connected (yet): keep the socket so the handshake can finish
+                pass
+        answered: set[int] = set()
+        poller = zmq.Poller()
+        for sock in pending:
+            poller.register(sock, zmq.POLLIN)
+        deadline = time.monotonic() + timeout
+        while pending and (left := deadline - time.monotonic()) > 0:
+            for sock, _ in poller.poll(int(left * 1000) + 1):
+                slot, req_id = pending[sock]
+                got_id, _reply = decode(sock.recv_multipart()[0])
+                if got_id == req_id:
+                    answered.add(slot)
+                    poller.unregister(sock)
+                    del pending[sock]
+        return answered
 
     def _socket(self, slot: int) -> zmq.Socket:
         socks = self._local.__dict__.setdefault("socks", {})
@@ -181,13 +212,11 @@ class Heartbeats:
 
     def beat_once(self) -> None:
         """Ping every peer once and update who is up."""
+        answered = self.links.ping_all(list(self._up), Ping(self.me, self.cluster),
+                                       max(0.2, self.interval * 0.8))
         for slot in self._up:
-            try:
-                self.links.call(slot, Ping(self.me, self.cluster),
-                                timeout=timedelta(seconds=max(0.2, self.interval)))
+            if slot in answered:
                 self._last_ok[slot] = self._clock()
-            except (PeerError, zmq.ZMQError):
-                pass
             up = self._clock() - self._last_ok.get(slot, -1e18) < self.timeout
             if up != self._up[slot]:
                 self._up[slot] = up

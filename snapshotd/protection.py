@@ -160,6 +160,9 @@ class Protector:
             manifest = nv.manifest(self.me)
             cs = chunk_size(nv.total, self.group.k)
             for chunk, (stripe, _) in enumerate(data_stripes(self.me, self.group)):
+                if not self.up(stripe.parity[0]):
+                    raise StoreError("peer_down", f"node {stripe.parity[0]}, first parity "
+                                     f"holder of stripe {stripe.index}, is down")
                 start = chunk * cs
                 length = max(0, min(cs, nv.total - start))
                 frames = nv.chunk_frames(self.store, start, length)
@@ -259,6 +262,19 @@ class Protector:
                            if j == record.job and st == record.stripe)
             for old in steps[:-self.keep]:
                 del self._parity[(record.job, record.stripe, old)]
+
+    def expire(self) -> int:
+        """Drop stripes whose data fragments did not all arrive within ``encode_timeout``."""
+        now = self._clock()
+        with self._lock:
+            old = [key for key, a in self._assembling.items()
+                   if now - a.started > self.encode_timeout]
+            for key in old:
+                del self._assembling[key]
+        for job, step, stripe in old:
+            log.warning("stripe %d of job %r step %d: data fragments missing after %.0fs; "
+                        "that version stays unprotected", stripe, job, step, self.encode_timeout)
+        return len(old)
 
     def _stripe(self, index: int) -> Stripe:
         stripe = self.stripes.get(index)

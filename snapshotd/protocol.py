@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Optional, Union
 __all__ = [
     "PROTOCOL_VERSION", "MAX_MESSAGE_BYTES", "DTYPE_SIZES", "ALIGNMENT", "ProtocolError",
     "TensorEntry", "Alloc", "Commit", "Abort", "ListVersions", "Open", "Release", "Status",
-    "Drop", "Error", "AllocReply", "CommitReply", "Ok", "VersionInfo", "ListReply", "OpenReply",
+    "Drop", "Verify", "Verified", "VerifyReply", "Error", "AllocReply", "CommitReply", "Ok", "VersionInfo", "ListReply", "OpenReply",
     "StatusReply", "encode", "decode", "registry", "check_table",
 ]
 
@@ -170,6 +170,16 @@ class Drop:
     newer_than: Optional[int] = None
 
 
+@dataclass(frozen=True)
+class Verify:
+    """Recompute the checksums of versions of a job (all ranks/steps when None)."""
+
+    OP: ClassVar[str] = "verify"
+    job: str
+    rank: Optional[int] = None
+    step: Optional[int] = None
+
+
 # --------------------------------------------------------------------------- replies
 
 
@@ -234,6 +244,22 @@ class OpenReply:
 
 
 @dataclass(frozen=True)
+class Verified:
+    """One version checked by :class:`Verify`; ``bad`` names tensors that fail their checksum."""
+
+    job: str
+    rank: int
+    step: int
+    bad: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class VerifyReply:
+    OP: ClassVar[str] = "verify_reply"
+    results: tuple[Verified, ...]
+
+
+@dataclass(frozen=True)
 class StatusReply:
     OP: ClassVar[str] = "status_reply"
     node_slot: int
@@ -244,12 +270,15 @@ class StatusReply:
     open_slots: int
     open_leases: int
     versions: tuple[VersionInfo, ...]
+    peers_up: tuple[int, ...] = ()
+    peers_down: tuple[int, ...] = ()
+    rebuilding: bool = False
 
 
 _MESSAGES: dict[str, type] = {
     cls.OP: cls  # type: ignore[attr-defined]
-    for cls in (Alloc, Commit, Abort, ListVersions, Open, Release, Status, Drop, Error, Ok,
-                AllocReply, CommitReply, ListReply, OpenReply, StatusReply)
+    for cls in (Alloc, Commit, Abort, ListVersions, Open, Release, Status, Drop, Verify, Error,
+                Ok, AllocReply, CommitReply, ListReply, OpenReply, StatusReply, VerifyReply)
 }
 Message = Any
 

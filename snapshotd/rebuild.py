@@ -163,6 +163,25 @@ class Recovery:
                                    pp.GetParity(job, step, stripe.index, h.index), h.length))
         return out
 
+    def repair(self, job: str, step: int) -> bool:
+        """Rebuild this node's (job, step) from the group after a local checksum failure."""
+        nv = self.protector.node_version(job, step)
+        if nv is None:
+            return False
+        manifest = nv.manifest(self.me)
+        with self._lock:
+            try:
+                plan = self._plan(job, step, self._inventories())
+                if plan is None:
+                    return False
+                self.rebuild(job, step, manifest, plan)
+            except Exception as exc:  # noqa: BLE001 - reported by the caller as a mismatch
+                log.error("repair of job %r step %d failed: %s", job, step, exc)
+                return False
+            finally:
+                self.links.close_thread()
+        return True
+
     # ------------------------------------------------------------------ data
 
     def rebuild(self, job: str, step: int, manifest: str, plan: list) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import zmq
 
@@ -32,13 +32,15 @@ class ControlServer(RouterLoop):
     node answers only once it has rebuilt what it can.
     """
 
-    SLOW = frozenset({"alloc", "commit", "open", "list"})
+    SLOW = frozenset({"alloc", "commit", "open", "list", "verify"})
 
     def __init__(self, store: Store, endpoint: str, *, context: zmq.Context,
                  metrics: Metrics, node_slot: int = 0, workers: int = 4,
                  reap_interval: float = 1.0,
                  on_commit: Callable[[Any], None] = lambda version: None,
-                 recovery: Any = None) -> None:
+                 recovery: Any = None,
+                 peers: Optional[Callable[[], dict[int, bool]]] = None) -> None:
+        self.peers = peers
         self.store = store
         self.metrics = metrics
         self.node_slot = node_slot
@@ -97,8 +99,17 @@ class ControlServer(RouterLoop):
         if bad:
             self.store.release(lease.id)
             self.metrics.checksum_failures.inc(len(bad))
-            raise StoreError("checksum_mismatch", f"job {v.job!r} rank {v.rank} step {v.step}: "
-                             f"bytes of tensors {bad} do not match their checksums")
+            log.error("job %r rank %d step %d: tensors %s fail their checksums", v.job, v.rank,
+                      v.step, bad)
+            if self.recovery is not None and self.recovery.repair(v.job, v.step):
+                lease = self.store.lease(m.job, m.rank, m.pid, v.step)
+                v = lease.version
+                bad = self.store.verify(v)
+            if bad:
+                self.store.release(lease.id)
+                raise StoreError("checksum_mismatch", f"job {v.job!r} rank {v.rank} step "
+                                 f"{v.step}: bytes of tensors {bad} do not match their "
+                                 "checksums, and the group could not rebuild them")
         self.metrics.open_seconds.observe(time.perf_counter() - started)
         return p.OpenReply(lease.id, v.job, v.rank, v.step, self.store.dir.seg_path(v.number),
                            v.nbytes, v.tensors, v.meta, "memory")
@@ -107,14 +118,28 @@ class ControlServer(RouterLoop):
         self.store.release(m.lease)
         return p.Ok(1)
 
+    def _on_verify(self, m: p.Verify, _: Any = None) -> p.VerifyReply:
+        results = []
+        for v in self.store.versions(m.job, m.rank):
+            if m.step is None or v.step == m.step:
+                bad = tuple(self.store.verify(v))
+                if bad:
+                    self.metrics.checksum_failures.inc(len(bad))
+                results.append(p.Verified(v.job, v.rank, v.step, bad))
+        return p.VerifyReply(tuple(results))
+
     def _on_drop(self, m: p.Drop, _: Any = None) -> p.Ok:
         return p.Ok(self.store.drop(m.job, m.rank, m.step, m.newer_than))
 
     def _on_status(self, m: p.Status, _: Any = None) -> p.StatusReply:
         stats = self.store.stats()
+        peers = self.peers() if self.peers is not None else {}
         return p.StatusReply(self.node_slot, os.getpid(), not self.stopping,
                              self.store.memory_limit, stats["bytes_used"], stats["open_slots"],
-                             stats["open_leases"], tuple(_info(v) for v in self.store.versions()))
+                             stats["open_leases"], tuple(_info(v) for v in self.store.versions()),
+                             tuple(sorted(s for s, up in peers.items() if up)),
+                             tuple(sorted(s for s, up in peers.items() if not up)),
+                             self.recovery is not None and not self.recovery.ready)
 
     # ------------------------------------------------------------------ shutdown
 

@@ -1,0 +1,139 @@
+"""``snapshotctl``: the operator's tool. Talks to the local daemon over its control socket.
+
+    snapshotctl status                      node, memory, peers, versions
+    snapshotctl ls [--job J] [--rank R]     committed versions
+    snapshotctl verify --job J              recompute checksums; exit 1 on a mismatch
+    snapshotctl drop --job J [--rank R] [--step S]
+    snapshotctl keygen DIR                  write the cluster CURVE key pair
+
+Every command takes ``--control ENDPOINT`` (default: the daemon's default socket) and ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from datetime import timedelta
+from typing import Any, Optional, Sequence
+
+from . import protocol as p
+from .channel import Channel, SnapshotError
+from .config import default_control
+
+__all__ = ["main"]
+
+
+def _table(rows: list[list[Any]], header: list[str]) -> str:
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _versions(versions: Sequence[p.VersionInfo]) -> str:
+    now = time.time()
+    rows = [[v.job, v.rank, v.step, _size(v.nbytes), v.state, f"{now - v.committed_at:.1f}s"]
+            for v in versions]
+    return _table(rows, ["JOB", "RANK", "STEP", "SIZE", "STATE", "AGE"])
+
+
+def cmd_status(ch: Channel, args: argparse.Namespace) -> tuple[Any, str]:
+    st = ch.call(p.Status())
+    text = (f"node slot {st.node_slot}  pid {st.pid}  "
+            f"{'accepting' if st.accepting else 'shutting down'}"
+            f"{'  REBUILDING' if st.rebuilding else ''}\n"
+            f"memory {_size(st.bytes_used)} of {_size(st.memory_limit)}  open slots "
+            f"{st.open_slots}  open leases {st.open_leases}\n"
+            f"peers up {list(st.peers_up)}  down {list(st.peers_down)}\n\n"
+            + _versions(st.versions))
+    return st, text
+
+
+def cmd_ls(ch: Channel, args: argparse.Namespace) -> tuple[Any, str]:
+    if args.job is None:
+        versions = ch.call(p.Status()).versions
+    else:
+        versions = ch.call(p.ListVersions(args.job, args.rank)).versions
+    return p.ListReply(tuple(versions)), _versions(versions)
+
+
+def cmd_verify(ch: Channel, args: argparse.Namespace) -> tuple[Any, str]:
+    reply = ch.call(p.Verify(args.job, args.rank, args.step), timeout=timedelta(minutes=10))
+    rows = [[r.job, r.rank, r.step, "OK" if not r.bad else "BAD: " + ", ".join(r.bad)]
+            for r in reply.results]
+    return reply, _table(rows, ["JOB", "RANK", "STEP", "CHECKSUMS"])
+
+
+def cmd_drop(ch: Channel, args: argparse.Namespace) -> tuple[Any, str]:
+    reply = ch.call(p.Drop(args.job, args.rank, args.step, args.newer_than))
+    return reply, f"dropped {reply.count} version(s)"
+
+
+def cmd_keygen(args: argparse.Namespace) -> tuple[Any, str]:
+    import zmq.auth
+
+    os.makedirs(args.dir, mode=0o700, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(args.dir, "cluster")
+    os.chmod(secret, 0o600)
+    return {"public": public, "secret": secret}, (
+        f"wrote {public} and {secret}\ncopy the directory to every node (keep it private) and "
+        f"start each daemon with --keys {args.dir}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="snapshotctl", description=__doc__.split("\n")[0])
+    ap.add_argument("--control", default=os.environ.get("SNAPSHOTD_CONTROL") or
+                    os.environ.get("SNAPSHOTD_ENDPOINT") or default_control())
+    ap.add_argument("--json", action="store_true", help="machine-readable output")
+    ap.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("status", help="node, memory, peers and versions")
+    for name in ("ls", "verify", "drop"):
+        sp = sub.add_parser(name)
+        sp.add_argument("--job", required=name != "ls")
+        sp.add_argument("--rank", type=int)
+        sp.add_argument("--step", type=int)
+        if name == "drop":
+            sp.add_argument("--newer-than", type=int)
+    kg = sub.add_parser("keygen", help="write the cluster CURVE key pair into DIR")
+    kg.add_argument("dir")
+    return ap
+
+
+def _jsonable(obj: Any) -> Any:
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.cmd == "keygen":
+            result, text = cmd_keygen(args)
+        else:
+            ch = Channel(args.control, timedelta(seconds=args.timeout))
+            try:
+                result, text = globals()["cmd_" + args.cmd](ch, args)
+            finally:
+                ch.close()
+    except SnapshotError as exc:
+        print(f"snapshotctl: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(_jsonable(result), indent=2, default=str) if args.json else text)
+    if args.cmd == "verify" and any(r.bad for r in result.results):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
