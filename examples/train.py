@@ -154,7 +154,8 @@ def ordered_allreduce_hook(group: Any,
     parts = [torch.empty_like(buf) for _ in range(world)]
     fut = dist.all_gather(parts, buf, group=group, async_op=True).get_future()
 
-    def average(_: Any) -> torch.Tensor:
+    def average(done: torch.futures.Future) -> torch.Tensor:
+        done.value()                  # re-raises if the gather failed (e.g. a peer died)
         total = parts[0].clone()
         for part in parts[1:]:
             total += part
@@ -264,7 +265,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if rank == 0:
             log_line(os.path.join(args.out, "loss.jsonl"), {
                 "step": step, "loss": loss.item(), "time": time.time(), "attempt": attempt,
-                "resumed_from": last})
+                "resumed_from": last, "pid": os.getpid()})
         if args.step_delay:
             time.sleep(args.step_delay)
 

@@ -126,6 +126,20 @@ class JsonlTail:
         return new
 
 
+def resumed_record(losses: list[dict[str, Any]], since: float) -> Optional[dict[str, Any]]:
+    """The first step logged by a new trainer process after wall time ``since``.
+
+    Steps logged after ``since`` by the process that was running then (in flight at the
+    kill) do not count: only a process started later has restarted.
+    """
+    before = [r for r in losses if r["time"] <= since]
+    old_pid = before[-1].get("pid") if before else None
+    for rec in losses:
+        if rec["time"] > since and rec.get("pid") != old_pid:
+            return rec
+    return None
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     tail = JsonlTail(path)
     tail.poll()
@@ -394,9 +408,9 @@ class Failure:
              job: TorchrunJob) -> None:
         """Find when the job noticed, what it restored and when it trained again."""
         self.detected_at = job.first_failure_after(self.injected_at)
-        after = [r for r in losses if r["time"] > self.injected_at]
-        if after and self.resumed_at is None:
-            self.resumed_at = after[0]["time"]
+        first = resumed_record(losses, self.injected_at)
+        if first is not None:
+            self.resumed_at = first["time"]
         if self.resumed_at is not None:
             latest: dict[int, Any] = {}
             for ev in starts:
@@ -609,7 +623,9 @@ def main(argv: Sequence[str] = ()) -> int:
     # --insecure: peer traffic on loopback without CURVE keys (a real cluster runs
     # `snapshotctl keygen` and passes --keys).
     daemon_args = ["--insecure", "--memory-limit", args.memory_limit]
-    workdir = out / f"cluster-{uuid.uuid4().hex[:6]}"
+    for old in out.glob("cluster-*"):          # daemon logs of an earlier demo run
+        shutil.rmtree(old, ignore_errors=True)
+    workdir = out / f"cluster-{uuid.uuid4().hex[:6]}"      # unique: names the shm dirs
     job_name = f"demo-{uuid.uuid4().hex[:6]}"
     failures: list[Failure] = []
     t0 = time.time()
@@ -632,7 +648,6 @@ def main(argv: Sequence[str] = ()) -> int:
                 ok = all(c == 0 for c in codes.values())
                 if not ok:
                     say(f"  agents exited with {codes}; see {run_dir}/node*-agent*.log")
-        shutil.rmtree(workdir, ignore_errors=True)
 
     # 3. results -----------------------------------------------------------------------------
     losses = read_jsonl(run_dir / "loss.jsonl")
@@ -695,7 +710,7 @@ def _drive(job: TorchrunJob, args: argparse.Namespace, run_dir: Path,
                     f"every rank restored step {ev['restored']} in {ev['restore_s']:.2f}s")
         now = time.time()
         last = failures[-1] if failures else None
-        recovered = last is None or any(r["time"] > last.injected_at for r in losses.records)
+        recovered = last is None or resumed_record(losses.records, last.injected_at) is not None
         if recovered and not failures and step + 1 >= trainer_at:
             slot = args.kill_trainer_slot
             pid = job.kill_trainer(slot)

@@ -41,7 +41,7 @@ class PeerServer(RouterLoop):
         self._ready = ready
         super().__init__(sock, context, workers=2, decode=pp.decode,
                          on_reject=lambda code: metrics.rejected.labels(reason="peer_" + code)
-                         .inc(), housekeeping=protector.expire, housekeeping_interval=1.0)
+                         .inc(), housekeeping=protector.housekeeping, housekeeping_interval=1.0)
         self._thread = threading.Thread(target=self.serve, name="snapshotd-peers", daemon=True)
 
     def start(self) -> "PeerServer":

@@ -114,7 +114,7 @@ class Protector:
         self._parity: dict[tuple[str, int, int], ParityRecord] = {}  # (job, stripe, step)
         self._assembling: dict[tuple[str, int, int], _Assembly] = {}  # (job, step, stripe)
         self._protected: dict[tuple[str, int], set[int]] = {}
-        self._sent: set[tuple[str, int]] = set()
+        self._sent: dict[tuple[str, int], float] = {}  # (job, step) -> when its chunks went out
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="snapshotd-encode")
         self.stripes = {s.index: s for s in stripes(group)}
         store.extra_usage = self.parity_bytes
@@ -138,8 +138,36 @@ class Protector:
         with self._lock:
             if key in self._sent:
                 return
-            self._sent.add(key)
+            self._sent[key] = self._clock()
         self._pool.submit(self._send_data, version.job, version.step)
+
+    def retry(self) -> int:
+        """Send again the newest node version of each job that is still not protected.
+
+        A version whose chunks could not go out (a parity holder was down or not connected
+        yet), or whose protection did not come back within ``encode_timeout``, is retried;
+        older versions are left alone: the newest protected one is what recovery needs.
+        """
+        started = 0
+        present = {(v.job, v.step) for v in self.store.versions()}
+        with self._lock:
+            for key in [k for k in self._sent if k not in present]:
+                del self._sent[key]
+        for job in sorted({job for job, _ in present}):
+            held = self.store.versions(job)
+            newest = max(v.step for v in held)
+            nv = self.node_version(job, newest)
+            if nv is None or all(v.protected for v in nv.versions):
+                continue
+            key = (job, newest)
+            with self._lock:
+                sent = self._sent.get(key)
+                if sent is not None and self._clock() - sent < self.encode_timeout:
+                    continue
+                self._sent[key] = self._clock()
+            self._pool.submit(self._send_data, job, newest)
+            started += 1
+        return started
 
     def _send_data(self, job: str, step: int) -> None:
         started = time.perf_counter()
@@ -147,8 +175,8 @@ class Protector:
             self._send_data_chunks(job, step)
         except Exception as exc:  # noqa: BLE001 - a failed encode leaves the version local
             log.warning("job %r step %d stays unprotected: %s", job, step, exc)
-            with self._lock:
-                self._sent.discard((job, step))
+            with self._lock:  # try again in a couple of seconds
+                self._sent[(job, step)] = self._clock() - self.encode_timeout + 2.0
         finally:
             self.links.close_thread()
         if self.metrics is not None:
@@ -262,6 +290,10 @@ class Protector:
                            if j == record.job and st == record.stripe)
             for old in steps[:-self.keep]:
                 del self._parity[(record.job, record.stripe, old)]
+
+    def housekeeping(self) -> None:
+        self.expire()
+        self.retry()
 
     def expire(self) -> int:
         """Drop stripes whose data fragments did not all arrive within ``encode_timeout``."""

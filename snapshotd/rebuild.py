@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Optional
@@ -66,13 +67,21 @@ class Recovery:
         peers = [s for s in self.group.slots if s != self.me]
         while time.monotonic() < deadline and not all(self.up(s) for s in peers):
             time.sleep(0.1)
+        inv: dict[int, pp.InventoryReply] = {}
         try:
-            self.recover()
+            inv = self.recover()
         except Exception:  # noqa: BLE001 - recovery problems must not stop the daemon
             log.exception("recovery failed")
         finally:
+            self._ready.set()           # ranks may restore now; parity follows
+        try:
+            with self._lock:
+                self._recreate_parity(inv, sorted({h.job for r in inv.values()
+                                                   for h in (*r.data, *r.parity)}))
+        except Exception:  # noqa: BLE001
+            log.exception("re-creating parity failed")
+        finally:
             self.links.close_thread()
-            self._ready.set()
 
     def wait_ready(self, job: str, timeout: float = 600.0) -> None:
         """Block until start-up recovery is done; raise if ``job`` could not be rebuilt."""
@@ -87,7 +96,8 @@ class Recovery:
 
     # ------------------------------------------------------------------ the passes
 
-    def recover(self) -> None:
+    def recover(self) -> dict[int, pp.InventoryReply]:
+        """Rebuild this node's newest data of every job the group knows; return inventories."""
         with self._lock:
             inv = self._inventories()
             jobs = sorted({h.job for r in inv.values() for h in (*r.data, *r.parity)})
@@ -97,7 +107,7 @@ class Recovery:
                 except RebuildError as exc:
                     log.error("%s", exc)
                     self.failures[job] = str(exc)
-            self._recreate_parity(inv, jobs)
+            return inv
 
     def _inventories(self) -> dict[int, pp.InventoryReply]:
         out = {}
@@ -189,7 +199,7 @@ class Recovery:
         started = time.perf_counter()
         chunks: list[Any] = []
         for stripe, pos, length, my_length, sources in plan:
-            present = {s.index: self._fetch(s, length)[0] for s in sources}
+            present = self._fetch_all(sources, length)
             out = bytearray(length)
             self.codec.reconstruct(present, {pos: out})
             chunks.append(memoryview(out)[:my_length])
@@ -203,6 +213,17 @@ class Recovery:
             self.metrics.rebuild_seconds.observe(seconds)
         log.info("rebuilt job %r step %d for slot %d: %d bytes in %.2fs", job, step, self.me,
                  total, seconds)
+
+    def _fetch_all(self, sources: list[_Source], length: int) -> dict[int, Any]:
+        """Fetch one stripe's fragments from their nodes in parallel (one connection each)."""
+        def one(source: _Source) -> Any:
+            try:
+                return self._fetch(source, length)[0]
+            finally:
+                self.links.close_thread()
+
+        with ThreadPoolExecutor(len(sources), thread_name_prefix="snapshotd-fetch") as pool:
+            return dict(zip((s.index for s in sources), pool.map(one, sources)))
 
     def _fetch(self, source: _Source, length: int) -> tuple[Any, pp.Chunk]:
         reply, frames = self.links.call(source.slot, source.request, timeout=_FETCH)
@@ -264,7 +285,7 @@ class Recovery:
             out = parity[index]
         elif holdings and len(sources) >= self.group.k:
             length, infos = holdings[0].length, holdings[0].frags
-            present = {s.index: self._fetch(s, length)[0] for s in sources[:self.group.k]}
+            present = self._fetch_all(sources[:self.group.k], length)
             out = bytearray(length)
             self.codec.reconstruct(present, {self.group.k + index: out})
         else:

@@ -189,11 +189,15 @@ class SnapshotClient:
         steps = self.steps()
         return steps[-1] if steps else None
 
-    def restore(self, step: Optional[int] = None) -> Optional[tuple[int, Any]]:
+    def restore(self, step: Optional[int] = None, into: Any = None) -> Optional[tuple[int, Any]]:
         """Return ``(step, state)`` of the newest version (or of ``step``), or None if none.
 
         Inside a job with ``torch.distributed`` initialised and ``step`` None, every rank
         restores the same step: the newest one that all ranks hold (one MIN all-reduce).
+
+        ``into``: an existing state of the same structure (e.g. ``model.state_dict()``); its
+        tensors with the same path, dtype and shape are filled in place and returned instead of
+        freshly allocated ones, which skips the page faults of new memory.
         """
         if step is None and _distributed():
             step = self._agree()
@@ -205,8 +209,9 @@ class SnapshotClient:
             if exc.code == "not_found" and step is None:
                 return None
             raise
+        targets = _targets(into)
         try:
-            tensors = self._copy_out(lease)
+            tensors = self._copy_out(lease, targets)
         finally:
             self._channel.call(p.Release(lease.lease))
         return lease.step, unflatten(lease.meta, tensors)
@@ -222,7 +227,8 @@ class SnapshotClient:
         agreed = int(value.item())
         return None if agreed < 0 else agreed
 
-    def _copy_out(self, lease: p.OpenReply) -> list[torch.Tensor]:
+    def _copy_out(self, lease: p.OpenReply,
+                  targets: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         if lease.nbytes == 0:
             return [view_of(b"", e.__dict__) for e in lease.tensors]
         fd = os.open(lease.path, os.O_RDONLY)
@@ -235,7 +241,11 @@ class SnapshotClient:
             warnings.filterwarnings("ignore", "The given buffer is not writable")
             for entry in lease.tensors:
                 src = view_of(mm, entry.__dict__)
-                out.append(torch.empty_like(src).copy_(src))
+                dst = targets.get(entry.name)
+                if dst is None or dst.dtype != src.dtype or dst.shape != src.shape:
+                    dst = torch.empty_like(src)
+                with torch.no_grad():
+                    out.append(dst.copy_(src))
                 del src
         _close(mm)
         return out
@@ -295,6 +305,13 @@ class _MapCache:
     def clear(self) -> None:
         while self._maps:
             _close(self._maps.popitem()[1][1])
+
+
+def _targets(into: Any) -> dict[str, torch.Tensor]:
+    if into is None:
+        return {}
+    layout = flatten(into)
+    return {e["name"]: t for e, t in zip(layout.entries, layout.tensors) if not t.is_cuda}
 
 
 def _distributed() -> bool:

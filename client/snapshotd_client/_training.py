@@ -58,7 +58,7 @@ try:  # numpy is optional: its global RNG is captured only when it is installed
 except ImportError:  # pragma: no cover
     np = None  # type: ignore[assignment]
 
-__all__ = ["TrainingState", "Stateful", "FORMAT"]
+__all__ = ["TrainingState", "Stateful", "FORMAT", "agree_step", "capture_rng", "restore_rng"]
 
 #: Version of the dict layout written by :meth:`TrainingState.state_dict`.
 FORMAT = 1
@@ -192,10 +192,15 @@ class TrainingState:
     def restore(self, client: "SnapshotClient", step: Optional[int] = None) -> Optional[int]:
         """Load the newest snapshot (or ``step``) from ``client``; return its step, or None.
 
-        With ``torch.distributed`` initialised every rank restores the same step (the newest
-        one all ranks hold), so call it on every rank. None means nothing to restore: start
-        from scratch. Raises ``SnapshotError`` if the daemon cannot serve the snapshot.
+        With ``torch.distributed`` initialised every rank restores the same step: the newest
+        one that every rank holds (see :func:`agree_step`), so call it on every rank. None
+        means nothing to restore: start from scratch. Raises ``SnapshotError`` if a daemon
+        cannot list or serve the snapshot (on every rank alike when listing fails).
         """
+        if step is None and _distributed():
+            step = agree_step(client)
+            if step is None:
+                return None
         restored = client.restore(step)
         if restored is None:
             return None
@@ -204,6 +209,44 @@ class TrainingState:
         if loaded != step_restored:
             raise ValueError(f"snapshot of step {step_restored} says it was taken at {loaded}")
         return loaded
+
+
+# ---------------------------------------------------------------------- agreement
+
+
+def agree_step(client: "SnapshotClient", group: Any = None) -> Optional[int]:
+    """The newest step that every rank of ``group`` holds, or None if there is none.
+
+    Each rank lists the steps its daemon holds and the lists are exchanged (one
+    ``all_gather_object``). Comparing only the newest steps (a MIN all-reduce) is not enough:
+    a daemon keeps a few versions per rank (the newest ones and the newest protected one), so
+    when ranks' newest steps are far apart, or a replacement node rebuilt an older protected
+    version, the minimum of the newest steps can be a step some rank no longer holds. If any
+    rank cannot list its steps, every rank raises the same ``SnapshotError``.
+    """
+    import torch.distributed as dist
+
+    from ._channel import SnapshotError
+
+    try:
+        mine: Any = sorted(set(client.steps()))
+    except SnapshotError as exc:
+        mine = f"{type(exc).__name__}: {exc}"
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, (client.rank, mine), group=group)
+    errors = [f"rank {rank}: {held}" for rank, held in everyone if isinstance(held, str)]
+    if errors:
+        raise SnapshotError("cannot agree on a step to restore: " + "; ".join(errors))
+    common = set(everyone[0][1])
+    for _, held in everyone[1:]:
+        common &= set(held)
+    return max(common) if common else None
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 # ---------------------------------------------------------------------- RNG helpers

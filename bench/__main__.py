@@ -1,0 +1,84 @@
+"""``python -m bench CASE [...]``: run benchmark cases and write ``docs/benchmarks.md``.
+
+Cases: ``save``, ``restore``, ``codec``, ``rebuild``, ``memory``, ``all``; ``smoke`` runs every
+case on tiny sizes (the test suite does, so the suite cannot rot). Every figure is reported next
+to its baseline measured in the same run, as a ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import psutil
+
+from . import report
+
+MIB = 1 << 20
+SIZES = {"save": [64 * MIB, 256 * MIB, 1024 * MIB], "restore": [64 * MIB, 256 * MIB, 1024 * MIB],
+         "memory": [256 * MIB], "rebuild": [256 * MIB], "codec": [256 * MIB]}
+SMOKE = {name: [8 * MIB if name == "codec" else 4 * MIB] for name in SIZES}
+
+
+def machine() -> str:
+    return (f"{platform.node()}: {psutil.cpu_count()} cores, "
+            f"{psutil.virtual_memory().total / (1 << 30):.0f} GiB RAM, {platform.machine()}, "
+            f"Linux {platform.release()}, Python {platform.python_version()}")
+
+
+def run_case(name: str, size: int, repeats: int) -> Any:
+    if name == "save":
+        from .node import save_case
+        return save_case(size, repeats)
+    if name == "restore":
+        from .node import restore_case
+        return restore_case(size, repeats)
+    if name == "memory":
+        from .node import memory_case
+        return memory_case(size)
+    if name == "rebuild":
+        from .cluster import rebuild_case
+        return rebuild_case(size, max(1, repeats // 2))
+    if name == "codec":
+        from .codec import run
+        return run(size, repeats)
+    raise SystemExit(f"unknown case {name!r}; choose from {sorted(SIZES)} or all/smoke")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("cases", nargs="+", help="save restore codec rebuild memory | all | smoke")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default="bench-out", help="directory for the JSON results")
+    ap.add_argument("--doc", default="docs/benchmarks.md", help="markdown report ('' for none)")
+    args = ap.parse_args(argv)
+    smoke = args.cases == ["smoke"]
+    names = list(SIZES) if args.cases in (["all"], ["smoke"]) else args.cases
+    sizes = SMOKE if smoke else SIZES
+    repeats = 2 if smoke else args.repeats
+    results: dict[str, Any] = {"machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M"),
+                               "cases": {}}
+    for name in names:
+        for size in sizes[name]:
+            started = time.perf_counter()
+            print(f"bench: {name} {size // MIB} MiB ...", file=sys.stderr, flush=True)
+            results["cases"].setdefault(name, []).append(run_case(name, size, repeats))
+            print(f"bench: {name} {size // MIB} MiB done in {time.perf_counter() - started:.1f}s",
+                  file=sys.stderr, flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as fh:
+        json.dump(results, fh, indent=1, default=str)
+    text = report.render(results)
+    print(text)
+    if args.doc and not smoke:
+        report.write(results, args.doc, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Benchmarks of one node: save stall, ingest, local restore, memory; baselines in the same run.
+
+Each case starts a real daemon (``LocalCluster``) and drives it with the real client, and measures
+its baseline in the same process on the same tensors: one memcpy (torch ``copy_`` into warm
+memory, and numpy ``copyto`` single-core), ``torch.save``/``torch.load`` to ``/dev/shm`` and to
+disk, and ``torch.distributed.checkpoint`` ``save``/``async_save``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from typing import Any, Callable
+
+import numpy as np
+import psutil
+import torch
+
+from snapshotd.localcluster import LocalCluster
+from snapshotd_client import SnapshotClient
+
+__all__ = ["make_state", "save_case", "restore_case", "memory_case", "stats"]
+
+MIB = 1 << 20
+
+
+def stats(samples: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
+            "n": len(samples)}
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def make_state(nbytes: int, tensors: int = 16) -> dict[str, Any]:
+    per = nbytes // 4 // tensors
+    g = torch.Generator().manual_seed(0)
+    return {"model": {f"layer{i}.weight": torch.randn(per, generator=g) for i in range(tensors)},
+            "step": 1, "rng": torch.get_rng_state()}
+
+
+def _flat(state: dict[str, Any]) -> list[torch.Tensor]:
+    return list(state["model"].values())
+
+
+def memcpy_baselines(state: dict[str, Any], repeats: int) -> dict[str, Any]:
+    src = _flat(state)
+    warm = [torch.empty_like(t) for t in src]
+    for d, s in zip(warm, src):
+        d.copy_(s)
+    np_src = [t.numpy() for t in src]
+    np_dst = [w.numpy() for w in warm]
+    out = {"memcpy_torch": stats(timed(lambda: [d.copy_(s) for d, s in zip(warm, src)],
+                                       repeats)),
+           "memcpy_numpy_1core": stats(timed(
+               lambda: [np.copyto(d, s) for d, s in zip(np_dst, np_src)], repeats))}
+
+    def fresh() -> None:
+        for s in src:
+            torch.empty_like(s).copy_(s)
+
+    out["memcpy_fresh"] = stats(timed(fresh, repeats))
+    return out
+
+
+def _torch_save_load(state: dict[str, Any], directory: str, repeats: int) -> dict[str, Any]:
+    path = os.path.join(directory, "bench-state.pt")
+    try:
+        save = timed(lambda: torch.save(state, path), max(1, repeats // 2))
+        load = timed(lambda: torch.load(path, weights_only=True), max(1, repeats // 2))
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+    return {"save": stats(save), "load": stats(load)}
+
+
+def _dcp(state: dict[str, Any], directory: str) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+
+    out: dict[str, Any] = {}
+    target = os.path.join(directory, "bench-dcp")
+    try:
+        start = time.perf_counter()
+        dcp.save(state["model"], checkpoint_id=target)
+        out["save"] = time.perf_counter() - start
+        shutil.rmtree(target, ignore_errors=True)
+        start = time.perf_counter()
+        future = dcp.async_save(state["model"], checkpoint_id=target)
+        out["async_save_blocking"] = time.perf_counter() - start
+        future.result()
+    except Exception as exc:  # noqa: BLE001 - reported in the table instead
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+    return out
+
+
+def _cluster(nbytes: int) -> LocalCluster:
+    limit = 5 * nbytes + 256 * MIB
+    cluster = LocalCluster(1, tempfile.mkdtemp(prefix="snapbench-"),
+                           args=["--memory-limit", str(limit), "--log-level", "WARNING"])
+    cluster.start()
+    return cluster
+
+
+def save_case(nbytes: int, repeats: int, baselines: bool = True) -> dict[str, Any]:
+    """Stall (time save() blocks) and total (until committed) against the baselines."""
+    state = make_state(nbytes)
+    cluster = _cluster(nbytes)
+    try:
+        with SnapshotClient(cluster.specs[0].control, job="bench", rank=0) as client:
+            for step in range(3):                      # warm the segment pool
+                client.save(step, state).result()
+            stall, total = [], []
+            for step in range(3, 3 + repeats):
+                start = time.perf_counter()
+                future = client.save(step, state)
+                stall.append(time.perf_counter() - start)
+                future.result()
+                total.append(time.perf_counter() - start)
+                client.wait()
+        out: dict[str, Any] = {"bytes": nbytes, "stall": stats(stall), "total": stats(total)}
+    finally:
+        cluster.stop()
+    if baselines:
+        out |= memcpy_baselines(state, repeats)
+        out["torch_save_shm"] = _torch_save_load(state, "/dev/shm", repeats)["save"]
+        out["torch_save_disk"] = _torch_save_load(state, tempfile.gettempdir(), repeats)["save"]
+        out["dcp"] = _dcp(state, tempfile.gettempdir())
+    return out
+
+
+def restore_case(nbytes: int, repeats: int) -> dict[str, Any]:
+    """restore() into fresh tensors against memcpy and torch.load from disk and /dev/shm."""
+    state = make_state(nbytes)
+    cluster = _cluster(nbytes)
+    try:
+        with SnapshotClient(cluster.specs[0].control, job="bench", rank=0) as client:
+            client.save(1, state).result()
+            client.restore()                           # warm the daemon's mapping
+            times = timed(client.restore, repeats)
+    finally:
+        cluster.stop()
+    out = {"bytes": nbytes, "restore": stats(times)} | memcpy_baselines(state, repeats)
+    out["torch_load_shm"] = _torch_save_load(state, "/dev/shm", repeats)["load"]
+    out["torch_load_disk"] = _torch_save_load(state, tempfile.gettempdir(), repeats)["load"]
+    return out
+
+
+def memory_case(nbytes: int, saves: int = 6) -> dict[str, Any]:
+    """Daemon RSS and shared memory held for ``nbytes`` of state with --keep 1."""
+    state = make_state(nbytes)
+    cluster = LocalCluster(1, tempfile.mkdtemp(prefix="snapbench-"),
+                           args=["--memory-limit", str(4 * nbytes), "--keep", "1",
+                                 "--log-level", "WARNING"])
+    cluster.start()
+    try:
+        proc = psutil.Process(cluster.daemons[0].pid)
+        shm_peak = rss_peak = 0
+        with SnapshotClient(cluster.specs[0].control, job="bench", rank=0) as client:
+            for step in range(saves):
+                client.save(step, state).result()
+                shm = sum(os.path.getsize(os.path.join(cluster.specs[0].shm_dir, f))
+                          for f in os.listdir(cluster.specs[0].shm_dir))
+                shm_peak = max(shm_peak, shm)
+                info = proc.memory_full_info()
+                rss_peak = max(rss_peak, info.rss - getattr(info, "shared", 0))
+        return {"bytes": nbytes, "shm_peak": shm_peak, "daemon_private_rss": rss_peak}
+    finally:
+        cluster.stop()
