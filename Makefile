@@ -7,12 +7,18 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
+SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup demo test test-quick bench faults lint clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml client/pyproject.toml
+	# promtool (Debian's prometheus package) checks the alert rules and runs the scrape test;
+	# the tests that need it skip with a message where it cannot be installed.
+	command -v promtool >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+	  prometheus >/dev/null; } || echo "setup: promtool not installed; its checks will skip"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU build of torch, pinned: a bare "torch" would pull a multi-GB CUDA build.

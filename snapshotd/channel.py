@@ -10,6 +10,7 @@ rebuilt, so a late reply to an abandoned request is never mistaken for the next 
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from datetime import timedelta
@@ -64,6 +65,8 @@ class Channel:
         """Send one request and return the reply message; raise on error or timeout."""
         wait_ms = int((timeout or self.timeout).total_seconds() * 1000)
         with self._lock:
+            if self._sock is not None and self._disconnected():
+                self._reset()           # the daemon went away since the last request
             self._check_endpoint()
             sock = self._socket()
             req_id = self._next_id
@@ -110,11 +113,27 @@ class Channel:
                 return True
 
     def _check_endpoint(self) -> None:
-        if self.endpoint.startswith("ipc://") and not os.path.exists(self.endpoint[6:]):
+        """Fail at once, without waiting for a timeout, when nobody listens on the ipc path."""
+        if not self.endpoint.startswith("ipc://"):
+            return
+        path = self.endpoint[6:]
+        if not os.path.exists(path):
             self._reset()
             raise DaemonUnavailable(
-                f"no snapshotd socket at {self.endpoint[6:]}; start the daemon (snapshotd "
-                "--control ...) or point SNAPSHOTD_ENDPOINT at the running one")
+                f"no snapshotd socket at {path}; start the daemon (snapshotd --control ...) "
+                "or point SNAPSHOTD_ENDPOINT at the running one")
+        if self._sock is None:
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except ConnectionRefusedError:
+                raise DaemonUnavailable(
+                    f"snapshotd at {self.endpoint} is not running (the socket file is left "
+                    "from a daemon that died); restart it") from None
+            except OSError:
+                pass
+            finally:
+                probe.close()
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:

@@ -16,6 +16,7 @@ from conftest import TRAINER, trainer
 from snapshotd import protocol as p
 from snapshotd.channel import Channel
 from snapshotd.ctl import main as ctl
+from snapshotd.localcluster import LocalCluster
 
 pytestmark = pytest.mark.timeout(300)
 MIB = "32"
@@ -76,20 +77,26 @@ def all_protected(cluster, step):
                for s in cluster.specs)
 
 
-@pytest.fixture
-def keys(tmp_path):
-    assert ctl(["keygen", str(tmp_path / "keys")]) == 0
-    return str(tmp_path / "keys")
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("keys") / "cluster")
+    assert ctl(["keygen", path]) == 0
+    return path
 
 
-@pytest.fixture
-def six(cluster_factory, keys):
-    cluster = cluster_factory(6, k=4, m=2, keys=keys,
-                              args=["--memory-limit", "1GiB", "--peer-timeout", "3"])
+@pytest.fixture(scope="module")
+def six(tmp_path_factory, keys):
+    """One six-node cluster for the tests below, which run in file order: the first two leave
+    it whole (every lost node replaced and rebuilt), the three-node loss comes last."""
+    cluster = LocalCluster(6, str(tmp_path_factory.mktemp("six")), k=4, m=2, keys=keys,
+                           args=["--memory-limit", "1GiB", "--peer-timeout", "3"])
     cluster.start()
-    save_everywhere(cluster)
-    wait_for(lambda: all_protected(cluster, 3), 60, "step 3 protected on every node")
-    return cluster
+    try:
+        save_everywhere(cluster)
+        wait_for(lambda: all_protected(cluster, 3), 60, "step 3 protected on every node")
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def test_any_two_lost_nodes_are_rebuilt_bit_exactly(six):
@@ -108,6 +115,24 @@ def test_any_two_lost_nodes_are_rebuilt_bit_exactly(six):
     assert all(r == {"step": 3, "exact": True} for r in survivors.values()), survivors
 
 
+def test_corrupted_segment_is_detected_and_rebuilt(six):
+    spec = six.specs[2]
+    rebuilds = metric(spec, "snapshotd_rebuilds_total")
+    failures = metric(spec, "snapshotd_checksum_failures_total")
+    manifests = [json.load(open(f)) for f in glob.glob(os.path.join(spec.shm_dir, "seg-*.json"))]
+    (seg,) = [f for f, m in zip(glob.glob(os.path.join(spec.shm_dir, "seg-*.json")), manifests)
+              if m["step"] == 3]
+    tensor = json.load(open(seg))["tensors"][3]
+    with open(seg.replace(".json", ".bin"), "r+b") as fh:
+        fh.seek(tensor["offset"] + 1000)
+        fh.write(b"\xde\xad\xbe\xef")
+    assert ctl(["--control", spec.control, "verify", "--job", "test"]) == 1
+    assert restore_on(six, [2]) == {2: {"step": 3, "exact": True}}
+    assert metric(spec, "snapshotd_checksum_failures_total") >= failures + 1
+    assert metric(spec, "snapshotd_rebuilds_total") == rebuilds + 1
+    assert ctl(["--control", spec.control, "verify", "--job", "test"]) == 0
+
+
 def test_three_lost_nodes_give_a_clear_error_and_survivors_serve(six):
     for slot in (1, 2, 3):
         six.kill(slot)
@@ -118,22 +143,6 @@ def test_three_lost_nodes_give_a_clear_error_and_survivors_serve(six):
     msg = out[1]["message"]
     assert "cannot_rebuild" in msg and "group 0" in msg and "[1, 2, 3]" in msg
     assert "step 3" in msg and "m=2" in msg
-
-
-def test_corrupted_segment_is_detected_and_rebuilt(six):
-    spec = six.specs[2]
-    manifests = [json.load(open(f)) for f in glob.glob(os.path.join(spec.shm_dir, "seg-*.json"))]
-    (seg,) = [f for f, m in zip(glob.glob(os.path.join(spec.shm_dir, "seg-*.json")), manifests)
-              if m["step"] == 3]
-    tensor = json.load(open(seg))["tensors"][3]
-    with open(seg.replace(".json", ".bin"), "r+b") as fh:
-        fh.seek(tensor["offset"] + 1000)
-        fh.write(b"\xde\xad\xbe\xef")
-    assert ctl(["--control", spec.control, "verify", "--job", "test"]) == 1
-    assert restore_on(six, [2]) == {2: {"step": 3, "exact": True}}
-    assert metric(spec, "snapshotd_checksum_failures_total") >= 1
-    assert metric(spec, "snapshotd_rebuilds_total") == 1
-    assert ctl(["--control", spec.control, "verify", "--job", "test"]) == 0
 
 
 def test_peer_with_the_wrong_key_can_neither_read_nor_write(cluster_factory, keys, tmp_path):
