@@ -40,8 +40,8 @@ class ClusterNode:
             self.auth.stop()
 
 
-def start_cluster(config: Config, store: Store, context: zmq.Context,
-                  metrics: Any) -> Optional[ClusterNode]:
+def start_cluster(config: Config, store: Store, context: zmq.Context, metrics: Any,
+                  on_node_protected: Any = None) -> Optional[ClusterNode]:
     """Start the peer side when ``--peers`` is set; None for a stand-alone node."""
     endpoints = peer_endpoints(config)
     if not endpoints:
@@ -64,7 +64,8 @@ def start_cluster(config: Config, store: Store, context: zmq.Context,
                             config.peer_timeout)
     protector = Protector(me, group, codec, store, links, keep=config.keep,
                           encode_timeout=config.encode_timeout, up=heartbeats.up,
-                          metrics=metrics)
+                          metrics=metrics,
+                          on_node_protected=on_node_protected or (lambda job, step: None))
     recovery = Recovery(me, group, codec, store, protector, links, heartbeats.up, metrics,
                         settle=config.peer_timeout)
     listen = config.listen or "tcp://*:" + endpoints[me].rsplit(":", 1)[1]

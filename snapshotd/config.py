@@ -106,6 +106,11 @@ class Config:
     heartbeat_interval: float = _opt(1.0, float, "seconds between heartbeats to peers")
     peer_timeout: float = _opt(5.0, float, "seconds without an answer before a peer is down")
     encode_timeout: float = _opt(60.0, float, "seconds to wait for a stripe's data chunks")
+    persist_dir: str = _opt("", str, "directory (disk, NFS) for the persistence tier")
+    persist_every: int = _opt(0, int, "persist every step that is a multiple of N (0: only "
+                              "on demand, snapshotctl persist)")
+    persist_keep: int = _opt(2, int, "persisted steps kept per job")
+    persist_rate: int = _opt(200_000_000, parse_size, "bytes/s the persistence tier may write")
 
     def __post_init__(self) -> None:
         if self.node_slot < 0:

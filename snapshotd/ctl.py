@@ -4,6 +4,8 @@
     snapshotctl ls [--job J] [--rank R]     committed versions
     snapshotctl verify --job J              recompute checksums; exit 1 on a mismatch
     snapshotctl drop --job J [--rank R] [--step S]
+    snapshotctl persist --job J [--step S]  write to the persistence tier now
+    snapshotctl export --job J [--step S] [--rank R] --out DIR   torch.distributed.checkpoint
     snapshotctl keygen DIR                  write the cluster CURVE key pair
 
 Every command takes ``--control ENDPOINT`` (default: the daemon's default socket) and ``--json``.
@@ -80,6 +82,22 @@ def cmd_drop(ch: Channel, args: argparse.Namespace) -> tuple[Any, str]:
     return reply, f"dropped {reply.count} version(s)"
 
 
+def cmd_persist(ch: Channel, args: argparse.Namespace) -> tuple[Any, str]:
+    reply = ch.call(p.Persist(args.job, args.step), timeout=timedelta(hours=1))
+    return reply, f"persisted job {args.job!r} step {args.step if args.step is not None else '(newest)'}"
+
+
+def cmd_export(ch: Channel, args: argparse.Namespace) -> tuple[Any, str]:
+    from ._export import export
+
+    result = export(args.control, args.job, args.step, args.out,
+                    None if args.rank is None else [args.rank],
+                    progress=not args.json)
+    return result, (f"exported job {result['job']!r} step {result['step']} ranks "
+                    f"{result['ranks']} ({result['bytes']} bytes) to {result['out']} "
+                    "(torch.distributed.checkpoint format)")
+
+
 def cmd_keygen(args: argparse.Namespace) -> tuple[Any, str]:
     import zmq.auth
 
@@ -99,13 +117,15 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("status", help="node, memory, peers and versions")
-    for name in ("ls", "verify", "drop"):
+    for name in ("ls", "verify", "drop", "persist", "export"):
         sp = sub.add_parser(name)
         sp.add_argument("--job", required=name != "ls")
         sp.add_argument("--rank", type=int)
         sp.add_argument("--step", type=int)
         if name == "drop":
             sp.add_argument("--newer-than", type=int)
+        if name == "export":
+            sp.add_argument("--out", required=True, help="directory to write")
     kg = sub.add_parser("keygen", help="write the cluster CURVE key pair into DIR")
     kg.add_argument("dir")
     return ap

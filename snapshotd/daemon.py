@@ -23,8 +23,9 @@ from ._http import MetricsServer
 from .config import Config, ConfigError, add_arguments, build_config
 from .metrics import Metrics, StoreCollector
 from .cluster import ClusterNode, start_cluster
+from .persist import Persister
 from .server import ControlServer
-from .store import Store
+from .store import Store, Version
 
 __all__ = ["Daemon", "main"]
 
@@ -44,6 +45,7 @@ class Daemon:
         self.server: Optional[ControlServer] = None
         self.cluster: Optional[ClusterNode] = None
         self.http: Optional[MetricsServer] = None
+        self.persister: Optional[Persister] = None
         self._lock_fd: Optional[int] = None
 
     def start(self) -> None:
@@ -51,6 +53,11 @@ class Daemon:
         report = self.store.open(adopt=self.config.adopt)
         log.info("segments in %s: adopted %d committed versions, removed %d leftovers (%d bytes)",
                  self.config.shm_dir, report["adopted"], report["removed"], report["bytes_removed"])
+        if self.config.persist_dir:
+            self.persister = Persister(self.store, self.config.persist_dir,
+                                       every=self.config.persist_every,
+                                       keep=self.config.persist_keep,
+                                       rate=self.config.persist_rate, metrics=self.metrics).start()
         self.cluster = start_cluster(self.config, self.store, self.context, self.metrics)
         self.registry.register(StoreCollector(
             self.store, peers=self.cluster.heartbeats.status if self.cluster else None,
@@ -59,9 +66,10 @@ class Daemon:
             self.store, self.config.control, context=self.context, metrics=self.metrics,
             node_slot=self.config.node_slot, workers=self.config.workers,
             reap_interval=self.config.reap_interval,
-            on_commit=self.cluster.protector.on_commit if self.cluster else lambda v: None,
+            on_commit=self._on_commit,
             recovery=self.cluster.recovery if self.cluster else None,
-            peers=self.cluster.heartbeats.status if self.cluster else None)
+            peers=self.cluster.heartbeats.status if self.cluster else None,
+            persister=self.persister)
         if self.config.metrics_port is not None:
             self.http = MetricsServer(self.registry, self.config.metrics_port,
                                       ready=self.readiness).start()
@@ -69,6 +77,14 @@ class Daemon:
         log.info("snapshotd node slot %d serving %s (memory limit %d bytes, keep %d)",
                  self.config.node_slot, self.server.endpoint, self.config.memory_limit,
                  self.config.keep)
+
+    def _on_commit(self, version: Version) -> None:
+        """After a commit: erasure-code the node version, persist every Nth one."""
+        if self.cluster is not None:
+            self.cluster.protector.on_commit(version)
+        ranks = [v for v in self.store.versions(version.job) if v.step == version.step]
+        if self.persister is not None and len(ranks) >= version.local_world_size:
+            self.persister.maybe(version.job, version.step)
 
     def readiness(self) -> tuple[bool, str]:
         """Ready once the store is open and the daemon accepts writes."""
@@ -105,6 +121,8 @@ class Daemon:
             self.server.close()
         if self.cluster is not None:
             self.cluster.stop()
+        if self.persister is not None:
+            self.persister.stop()
         if self.http is not None:
             self.http.close()
         self.store.close()

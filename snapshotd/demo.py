@@ -408,6 +408,12 @@ class Failure:
              job: TorchrunJob) -> None:
         """Find when the job noticed, what it restored and when it trained again."""
         self.detected_at = job.first_failure_after(self.injected_at)
+        before = [r for r in losses if r["time"] <= self.injected_at]
+        if before:                  # every step the killed job completed, even in flight
+            pid = before[-1].get("pid")
+            self.step = max(r["step"] for r in losses
+                            if r.get("pid") == pid and (self.resumed_at is None
+                                                        or r["time"] < self.resumed_at))
         first = resumed_record(losses, self.injected_at)
         if first is not None:
             self.resumed_at = first["time"]
@@ -548,7 +554,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--k", type=int, default=None, help="data chunks per stripe "
                     "(default nodes-1)")
     ap.add_argument("--m", type=int, default=1, help="parity chunks per stripe")
-    ap.add_argument("--steps", type=int, default=240, help="training steps")
+    ap.add_argument("--steps", type=int, default=200, help="training steps")
     ap.add_argument("--size", default="small", choices=["small", "tiny"],
                     help="model size (examples/train.py --size)")
     ap.add_argument("--out", default="demo-out", help="output directory")

@@ -52,6 +52,14 @@ class Metrics:
                                  "Time to rebuild one node version from the group")
         self.rebuilds = c("snapshotd_rebuilds_total", "Node versions rebuilt from peers")
         self.rebuilt_bytes = c("snapshotd_rebuilt_bytes_total", "Bytes rebuilt from peers")
+        self.save_seconds = h("snapshotd_save_duration_seconds",
+                              "Time from a write slot's allocation to its commit")
+        self.restore_seconds = h("snapshotd_restore_duration_seconds",
+                                 "Time a restore holds its read lease (open to release)")
+        self.persist_seconds = h("snapshotd_persist_duration_seconds",
+                                 "Time to write one node version to the persistence tier")
+        self.persisted_bytes = c("snapshotd_persisted_bytes_total",
+                                 "Bytes written to the persistence tier")
         self.peer_bytes = c("snapshotd_peer_bytes_total", "Payload bytes exchanged with peers",
                             "direction")
 

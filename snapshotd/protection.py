@@ -103,7 +103,9 @@ class Protector:
 
     def __init__(self, me: int, group: Group, codec: Codec, store: Store, links: Any, *,
                  keep: int = 2, encode_timeout: float = 60.0, up: Callable[[int], bool],
-                 metrics: Any = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 metrics: Any = None, clock: Callable[[], float] = time.monotonic,
+                 on_node_protected: Callable[[str, int], None] = lambda job, step: None) -> None:
+        self.on_node_protected = on_node_protected
         self.me, self.group, self.codec, self.store, self.links = me, group, codec, store, links
         self.keep = keep
         self.encode_timeout = encode_timeout
@@ -222,6 +224,7 @@ class Protector:
             with self._lock:
                 for key in [k for k in self._protected if k[0] == msg.job and k[1] <= msg.step]:
                     del self._protected[key]
+            self.on_node_protected(msg.job, msg.step)
 
     # ------------------------------------------------------------------ parity-holder side
 

@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Optional, Union
 __all__ = [
     "PROTOCOL_VERSION", "MAX_MESSAGE_BYTES", "DTYPE_SIZES", "ALIGNMENT", "ProtocolError",
     "TensorEntry", "Alloc", "Commit", "Abort", "ListVersions", "Open", "Release", "Status",
-    "Drop", "Verify", "Verified", "VerifyReply", "Error", "AllocReply", "CommitReply", "Ok", "VersionInfo", "ListReply", "OpenReply",
+    "Drop", "Verify", "Persist", "Verified", "VerifyReply", "Error", "AllocReply", "CommitReply", "Ok", "VersionInfo", "ListReply", "OpenReply",
     "StatusReply", "encode", "decode", "registry", "check_table",
 ]
 
@@ -75,7 +75,8 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class VersionInfo:
-    """One committed version as listed by the daemon; ``state`` is ``local`` or ``protected``."""
+    """One version as listed by the daemon; ``state`` is ``local`` or ``protected`` (in
+    memory), or ``persisted`` (only in the persistence tier)."""
 
     job: str
     rank: int
@@ -180,6 +181,15 @@ class Verify:
     step: Optional[int] = None
 
 
+@dataclass(frozen=True)
+class Persist:
+    """Write (job, step) of this node to the persistence tier now (newest step when None)."""
+
+    OP: ClassVar[str] = "persist"
+    job: str
+    step: Optional[int] = None
+
+
 # --------------------------------------------------------------------------- replies
 
 
@@ -277,7 +287,8 @@ class StatusReply:
 
 _MESSAGES: dict[str, type] = {
     cls.OP: cls  # type: ignore[attr-defined]
-    for cls in (Alloc, Commit, Abort, ListVersions, Open, Release, Status, Drop, Verify, Error,
+    for cls in (Alloc, Commit, Abort, ListVersions, Open, Release, Status, Drop, Verify, Persist,
+                Error,
                 Ok, AllocReply, CommitReply, ListReply, OpenReply, StatusReply, VerifyReply)
 }
 Message = Any

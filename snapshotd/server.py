@@ -32,15 +32,17 @@ class ControlServer(RouterLoop):
     node answers only once it has rebuilt what it can.
     """
 
-    SLOW = frozenset({"alloc", "commit", "open", "list", "verify"})
+    SLOW = frozenset({"alloc", "commit", "open", "list", "verify", "persist"})
 
     def __init__(self, store: Store, endpoint: str, *, context: zmq.Context,
                  metrics: Metrics, node_slot: int = 0, workers: int = 4,
                  reap_interval: float = 1.0,
                  on_commit: Callable[[Any], None] = lambda version: None,
                  recovery: Any = None,
-                 peers: Optional[Callable[[], dict[int, bool]]] = None) -> None:
+                 peers: Optional[Callable[[], dict[int, bool]]] = None,
+                 persister: Any = None) -> None:
         self.peers = peers
+        self.persister = persister
         self.store = store
         self.metrics = metrics
         self.node_slot = node_slot
@@ -70,7 +72,10 @@ class ControlServer(RouterLoop):
 
     def _on_commit(self, m: p.Commit, _: Any = None) -> p.CommitReply:
         started = time.perf_counter()
+        age = self.store.slot_age(m.slot)
         version = self.store.commit(m.slot, m.tensors, m.meta)
+        if age is not None:
+            self.metrics.save_seconds.observe(age + time.perf_counter() - started)
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
         self.metrics.committed_bytes.inc(version.nbytes)
         try:
@@ -85,15 +90,30 @@ class ControlServer(RouterLoop):
         return p.Ok(1)
 
     def _on_list(self, m: p.ListVersions, _: Any = None) -> p.ListReply:
-        if self.recovery is not None:
-            self.recovery.wait_ready(m.job)
-        return p.ListReply(tuple(_info(v) for v in self.store.versions(m.job, m.rank)))
+        self._wait_recovery(m.job)
+        held = [_info(v) for v in self.store.versions(m.job, m.rank)]
+        if self.persister is not None:
+            ranks = {v.rank for v in held} if m.rank is None else {m.rank}
+            for rank in sorted(ranks):
+                in_memory = {v.step for v in held if v.rank == rank}
+                held += [p.VersionInfo(m.job, rank, step, 0, "persisted", 0.0)
+                         for step in self.persister.steps(m.job, rank) if step not in in_memory]
+        return p.ListReply(tuple(sorted(held, key=lambda v: (v.rank, v.step))))
+
+    def _wait_recovery(self, job: str) -> None:
+        if self.recovery is None:
+            return
+        try:
+            self.recovery.wait_ready(job)
+        except StoreError:
+            if self.persister is None or not self.persister.steps(job):
+                raise
+            log.warning("memory cannot serve job %r; the persistence tier will", job)
 
     def _on_open(self, m: p.Open, _: Any = None) -> p.OpenReply:
         started = time.perf_counter()
-        if self.recovery is not None:
-            self.recovery.wait_ready(m.job)
-        lease = self.store.lease(m.job, m.rank, m.pid, m.step, m.max_step)
+        self._wait_recovery(m.job)
+        lease, tier = self._lease_any_tier(m)
         v = lease.version
         bad = self.store.verify(v) if m.verify else []
         if bad:
@@ -112,10 +132,41 @@ class ControlServer(RouterLoop):
                                  "checksums, and the group could not rebuild them")
         self.metrics.open_seconds.observe(time.perf_counter() - started)
         return p.OpenReply(lease.id, v.job, v.rank, v.step, self.store.dir.seg_path(v.number),
-                           v.nbytes, v.tensors, v.meta, "memory")
+                           v.nbytes, v.tensors, v.meta, tier)
+
+    def _lease_any_tier(self, m: p.Open) -> tuple[Any, str]:
+        """Lease from memory; if memory has nothing fitting, load from the persistence tier."""
+        try:
+            return self.store.lease(m.job, m.rank, m.pid, m.step, m.max_step), "memory"
+        except StoreError as exc:
+            if exc.code != "not_found" or self.persister is None:
+                raise
+            on_disk = [s for s in self.persister.steps(m.job, m.rank)
+                       if (m.step is None or s == m.step)
+                       and (m.max_step is None or s <= m.max_step)]
+            in_memory = [v.step for v in self.store.versions(m.job, m.rank)
+                         if m.max_step is None or v.step <= m.max_step]
+            if not on_disk or (m.step is None and in_memory and max(in_memory) >= on_disk[-1]):
+                raise
+            self.persister.load(m.job, m.rank, on_disk[-1])
+            log.warning("job %r rank %d step %d served from the persistence tier", m.job,
+                        m.rank, on_disk[-1])
+            return self.store.lease(m.job, m.rank, m.pid, on_disk[-1]), "disk"
+
+    def _on_persist(self, m: p.Persist, _: Any = None) -> p.Ok:
+        if self.persister is None:
+            raise StoreError("bad_request", "no persistence tier: start the daemon with "
+                             "--persist-dir DIR")
+        steps = sorted({v.step for v in self.store.versions(m.job)})
+        step = m.step if m.step is not None else (steps[-1] if steps else None)
+        if step is None or step not in steps:
+            raise StoreError("not_found", f"job {m.job!r} step {step} is not in memory here")
+        self.persister.write(m.job, step)
+        return p.Ok(1)
 
     def _on_release(self, m: p.Release, _: Any = None) -> p.Ok:
-        self.store.release(m.lease)
+        lease = self.store.release(m.lease)
+        self.metrics.restore_seconds.observe(time.monotonic() - lease.opened)
         return p.Ok(1)
 
     def _on_verify(self, m: p.Verify, _: Any = None) -> p.VerifyReply:

@@ -109,6 +109,7 @@ class Lease:
     version: Version
     pid: int
     pid_start: Optional[float]
+    opened: float = 0.0
 
 
 @dataclass
@@ -251,6 +252,12 @@ class Store:
         self._next += 1
         return number
 
+    def slot_age(self, number: int) -> Optional[float]:
+        """Seconds since a slot was allocated (None if it is not open)."""
+        with self._lock:
+            slot = self._slots.get(number)
+            return None if slot is None else self._clock() - slot.created
+
     def commit(self, number: int, tensors: tuple[TensorEntry, ...], meta: str) -> Version:
         """Check the table, store checksums, write the manifest, and publish the version."""
         with self._lock:
@@ -356,7 +363,7 @@ class Store:
                 raise StoreError("not_found", f"job {job!r} rank {rank} has no {want} here; "
                                  f"held steps: {sorted(held) or 'none'}")
             version.leases += 1
-            lease = Lease(self._next_lease, version, pid, self._identity(pid))
+            lease = Lease(self._next_lease, version, pid, self._identity(pid), time.monotonic())
             self._next_lease += 1
             self._leases[lease.id] = lease
             return lease
@@ -370,12 +377,13 @@ class Store:
         finally:
             view.release()
 
-    def release(self, lease_id: int) -> None:
+    def release(self, lease_id: int) -> Lease:
         with self._lock:
             lease = self._leases.pop(lease_id, None)
             if lease is None:
                 raise StoreError("unknown_lease", f"lease {lease_id} is not held")
             self._unpin(lease.version)
+            return lease
 
     def drop(self, job: str, rank: Optional[int] = None, step: Optional[int] = None,
              newer_than: Optional[int] = None) -> int:

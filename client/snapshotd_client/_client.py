@@ -6,6 +6,7 @@ import logging
 import mmap
 import os
 import threading
+import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from . import _protocol as p
 from ._channel import Channel, DaemonError, SnapshotError
 from ._flatten import Layout, flatten, unflatten, view_of
 
-__all__ = ["SnapshotClient", "SnapshotSkipped", "ENV_ENDPOINT"]
+__all__ = ["SnapshotClient", "SnapshotSkipped", "RestoreInfo", "ENV_ENDPOINT"]
 
 log = logging.getLogger("snapshotd_client")
 ENV_ENDPOINT = "SNAPSHOTD_ENDPOINT"
@@ -32,6 +33,17 @@ class SnapshotSkipped(SnapshotError):
 def _default_endpoint() -> str:
     base = os.environ.get("XDG_RUNTIME_DIR")
     return f"ipc://{os.path.join(base, 'snapshotd') if base else '/run/snapshotd'}/control.sock"
+
+
+@dataclass(frozen=True)
+class RestoreInfo:
+    """What the last :meth:`SnapshotClient.restore` did: ``tier`` is ``memory`` (this node's
+    memory, or rebuilt from the group into it) or ``disk`` (the persistence tier)."""
+
+    step: int
+    tier: str
+    nbytes: int
+    seconds: float
 
 
 @dataclass
@@ -77,6 +89,8 @@ class SnapshotClient:
         self._last_error: Optional[BaseException] = None
         self._warned = False
         self._closed = False
+        #: Set by every successful :meth:`restore`.
+        self.last_restore: Optional[RestoreInfo] = None
 
     # ------------------------------------------------------------------ saving
 
@@ -210,10 +224,17 @@ class SnapshotClient:
                 return None
             raise
         targets = _targets(into)
+        started = time.perf_counter()
         try:
             tensors = self._copy_out(lease, targets)
         finally:
             self._channel.call(p.Release(lease.lease))
+        self.last_restore = RestoreInfo(lease.step, lease.tier, lease.nbytes,
+                                        time.perf_counter() - started)
+        log.info("restored job %r rank %d step %d from %s (%d bytes)", self.job, self.rank,
+                 lease.step, lease.tier, lease.nbytes)
+        if _distributed():
+            self._channel.call(p.Drop(self.job, self.rank, newer_than=lease.step))
         return lease.step, unflatten(lease.meta, tensors)
 
     def _agree(self) -> Optional[int]:

@@ -1,0 +1,69 @@
+"""``snapshotctl export``: write a version as a ``torch.distributed.checkpoint`` directory.
+
+Needs torch and ``snapshotd_client`` (installed on training nodes); the daemon itself does not.
+One rank is written as its own state dict; several ranks are written under ``rank<N>`` keys.
+Load it without snapshotd::
+
+    import torch.distributed.checkpoint as dcp
+    state = {"rank0": template_state_of_rank_0, ...}      # or the plain state for one rank
+    dcp.load(state, checkpoint_id=DIR)
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional, Sequence
+
+from . import protocol as p
+from .channel import Channel
+
+__all__ = ["export"]
+
+
+def _progress(done: int, total: int, nbytes: int, enabled: bool) -> None:
+    if not enabled:
+        return
+    width = 30
+    filled = width * done // max(1, total)
+    end = "\n" if done == total else ""
+    print(f"\rexport [{'#' * filled}{'.' * (width - filled)}] {done}/{total} ranks, "
+          f"{nbytes / (1 << 20):.1f} MiB", end=end, file=sys.stderr, flush=True)
+
+
+def export(control: str, job: str, step: Optional[int], out: str,
+           ranks: Optional[Sequence[int]] = None, progress: bool = True) -> dict[str, Any]:
+    """Export (job, step) (newest common step when None) of the given ranks to ``out``."""
+    try:
+        import torch.distributed.checkpoint as dcp
+
+        from snapshotd_client import SnapshotClient
+    except ImportError as exc:
+        raise SystemExit(f"snapshotctl export needs torch and snapshotd-client ({exc}); run it "
+                         "on a training node or `pip install snapshotd-client`") from None
+    ch = Channel(control)
+    try:
+        versions = ch.call(p.ListVersions(job)).versions
+    finally:
+        ch.close()
+    held: dict[int, set[int]] = {}
+    for v in versions:
+        held.setdefault(v.rank, set()).add(v.step)
+    chosen = sorted(held) if ranks is None else list(ranks)
+    if not chosen or any(r not in held for r in chosen):
+        raise SystemExit(f"job {job!r}: ranks held here are {sorted(held)}, asked {chosen}")
+    common = set.intersection(*(held[r] for r in chosen))
+    if step is None:
+        step = max(common) if common else None
+    if step is None or step not in common:
+        raise SystemExit(f"job {job!r}: step {step} is not held by every rank {chosen}; steps "
+                         f"held by all: {sorted(common)}")
+    states, nbytes = {}, 0
+    _progress(0, len(chosen), 0, progress)
+    for i, rank in enumerate(chosen):
+        with SnapshotClient(control, job=job, rank=rank) as client:
+            _, states[rank] = client.restore(step)
+            nbytes += client.last_restore.nbytes if client.last_restore else 0
+        _progress(i + 1, len(chosen), nbytes, progress)
+    state = states[chosen[0]] if len(chosen) == 1 else {f"rank{r}": s for r, s in states.items()}
+    dcp.save(state, checkpoint_id=out, no_dist=True)
+    return {"job": job, "step": step, "ranks": chosen, "out": out, "bytes": nbytes}
