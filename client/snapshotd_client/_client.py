@@ -17,6 +17,7 @@ import torch
 
 from . import _protocol as p
 from ._channel import Channel, DaemonError, SnapshotError
+from ._cuda import DeviceCopier, mark_ready
 from ._flatten import Layout, flatten, unflatten, view_of
 
 __all__ = ["SnapshotClient", "SnapshotSkipped", "RestoreInfo", "ENV_ENDPOINT"]
@@ -50,6 +51,7 @@ class RestoreInfo:
 class _Job:
     step: int
     layout: Layout
+    events: dict = field(default_factory=dict)
     future: Future = field(default_factory=Future)
     copying: threading.Event = field(default_factory=threading.Event)
     copied: threading.Event = field(default_factory=threading.Event)
@@ -84,7 +86,9 @@ class SnapshotClient:
         self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         self._channel = Channel(self.endpoint, timeout, context)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="snapshotd-save")
-        self._maps = _MapCache()
+        self._cuda = torch.cuda.is_available()
+        self._device = DeviceCopier()
+        self._maps = _MapCache(on_close=self._device.unpin if self._cuda else None)
         self._current: Optional[_Job] = None
         self._last_error: Optional[BaseException] = None
         self._warned = False
@@ -112,7 +116,7 @@ class SnapshotClient:
             layout = flatten(state)
         except TypeError as exc:
             return self._failed(step, exc)
-        job = _Job(step, layout)
+        job = _Job(step, layout, mark_ready(layout.tensors) if self._cuda else {})
         self._current = job
         self._worker.submit(self._run, job)
         return job.future
@@ -130,7 +134,7 @@ class SnapshotClient:
                                                os.getpid(), self.local_world_size))
             slot = reply.slot
             job.copying.set()
-            self._copy_in(reply.path, reply.nbytes, job.layout)
+            self._copy_in(reply.path, reply.nbytes, job.layout, job.events)
             job.copied.set()
             tensors = tuple(p.TensorEntry(e["name"], e["dtype"], tuple(e["shape"]), e["offset"],
                                           e["nbytes"]) for e in job.layout.entries)
@@ -144,14 +148,21 @@ class SnapshotClient:
             self._record(exc)
             job.future.set_exception(exc)
 
-    def _copy_in(self, path: str, nbytes: int, layout: Layout) -> None:
+    def _copy_in(self, path: str, nbytes: int, layout: Layout, events: dict) -> None:
         if nbytes == 0:
             return
         mm = self._maps.get(path, nbytes)
+        on_device = []
         with torch.no_grad():
             for tensor, entry in zip(layout.tensors, layout.entries):
-                if entry["nbytes"]:
+                if not entry["nbytes"]:
+                    continue
+                if tensor.is_cuda:
+                    on_device.append((view_of(mm, entry), tensor))
+                else:
                     view_of(mm, entry).copy_(tensor)
+            if on_device:
+                self._device.copy(on_device, events, mm)
 
     def _abort(self, slot: int) -> None:
         try:
@@ -297,9 +308,16 @@ class _MapCache:
     whose file was replaced or removed is dropped at the next lookup; at most ``size`` are kept.
     """
 
-    def __init__(self, size: int = 4) -> None:
+    def __init__(self, size: int = 4, on_close: Optional[Any] = None) -> None:
         self._size = size
+        self._on_close = on_close
         self._maps: dict[str, tuple[int, mmap.mmap]] = {}
+
+    def _drop(self, path: str) -> None:
+        mm = self._maps.pop(path)[1]
+        if self._on_close is not None:
+            self._on_close(mm)
+        _close(mm)
 
     def get(self, path: str, nbytes: int) -> mmap.mmap:
         for known, (inode, mm) in list(self._maps.items()):
@@ -308,7 +326,7 @@ class _MapCache:
             except FileNotFoundError:
                 alive = False
             if not alive or (known == path and len(mm) < nbytes):
-                _close(self._maps.pop(known)[1])
+                self._drop(known)
         if path in self._maps:
             self._maps[path] = self._maps.pop(path)  # most recently used last
             return self._maps[path][1]
@@ -320,12 +338,12 @@ class _MapCache:
             os.close(fd)
         self._maps[path] = (inode, mm)
         while len(self._maps) > self._size:
-            _close(self._maps.pop(next(iter(self._maps)))[1])
+            self._drop(next(iter(self._maps)))
         return mm
 
     def clear(self) -> None:
         while self._maps:
-            _close(self._maps.popitem()[1][1])
+            self._drop(next(iter(self._maps)))
 
 
 def _targets(into: Any) -> dict[str, torch.Tensor]:
