@@ -90,8 +90,12 @@ class Daemon:
         """Ready once the store is open and the daemon accepts writes."""
         if self.server is None or self.server.stopping:
             return False, "not serving"
-        if self.cluster is not None and not self.cluster.recovery.ready:
-            return False, "rebuilding from peers"
+        if self.cluster is not None:
+            if not self.cluster.recovery.ready:
+                return False, "rebuilding from peers"
+            down = sorted(s for s, up in self.cluster.heartbeats.status().items() if not up)
+            if down:
+                return False, f"group peers {down} do not answer"
         return True, "ready"
 
     def _take_lock(self) -> None:

@@ -55,3 +55,38 @@ def test_unknown_file_setting(tmp_path):
     ("2 kib", 2048)])
 def test_parse_size(text, value):
     assert parse_size(text) == value
+
+
+def test_peers_without_keys_refuse_to_start(tmp_path):
+    import zmq
+    from prometheus_client import CollectorRegistry
+
+    from snapshotd.cluster import start_cluster
+    from snapshotd.metrics import Metrics
+    from snapshotd.store import Store
+
+    cfg = build_config(["--peers", "0=127.0.0.1:1,1=127.0.0.1:2", "--k", "1", "--m", "1"],
+                       environ={})
+    store = Store(str(tmp_path / "shm"), 1 << 20)
+    with pytest.raises(ConfigError, match="snapshotctl keygen"):
+        start_cluster(cfg, store, zmq.Context.instance(), Metrics(CollectorRegistry()))
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--peers", "0=a:1,2=b:2"], "slots 0..N-1"),
+    (["--peers", "0=a:1,x"], "is not slot=host:port"),
+    (["--peers", "1=a:1", "--node-slot", "0"], "not this node's slot 0"),
+    (["--peers", "n{slot}:1"], "needs --nodes"),
+    (["--peers", "0=a:1,1=b:1", "--k", "4", "--m", "2", "--insecure"], "too small"),
+])
+def test_bad_peer_settings_are_named(tmp_path, argv, needle):
+    import zmq
+    from prometheus_client import CollectorRegistry
+
+    from snapshotd.cluster import start_cluster
+    from snapshotd.metrics import Metrics
+    from snapshotd.store import Store
+
+    with pytest.raises(ConfigError, match=needle):
+        start_cluster(build_config(argv, environ={}), Store(str(tmp_path / "s"), 1 << 20),
+                      zmq.Context.instance(), Metrics(CollectorRegistry()))
