@@ -20,9 +20,14 @@ import psutil
 from . import report
 
 MIB = 1 << 20
-SIZES = {"save": [64 * MIB, 256 * MIB, 1024 * MIB], "restore": [64 * MIB, 256 * MIB, 1024 * MIB],
-         "memory": [256 * MIB], "rebuild": [256 * MIB], "codec": [256 * MIB]}
-SMOKE = {name: [8 * MIB if name == "codec" else 4 * MIB] for name in SIZES}
+SIZES: dict[str, list[Any]] = {
+    "save": [64 * MIB, 256 * MIB, 1024 * MIB], "restore": [64 * MIB, 256 * MIB, 1024 * MIB],
+    "codec": [256 * MIB], "rebuild": [256 * MIB], "memory": [256 * MIB],
+    "scaling": [[64 * MIB, 256 * MIB, 1024 * MIB, 2048 * MIB, 4096 * MIB]],
+    "training": [200], "dlrover": [[64 * MIB, 256 * MIB, 1024 * MIB]]}
+SMOKE: dict[str, list[Any]] = {
+    "save": [4 * MIB], "restore": [4 * MIB], "codec": [8 * MIB], "rebuild": [4 * MIB],
+    "memory": [4 * MIB], "scaling": [[2 * MIB, 4 * MIB]], "training": [12]}
 
 
 def machine() -> str:
@@ -31,7 +36,7 @@ def machine() -> str:
             f"Linux {platform.release()}, Python {platform.python_version()}")
 
 
-def run_case(name: str, size: int, repeats: int) -> Any:
+def run_case(name: str, size: Any, repeats: int) -> Any:
     if name == "save":
         from .node import save_case
         return save_case(size, repeats)
@@ -47,7 +52,23 @@ def run_case(name: str, size: int, repeats: int) -> Any:
     if name == "codec":
         from .codec import run
         return run(size, repeats)
+    if name == "scaling":
+        from .node import scaling_case
+        return scaling_case(size, max(1, repeats // 2))
+    if name == "training":
+        from .training import training_case
+        return training_case(size, repeats=2 if size > 50 else 1,
+                             size="small" if size > 50 else "tiny")
+    if name == "dlrover":
+        from .dlrover import run as dlrover_run
+        return dlrover_run(size, repeats)
     raise SystemExit(f"unknown case {name!r}; choose from {sorted(SIZES)} or all/smoke")
+
+
+def _label(size: Any) -> str:
+    if isinstance(size, list):
+        return ",".join(_label(s) for s in size)
+    return f"{size // MIB} MiB" if size >= MIB else f"{size} steps"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -58,7 +79,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--doc", default="docs/benchmarks.md", help="markdown report ('' for none)")
     args = ap.parse_args(argv)
     smoke = args.cases == ["smoke"]
-    names = list(SIZES) if args.cases in (["all"], ["smoke"]) else args.cases
+    names = (list(SMOKE) if smoke else list(SIZES)) if args.cases in (["all"], ["smoke"]) \
+        else args.cases
     sizes = SMOKE if smoke else SIZES
     repeats = 2 if smoke else args.repeats
     results: dict[str, Any] = {"machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M"),
@@ -66,9 +88,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in names:
         for size in sizes[name]:
             started = time.perf_counter()
-            print(f"bench: {name} {size // MIB} MiB ...", file=sys.stderr, flush=True)
+            print(f"bench: {name} {_label(size)} ...", file=sys.stderr, flush=True)
             results["cases"].setdefault(name, []).append(run_case(name, size, repeats))
-            print(f"bench: {name} {size // MIB} MiB done in {time.perf_counter() - started:.1f}s",
+            print(f"bench: {name} {_label(size)} done in {time.perf_counter() - started:.1f}s",
                   file=sys.stderr, flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as fh:
@@ -77,6 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(text)
     if args.doc and not smoke:
         report.write(results, args.doc, args.out)
+        report.plots(results, os.path.join(os.path.dirname(args.doc), "img"))
     return 0
 
 

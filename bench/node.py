@@ -22,7 +22,7 @@ import torch
 from snapshotd.localcluster import LocalCluster
 from snapshotd_client import SnapshotClient
 
-__all__ = ["make_state", "save_case", "restore_case", "memory_case", "stats"]
+__all__ = ["make_state", "save_case", "restore_case", "memory_case", "scaling_case", "stats"]
 
 MIB = 1 << 20
 
@@ -177,3 +177,39 @@ def memory_case(nbytes: int, saves: int = 6) -> dict[str, Any]:
         return {"bytes": nbytes, "shm_peak": shm_peak, "daemon_private_rss": rss_peak}
     finally:
         cluster.stop()
+
+
+def scaling_case(sizes: list[int], repeats: int = 3) -> dict[str, Any]:
+    """Save stall, save total and restore time across state sizes, with a linear fit."""
+    points = []
+    for nbytes in sizes:
+        save = save_case(nbytes, repeats, baselines=False)
+        restore = restore_case_only(nbytes, repeats)
+        points.append({"bytes": nbytes, "stall": save["stall"]["median"],
+                       "total": save["total"]["median"], "restore": restore})
+    return {"points": points, "fit": {key: _fit([p["bytes"] for p in points],
+                                                [p[key] for p in points])
+                                      for key in ("stall", "total", "restore")}}
+
+
+def restore_case_only(nbytes: int, repeats: int) -> float:
+    state = make_state(nbytes)
+    cluster = _cluster(nbytes)
+    try:
+        with SnapshotClient(cluster.specs[0].control, job="bench", rank=0) as client:
+            client.save(1, state).result()
+            client.restore()
+            return statistics.median(timed(client.restore, repeats))
+    finally:
+        cluster.stop()
+
+
+def _fit(xs: list[float], ys: list[float]) -> dict[str, float]:
+    """Least-squares line y = a + b x, and the worst relative deviation from it."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    var = sum((x - mx) ** 2 for x in xs) or 1.0
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var
+    a = my - b * mx
+    worst = max(abs(y - (a + b * x)) / max(abs(y), 1e-9) for x, y in zip(xs, ys))
+    return {"intercept_s": a, "seconds_per_gib": b * (1 << 30), "worst_deviation": worst}

@@ -117,12 +117,109 @@ def _memory(rows: list[dict]) -> list[str]:
     return out
 
 
+def _scaling(rows: list[dict]) -> list[str]:
+    out = ["## Scaling", "", "Medians per state size; the fit is least squares over all sizes "
+           "(intercept, seconds per GiB, worst relative deviation of a point from the line).", "",
+           "| state | save stall | save until committed | restore |", "| --- | --- | --- | --- |"]
+    for r in rows:
+        for pt in r["points"]:
+            out.append(f"| {_mib(pt['bytes'])} | {_s(pt['stall'])} | {_s(pt['total'])} | "
+                       f"{_s(pt['restore'])} |")
+        out += ["", "| quantity | intercept | per GiB | worst deviation |",
+                "| --- | --- | --- | --- |"]
+        for key, fit in r["fit"].items():
+            out.append(f"| {key} | {fit['intercept_s'] * 1e3:.1f} ms | "
+                       f"{fit['seconds_per_gib'] * 1e3:.1f} ms | {fit['worst_deviation']:.0%} |")
+    return out
+
+
+def _training(rows: list[dict]) -> list[str]:
+    out = ["## Training overhead", "", "`examples/train.py` under torchrun on this machine, a "
+           "snapshot of model, optimizer, scheduler, RNG and data position every step, against "
+           "the same run without snapshots (target: at most 3% slower).", "",
+           "| run | ranks | model | steps/s with snapshots | steps/s without | slowdown |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        a, b = _med(r["steps_per_s_snapshot"]), _med(r["steps_per_s_none"])
+        slow = 1 - a / b
+        out.append(f"| {r['steps']} steps | {r['nproc']} | {r['size']} | "
+                   f"{a:.2f} ({r['steps_per_s_snapshot']['min']:.2f}–"
+                   f"{r['steps_per_s_snapshot']['max']:.2f}) | {b:.2f} "
+                   f"({r['steps_per_s_none']['min']:.2f}–{r['steps_per_s_none']['max']:.2f}) | "
+                   f"{slow:.1%} ({_verdict(slow <= 0.03)}) |")
+    return out
+
+
+def _dlrover(rows: list[dict]) -> list[str]:
+    out = ["## DLRover Flash Checkpoint", ""]
+    for r in rows:
+        if "error" in r:
+            out.append(f"Not measured: {r['error']}")
+            continue
+        out += ["| state | Flash Checkpoint save-to-memory stall | memcpy | ratio |",
+                "| --- | --- | --- | --- |"]
+        for pt in r.get("sizes", []):
+            if "error" in pt:
+                out.append(f"| {_mib(pt.get('bytes', 0))} | {pt['error']} | | |")
+                continue
+            out.append(f"| {_mib(pt['bytes'])} | {_s(pt['stall'])} | {_s(pt['memcpy_torch'])} "
+                       f"| {_med(pt['stall']) / _med(pt['memcpy_torch']):.2f}x |")
+    return out
+
+
+def plots(results: dict[str, Any], directory: str) -> list[str]:
+    """PNG plots of the scaling and save-stall cases; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(directory, exist_ok=True)
+    written = []
+    for r in results["cases"].get("scaling", []):
+        xs = [pt["bytes"] / (1 << 30) for pt in r["points"]]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, label in (("stall", "save() stall"), ("total", "save until committed"),
+                           ("restore", "restore()")):
+            ax.plot(xs, [pt[key] for pt in r["points"]], marker="o", label=label)
+        ax.set_xlabel("state size (GiB)")
+        ax.set_ylabel("seconds")
+        ax.set_title("snapshotd scaling (this machine)")
+        ax.legend()
+        path = os.path.join(directory, "scaling.png")
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    rows = results["cases"].get("save", [])
+    if rows:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        labels = [_mib(r["bytes"]) for r in rows]
+        series = [("snapshotd save() stall", lambda r: _med(r["stall"])),
+                  ("memcpy", lambda r: _med(r["memcpy_torch"])),
+                  ("torch.save /dev/shm", lambda r: _med(r["torch_save_shm"])),
+                  ("DCP async_save blocking", lambda r: r["dcp"].get("async_save_blocking", 0))]
+        width = 0.2
+        for i, (label, fn) in enumerate(series):
+            ax.bar([j + i * width for j in range(len(rows))], [fn(r) for r in rows], width,
+                   label=label)
+        ax.set_xticks([j + 1.5 * width for j in range(len(rows))], labels)
+        ax.set_yscale("log")
+        ax.set_ylabel("seconds the training thread is blocked (log)")
+        ax.legend(fontsize=8)
+        path = os.path.join(directory, "save_stall.png")
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def render(results: dict[str, Any]) -> str:
     cases = results["cases"]
     parts = [f"Machine: {results['machine']}. Measured {results['when']}; absolute times are "
              "specific to this machine, ratios are against baselines from the same run.", ""]
     for name, fn in (("save", _save), ("restore", _restore), ("codec", _codec),
-                     ("rebuild", _rebuild), ("memory", _memory)):
+                     ("rebuild", _rebuild), ("memory", _memory), ("scaling", _scaling),
+                     ("training", _training), ("dlrover", _dlrover)):
         if name in cases:
             parts += fn(cases[name]) + [""]
     return "\n".join(parts)

@@ -1,0 +1,56 @@
+"""Training overhead: steps/s of examples/train.py under torchrun, snapshot every step vs none.
+
+Both runs use the same model, data and seeds on the same machine, alternating, with a real
+daemon for the snapshot runs. Steps/s is measured from rank 0's per-step log after a warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+from snapshotd.localcluster import LocalCluster, free_ports
+
+from .node import stats
+
+__all__ = ["training_case"]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(out: str, steps: int, snapshot: bool, endpoint: str, nproc: int, size: str) -> float:
+    (port,) = free_ports(1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", f"--master-port={port}",
+           os.path.join(ROOT, "examples", "train.py"), "--steps", str(steps), "--out", out,
+           "--size", size, "--job", f"bench-{os.path.basename(out)}",
+           "--snapshot" if snapshot else "--no-snapshot"]
+    env = {**os.environ, "SNAPSHOTD_ENDPOINT": endpoint, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                   timeout=900)
+    with open(os.path.join(out, "loss.jsonl")) as fh:
+        times = [json.loads(line)["time"] for line in fh]
+    warm = len(times) // 5
+    return (len(times) - 1 - warm) / (times[-1] - times[warm])
+
+
+def training_case(steps: int, repeats: int = 2, nproc: int = 2,
+                  size: str = "small") -> dict[str, Any]:
+    workdir = tempfile.mkdtemp(prefix="snapbench-train-")
+    cluster = LocalCluster(1, workdir, args=["--memory-limit", "4GiB", "--log-level", "WARNING"])
+    cluster.start()
+    try:
+        with_snap, without = [], []
+        for i in range(repeats):
+            without.append(_run(os.path.join(workdir, f"none{i}"), steps, False,
+                                cluster.specs[0].control, nproc, size))
+            with_snap.append(_run(os.path.join(workdir, f"snap{i}"), steps, True,
+                                  cluster.specs[0].control, nproc, size))
+    finally:
+        cluster.stop()
+    return {"steps": steps, "nproc": nproc, "size": size,
+            "steps_per_s_snapshot": stats(with_snap), "steps_per_s_none": stats(without)}
