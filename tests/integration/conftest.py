@@ -4,10 +4,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
+from datetime import timedelta
 
 import pytest
 
+from snapshotd import protocol as p
+from snapshotd.channel import Channel
 from snapshotd.localcluster import LocalCluster
 
 TRAINER = os.path.join(os.path.dirname(__file__), "trainer.py")
@@ -49,3 +53,21 @@ def trainer(endpoint, *args, check=True, timeout=120, **popen):
 def spawn_trainer(endpoint, *args):
     return subprocess.Popen([sys.executable, TRAINER, *args, "--endpoint", endpoint],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def status(spec):
+    """The daemon's StatusReply."""
+    ch = Channel(spec.control, timedelta(seconds=30))
+    try:
+        return ch.call(p.Status())
+    finally:
+        ch.close()
+
+
+def wait_for(predicate, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

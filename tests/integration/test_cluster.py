@@ -12,7 +12,7 @@ from datetime import timedelta
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import TRAINER, trainer
+from conftest import TRAINER, status, trainer, wait_for
 from snapshotd import protocol as p
 from snapshotd.channel import Channel
 from snapshotd.ctl import main as ctl
@@ -21,13 +21,6 @@ from snapshotd.localcluster import LocalCluster
 pytestmark = pytest.mark.timeout(300)
 MIB = "32"
 
-
-def status(spec):
-    ch = Channel(spec.control, timedelta(seconds=30))
-    try:
-        return ch.call(p.Status())
-    finally:
-        ch.close()
 
 
 def metric(spec, name, **labels):
@@ -40,13 +33,6 @@ def metric(spec, name, **labels):
     return total
 
 
-def wait_for(predicate, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def save_everywhere(cluster, slots=None, mib=MIB, steps=("1", "3")):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import zmq
 
-from conftest import spawn_trainer, trainer
+from conftest import spawn_trainer, status, trainer, wait_for
 from snapshotd import protocol as p
 from snapshotd import channel
 from snapshotd.channel import Channel
@@ -18,21 +18,7 @@ from snapshotd_client import DaemonError, DaemonUnavailable, SnapshotClient
 pytestmark = pytest.mark.timeout(180)
 
 
-def status(spec):
-    ch = Channel(spec.control, timedelta(seconds=5))
-    try:
-        return ch.call(p.Status())
-    finally:
-        ch.close()
 
-
-def wait_for(predicate, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_trainer_killed_mid_copy_loses_nothing_committed(node, tmp_path):
