@@ -7,14 +7,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-from datetime import timedelta
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import TRAINER, status, trainer, wait_for
-from snapshotd import protocol as p
-from snapshotd.channel import Channel
+from conftest import TRAINER, status, wait_for
 from snapshotd.ctl import main as ctl
 from snapshotd.localcluster import LocalCluster
 
