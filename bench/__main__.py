@@ -13,7 +13,8 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import psutil
 
@@ -71,7 +72,7 @@ def _label(size: Any) -> str:
     return f"{size // MIB} MiB" if size >= MIB else f"{size} steps"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument("cases", nargs="+", help="save restore codec rebuild memory | all | smoke")
     ap.add_argument("--repeats", type=int, default=5)

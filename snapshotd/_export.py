@@ -12,7 +12,8 @@ Load it without snapshotd::
 from __future__ import annotations
 
 import sys
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from . import protocol as p
 from .channel import Channel
@@ -30,8 +31,8 @@ def _progress(done: int, total: int, nbytes: int, enabled: bool) -> None:
           f"{nbytes / (1 << 20):.1f} MiB", end=end, file=sys.stderr, flush=True)
 
 
-def export(control: str, job: str, step: Optional[int], out: str,
-           ranks: Optional[Sequence[int]] = None, progress: bool = True) -> dict[str, Any]:
+def export(control: str, job: str, step: int | None, out: str,
+           ranks: Sequence[int] | None = None, progress: bool = True) -> dict[str, Any]:
     """Export (job, step) (newest common step when None) of the given ranks to ``out``."""
     try:
         import torch.distributed.checkpoint as dcp

@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Optional
+from typing import Any
 
 import zmq
 
@@ -36,7 +37,7 @@ class RouterLoop:
     def __init__(self, sock: zmq.Socket, context: zmq.Context, *, workers: int,
                  decode: Callable[[bytes], tuple[int, Any]],
                  on_reject: Callable[[str], None] = lambda code: None,
-                 housekeeping: Optional[Callable[[], None]] = None,
+                 housekeeping: Callable[[], None] | None = None,
                  housekeeping_interval: float = 1.0) -> None:
         self.stopping = False
         self._sock = sock

@@ -11,8 +11,9 @@ import json
 import mmap
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 __all__ = ["SegmentDir", "Leftover"]
 

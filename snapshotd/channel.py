@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -22,7 +22,7 @@ from zmq.utils.monitor import recv_monitor_message
 try:
     from . import protocol as p
 except ImportError:  # inside snapshotd_client, where the same module is named _protocol
-    from . import _protocol as p  # type: ignore[no-redef]
+    from . import _protocol as p  # type: ignore[no-redef,attr-defined]
 
 __all__ = ["Channel", "SnapshotError", "DaemonUnavailable", "DaemonError"]
 
@@ -52,16 +52,16 @@ class Channel:
     """Thread-safe request/reply to one daemon endpoint."""
 
     def __init__(self, endpoint: str, timeout: timedelta = timedelta(seconds=30),
-                 context: Optional[zmq.Context] = None) -> None:
+                 context: zmq.Context | None = None) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
         self._ctx = context or zmq.Context.instance()
         self._lock = threading.Lock()
-        self._sock: Optional[zmq.Socket] = None
+        self._sock: zmq.Socket | None = None
         self._monitor: Any = None
         self._next_id = 1
 
-    def call(self, msg: Any, timeout: Optional[timedelta] = None) -> Any:
+    def call(self, msg: Any, timeout: timedelta | None = None) -> Any:
         """Send one request and return the reply message; raise on error or timeout."""
         wait_ms = int((timeout or self.timeout).total_seconds() * 1000)
         with self._lock:

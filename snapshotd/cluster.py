@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import zmq
 
@@ -41,7 +41,7 @@ class ClusterNode:
 
 
 def start_cluster(config: Config, store: Store, context: zmq.Context, metrics: Any,
-                  on_node_protected: Any = None) -> Optional[ClusterNode]:
+                  on_node_protected: Any = None) -> ClusterNode | None:
     """Start the peer side when ``--peers`` is set; None for a stand-alone node."""
     endpoints = peer_endpoints(config)
     if not endpoints:

@@ -20,8 +20,9 @@ import dataclasses
 import os
 import re
 import tomllib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any
 
 __all__ = ["Config", "ConfigError", "build_config", "parse_size", "add_arguments",
            "peer_endpoints",
@@ -59,7 +60,7 @@ def _parse_bool(text: str | bool) -> bool:
     raise ConfigError(f"cannot read {text!r} as true/false")
 
 
-def _opt_int(text: Any) -> Optional[int]:
+def _opt_int(text: Any) -> int | None:
     return None if text in (None, "", "none") else int(text)
 
 
@@ -91,7 +92,7 @@ class Config:
     log_level: str = _opt("INFO", str, "DEBUG, INFO, WARNING or ERROR")
     reap_interval: float = _opt(1.0, float, "seconds between checks for dead writers/readers")
     adopt: bool = _opt(True, _parse_bool, "adopt committed segments left by a previous daemon")
-    metrics_port: Optional[int] = _opt(None, _opt_int, "port for /metrics, /healthz, /readyz")
+    metrics_port: int | None = _opt(None, _opt_int, "port for /metrics, /healthz, /readyz")
     workers: int = _opt(2, int, "threads for checksum and copy work")
     listen: str = _opt("", str, "TCP endpoint peers reach, e.g. tcp://0.0.0.0:7600")
     peers: str = _opt("", str, "peer daemons: '0=host:port,1=host:port' or a template "

@@ -19,8 +19,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from . import protocol as p
 from .channel import Channel, SnapshotError
@@ -84,7 +85,8 @@ def cmd_drop(ch: Channel, args: argparse.Namespace) -> tuple[Any, str]:
 
 def cmd_persist(ch: Channel, args: argparse.Namespace) -> tuple[Any, str]:
     reply = ch.call(p.Persist(args.job, args.step), timeout=timedelta(hours=1))
-    return reply, f"persisted job {args.job!r} step {args.step if args.step is not None else '(newest)'}"
+    step = args.step if args.step is not None else "(newest)"
+    return reply, f"persisted job {args.job!r} step {step}"
 
 
 def cmd_export(ch: Channel, args: argparse.Namespace) -> tuple[Any, str]:
@@ -132,10 +134,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _jsonable(obj: Any) -> Any:
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    return obj
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.cmd == "keygen":

@@ -14,15 +14,15 @@ import logging
 import os
 import signal
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import zmq
 from prometheus_client import CollectorRegistry
 
 from ._http import MetricsServer
+from .cluster import ClusterNode, start_cluster
 from .config import Config, ConfigError, add_arguments, build_config
 from .metrics import Metrics, StoreCollector
-from .cluster import ClusterNode, start_cluster
 from .persist import Persister
 from .server import ControlServer
 from .store import Store, Version
@@ -35,18 +35,18 @@ log = logging.getLogger("snapshotd")
 class Daemon:
     """One node's daemon. ``start()`` then ``serve()``; ``stop()`` from a signal handler."""
 
-    def __init__(self, config: Config, *, context: Optional[zmq.Context] = None,
-                 registry: Optional[CollectorRegistry] = None) -> None:
+    def __init__(self, config: Config, *, context: zmq.Context | None = None,
+                 registry: CollectorRegistry | None = None) -> None:
         self.config = config
         self.context = context or zmq.Context()
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.store = Store(config.shm_dir, config.memory_limit, config.keep)
-        self.server: Optional[ControlServer] = None
-        self.cluster: Optional[ClusterNode] = None
-        self.http: Optional[MetricsServer] = None
-        self.persister: Optional[Persister] = None
-        self._lock_fd: Optional[int] = None
+        self.server: ControlServer | None = None
+        self.cluster: ClusterNode | None = None
+        self.http: MetricsServer | None = None
+        self.persister: Persister | None = None
+        self._lock_fd: int | None = None
 
     def start(self) -> None:
         self._take_lock()
@@ -136,7 +136,7 @@ class Daemon:
         log.info("snapshotd stopped; segments released")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="snapshotd", description="Per-node in-memory snapshot daemon for training jobs.")
     add_arguments(parser)

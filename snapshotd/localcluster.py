@@ -20,9 +20,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Optional, Sequence
 
 from . import protocol as p
 from .channel import Channel, SnapshotError
@@ -76,10 +76,10 @@ class DaemonProcess:
 
     spec: NodeSpec
     args: Sequence[str] = ()
-    proc: Optional[subprocess.Popen] = None
+    proc: subprocess.Popen | None = None
     env: dict[str, str] = field(default_factory=dict)
 
-    def start(self) -> "DaemonProcess":
+    def start(self) -> DaemonProcess:
         os.makedirs(os.path.dirname(self.spec.log_path), exist_ok=True)
         cmd = [sys.executable, "-m", "snapshotd", "--node-slot", str(self.spec.slot),
                "--control", self.spec.control, "--shm-dir", self.spec.shm_dir,
@@ -130,7 +130,7 @@ class LocalCluster:
 
     def __init__(self, nodes: int, workdir: str, *, k: int = 4, m: int = 2,
                  args: Sequence[str] = (), shm_root: str = "/dev/shm",
-                 keys: Optional[str] = None) -> None:
+                 keys: str | None = None) -> None:
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         ports = free_ports(2 * nodes)
@@ -155,7 +155,7 @@ class LocalCluster:
         return ["--listen", self.specs[slot].listen, *self.peer_args(), *keys, *self.args,
                 *extra]
 
-    def start(self, slots: Optional[Sequence[int]] = None, timeout: float = 30.0) -> None:
+    def start(self, slots: Sequence[int] | None = None, timeout: float = 30.0) -> None:
         chosen = list(range(len(self.specs)) if slots is None else slots)
         for slot in chosen:
             self.daemons[slot] = DaemonProcess(self.specs[slot], self.daemon_args(slot)).start()
@@ -184,7 +184,7 @@ class LocalCluster:
         for spec in self.specs:
             shutil.rmtree(spec.shm_dir, ignore_errors=True)
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -16,7 +16,8 @@ Example::
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -69,7 +70,7 @@ class StoreCollector(Collector):
 
     def __init__(self, store: Any, clock: Callable[[], float] = time.time,
                  memory: Callable[[], Any] = psutil.virtual_memory,
-                 peers: Optional[Callable[[], dict[int, bool]]] = None,
+                 peers: Callable[[], dict[int, bool]] | None = None,
                  insecure: bool = False) -> None:
         self._store = store
         self._peers = peers

@@ -16,9 +16,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import zmq
 import zmq.auth
@@ -60,7 +61,7 @@ class Security:
             sock.curve_publickey = self.public
             sock.curve_serverkey = self.public
 
-    def authenticator(self, context: zmq.Context) -> Optional[ThreadAuthenticator]:
+    def authenticator(self, context: zmq.Context) -> ThreadAuthenticator | None:
         """Start ZAP: only clients with a public key in ``keys_dir`` get in."""
         if self.insecure:
             return None
@@ -200,7 +201,7 @@ class Heartbeats:
         self._thread = threading.Thread(target=self._run, name="snapshotd-heartbeat",
                                         daemon=True)
 
-    def start(self) -> "Heartbeats":
+    def start(self) -> Heartbeats:
         self._thread.start()
         return self
 

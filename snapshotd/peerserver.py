@@ -44,7 +44,7 @@ class PeerServer(RouterLoop):
                          .inc(), housekeeping=protector.housekeeping, housekeeping_interval=1.0)
         self._thread = threading.Thread(target=self.serve, name="snapshotd-peers", daemon=True)
 
-    def start(self) -> "PeerServer":
+    def start(self) -> PeerServer:
         self._thread.start()
         return self
 

@@ -27,7 +27,8 @@ import re
 import shutil
 import threading
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from .protocol import TensorEntry
 from .store import Store, StoreError, Version
@@ -48,11 +49,11 @@ class Persister:
         self.store, self.root, self.every, self.keep, self.rate = store, root, every, keep, rate
         self.metrics = metrics
         self._sleep = sleep
-        self._queue: "queue.Queue[Optional[tuple[str, int]]]" = queue.Queue()
+        self._queue: queue.Queue[tuple[str, int] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="snapshotd-persist", daemon=True)
         os.makedirs(root, mode=0o700, exist_ok=True)
 
-    def start(self) -> "Persister":
+    def start(self) -> Persister:
         self._thread.start()
         return self
 
@@ -135,7 +136,7 @@ class Persister:
     def step_dir(self, job: str, step: int) -> str:
         return os.path.join(self.root, job, f"step-{step:012d}")
 
-    def steps(self, job: str, rank: Optional[int] = None) -> list[int]:
+    def steps(self, job: str, rank: int | None = None) -> list[int]:
         """Persisted steps of a job (that hold ``rank``, when given), oldest first."""
         base = os.path.join(self.root, job)
         if not os.path.isdir(base):

@@ -15,10 +15,11 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import xxhash
 
@@ -123,7 +124,7 @@ class Protector:
 
     # ------------------------------------------------------------------ data-node side
 
-    def node_version(self, job: str, step: int) -> Optional[NodeVersion]:
+    def node_version(self, job: str, step: int) -> NodeVersion | None:
         """This node's complete data for (job, step), or None if a rank has not committed."""
         versions = [v for v in self.store.versions(job) if v.step == step]
         if not versions or len(versions) < versions[0].local_world_size:

@@ -26,13 +26,14 @@ import json
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, ClassVar, Union
 
 __all__ = [
     "PROTOCOL_VERSION", "MAX_MESSAGE_BYTES", "DTYPE_SIZES", "ALIGNMENT", "ProtocolError",
     "TensorEntry", "Alloc", "Commit", "Abort", "ListVersions", "Open", "Release", "Status",
-    "Drop", "Verify", "Persist", "Verified", "VerifyReply", "Error", "AllocReply", "CommitReply", "Ok", "VersionInfo", "ListReply", "OpenReply",
-    "StatusReply", "encode", "decode", "registry", "check_table",
+    "Drop", "Verify", "Persist", "Verified", "VerifyReply", "Error", "AllocReply", "CommitReply",
+    "Ok", "VersionInfo", "ListReply", "OpenReply", "StatusReply", "encode", "decode", "registry",
+    "check_table",
 ]
 
 PROTOCOL_VERSION = 1
@@ -63,7 +64,7 @@ class ProtocolError(Exception):
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """One tensor inside a slot: ``nbytes`` bytes at ``offset``; ``checksum`` is set by the daemon."""
+    """One tensor inside a slot: ``nbytes`` bytes at ``offset``; the daemon sets ``checksum``."""
 
     name: str
     dtype: str
@@ -129,7 +130,7 @@ class ListVersions:
 
     OP: ClassVar[str] = "list"
     job: str
-    rank: Optional[int] = None
+    rank: int | None = None
 
 
 @dataclass(frozen=True)
@@ -140,8 +141,8 @@ class Open:
     job: str
     rank: int
     pid: int
-    step: Optional[int] = None
-    max_step: Optional[int] = None
+    step: int | None = None
+    max_step: int | None = None
     verify: bool = True
 
 
@@ -166,9 +167,9 @@ class Drop:
 
     OP: ClassVar[str] = "drop"
     job: str
-    rank: Optional[int] = None
-    step: Optional[int] = None
-    newer_than: Optional[int] = None
+    rank: int | None = None
+    step: int | None = None
+    newer_than: int | None = None
 
 
 @dataclass(frozen=True)
@@ -177,8 +178,8 @@ class Verify:
 
     OP: ClassVar[str] = "verify"
     job: str
-    rank: Optional[int] = None
-    step: Optional[int] = None
+    rank: int | None = None
+    step: int | None = None
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,7 @@ class Persist:
 
     OP: ClassVar[str] = "persist"
     job: str
-    step: Optional[int] = None
+    step: int | None = None
 
 
 # --------------------------------------------------------------------------- replies
@@ -310,7 +311,7 @@ def registry(*classes: type) -> dict[str, type]:
 
 
 def decode(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES,
-           messages: Optional[dict[str, type]] = None) -> tuple[int, Message]:
+           messages: dict[str, type] | None = None) -> tuple[int, Message]:
     """Parse and type-check one frame; raise :class:`ProtocolError` naming what is wrong."""
     messages = _MESSAGES if messages is None else messages
     if len(frame) > max_bytes:
@@ -328,7 +329,7 @@ def decode(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES,
     req_id = body.pop("id", 0)
     if type(req_id) is not int:
         raise ProtocolError("malformed", "field 'id' must be an integer")
-    cls = messages.get(body.pop("op", None))  # type: ignore[arg-type]
+    cls: Any = messages.get(body.pop("op", None))  # type: ignore[arg-type]
     if cls is None:
         raise ProtocolError("unknown_op", f"unknown operation; known: {sorted(messages)}")
     return req_id, _build(cls, body, cls.OP)
@@ -364,12 +365,13 @@ def _check(value: Any, hint: Any, where: str) -> Any:
             raise ProtocolError("malformed", f"{where} must be a list")
         inner = typing.get_args(hint)[0]
         return tuple(_check(item, inner, f"{where}[{i}]") for i, item in enumerate(value))
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, dict(value) if isinstance(value, dict) else value, where)
     if hint is float and type(value) is int:
         return float(value)
     if type(value) is not hint:
-        raise ProtocolError("malformed", f"{where} must be {hint.__name__}, got {type(value).__name__}")
+        raise ProtocolError("malformed",
+                            f"{where} must be {hint.__name__}, got {type(value).__name__}")
     return value
 
 

@@ -10,6 +10,7 @@ parity it held. Control requests that list or open versions wait until this is d
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -17,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any
 
 from . import peerproto as pp
 from .codec import Codec
@@ -44,6 +45,10 @@ class _Source:
     length: int         # bytes the source sends (data chunks may be shorter than L)
 
 
+#: Per stripe: (stripe, my fragment index, fragment length, my chunk's length, k sources).
+_Plan = list[tuple[Stripe, int, int, int, list[_Source]]]
+
+
 class Recovery:
     """Rebuilds this node from its peers once at start, and on demand (checksum failures)."""
 
@@ -58,7 +63,7 @@ class Recovery:
         self._ready = threading.Event()
         self._lock = threading.Lock()
 
-    def start(self) -> "Recovery":
+    def start(self) -> Recovery:
         threading.Thread(target=self._run, name="snapshotd-recovery", daemon=True).start()
         return self
 
@@ -76,8 +81,7 @@ class Recovery:
             self._ready.set()           # ranks may restore now; parity follows
         try:
             with self._lock:
-                self._recreate_parity(inv, sorted({h.job for r in inv.values()
-                                                   for h in (*r.data, *r.parity)}))
+                self._recreate_parity(inv, _jobs(inv))
         except Exception:  # noqa: BLE001
             log.exception("re-creating parity failed")
         finally:
@@ -100,8 +104,7 @@ class Recovery:
         """Rebuild this node's newest data of every job the group knows; return inventories."""
         with self._lock:
             inv = self._inventories()
-            jobs = sorted({h.job for r in inv.values() for h in (*r.data, *r.parity)})
-            for job in jobs:
+            for job in _jobs(inv):
                 try:
                     self._recover_job(job, inv)
                 except RebuildError as exc:
@@ -137,9 +140,7 @@ class Recovery:
                 f"job {job!r} step {candidates[0]} (and older) cannot be rebuilt for slot "
                 f"{self.me}; fall back to the newest persisted checkpoint")
 
-    def _plan(self, job: str, step: int,
-              inv: dict[int, pp.InventoryReply]) -> Optional[list[tuple[Stripe, int, int, int,
-                                                                         list[_Source]]]]:
+    def _plan(self, job: str, step: int, inv: dict[int, pp.InventoryReply]) -> _Plan | None:
         plan = []
         for stripe, pos in data_stripes(self.me, self.group):
             holdings = [h for r in inv.values() for h in r.parity
@@ -198,7 +199,7 @@ class Recovery:
         """Fetch, decode and install this node's data for (job, step)."""
         started = time.perf_counter()
         chunks: list[Any] = []
-        for stripe, pos, length, my_length, sources in plan:
+        for _stripe, pos, length, my_length, sources in plan:
             present = self._fetch_all(sources, length)
             out = bytearray(length)
             self.codec.reconstruct(present, {pos: out})
@@ -246,7 +247,7 @@ class Recovery:
             start = offset
             self.store.install(manifest["job"], r["rank"], manifest["step"], r["nbytes"],
                                tensors, r["meta"], r["local_world_size"],
-                               lambda view, start=start: blob.read_into(start, view),
+                               functools.partial(blob.read_into, start),
                                committed_at=r["committed_at"])
             offset += r["nbytes"]
 
@@ -295,6 +296,12 @@ class Recovery:
         log.info("re-created parity %d of stripe %d for job %r step %d", index, stripe.index,
                  job, step)
         return True
+
+
+def _jobs(inv: dict[int, pp.InventoryReply]) -> list[str]:
+    """Every job the inventories mention."""
+    jobs = {d.job for r in inv.values() for d in r.data}
+    return sorted(jobs | {h.job for r in inv.values() for h in r.parity})
 
 
 def _pad(buf: Any, length: int) -> Any:

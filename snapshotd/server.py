@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 
@@ -39,7 +40,7 @@ class ControlServer(RouterLoop):
                  reap_interval: float = 1.0,
                  on_commit: Callable[[Any], None] = lambda version: None,
                  recovery: Any = None,
-                 peers: Optional[Callable[[], dict[int, bool]]] = None,
+                 peers: Callable[[], dict[int, bool]] | None = None,
                  persister: Any = None) -> None:
         self.peers = peers
         self.persister = persister

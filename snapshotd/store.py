@@ -29,8 +29,8 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import psutil
 import xxhash
@@ -51,7 +51,7 @@ class StoreError(ProtocolError):
     """A store operation that was refused; nothing stored was changed."""
 
 
-def process_identity(pid: int) -> Optional[float]:
+def process_identity(pid: int) -> float | None:
     """A process's start time (so a recycled pid is told apart), or None if it is gone."""
     try:
         return psutil.Process(pid).create_time()
@@ -75,7 +75,7 @@ class Slot:
     nbytes: int
     size: int
     pid: int
-    pid_start: Optional[float]
+    pid_start: float | None
     created: float
     local_world_size: int = 1
     committing: bool = False
@@ -108,7 +108,7 @@ class Lease:
     id: int
     version: Version
     pid: int
-    pid_start: Optional[float]
+    pid_start: float | None
     opened: float = 0.0
 
 
@@ -116,7 +116,7 @@ class Lease:
 class _Pool:
     free: dict[int, tuple[int, float]] = field(default_factory=dict)  # number -> (size, since)
 
-    def take(self, nbytes: int) -> Optional[tuple[int, int]]:
+    def take(self, nbytes: int) -> tuple[int, int] | None:
         """Take the smallest free segment that fits ``nbytes`` without wasting over 25%."""
         fits = [(size, n) for n, (size, _) in self.free.items()
                 if nbytes <= size <= nbytes + nbytes // 4 + (1 << 20)]
@@ -132,7 +132,7 @@ class Store:
 
     def __init__(self, shm_dir: str, memory_limit: int, keep: int = 2, *,
                  clock: Callable[[], float] = time.time,
-                 identity: Callable[[int], Optional[float]] = process_identity,
+                 identity: Callable[[int], float | None] = process_identity,
                  pool_idle: float = 60.0) -> None:
         self.dir = SegmentDir(shm_dir)
         self.memory_limit = memory_limit
@@ -175,7 +175,7 @@ class Store:
             self._retain(key)
         return report
 
-    def _adoptable(self, number: int, size: int, m: Optional[dict]) -> Optional[Version]:
+    def _adoptable(self, number: int, size: int, m: dict | None) -> Version | None:
         if m is None or m.get("format") != 1:
             return None
         try:
@@ -252,7 +252,7 @@ class Store:
         self._next += 1
         return number
 
-    def slot_age(self, number: int) -> Optional[float]:
+    def slot_age(self, number: int) -> float | None:
         """Seconds since a slot was allocated (None if it is not open)."""
         with self._lock:
             slot = self._slots.get(number)
@@ -306,7 +306,7 @@ class Store:
 
     def install(self, job: str, rank: int, step: int, nbytes: int,
                 tensors: tuple[TensorEntry, ...], meta: str, local_world_size: int,
-                fill: Callable[[memoryview], None], committed_at: Optional[float] = None,
+                fill: Callable[[memoryview], None], committed_at: float | None = None,
                 protected: bool = True) -> Version:
         """Publish a version rebuilt from peers: reserve, ``fill`` the bytes, verify, commit.
 
@@ -341,15 +341,15 @@ class Store:
 
     # ------------------------------------------------------------------ reading
 
-    def versions(self, job: Optional[str] = None, rank: Optional[int] = None) -> list[Version]:
+    def versions(self, job: str | None = None, rank: int | None = None) -> list[Version]:
         with self._lock:
             return sorted((v for (j, r), vs in self._versions.items() for v in vs.values()
                            if (job is None or j == job) and (rank is None or r == rank)
                            and not v.doomed),
                           key=lambda v: (v.job, v.rank, v.step))
 
-    def lease(self, job: str, rank: int, pid: int, step: Optional[int] = None,
-              max_step: Optional[int] = None) -> Lease:
+    def lease(self, job: str, rank: int, pid: int, step: int | None = None,
+              max_step: int | None = None) -> Lease:
         """Pin a version for reading: ``step``, or the newest one not above ``max_step``."""
         with self._lock:
             held = {s: v for s, v in self._versions.get((job, rank), {}).items() if not v.doomed}
@@ -385,8 +385,8 @@ class Store:
             self._unpin(lease.version)
             return lease
 
-    def drop(self, job: str, rank: Optional[int] = None, step: Optional[int] = None,
-             newer_than: Optional[int] = None) -> int:
+    def drop(self, job: str, rank: int | None = None, step: int | None = None,
+             newer_than: int | None = None) -> int:
         """Drop versions of a job; return how many were dropped."""
         with self._lock:
             doomed = [v for (j, r), vs in self._versions.items() for v in vs.values()

@@ -11,7 +11,7 @@ import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -77,8 +77,8 @@ class SnapshotClient:
     :meth:`last_error` keeps the newest one. ``restore`` raises :class:`SnapshotError`.
     """
 
-    def __init__(self, endpoint: Optional[str] = None, job: str = "default",
-                 rank: Optional[int] = None, *, timeout: timedelta = timedelta(seconds=30),
+    def __init__(self, endpoint: str | None = None, job: str = "default",
+                 rank: int | None = None, *, timeout: timedelta = timedelta(seconds=30),
                  context: Any = None) -> None:
         self.endpoint = endpoint or os.environ.get(ENV_ENDPOINT) or _default_endpoint()
         self.job = job
@@ -89,12 +89,12 @@ class SnapshotClient:
         self._cuda = torch.cuda.is_available()
         self._device = DeviceCopier()
         self._maps = _MapCache(on_close=self._device.unpin if self._cuda else None)
-        self._current: Optional[_Job] = None
-        self._last_error: Optional[BaseException] = None
+        self._current: _Job | None = None
+        self._last_error: BaseException | None = None
         self._warned = False
         self._closed = False
         #: Set by every successful :meth:`restore`.
-        self.last_restore: Optional[RestoreInfo] = None
+        self.last_restore: RestoreInfo | None = None
 
     # ------------------------------------------------------------------ saving
 
@@ -198,7 +198,7 @@ class SnapshotClient:
         """Make ``optimizer.step()`` wait for copies in flight; returns the hook handle."""
         return optimizer.register_step_pre_hook(lambda *_: self.wait_copied())
 
-    def last_error(self) -> Optional[BaseException]:
+    def last_error(self) -> BaseException | None:
         """The newest error of a save, or None."""
         return self._last_error
 
@@ -209,12 +209,12 @@ class SnapshotClient:
         reply = self._channel.call(p.ListVersions(self.job, self.rank))
         return [v.step for v in reply.versions]
 
-    def latest(self) -> Optional[int]:
+    def latest(self) -> int | None:
         """This rank's newest committed step, or None."""
         steps = self.steps()
         return steps[-1] if steps else None
 
-    def restore(self, step: Optional[int] = None, into: Any = None) -> Optional[tuple[int, Any]]:
+    def restore(self, step: int | None = None, into: Any = None) -> tuple[int, Any] | None:
         """Return ``(step, state)`` of the newest version (or of ``step``), or None if none.
 
         Inside a job with ``torch.distributed`` initialised and ``step`` None, every rank
@@ -248,7 +248,7 @@ class SnapshotClient:
             self._channel.call(p.Drop(self.job, self.rank, newer_than=lease.step))
         return lease.step, unflatten(lease.meta, tensors)
 
-    def _agree(self) -> Optional[int]:
+    def _agree(self) -> int | None:
         import torch.distributed as dist
 
         newest = self.latest()
@@ -294,7 +294,7 @@ class SnapshotClient:
         self._maps.clear()
         self._channel.close()
 
-    def __enter__(self) -> "SnapshotClient":
+    def __enter__(self) -> SnapshotClient:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -308,7 +308,7 @@ class _MapCache:
     whose file was replaced or removed is dropped at the next lookup; at most ``size`` are kept.
     """
 
-    def __init__(self, size: int = 4, on_close: Optional[Any] = None) -> None:
+    def __init__(self, size: int = 4, on_close: Any | None = None) -> None:
         self._size = size
         self._on_close = on_close
         self._maps: dict[str, tuple[int, mmap.mmap]] = {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -41,7 +41,7 @@ class DeviceCopier:
         self._warned = False
 
     def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]],
-             events: dict[torch.device, Any], mapping: Optional[mmap.mmap]) -> None:
+             events: dict[torch.device, Any], mapping: mmap.mmap | None) -> None:
         """Copy each (host destination, device source) pair; return when all have landed."""
         if not pairs:
             return

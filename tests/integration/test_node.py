@@ -10,8 +10,8 @@ import torch
 import zmq
 
 from conftest import spawn_trainer, status, trainer, wait_for
-from snapshotd import protocol as p
 from snapshotd import channel
+from snapshotd import protocol as p
 from snapshotd.channel import Channel
 from snapshotd_client import DaemonError, DaemonUnavailable, SnapshotClient
 

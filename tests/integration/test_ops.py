@@ -4,7 +4,6 @@ import glob
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -122,7 +121,7 @@ scrape_configs:
             try:
                 body = urllib.request.urlopen(
                     f"http://127.0.0.1:{port}/api/v1/query?query={query}", timeout=5).read()
-            except (OSError, socket.timeout):
+            except (TimeoutError, OSError):
                 continue
             result = json.loads(body)["data"]["result"]
         assert result, "Prometheus never saw snapshotd_snapshot_age_seconds"

@@ -77,8 +77,12 @@ def versions(spec, job):
 def test_rank_killed_at_random_step_resumes_bit_exact(cluster_factory, tmp_path):
     steps = 40
     rng = random.Random(os.environ.get("SNAPSHOTD_TEST_SEED") or time.time_ns())
-    rank, step = rng.randrange(2), rng.randrange(2, steps - 2)
-    cluster = cluster_factory(1)
+    rank, step = rng.randrange(2), rng.randrange(4, steps - 2)
+    # keep=4: one node has no peers, so no version is ever protected, and commits are
+    # asynchronous: when a rank dies in step s the others may have committed s while its own
+    # newest is s-2 or s-3. With the default keep=2 the ranks may then share no version and
+    # the job starts over (deterministic, but nothing restored).
+    cluster = cluster_factory(1, args=["--keep", "4"])
     cluster.start()
     job, out = f"a-{uuid.uuid4().hex[:6]}", tmp_path / "faulted"
     torchrun_standalone(2, cluster.specs[0].control, out, "--steps", str(steps), "--job", job,
@@ -92,9 +96,9 @@ def test_rank_killed_at_random_step_resumes_bit_exact(cluster_factory, tmp_path)
     restored = {e["restored"] for e in restarted}
     assert len(restored) == 1, (why, events)            # every rank restored the same step
     (restored,) = restored
-    # The killed rank died in step `step` before its optimizer step: step-1 was saved (its
-    # commit may still have been in flight, so allow one more step back), nothing newer.
-    assert restored is not None and step - 2 <= restored <= step - 1, (why, restored)
+    # The killed rank died in step `step` before its optimizer step: it saved up to step-1,
+    # of which the last one or two commits may still have been in flight.
+    assert restored is not None and step - 3 <= restored <= step - 1, (why, restored)
     losses = read_jsonl(out / "loss.jsonl")
     assert [r["step"] for r in losses if r["attempt"] == 1][0] == restored + 1
     assert_same_params(reference(tmp_path, 2, steps), out / "final.pt")

@@ -197,9 +197,8 @@ def exported(tmp_path_factory) -> dict[str, Any]:
     One stand-alone node, and a three-node RS(2,1) cluster (peer metrics exist only with peers),
     where every node saves one rank and the version gets protected."""
     torch = pytest.importorskip("torch")
-    from snapshotd_client import SnapshotClient
-
     from snapshotd.localcluster import LocalCluster
+    from snapshotd_client import SnapshotClient
 
     names: dict[str, set[str]] = {}
     values: dict[str, set[str]] = {}

@@ -43,7 +43,7 @@ def write(store, step, payload=b"x" * 64, rank=0, pid=100, job="j"):
 def commit(store, step, payload=b"x" * 64, rank=0, job="j"):
     slot = write(store, step, payload, rank, job=job)
     entry = TensorEntry("t", "uint8", (len(payload),), 0, len(payload))
-    return store.commit(slot.number, (entry,), '{"step": %d}' % step)
+    return store.commit(slot.number, (entry,), f'{{"step": {step}}}')
 
 
 def steps(store, rank=0):
