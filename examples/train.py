@@ -29,7 +29,7 @@ import random
 import signal
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,7 +73,7 @@ class SyntheticCorpus:
             tokens[:, t + 1] = successors[tokens[:, t], choice[:, t]]
         self.tokens, self.batch, self.rank, self.world, self.seed = tokens, batch, rank, world, seed
         self.epoch, self.offset = 0, 0
-        self._order: Optional[tuple[int, torch.Tensor]] = None
+        self._order: tuple[int, torch.Tensor] | None = None
 
     def _shard(self) -> torch.Tensor:
         if self._order is None or self._order[0] != self.epoch:
@@ -164,7 +164,7 @@ def ordered_allreduce_hook(group: Any,
     return fut.then(average)
 
 
-def lr_factor(step: int, total: int, warmup: int = 20) -> float:
+def lr_factor(step: int, total: int, warmup: int = 40) -> float:
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -174,7 +174,7 @@ def lr_factor(step: int, total: int, warmup: int = 20) -> float:
 # ----------------------------------------------------------------------------- main
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=300, help="optimizer steps in all")
     ap.add_argument("--job", default="train-example", help="job name in snapshotd")
@@ -208,7 +208,7 @@ def log_line(path: str, record: dict[str, Any]) -> None:
         os.close(fd)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
     if args.deterministic_algorithms:
@@ -246,6 +246,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     log_line(os.path.join(args.out, "events.jsonl"), {
         "event": "start", "rank": rank, "world": world, "attempt": attempt, "pid": os.getpid(),
         "group_rank": int(os.environ.get("GROUP_RANK", "0")), "restored": last,
+        "daemon": client.endpoint if args.snapshot else None,
         "first_step": first, "restore_s": round(restore_s, 4), "time": time.time()})
 
     ddp = DDP(model)                                     # broadcasts rank 0's (restored) state

@@ -40,16 +40,18 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import psutil
 
 from .localcluster import LocalCluster, free_ports
 
 __all__ = ["main", "TorchrunJob", "JsonlTail", "Failure", "compare_params", "find_script",
-           "reference_run", "rebuilt_bytes", "node_addr"]
+           "reference_run", "rebuilt_bytes", "node_addr", "torchrun_env",
+           "read_jsonl", "resumed_record", "make_keys", "kill_tree"]
 
 #: torchrun log lines that mean an agent saw its workers fail.
 _FAILED = re.compile(r"Worker group (FAILED|UNHEALTHY)|failed \(exitcode|ChildFailedError")
@@ -74,15 +76,24 @@ def _torchrun() -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run"]
 
 
-def _base_env() -> dict[str, str]:
+def torchrun_env(**extra: str) -> dict[str, str]:
+    """The environment for torchrun agents on loopback.
+
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: by default the agents' rendezvous store is
+    shared with the workers and kept across restarts without a per-attempt key prefix, so a
+    restarted worker can read the previous attempt's gloo addresses from it, fail to connect
+    ("Connection refused" in connectFullMesh) or hang. Unshared, rank 0 of every attempt
+    hosts a fresh store on a fresh port.
+    """
     env = dict(os.environ)
     env.update({"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "GLOO_SOCKET_IFNAME": "lo",
                 "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                 "LOGLEVEL": env.get("LOGLEVEL", "INFO")})
+    env.update(extra)
     return env
 
 
-def _kill_tree(pid: int, sig: int = signal.SIGKILL) -> list[int]:
+def kill_tree(pid: int, sig: int = signal.SIGKILL) -> list[int]:
     """Signal ``pid`` and all its descendants (collected first); return the pids signalled."""
     try:
         root = psutil.Process(pid)
@@ -126,7 +137,7 @@ class JsonlTail:
         return new
 
 
-def resumed_record(losses: list[dict[str, Any]], since: float) -> Optional[dict[str, Any]]:
+def resumed_record(losses: list[dict[str, Any]], since: float) -> dict[str, Any] | None:
     """The first step logged by a new trainer process after wall time ``since``.
 
     Steps logged after ``since`` by the process that was running then (in flight at the
@@ -169,7 +180,7 @@ class TorchrunJob:
     def __init__(self, cluster: LocalCluster, script: str | Path, script_args: Sequence[str],
                  out: str | Path, *, nproc_per_node: int = 1, max_restarts: int = 5,
                  keep_alive: int = 1, keep_alive_attempts: int = 5,
-                 env: Optional[dict[str, str]] = None) -> None:
+                 env: dict[str, str] | None = None) -> None:
         import torch.distributed as dist  # the demo needs torch; the daemon does not
 
         self.cluster = cluster
@@ -197,13 +208,13 @@ class TorchrunJob:
                 f"--rdzv-endpoint=127.0.0.1:{self.port}", f"--rdzv-id={self.run_id}",
                 f"--rdzv-conf={conf}", f"--local-addr={node_addr(slot)}",
                 f"--max-restarts={self.max_restarts}", "--monitor-interval=0.2",
-                self.script, *self.script_args]
+                f"--log-dir={self.out / 'torchelastic'}", self.script, *self.script_args]
 
     def start_agent(self, slot: int) -> _Agent:
         """Start node ``slot``'s torchrun agent, its trainers talking to that node's daemon."""
         gen = self.generation.get(slot, -1) + 1
         self.generation[slot] = gen
-        env = {**_base_env(), **self.env,
+        env = {**torchrun_env(), **self.env,
                "SNAPSHOTD_ENDPOINT": self.cluster.specs[slot].control}
         proc = subprocess.Popen(self.command(slot), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
@@ -250,7 +261,7 @@ class TorchrunJob:
                 pass
         return pids
 
-    def kill_trainer(self, slot: int) -> Optional[int]:
+    def kill_trainer(self, slot: int) -> int | None:
         """SIGKILL one trainer of node ``slot``; return its pid (None if none was running)."""
         pids = self.trainer_pids(slot)
         if not pids:
@@ -261,7 +272,7 @@ class TorchrunJob:
     def kill_node(self, slot: int) -> None:
         """SIGKILL node ``slot`` whole: its agent, its trainers and its daemon."""
         agent = self.agents[slot]
-        _kill_tree(agent.proc.pid)
+        kill_tree(agent.proc.pid)
         agent.proc.wait(30)
         self.cluster.kill(slot)
 
@@ -270,7 +281,7 @@ class TorchrunJob:
         self.cluster.replace(slot)
         self.start_agent(slot)
 
-    def first_failure_after(self, when: float) -> Optional[float]:
+    def first_failure_after(self, when: float) -> float | None:
         with self._lock:
             times = [t for t, _, _ in self.failures_seen if t >= when]
         return min(times) if times else None
@@ -278,10 +289,10 @@ class TorchrunJob:
     def finished(self) -> bool:
         return all(a.proc.poll() is not None for a in self.agents.values())
 
-    def returncodes(self) -> dict[int, Optional[int]]:
+    def returncodes(self) -> dict[int, int | None]:
         return {slot: a.proc.poll() for slot, a in self.agents.items()}
 
-    def wait(self, timeout: float) -> dict[int, Optional[int]]:
+    def wait(self, timeout: float) -> dict[int, int | None]:
         deadline = time.monotonic() + timeout
         while not self.finished() and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -291,7 +302,7 @@ class TorchrunJob:
         """Kill every agent and trainer still running; close the rendezvous store."""
         for agent in self.agents.values():
             if agent.proc.poll() is None:
-                _kill_tree(agent.proc.pid)
+                kill_tree(agent.proc.pid)
             try:
                 agent.proc.wait(30)
             except subprocess.TimeoutExpired:
@@ -302,7 +313,7 @@ class TorchrunJob:
                 agent.proc.stdout.close()
         del self.store
 
-    def __enter__(self) -> "TorchrunJob":
+    def __enter__(self) -> TorchrunJob:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -311,22 +322,23 @@ class TorchrunJob:
 
 def reference_run(script: str | Path, script_args: Sequence[str], out: str | Path,
                   nproc: int, timeout: float = 600.0,
-                  progress: Optional[Callable[[Optional[dict]], None]] = None) -> int:
+                  progress: Callable[[dict | None], None] | None = None) -> int:
     """Train without snapshots or failures in one ``torchrun --standalone``; return its rc."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [*_torchrun(), "--standalone", f"--nproc-per-node={nproc}", str(script),
-           *script_args, "--no-snapshot", "--out", str(out)]
+    cmd = [*_torchrun(), "--standalone", f"--nproc-per-node={nproc}",
+           f"--log-dir={out / 'torchelastic'}", str(script), *script_args, "--no-snapshot",
+           "--out", str(out)]
     with open(out / "torchrun.log", "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=_base_env(),
+                                stdin=subprocess.DEVNULL, env=torchrun_env(),
                                 start_new_session=True)
         tail = JsonlTail(out / "loss.jsonl")
         deadline = time.monotonic() + timeout
         try:
             while proc.poll() is None:
                 if time.monotonic() > deadline:
-                    _kill_tree(proc.pid)
+                    kill_tree(proc.pid)
                     proc.wait()
                     return 124
                 new = tail.poll()
@@ -335,9 +347,35 @@ def reference_run(script: str | Path, script_args: Sequence[str], out: str | Pat
                 time.sleep(0.2)
         finally:
             if proc.poll() is None:
-                _kill_tree(proc.pid)
+                kill_tree(proc.pid)
                 proc.wait()
     return proc.returncode
+
+
+def reference_key(script: str | Path, args: Sequence[str]) -> str:
+    """What a reference run depends on: the script's bytes, its arguments, torch's version."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256(Path(script).read_bytes()).hexdigest()
+    return json.dumps({"script": digest, "args": list(args), "torch": torch.__version__,
+                       "python": sys.version.split()[0]})
+
+
+def make_keys(path: str | Path) -> str:
+    """Write the cluster CURVE key pair with ``snapshotctl keygen PATH``; return PATH."""
+    import contextlib
+    import io
+
+    from .ctl import main as ctl
+
+    path = Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+        if ctl(["keygen", str(path)]) != 0:
+            raise RuntimeError(f"snapshotctl keygen {path} failed: {said.getvalue()}")
+    return str(path)
 
 
 # ----------------------------------------------------------------------------- results
@@ -364,7 +402,7 @@ def compare_params(a: str | Path, b: str | Path) -> tuple[bool, str]:
     return True, f"{len(sa)} tensors, {count:,} parameters: every bit equal"
 
 
-def rebuilt_bytes(metrics_port: int, timeout: float = 2.0) -> Optional[float]:
+def rebuilt_bytes(metrics_port: int, timeout: float = 2.0) -> float | None:
     """``snapshotd_rebuilt_bytes_total`` of one daemon, or None if it is not exported."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
@@ -384,21 +422,21 @@ class Failure:
     kind: str
     slot: int
     injected_at: float            # wall time of the kill
-    step: Optional[int]           # newest step logged before the kill
-    detected_at: Optional[float] = None
-    restored: Optional[list[Any]] = None
-    resumed_at: Optional[float] = None
-    rebuilt: Optional[float] = None
+    step: int | None           # newest step logged before the kill
+    detected_at: float | None = None
+    restored: list[Any] | None = None
+    resumed_at: float | None = None
+    rebuilt: float | None = None
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def restored_step(self) -> Optional[int]:
+    def restored_step(self) -> int | None:
         values = set(self.restored or [])
         return values.pop() if len(values) == 1 else None
 
     @property
-    def steps_lost(self) -> Optional[int]:
+    def steps_lost(self) -> int | None:
         if self.step is None or not self.restored:
             return None
         restored = self.restored_step
@@ -409,11 +447,9 @@ class Failure:
         """Find when the job noticed, what it restored and when it trained again."""
         self.detected_at = job.first_failure_after(self.injected_at)
         before = [r for r in losses if r["time"] <= self.injected_at]
-        if before:                  # every step the killed job completed, even in flight
+        if before:                  # every step the killed process completed, even in flight
             pid = before[-1].get("pid")
-            self.step = max(r["step"] for r in losses
-                            if r.get("pid") == pid and (self.resumed_at is None
-                                                        or r["time"] < self.resumed_at))
+            self.step = max(r["step"] for r in losses if r.get("pid") == pid)
         first = resumed_record(losses, self.injected_at)
         if first is not None:
             self.resumed_at = first["time"]
@@ -425,7 +461,7 @@ class Failure:
             self.restored = [latest[r] for r in sorted(latest)]
 
 
-def _fmt_bytes(n: Optional[float]) -> str:
+def _fmt_bytes(n: float | None) -> str:
     if n is None:
         return "n/a"
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -471,11 +507,11 @@ def plot_loss(path: Path, reference: list[dict], faulted: list[dict],
         ax1.plot([r["step"] for r in reference], [r["loss"] for r in reference], color="0.6",
                  lw=3, label="uninterrupted reference")
     attempts: dict[int, list[dict]] = {}
-    segment, last_step = 0, -1
-    for r in faulted:                       # a new segment each time the step goes back
-        if r["step"] <= last_step:
+    segment, last_pid = -1, None
+    for r in faulted:                       # one segment per trainer process (restart)
+        if r.get("pid") != last_pid or segment < 0:
             segment += 1
-        last_step = r["step"]
+            last_pid = r.get("pid")
         attempts.setdefault(segment, []).append(r)
     for i, recs in attempts.items():
         ax1.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=1.2,
@@ -486,7 +522,8 @@ def plot_loss(path: Path, reference: list[dict], faulted: list[dict],
         c = colors[i % len(colors)]
         if f.step is not None:
             ax1.axvline(f.step, color=c, ls="--", lw=1)
-            ax1.annotate(f"{f.kind}\nrestored {f.restored_step}", (f.step, 1), xycoords=(
+            restored = "nothing" if f.restored_step is None else f"step {f.restored_step}"
+            ax1.annotate(f"{f.kind}\nrestored {restored}", (f.step, 1), xycoords=(
                 "data", "axes fraction"), xytext=(4, -4), textcoords="offset points",
                 va="top", fontsize=8, color=c)
         ax2.axvline(f.injected_at - t0, color=c, ls="--", lw=1)
@@ -496,9 +533,10 @@ def plot_loss(path: Path, reference: list[dict], faulted: list[dict],
                      xytext=(4, 2), textcoords="offset points", fontsize=8, color=c)
     ax1.set_xlabel("step")
     ax1.set_ylabel("training loss (rank 0)")
-    ax1.set_title("snapshotd demo: loss with failures marked (identical to the reference)")
+    ax1.set_title("snapshotd demo: training loss, failures marked (grey: uninterrupted run)")
     ax1.legend(loc="upper right", fontsize=8)
-    ax2.set_xlabel("seconds since the job started")
+    ax2.set_xlim(left=0)
+    ax2.set_xlabel("seconds since the torchrun agents started")
     ax2.set_ylabel("step")
     ax2.set_title("progress; shaded: from the kill to the first step after the restore")
     fig.tight_layout()
@@ -571,11 +609,16 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
                     help="seconds between the node loss and its replacement joining")
     ap.add_argument("--skip-node-loss", action="store_true",
                     help="inject only the trainer crash")
-    ap.add_argument("--skip-reference", action="store_true",
-                    help="reuse OUT/reference/final.pt from an earlier demo run")
+    ap.add_argument("--fresh-reference", action="store_true",
+                    help="retrain the reference even if OUT/reference holds one made by the "
+                         "same script, arguments and torch version")
     ap.add_argument("--timeout", type=float, default=600,
                     help="give up (FAIL) after this many seconds of the faulted run")
     ap.add_argument("--memory-limit", default="2GiB", help="each daemon's --memory-limit")
+    ap.add_argument("--curve", action="store_true",
+                    help="encrypt peer traffic: `snapshotctl keygen` into OUT/keys and start "
+                         "every daemon with --keys (default: --insecure, plain TCP on "
+                         "loopback)")
     args = ap.parse_args(list(argv))
     if args.nodes < 2:
         ap.error("--nodes must be at least 2 (a node loss needs peers)")
@@ -592,8 +635,6 @@ def main(argv: Sequence[str] = ()) -> int:
     out = Path(args.out).resolve()
     ref_dir, run_dir = out / "reference", out / "faulted"
     shutil.rmtree(run_dir, ignore_errors=True)
-    if not args.skip_reference:
-        shutil.rmtree(ref_dir, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     world = args.nodes * args.nproc_per_node
     train_args = ["--steps", str(args.steps), "--size", args.size]
@@ -602,18 +643,24 @@ def main(argv: Sequence[str] = ()) -> int:
     say = progress.say
 
     say(f"snapshotd demo: {args.nodes} nodes x {args.nproc_per_node} trainer(s), "
-        f"RS(k={args.k}, m={args.m}) across nodes, {args.steps} steps of "
+        f"RS(k={args.k}, m={args.m}) across nodes "
+        f"({'CURVE' if args.curve else 'plain TCP, --insecure'}), {args.steps} steps of "
         f"{script.name} --size {args.size}; output in {out}")
 
     # 1. the reference ---------------------------------------------------------------------
-    if args.skip_reference and (ref_dir / "final.pt").exists():
-        say("[1/3] reference run: reusing " + str(ref_dir / "final.pt"))
+    key = reference_key(script, [*train_args, f"--nproc={world}"])
+    cached = (ref_dir / "final.pt").exists() and (ref_dir / "key.txt").exists() and (
+        (ref_dir / "key.txt").read_text() == key)
+    if cached and not args.fresh_reference:
+        say("[1/3] reference run: reusing " + str(ref_dir / "final.pt")
+            + " (same script, arguments and torch; --fresh-reference to retrain)")
     else:
         say(f"[1/3] reference run: torchrun --standalone --nproc-per-node={world}, "
             "no snapshots, no failures")
+        shutil.rmtree(ref_dir, ignore_errors=True)
         t_ref = time.time()
 
-        def ref_progress(rec: Optional[dict]) -> None:
+        def ref_progress(rec: dict | None) -> None:
             if rec is not None:
                 progress.update(f"  reference  step {rec['step'] + 1:>4}/{args.steps}  "
                                 f"loss {rec['loss']:.3f}  {time.time() - t_ref:5.1f}s")
@@ -623,12 +670,16 @@ def main(argv: Sequence[str] = ()) -> int:
         if rc != 0 or not (ref_dir / "final.pt").exists():
             say(f"\nFAIL: the reference run exited with {rc}; see {ref_dir}/torchrun.log")
             return 1
+        (ref_dir / "key.txt").write_text(key)
         say(f"  reference done in {time.time() - t_ref:.1f}s")
 
     # 2. the cluster and the faulted run ----------------------------------------------------
-    # --insecure: peer traffic on loopback without CURVE keys (a real cluster runs
-    # `snapshotctl keygen` and passes --keys).
-    daemon_args = ["--insecure", "--memory-limit", args.memory_limit]
+    daemon_args = ["--memory-limit", args.memory_limit]
+    keys: str | None = None
+    if args.curve:                             # CURVE-encrypted peer traffic, as in production
+        keys = make_keys(out / "keys")
+    else:                                      # plain TCP on loopback
+        daemon_args.append("--insecure")
     for old in out.glob("cluster-*"):          # daemon logs of an earlier demo run
         shutil.rmtree(old, ignore_errors=True)
     workdir = out / f"cluster-{uuid.uuid4().hex[:6]}"      # unique: names the shm dirs
@@ -636,8 +687,8 @@ def main(argv: Sequence[str] = ()) -> int:
     failures: list[Failure] = []
     t0 = time.time()
     ok = False
-    with LocalCluster(args.nodes, str(workdir), k=args.k, m=args.m,
-                      args=daemon_args) as cluster:
+    with LocalCluster(args.nodes, str(workdir), k=args.k, m=args.m, args=daemon_args,
+                      keys=keys) as cluster:
         cluster.start()
         say(f"[2/3] cluster up: {args.nodes} daemons "
             + ", ".join(f"node{s.slot}={s.listen}" for s in cluster.specs)
@@ -660,7 +711,8 @@ def main(argv: Sequence[str] = ()) -> int:
     starts = [e for e in read_jsonl(run_dir / "events.jsonl") if e.get("event") == "start"]
     for f in failures:
         f.fill(losses, starts, job)
-    say("\n[3/3] results")
+    say("")
+    say("[3/3] results")
     say(summary_table(failures, t0))
     say("  injected: wall time since the job started / newest step logged at the kill; "
         "detected: first agent report of the failure; steps lost: steps trained again; "
@@ -703,17 +755,20 @@ def _drive(job: TorchrunJob, args: argparse.Namespace, run_dir: Path,
     losses, events = JsonlTail(run_dir / "loss.jsonl"), JsonlTail(run_dir / "events.jsonl")
     trainer_at = int(args.steps * args.trainer_kill_at)
     node_at = int(args.steps * args.node_kill_at)
-    pending_replace: Optional[float] = None
+    pending_replace: float | None = None
     step, loss = -1, float("nan")
     deadline = t0 + args.timeout
     while True:
         for rec in losses.poll():
             step, loss = rec["step"], rec["loss"]
         for ev in events.poll():
-            if ev.get("event") == "start" and ev["rank"] == 0 and ev["time"] > t0 + 0.5 \
-                    and ev["restored"] is not None:
-                say(f"  {ev['time'] - t0:6.1f}s  workers restarted (attempt {ev['attempt']}): "
-                    f"every rank restored step {ev['restored']} in {ev['restore_s']:.2f}s")
+            if ev.get("event") != "start" or ev["rank"] != 0 or not failures:
+                continue
+            if ev["restored"] is None:
+                what = "nothing restored, training starts over"
+            else:
+                what = f"every rank restored step {ev['restored']} in {ev['restore_s']:.2f}s"
+            say(f"  {ev['time'] - t0:6.1f}s  workers restarted (attempt {ev['attempt']}): {what}")
         now = time.time()
         last = failures[-1] if failures else None
         recovered = last is None or resumed_record(losses.records, last.injected_at) is not None
@@ -746,12 +801,11 @@ def _drive(job: TorchrunJob, args: argparse.Namespace, run_dir: Path,
             if value is None:
                 last.note = "(metric not exported)"
         if job.finished() and pending_replace is None:
-            progress.update(f"  step {step + 1}/{args.steps}  loss {loss:.3f}  "
-                            f"{now - t0:5.1f}s  finished", force=True)
-            say("")
+            say(f"  step {step + 1}/{args.steps}  loss {loss:.3f}  {now - t0:5.1f}s  "
+                "all agents exited")
             return True
         if now > deadline:
-            say(f"\n  timed out after {args.timeout:.0f}s at step {step}")
+            say(f"  timed out after {args.timeout:.0f}s at step {step}")
             return False
         marks = ", ".join(f.kind for f in failures) or "none yet"
         progress.update(f"  step {step + 1:>4}/{args.steps}  loss {loss:.3f}  "

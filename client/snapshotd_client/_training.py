@@ -45,8 +45,9 @@ With a daemon, in a training loop (``client = SnapshotClient(job="gpt")``)::
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping, MutableMapping
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Mapping, MutableMapping, Optional, Protocol, Union
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -72,7 +73,7 @@ class Stateful(Protocol):
     def load_state_dict(self, state: Mapping[str, Any]) -> Any: ...
 
 
-DataPosition = Union[MutableMapping[str, Any], Stateful]
+DataPosition = MutableMapping[str, Any] | Stateful
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -107,9 +108,9 @@ class TrainingState:
     for the copy with ``client.protect(optimizer)``, as :meth:`save` expects.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-                 scheduler: Optional[Any] = None, data: Optional[DataPosition] = None, *,
-                 generators: Optional[Mapping[str, torch.Generator]] = None,
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                 scheduler: Any | None = None, data: DataPosition | None = None, *,
+                 generators: Mapping[str, torch.Generator] | None = None,
                  rng: bool = True) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -139,11 +140,12 @@ class TrainingState:
             state["generators"] = {name: g.get_state() for name, g in self.generators.items()}
         return state
 
-    def _data_state(self) -> Any:
+    def _data_state(self) -> dict[str, Any]:
         data = self.data
-        if hasattr(data, "state_dict") and callable(getattr(data, "state_dict")):
-            return dict(data.state_dict())  # type: ignore[union-attr]
-        return dict(data)  # type: ignore[arg-type]
+        if isinstance(data, MutableMapping):
+            return dict(data)
+        assert data is not None
+        return dict(data.state_dict())
 
     # ------------------------------------------------------------------ restore
 
@@ -177,19 +179,19 @@ class TrainingState:
 
     def _load_data(self, value: Mapping[str, Any]) -> None:
         data = self.data
-        if hasattr(data, "load_state_dict") and callable(getattr(data, "load_state_dict")):
-            data.load_state_dict(value)  # type: ignore[union-attr]
-        else:
-            data.clear()  # type: ignore[union-attr]
-            data.update(value)  # type: ignore[union-attr]
+        if isinstance(data, MutableMapping):
+            data.clear()
+            data.update(value)
+        elif data is not None:
+            data.load_state_dict(value)
 
     # ------------------------------------------------------------------ with a client
 
-    def save(self, client: "SnapshotClient", step: int) -> Future:
+    def save(self, client: SnapshotClient, step: int) -> Future:
         """Snapshot the state after ``step`` through ``client`` (asynchronous, never raises)."""
         return client.save(step, self.state_dict(step))
 
-    def restore(self, client: "SnapshotClient", step: Optional[int] = None) -> Optional[int]:
+    def restore(self, client: SnapshotClient, step: int | None = None) -> int | None:
         """Load the newest snapshot (or ``step``) from ``client``; return its step, or None.
 
         With ``torch.distributed`` initialised every rank restores the same step: the newest
@@ -214,7 +216,7 @@ class TrainingState:
 # ---------------------------------------------------------------------- agreement
 
 
-def agree_step(client: "SnapshotClient", group: Any = None) -> Optional[int]:
+def agree_step(client: SnapshotClient, group: Any = None) -> int | None:
     """The newest step that every rank of ``group`` holds, or None if there is none.
 
     Each rank lists the steps its daemon holds and the lists are exchanged (one

@@ -11,10 +11,8 @@ of the same script, bit for bit:
     restore the same older step.
 """
 
-import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -26,24 +24,43 @@ import pytest
 
 from snapshotd import protocol as p
 from snapshotd.channel import Channel
-from snapshotd.demo import (JsonlTail, TorchrunJob, compare_params, find_script, read_jsonl,
-                            rebuilt_bytes, reference_run)
+from snapshotd.demo import (
+    JsonlTail,
+    TorchrunJob,
+    compare_params,
+    find_script,
+    kill_tree,
+    read_jsonl,
+    rebuilt_bytes,
+    reference_run,
+    torchrun_env,
+)
 
 SCRIPT = find_script()
 TINY = ["--size", "tiny"]
 
 
 def torchrun_standalone(nproc, endpoint, out, *args, timeout=180):
-    """One ``torchrun --standalone`` job on one node; return the completed process."""
-    env = {**os.environ, "SNAPSHOTD_ENDPOINT": endpoint, "GLOO_SOCKET_IFNAME": "lo",
-           "OMP_NUM_THREADS": "1"}
+    """Run one ``torchrun --standalone`` job on one node to the end; return its output."""
+    env = torchrun_env(SNAPSHOTD_ENDPOINT=endpoint)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", "--max-restarts=2", "--monitor-interval=0.2",
-           str(SCRIPT), *TINY, "--out", str(out), *args]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout, env=env)
-    assert proc.returncode == 0, f"torchrun exited with {proc.returncode}:\n{proc.stdout[-6000:]}"
-    return proc
+           f"--log-dir={Path(out) / 'torchelastic'}", str(SCRIPT), *TINY, "--out", str(out),
+           *args]
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with open(Path(out) / "torchrun.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:
+            kill_tree(proc.pid)          # the workers run in sessions of their own
+            proc.wait()
+    text = (Path(out) / "torchrun.log").read_text()
+    assert rc == 0, f"torchrun exited with {rc} (None: timed out):\n{text[-6000:]}"
+    return text
 
 
 def reference(tmp_path, nproc, steps, *args):

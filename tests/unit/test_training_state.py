@@ -1,0 +1,120 @@
+"""TrainingState: everything an exact resume needs survives the snapshot format, bit for bit."""
+
+import copy
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from snapshotd.localcluster import free_ports
+from snapshotd_client import DaemonUnavailable, SnapshotError, TrainingState
+from snapshotd_client._flatten import flatten, unflatten
+from snapshotd_client._training import agree_step
+
+
+def through_snapshot(state):
+    """What a save and a restore do to a state: flatten, copy the bytes, rebuild (CPU)."""
+    layout = flatten(state)
+    return unflatten(layout.meta, [t.clone() for t in layout.tensors])
+
+
+class Sampler:
+    def __init__(self):
+        self.epoch, self.offset = 0, 0
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state):
+        self.epoch, self.offset = state["epoch"], state["offset"]
+
+
+def make(data):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.3),
+                                torch.nn.Linear(16, 3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 / (1 + s))
+    return model, optimizer, scheduler, TrainingState(model, optimizer, scheduler, data=data)
+
+
+def step(model, optimizer, scheduler, advance):
+    x = torch.randn(5, 6)                                   # torch RNG, and dropout below
+    noise = float(np.random.rand()) + random.random()       # numpy and Python RNGs
+    (model(x).pow(2).mean() * (1 + noise)).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    scheduler.step()
+    advance()
+
+
+@pytest.mark.parametrize("kind", ["dict", "stateful"])
+def test_resume_from_a_snapshot_is_bit_exact(kind):
+    data = {"epoch": 0, "offset": 0} if kind == "dict" else Sampler()
+
+    def advance():
+        if kind == "dict":
+            data["offset"] += 1
+        else:
+            data.offset += 1
+
+    model, optimizer, scheduler, state = make(data)
+    for _ in range(3):
+        step(model, optimizer, scheduler, advance)
+    saved = through_snapshot(state.state_dict(step=2))
+    for _ in range(4):
+        step(model, optimizer, scheduler, advance)
+    expected = copy.deepcopy(model.state_dict())
+    expected_position = dict(data) if kind == "dict" else data.state_dict()
+
+    assert state.load(saved) == 2                           # back to just after step 2
+    assert (dict(data) if kind == "dict" else data.state_dict())["offset"] == 3
+    assert scheduler.last_epoch == 3
+    for _ in range(4):
+        step(model, optimizer, scheduler, advance)
+    got = model.state_dict()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert (dict(data) if kind == "dict" else data.state_dict()) == expected_position
+
+
+def test_format_is_checked():
+    state = TrainingState(torch.nn.Linear(2, 2))
+    snap = state.state_dict(7)
+    assert set(snap["model"]) == {"weight", "bias"} and snap["step"] == 7
+    with pytest.raises(ValueError, match="not a TrainingState snapshot"):
+        state.load({"model": snap["model"]})
+
+
+class FakeClient:
+    rank = 0
+
+    def __init__(self, steps):
+        self._steps = steps
+
+    def steps(self):
+        if isinstance(self._steps, Exception):
+            raise self._steps
+        return self._steps
+
+
+@pytest.fixture
+def one_rank_group():
+    port = free_ports(1)[0]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                            world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_ddp_wrapper_is_looked_through(one_rank_group):
+    ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+    assert set(TrainingState(ddp).state_dict(0)["model"]) == {"weight", "bias"}
+
+
+def test_agree_step_takes_the_newest_step_every_rank_holds(one_rank_group):
+    assert agree_step(FakeClient([3, 9, 4])) == 9
+    assert agree_step(FakeClient([])) is None
+    with pytest.raises(SnapshotError, match="rank 0: DaemonUnavailable"):
+        agree_step(FakeClient(DaemonUnavailable("no daemon")))
