@@ -50,6 +50,7 @@ class ParityRecord:
     frags: tuple[pp.FragInfo, ...]
     buf: bytearray
     checksum: str
+    complete: bool = False      # every parity holder of the stripe has its fragment
 
     def holding(self) -> pp.ParityHolding:
         return pp.ParityHolding(self.job, self.step, self.stripe, self.index, self.length,
@@ -214,6 +215,11 @@ class Protector:
         return leases, nv
 
     def on_protected(self, msg: pp.Protected) -> None:
+        stripe = self._stripe(msg.stripe)
+        if self.me in stripe.parity:
+            self._mark_complete(msg.job, msg.stripe, msg.step)
+        if self.me not in stripe.data:
+            return
         with self._lock:
             done = self._protected.setdefault((msg.job, msg.step), set())
             done.add(msg.stripe)
@@ -254,14 +260,16 @@ class Protector:
             data = [_contiguous(assembly.frags[i][1], length) for i in range(self.group.k)]
             parity = [bytearray(length) for _ in range(self.group.m)]
             self.codec.encode(data, parity)
-            self._keep(ParityRecord(job, step, stripe.index, 0, length, infos, parity[0],
-                                    frames_checksum([parity[0]])))
+            record = ParityRecord(job, step, stripe.index, 0, length, infos, parity[0],
+                                  frames_checksum([parity[0]]))
+            self._keep(record)
             for index in range(1, self.group.m):
                 msg = pp.PutParity(job, step, stripe.index, index, length, infos,
                                    frames_checksum([parity[index]]))
                 self.links.call(stripe.parity[index], msg, [parity[index]],
                                 timeout=timedelta(seconds=60))
-            for slot in stripe.data:
+            self._mark_complete(job, stripe.index, step)
+            for slot in (*stripe.parity[1:], *stripe.data):
                 self.links.call(slot, pp.Protected(job, step, stripe.index),
                                 timeout=timedelta(seconds=10))
         except Exception as exc:  # noqa: BLE001
@@ -290,10 +298,26 @@ class Protector:
                              f"{used} of {self.store.memory_limit} in use")
         with self._lock:
             self._parity[(record.job, record.stripe, record.step)] = record
-            steps = sorted(s for (j, st, s) in self._parity
-                           if j == record.job and st == record.stripe)
-            for old in steps[:-self.keep]:
-                del self._parity[(record.job, record.stripe, old)]
+            self._retain_parity(record.job, record.stripe)
+
+    def _mark_complete(self, job: str, stripe: int, step: int) -> None:
+        with self._lock:
+            record = self._parity.get((job, stripe, step))
+            if record is not None:
+                record.complete = True
+                self._retain_parity(job, stripe)
+
+    def _retain_parity(self, job: str, stripe: int) -> None:
+        """Keep the newest ``keep`` steps of a stripe and its two newest complete ones (lock
+        held): a stripe whose newest encodes were cut short by a failure still has a whole
+        older version, the one its data nodes keep as their newest protected."""
+        records = sorted((r for (j, st, _), r in self._parity.items()
+                          if j == job and st == stripe), key=lambda r: -r.step)
+        keep = {r.step for r in records[:self.keep]}
+        keep |= {r.step for r in [r for r in records if r.complete][:2]}
+        for r in records:
+            if r.step not in keep:
+                del self._parity[(job, stripe, r.step)]
 
     def housekeeping(self) -> None:
         self.expire()

@@ -135,10 +135,13 @@ class Recovery:
                 return
         if candidates:
             lost = [s for s in self.group.slots if s == self.me or not self.up(s)]
+            why = (f"group {self.group.index} lost slots {lost} (more than m={self.group.m})"
+                   if len(lost) > self.group.m else
+                   f"group {self.group.index} (lost slots {lost}) holds fewer than k="
+                   f"{self.group.k} fragments of some stripe for every version")
             raise RebuildError(
-                f"group {self.group.index} lost slots {lost} (more than m={self.group.m}): "
-                f"job {job!r} step {candidates[0]} (and older) cannot be rebuilt for slot "
-                f"{self.me}; fall back to the newest persisted checkpoint")
+                f"{why}: job {job!r} step {candidates[0]} (and older) cannot be rebuilt for "
+                f"slot {self.me}; fall back to the newest persisted checkpoint")
 
     def _plan(self, job: str, step: int, inv: dict[int, pp.InventoryReply]) -> _Plan | None:
         plan = []

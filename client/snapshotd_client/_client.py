@@ -20,7 +20,7 @@ from ._channel import Channel, DaemonError, SnapshotError
 from ._cuda import DeviceCopier, mark_ready
 from ._flatten import Layout, flatten, unflatten, view_of
 
-__all__ = ["SnapshotClient", "SnapshotSkipped", "RestoreInfo", "ENV_ENDPOINT"]
+__all__ = ["SnapshotClient", "SnapshotSkipped", "RestoreInfo", "ENV_ENDPOINT", "agree_step"]
 
 log = logging.getLogger("snapshotd_client")
 ENV_ENDPOINT = "SNAPSHOTD_ENDPOINT"
@@ -218,7 +218,7 @@ class SnapshotClient:
         """Return ``(step, state)`` of the newest version (or of ``step``), or None if none.
 
         Inside a job with ``torch.distributed`` initialised and ``step`` None, every rank
-        restores the same step: the newest one that all ranks hold (one MIN all-reduce).
+        restores the same step: the newest one that all ranks hold (see :func:`agree_step`).
 
         ``into``: an existing state of the same structure (e.g. ``model.state_dict()``); its
         tensors with the same path, dtype and shape are filled in place and returned instead of
@@ -249,15 +249,7 @@ class SnapshotClient:
         return lease.step, unflatten(lease.meta, tensors)
 
     def _agree(self) -> int | None:
-        import torch.distributed as dist
-
-        newest = self.latest()
-        value = torch.tensor([-1 if newest is None else newest], dtype=torch.int64)
-        if dist.get_backend() == "nccl":
-            value = value.cuda()
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
-        agreed = int(value.item())
-        return None if agreed < 0 else agreed
+        return agree_step(self)
 
     def _copy_out(self, lease: p.OpenReply,
                   targets: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -344,6 +336,34 @@ class _MapCache:
     def clear(self) -> None:
         while self._maps:
             self._drop(next(iter(self._maps)))
+
+
+def agree_step(client: SnapshotClient, group: Any = None) -> int | None:
+    """The newest step that every rank of ``group`` holds, or None if there is none.
+
+    Each rank lists the steps its daemon holds and the lists are exchanged (one
+    ``all_gather_object``). Comparing only the newest steps (a MIN all-reduce) is not enough:
+    a daemon keeps a few versions per rank (the newest ones and the newest protected one), so
+    when ranks' newest steps are far apart, or a replacement node rebuilt an older protected
+    version, the minimum of the newest steps can be a step some rank no longer holds. If any
+    rank cannot list its steps, every rank raises the same ``SnapshotError``.
+    """
+    import torch.distributed as dist
+
+    try:
+        mine: Any = sorted(set(client.steps()))
+    except SnapshotError as exc:
+        mine = f"{type(exc).__name__}: {exc}"
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, (client.rank, mine), group=group)
+    errors = [f"rank {rank}: {held}" for rank, held in everyone if isinstance(held, str)]
+    if errors:
+        raise SnapshotError("cannot agree on a step to restore: " + "; ".join(errors))
+    common = set(everyone[0][1])
+    for _, held in everyone[1:]:
+        common &= set(held)
+    return max(common) if common else None
+
 
 
 def _targets(into: Any) -> dict[str, torch.Tensor]:

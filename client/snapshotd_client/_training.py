@@ -51,6 +51,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from ._client import agree_step
+
 if TYPE_CHECKING:
     from ._client import SnapshotClient
 
@@ -214,35 +216,6 @@ class TrainingState:
 
 
 # ---------------------------------------------------------------------- agreement
-
-
-def agree_step(client: SnapshotClient, group: Any = None) -> int | None:
-    """The newest step that every rank of ``group`` holds, or None if there is none.
-
-    Each rank lists the steps its daemon holds and the lists are exchanged (one
-    ``all_gather_object``). Comparing only the newest steps (a MIN all-reduce) is not enough:
-    a daemon keeps a few versions per rank (the newest ones and the newest protected one), so
-    when ranks' newest steps are far apart, or a replacement node rebuilt an older protected
-    version, the minimum of the newest steps can be a step some rank no longer holds. If any
-    rank cannot list its steps, every rank raises the same ``SnapshotError``.
-    """
-    import torch.distributed as dist
-
-    from ._channel import SnapshotError
-
-    try:
-        mine: Any = sorted(set(client.steps()))
-    except SnapshotError as exc:
-        mine = f"{type(exc).__name__}: {exc}"
-    everyone: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, (client.rank, mine), group=group)
-    errors = [f"rank {rank}: {held}" for rank, held in everyone if isinstance(held, str)]
-    if errors:
-        raise SnapshotError("cannot agree on a step to restore: " + "; ".join(errors))
-    common = set(everyone[0][1])
-    for _, held in everyone[1:]:
-        common &= set(held)
-    return max(common) if common else None
 
 
 def _distributed() -> bool:
