@@ -205,7 +205,8 @@ class TrainingState:
             step = agree_step(client)
             if step is None:
                 return None
-        restored = client.restore(step)
+        # The model exists already: fill its tensors in place (no fresh memory to fault in).
+        restored = client.restore(step, into={"model": _unwrap(self.model).state_dict()})
         if restored is None:
             return None
         step_restored, state = restored
