@@ -1,0 +1,43 @@
+"""Fixtures of the fault campaign, loaded by each test module as a plugin
+(``pytest_plugins = ["faultfixtures"]``): the trainer zygote, a cluster factory, the keys."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from harness import FaultCluster, Zygote, make_cluster
+
+
+@pytest.fixture(scope="session")
+def zygote(tmp_path_factory):
+    """One process with torch imported that forks the campaign's trainer processes."""
+    z = Zygote(str(tmp_path_factory.mktemp("trainers")))
+    yield z
+    z.close()
+
+
+@pytest.fixture(scope="module")
+def clusters(tmp_path_factory):
+    """A factory of FaultClusters, stopped at the end of the module."""
+    made: list[FaultCluster] = []
+    root = str(tmp_path_factory.mktemp("faults"))
+
+    def make(nodes: int = 1, **kw: Any) -> FaultCluster:
+        cluster = make_cluster(root, nodes, **kw)
+        made.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in made:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster_keys(tmp_path_factory):
+    """A cluster CURVE key pair written by ``snapshotctl keygen``."""
+    from snapshotd.ctl import main as ctl
+
+    path = str(tmp_path_factory.mktemp("keys") / "cluster")
+    assert ctl(["keygen", path]) == 0
+    return path
