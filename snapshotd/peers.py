@@ -26,7 +26,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from . import protocol as p
-from .peerproto import Ping, decode
+from .peerproto import Ping, Pong, decode
 
 __all__ = ["Security", "PeerLinks", "PeerError", "Heartbeats", "load_security"]
 
@@ -151,12 +151,22 @@ class PeerLinks:
         while pending and (left := deadline - time.monotonic()) > 0:
             for sock, _ in poller.poll(int(left * 1000) + 1):
                 slot, req_id = pending[sock]
-                got_id, _reply = decode(sock.recv_multipart()[0])
-                if got_id == req_id:
+                _got_id, reply = decode(sock.recv_multipart()[0])
+                if isinstance(reply, Pong):      # this ping's answer or a late one: alive
                     answered.add(slot)
                     poller.unregister(sock)
                     del pending[sock]
         return answered
+
+    def late_pongs(self) -> set[int]:
+        """Slots whose answer to an earlier ping arrived after it was given up on."""
+        alive: set[int] = set()
+        for slot, sock in self._local.__dict__.get("socks", {}).items():
+            while sock.poll(0):
+                _, reply = decode(sock.recv_multipart()[0])
+                if isinstance(reply, Pong):
+                    alive.add(slot)
+        return alive
 
     def _socket(self, slot: int) -> zmq.Socket:
         socks = self._local.__dict__.setdefault("socks", {})
@@ -215,6 +225,7 @@ class Heartbeats:
         """Ping every peer once and update who is up."""
         answered = self.links.ping_all(list(self._up), Ping(self.me, self.cluster),
                                        max(0.2, self.interval * 0.8))
+        answered |= self.links.late_pongs()
         for slot in self._up:
             if slot in answered:
                 self._last_ok[slot] = self._clock()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -211,7 +212,7 @@ class Protector:
             raise StoreError("not_found", f"job {job!r} step {step} is not complete here")
         leases = []
         for v in nv.versions:
-            leases.append(self.store.lease(job, v.rank, 0, step=step).id)
+            leases.append(self.store.lease(job, v.rank, os.getpid(), step=step).id)
         return leases, nv
 
     def on_protected(self, msg: pp.Protected) -> None:
@@ -283,9 +284,11 @@ class Protector:
         if not 0 < msg.index < self.group.m or stripe.parity[msg.index] != self.me:
             raise StoreError("bad_request", f"node {self.me} does not hold parity {msg.index} "
                              f"of stripe {msg.stripe}")
+        if sum(memoryview(f).nbytes for f in frames) != msg.length:
+            raise StoreError("corrupt", f"parity {msg.index} of stripe {msg.stripe}: payload is "
+                             f"not the {msg.length} bytes the header declares")
         buf = _contiguous(frames, msg.length)
-        if sum(memoryview(f).nbytes for f in frames) != msg.length or (
-                frames_checksum([buf]) != msg.checksum):
+        if frames_checksum([buf]) != msg.checksum:
             raise StoreError("corrupt", f"parity {msg.index} of stripe {msg.stripe} for job "
                              f"{msg.job!r} step {msg.step}: length or checksum mismatch")
         self._keep(ParityRecord(msg.job, msg.step, msg.stripe, msg.index, msg.length,

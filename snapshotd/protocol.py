@@ -329,7 +329,8 @@ def decode(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES,
     req_id = body.pop("id", 0)
     if type(req_id) is not int:
         raise ProtocolError("malformed", "field 'id' must be an integer")
-    cls: Any = messages.get(body.pop("op", None))  # type: ignore[arg-type]
+    op = body.pop("op", None)
+    cls: Any = messages.get(op) if isinstance(op, str) else None
     if cls is None:
         raise ProtocolError("unknown_op", f"unknown operation; known: {sorted(messages)}")
     return req_id, _build(cls, body, cls.OP)

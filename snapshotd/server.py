@@ -122,12 +122,14 @@ class ControlServer(RouterLoop):
             self.metrics.checksum_failures.inc(len(bad))
             log.error("job %r rank %d step %d: tensors %s fail their checksums", v.job, v.rank,
                       v.step, bad)
+            held = False
             if self.recovery is not None and self.recovery.repair(v.job, v.step):
                 lease = self.store.lease(m.job, m.rank, m.pid, v.step)
-                v = lease.version
+                v, held = lease.version, True
                 bad = self.store.verify(v)
             if bad:
-                self.store.release(lease.id)
+                if held:
+                    self.store.release(lease.id)
                 raise StoreError("checksum_mismatch", f"job {v.job!r} rank {v.rank} step "
                                  f"{v.step}: bytes of tensors {bad} do not match their "
                                  "checksums, and the group could not rebuild them")

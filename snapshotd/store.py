@@ -351,6 +351,11 @@ class Store:
     def lease(self, job: str, rank: int, pid: int, step: int | None = None,
               max_step: int | None = None) -> Lease:
         """Pin a version for reading: ``step``, or the newest one not above ``max_step``."""
+        if pid <= 0:
+            raise StoreError("bad_request", f"reader pid must be > 0, got {pid}")
+        pid_start = self._identity(pid)
+        if pid_start is None:
+            raise StoreError("bad_request", f"reader pid {pid} is not a running process")
         with self._lock:
             held = {s: v for s, v in self._versions.get((job, rank), {}).items() if not v.doomed}
             if step is not None:
@@ -363,7 +368,7 @@ class Store:
                 raise StoreError("not_found", f"job {job!r} rank {rank} has no {want} here; "
                                  f"held steps: {sorted(held) or 'none'}")
             version.leases += 1
-            lease = Lease(self._next_lease, version, pid, self._identity(pid), time.monotonic())
+            lease = Lease(self._next_lease, version, pid, pid_start, time.monotonic())
             self._next_lease += 1
             self._leases[lease.id] = lease
             return lease
@@ -404,8 +409,8 @@ class Store:
         with self._lock:
             slots = [s for s in self._slots.values() if not s.committing]
             leases = list(self._leases.values())
-        dead_slots = [s for s in slots if self._identity(s.pid) != s.pid_start]
-        dead_leases = [le for le in leases if self._identity(le.pid) != le.pid_start]
+        dead_slots = [s for s in slots if not self._alive(s.pid, s.pid_start)]
+        dead_leases = [le for le in leases if not self._alive(le.pid, le.pid_start)]
         with self._lock:
             for slot in dead_slots:
                 if self._slots.get(slot.number) is slot and not slot.committing:
@@ -420,6 +425,10 @@ class Store:
                     del self._pool.free[number]
                     self.dir.unlink(number)
         return len(dead_slots) + len(dead_leases)
+
+    def _alive(self, pid: int, start: float | None) -> bool:
+        now = self._identity(pid)
+        return start is not None and now is not None and now == start
 
     def stats(self) -> dict[str, int]:
         with self._lock:

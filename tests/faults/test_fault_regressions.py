@@ -115,9 +115,6 @@ def test_regression_parity_of_dropped_versions_never_freed(clusters, zygote):
                          for s in cluster.specs), 4, "the dropped job's parity freed")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Heartbeats.beat_once only waits 0.8 x "
-                   "--heartbeat-interval for a Pong and drops later ones, so a live peer whose "
-                   "round trip is longer is marked down whatever --peer-timeout says (peers.py)")
 def test_regression_slow_heartbeat_answers_mark_peer_down(clusters):
     cluster = clusters(3, k=2, m=1, proxied=True,
                        args=["--insecure", "--heartbeat-interval", "0.5", "--peer-timeout", "3"])
@@ -133,9 +130,6 @@ def test_regression_slow_heartbeat_answers_mark_peer_down(clusters):
         time.sleep(0.25)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: ControlServer._on_open releases the lease twice "
-                   "when a checksum mismatch cannot be repaired, so the client gets "
-                   "'unknown_lease' instead of 'checksum_mismatch' naming the tensors (server.py)")
 def test_regression_unrepairable_checksum_error_reported_as_unknown_lease(clusters, zygote):
     import random
 
@@ -207,10 +201,6 @@ def _evicted_and_freed(zygote, spec):
     return st.open_leases == 0 and [m["step"] for _, m in manifests(spec)] == [2]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Store.lease increments version.leases before "
-                   "process_identity(pid) raises ValueError for a negative pid: the client gets "
-                   "'internal' and the version stays pinned forever (store.py; Open's pid is "
-                   "never range-checked)")
 def test_regression_open_with_negative_pid_pins_version(clusters, zygote):
     from snapshotd.channel import DaemonError
 
@@ -221,9 +211,6 @@ def test_regression_open_with_negative_pid_pins_version(clusters, zygote):
     assert _evicted_and_freed(zygote, spec), status(spec)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a lease opened for a pid that is not running gets "
-                   "pid_start None, and Store.reap compares None == None, so it is never "
-                   "reclaimed and pins the version forever (store.py lease/reap)")
 def test_regression_lease_of_dead_pid_never_reaped(clusters, zygote):
     cluster, spec = _save_two_jobs_keep_one(clusters, zygote)
     proc = __import__("subprocess").Popen(["true"])
@@ -235,9 +222,6 @@ def test_regression_lease_of_dead_pid_never_reaped(clusters, zygote):
     assert _evicted_and_freed(zygote, spec), status(spec)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Protector.on_put_parity allocates and zero-fills "
-                   "msg.length bytes (_contiguous) before checking the payload's size: one small "
-                   "PutParity declaring gigabytes makes the daemon allocate them (protection.py)")
 def test_regression_put_parity_declared_length_allocated_before_check(clusters):
     from harness import peer_call, proc_stats
 
@@ -255,9 +239,6 @@ def test_regression_put_parity_declared_length_allocated_before_check(clusters):
     assert grew < 64 << 20, f"peak RSS grew by {grew >> 20} MiB for a 4-byte request"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: protocol.decode looks the op up in a dict without "
-                   "checking its type, so a list or object 'op' raises TypeError (unhashable) "
-                   "and the daemon answers 'internal' instead of 'unknown_op' (protocol.py)")
 def test_regression_unhashable_op_is_internal_error(clusters):
     import zmq
 
