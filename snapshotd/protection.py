@@ -29,7 +29,7 @@ from .codec import Codec
 from .placement import Group, Stripe, data_stripes, stripes
 from .store import Store, StoreError, Version
 
-__all__ = ["Protector", "ParityRecord", "NodeVersion", "frames_checksum"]
+__all__ = ["Protector", "ParityRecord", "NodeVersion", "frames_checksum", "contiguous"]
 
 log = logging.getLogger("snapshotd.protection")
 
@@ -258,7 +258,7 @@ class Protector:
         try:
             infos = tuple(assembly.frags[i][0] for i in range(self.group.k))
             length = max(info.length for info in infos)
-            data = [_contiguous(assembly.frags[i][1], length) for i in range(self.group.k)]
+            data = [contiguous(assembly.frags[i][1], length) for i in range(self.group.k)]
             parity = [bytearray(length) for _ in range(self.group.m)]
             self.codec.encode(data, parity)
             record = ParityRecord(job, step, stripe.index, 0, length, infos, parity[0],
@@ -287,7 +287,7 @@ class Protector:
         if sum(memoryview(f).nbytes for f in frames) != msg.length:
             raise StoreError("corrupt", f"parity {msg.index} of stripe {msg.stripe}: payload is "
                              f"not the {msg.length} bytes the header declares")
-        buf = _contiguous(frames, msg.length)
+        buf = contiguous(frames, msg.length)
         if frames_checksum([buf]) != msg.checksum:
             raise StoreError("corrupt", f"parity {msg.index} of stripe {msg.stripe} for job "
                              f"{msg.job!r} step {msg.step}: length or checksum mismatch")
@@ -364,7 +364,7 @@ class Protector:
             cs = chunk_size(nv.total, self.group.k)
             start = msg.frag * cs
             length = max(0, min(cs, nv.total - start))
-            payload = bytes(_contiguous(nv.chunk_frames(self.store, start, length), length))
+            payload = bytes(contiguous(nv.chunk_frames(self.store, start, length), length))
         finally:
             for lease in leases:
                 self.store.release(lease)
@@ -399,7 +399,7 @@ class Protector:
         self._pool.shutdown(wait=True)
 
 
-def _contiguous(frames: Sequence[Any], length: int) -> Any:
+def contiguous(frames: Sequence[Any], length: int) -> Any:
     """One buffer of ``length`` bytes: the single frame itself, or a zero-padded copy."""
     views = [memoryview(f).cast("B") for f in frames]
     if len(views) == 1 and views[0].nbytes == length:

@@ -23,7 +23,7 @@ from typing import Any
 from . import peerproto as pp
 from .codec import Codec
 from .placement import Group, Stripe, data_stripes, parity_stripes
-from .protection import ParityRecord, Protector, frames_checksum
+from .protection import ParityRecord, Protector, contiguous, frames_checksum
 from .protocol import TensorEntry
 from .store import Store, StoreError
 
@@ -234,12 +234,7 @@ class Recovery:
         if frames_checksum(frames) != reply.checksum or (
                 sum(f.buffer.nbytes for f in frames) != reply.length):
             raise RebuildError(f"fragment from node {source.slot} failed its checksum")
-        buf = frames[0].buffer if frames else memoryview(b"")
-        if 0 <= length != buf.nbytes:
-            padded = bytearray(length)
-            padded[:buf.nbytes] = buf
-            buf = padded
-        return buf, reply
+        return contiguous([f.buffer for f in frames], reply.length if length < 0 else length), reply
 
     def _install(self, manifest: dict[str, Any], chunks: list[Any]) -> None:
         blob = _Blob(chunks)
@@ -283,7 +278,7 @@ class Recovery:
             infos = tuple(pp.FragInfo(s.slot, s.request.frag, reply.length, reply.manifest)
                           for s, (_, reply) in zip(data, fetched))
             length = max(i.length for i in infos)
-            bufs = [_pad(buf, length) for buf, _ in fetched]
+            bufs = [contiguous([buf], length) for buf, _ in fetched]
             parity = [bytearray(length) for _ in range(self.group.m)]
             self.codec.encode(bufs, parity)
             out = parity[index]
@@ -305,14 +300,6 @@ def _jobs(inv: dict[int, pp.InventoryReply]) -> list[str]:
     """Every job the inventories mention."""
     jobs = {d.job for r in inv.values() for d in r.data}
     return sorted(jobs | {h.job for r in inv.values() for h in r.parity})
-
-
-def _pad(buf: Any, length: int) -> Any:
-    if buf.nbytes == length:
-        return buf
-    out = bytearray(length)
-    out[:buf.nbytes] = buf
-    return out
 
 
 class _Blob:
