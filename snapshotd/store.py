@@ -66,6 +66,11 @@ def checksum(buf: memoryview) -> str:
     return xxhash.xxh3_64_hexdigest(buf)
 
 
+def _checksums(view: memoryview, tensors: tuple[TensorEntry, ...]) -> list[str]:
+    """The checksum of each tensor's bytes inside a slot, in table order."""
+    return [checksum(view[t.offset:t.offset + t.nbytes]) for t in tensors]
+
+
 @dataclass
 class Slot:
     number: int
@@ -290,9 +295,8 @@ class Store:
     def _seal(self, slot: Slot, tensors: tuple[TensorEntry, ...], meta: str) -> Version:
         view = self.dir.view(slot.number, slot.size)
         try:
-            summed = tuple(TensorEntry(t.name, t.dtype, t.shape, t.offset, t.nbytes,
-                                       checksum(view[t.offset:t.offset + t.nbytes]))
-                           for t in tensors)
+            summed = tuple(TensorEntry(t.name, t.dtype, t.shape, t.offset, t.nbytes, c)
+                           for t, c in zip(tensors, _checksums(view, tensors)))
         finally:
             view.release()
         now = self._clock()
@@ -317,8 +321,7 @@ class Store:
         view = self.dir.view(slot.number, slot.size)
         try:
             fill(view[:nbytes])
-            bad = [t.name for t in tensors
-                   if checksum(view[t.offset:t.offset + t.nbytes]) != t.checksum]
+            bad = [t.name for t, c in zip(tensors, _checksums(view, tensors)) if c != t.checksum]
         finally:
             view.release()
         if bad:
@@ -377,8 +380,8 @@ class Store:
         """Recompute checksums; return the names of tensors whose bytes do not match."""
         view = self.dir.view(version.number, version.size)
         try:
-            return [t.name for t in version.tensors
-                    if checksum(view[t.offset:t.offset + t.nbytes]) != t.checksum]
+            return [t.name for t, c in zip(version.tensors, _checksums(view, version.tensors))
+                    if c != t.checksum]
         finally:
             view.release()
 
