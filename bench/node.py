@@ -121,15 +121,18 @@ def save_case(nbytes: int, repeats: int, baselines: bool = True) -> dict[str, An
         with SnapshotClient(cluster.specs[0].control, job="bench", rank=0) as client:
             for step in range(3):                      # warm the segment pool
                 client.save(step, state).result()
-            stall, total = [], []
+            stall, copied, total = [], [], []
             for step in range(3, 3 + repeats):
                 start = time.perf_counter()
                 future = client.save(step, state)
                 stall.append(time.perf_counter() - start)
+                client.wait_copied()
+                copied.append(time.perf_counter() - start)
                 future.result()
                 total.append(time.perf_counter() - start)
                 client.wait()
-        out: dict[str, Any] = {"bytes": nbytes, "stall": stats(stall), "total": stats(total)}
+        out: dict[str, Any] = {"bytes": nbytes, "stall": stats(stall), "copied": stats(copied),
+                               "total": stats(total)}
     finally:
         cluster.stop()
     if baselines:

@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import types
 import typing
@@ -339,18 +340,24 @@ def decode(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES,
 def _build(cls: type, body: Any, where: str) -> Any:
     if not isinstance(body, dict):
         raise ProtocolError("malformed", f"{where} must be an object")
-    hints = typing.get_type_hints(cls)
     kwargs = {}
-    for field in dataclasses.fields(cls):
-        if field.name in body:
-            kwargs[field.name] = _check(body.pop(field.name), hints[field.name],
-                                        f"{where}.{field.name}")
-        elif (field.default is dataclasses.MISSING
-              and field.default_factory is dataclasses.MISSING):
-            raise ProtocolError("malformed", f"{where}: missing field '{field.name}'")
+    for name, hint, required in _fields(cls):
+        if name in body:
+            kwargs[name] = _check(body.pop(name), hint, f"{where}.{name}")
+        elif required:
+            raise ProtocolError("malformed", f"{where}: missing field '{name}'")
     if body:
         raise ProtocolError("malformed", f"{where}: unexpected fields {sorted(body)}")
     return cls(**kwargs)
+
+
+@functools.cache
+def _fields(cls: type) -> tuple[tuple[str, Any, bool], ...]:
+    """(name, resolved type, required) per field; resolving the hints costs ~0.3 ms a class."""
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, hints[f.name], f.default is dataclasses.MISSING
+                  and f.default_factory is dataclasses.MISSING)
+                 for f in dataclasses.fields(cls))
 
 
 def _check(value: Any, hint: Any, where: str) -> Any:
