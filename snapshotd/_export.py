@@ -32,7 +32,8 @@ def _progress(done: int, total: int, nbytes: int, enabled: bool) -> None:
 
 
 def export(control: str, job: str, step: int | None, out: str,
-           ranks: Sequence[int] | None = None, progress: bool = True) -> dict[str, Any]:
+           ranks: Sequence[int] | None = None, progress: bool = True,
+           token: str = "") -> dict[str, Any]:
     """Export (job, step) (newest common step when None) of the given ranks to ``out``."""
     try:
         import torch.distributed.checkpoint as dcp
@@ -43,7 +44,7 @@ def export(control: str, job: str, step: int | None, out: str,
                          "on a training node or `pip install snapshotd-client`") from None
     ch = Channel(control)
     try:
-        versions = ch.call(p.ListVersions(job)).versions
+        versions = ch.call(p.ListVersions(job, token=token)).versions
     finally:
         ch.close()
     held: dict[int, set[int]] = {}
@@ -61,7 +62,7 @@ def export(control: str, job: str, step: int | None, out: str,
     states, nbytes = {}, 0
     _progress(0, len(chosen), 0, progress)
     for i, rank in enumerate(chosen):
-        with SnapshotClient(control, job=job, rank=rank) as client:
+        with SnapshotClient(control, job=job, rank=rank, token=token) as client:
             _, states[rank] = client.restore(step)
             nbytes += client.last_restore.nbytes if client.last_restore else 0
         _progress(i + 1, len(chosen), nbytes, progress)

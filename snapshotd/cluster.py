@@ -63,7 +63,8 @@ def start_cluster(config: Config, store: Store, context: zmq.Context, metrics: A
     heartbeats = Heartbeats(links, me, "snapshotd", config.heartbeat_interval,
                             config.peer_timeout)
     protector = Protector(me, group, codec, store, links, keep=config.keep,
-                          encode_timeout=config.encode_timeout, up=heartbeats.up,
+                          encode_timeout=config.encode_timeout,
+                          peer_timeout=config.peer_timeout, up=heartbeats.up,
                           metrics=metrics,
                           on_node_protected=on_node_protected or (lambda job, step: None))
     recovery = Recovery(me, group, codec, store, protector, links, heartbeats.up, metrics,

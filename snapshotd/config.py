@@ -104,6 +104,8 @@ class Config:
                       "fallback) or replicate (m full copies; forces k=1)")
     keys: str = _opt("", str, "directory with the cluster CURVE keys (snapshotctl keygen)")
     insecure: bool = _opt(False, _parse_bool, "allow peer traffic without CURVE encryption")
+    job_isolation: bool = _opt(False, _parse_bool, "bind each job to the token its first "
+                               "writer presents (SNAPSHOTD_JOB_TOKEN); refuse other tokens")
     heartbeat_interval: float = _opt(1.0, float, "seconds between heartbeats to peers")
     peer_timeout: float = _opt(5.0, float, "seconds without an answer before a peer is down")
     encode_timeout: float = _opt(60.0, float, "seconds to wait for a stripe's data chunks")

@@ -67,24 +67,25 @@ def cmd_ls(ch: Channel, args: argparse.Namespace) -> tuple[Any, str]:
     if args.job is None:
         versions = ch.call(p.Status()).versions
     else:
-        versions = ch.call(p.ListVersions(args.job, args.rank)).versions
+        versions = ch.call(p.ListVersions(args.job, args.rank, token=args.token)).versions
     return p.ListReply(tuple(versions)), _versions(versions)
 
 
 def cmd_verify(ch: Channel, args: argparse.Namespace) -> tuple[Any, str]:
-    reply = ch.call(p.Verify(args.job, args.rank, args.step), timeout=timedelta(minutes=10))
+    reply = ch.call(p.Verify(args.job, args.rank, args.step, token=args.token),
+                    timeout=timedelta(minutes=10))
     rows = [[r.job, r.rank, r.step, "OK" if not r.bad else "BAD: " + ", ".join(r.bad)]
             for r in reply.results]
     return reply, _table(rows, ["JOB", "RANK", "STEP", "CHECKSUMS"])
 
 
 def cmd_drop(ch: Channel, args: argparse.Namespace) -> tuple[Any, str]:
-    reply = ch.call(p.Drop(args.job, args.rank, args.step, args.newer_than))
+    reply = ch.call(p.Drop(args.job, args.rank, args.step, args.newer_than, token=args.token))
     return reply, f"dropped {reply.count} version(s)"
 
 
 def cmd_persist(ch: Channel, args: argparse.Namespace) -> tuple[Any, str]:
-    reply = ch.call(p.Persist(args.job, args.step), timeout=timedelta(hours=1))
+    reply = ch.call(p.Persist(args.job, args.step, token=args.token), timeout=timedelta(hours=1))
     step = args.step if args.step is not None else "(newest)"
     return reply, f"persisted job {args.job!r} step {step}"
 
@@ -94,7 +95,7 @@ def cmd_export(ch: Channel, args: argparse.Namespace) -> tuple[Any, str]:
 
     result = export(args.control, args.job, args.step, args.out,
                     None if args.rank is None else [args.rank],
-                    progress=not args.json)
+                    progress=not args.json, token=args.token)
     return result, (f"exported job {result['job']!r} step {result['step']} ranks "
                     f"{result['ranks']} ({result['bytes']} bytes) to {result['out']} "
                     "(torch.distributed.checkpoint format)")
@@ -117,6 +118,11 @@ def _parser() -> argparse.ArgumentParser:
                     os.environ.get("SNAPSHOTD_ENDPOINT") or default_control())
     ap.add_argument("--json", action="store_true", help="machine-readable output")
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon")
+    ap.add_argument("--token", default=os.environ.get("SNAPSHOTD_JOB_TOKEN", ""),
+                    help="the job's token under --job-isolation (default $SNAPSHOTD_JOB_TOKEN)")
+    ap.add_argument("--admin-token-file", metavar="PATH",
+                    help="use the daemon's admin token (<shm-dir>/admin.token) to reach any job "
+                    "under --job-isolation")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("status", help="node, memory, peers and versions")
     for name in ("ls", "verify", "drop", "persist", "export"):
@@ -141,6 +147,13 @@ def _jsonable(obj: Any) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.admin_token_file:
+        try:
+            with open(args.admin_token_file) as fh:
+                args.token = fh.read().strip()
+        except OSError as exc:
+            print(f"snapshotctl: cannot read the admin token: {exc}", file=sys.stderr)
+            return 2
     try:
         if args.cmd == "keygen":
             result, text = cmd_keygen(args)

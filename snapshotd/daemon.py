@@ -12,6 +12,7 @@ import argparse
 import fcntl
 import logging
 import os
+import secrets
 import signal
 import sys
 from collections.abc import Sequence
@@ -67,9 +68,11 @@ class Daemon:
             node_slot=self.config.node_slot, workers=self.config.workers,
             reap_interval=self.config.reap_interval,
             on_commit=self._on_commit,
+            on_drop=self.cluster.protector.node_dropped if self.cluster else lambda j, s: None,
             recovery=self.cluster.recovery if self.cluster else None,
             peers=self.cluster.heartbeats.status if self.cluster else None,
-            persister=self.persister)
+            persister=self.persister, job_isolation=self.config.job_isolation,
+            admin_token=self._admin_token() if self.config.job_isolation else "")
         if self.config.metrics_port is not None:
             self.http = MetricsServer(self.registry, self.config.metrics_port,
                                       ready=self.readiness).start()
@@ -77,6 +80,18 @@ class Daemon:
         log.info("snapshotd node slot %d serving %s (memory limit %d bytes, keep %d)",
                  self.config.node_slot, self.server.endpoint, self.config.memory_limit,
                  self.config.keep)
+
+    def _admin_token(self) -> str:
+        """A fresh admin token in ``<shm-dir>/admin.token`` (0600, in the daemon's 0700
+        directory): who can read it can read the segments anyway. snapshotctl
+        --admin-token-file uses it to reach every job under --job-isolation."""
+        token = secrets.token_hex(32)
+        path = os.path.join(self.config.shm_dir, "admin.token")
+        fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token + "\n")
+        os.replace(path + ".tmp", path)
+        return token
 
     def _on_commit(self, version: Version) -> None:
         """After a commit: erasure-code the node version, persist every Nth one."""

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 from . import protocol as p
 
-__all__ = ["FragInfo", "Ping", "Pong", "PutData", "PutParity", "Protected", "Inventory",
+__all__ = ["FragInfo", "Ping", "Pong", "PutData", "PutParity", "Protected", "Dropped", "Inventory",
            "DataHolding", "ParityHolding", "InventoryReply", "GetData", "GetParity", "Chunk",
            "decode"]
 
@@ -97,6 +97,17 @@ class Protected:
 
 
 @dataclass(frozen=True)
+class Dropped:
+    """Node ``src`` dropped ``steps`` of ``job`` (an abandoned timeline, or an operator's drop):
+    parity holders free the parity of the stripes ``src`` is a data node of."""
+
+    OP: ClassVar[str] = "dropped"
+    job: str
+    src: int
+    steps: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Inventory:
     """What do you hold of this group? (asked by a node that rebuilds ``slot``)."""
 
@@ -160,8 +171,8 @@ class Chunk:
     manifest: str = ""
 
 
-_PEER_MESSAGES = p.registry(Ping, Pong, PutData, PutParity, Protected, Inventory, InventoryReply,
-                            GetData, GetParity, Chunk, p.Ok, p.Error)
+_PEER_MESSAGES = p.registry(Ping, Pong, PutData, PutParity, Protected, Dropped, Inventory,
+                            InventoryReply, GetData, GetParity, Chunk, p.Ok, p.Error)
 
 
 def decode(frame: bytes) -> tuple[int, Any]:

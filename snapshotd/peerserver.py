@@ -68,6 +68,10 @@ class PeerServer(RouterLoop):
         self.protector.on_protected(m)
         return p.Ok(1)
 
+    def _on_dropped(self, m: pp.Dropped, _: Any) -> p.Ok:
+        self.protector.on_dropped(m)
+        return p.Ok(1)
+
     def _on_inventory(self, m: pp.Inventory, _: Any) -> pp.InventoryReply:
         return self.protector.inventory()
 

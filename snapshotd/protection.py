@@ -70,13 +70,14 @@ class NodeVersion:
     def total(self) -> int:
         return sum(v.nbytes for v in self.versions)
 
-    def manifest(self, slot: int) -> str:
+    def manifest(self, slot: int, owner: str = "") -> str:
         ranks = [{"rank": v.rank, "nbytes": v.nbytes, "meta": v.meta,
                   "committed_at": v.committed_at, "local_world_size": v.local_world_size,
                   "tensors": [[t.name, t.dtype, list(t.shape), t.offset, t.nbytes, t.checksum]
                               for t in v.tensors]} for v in self.versions]
         return json.dumps({"slot": slot, "job": self.job, "step": self.step,
-                           "total": self.total, "ranks": ranks}, separators=(",", ":"))
+                           "total": self.total, "owner": owner, "ranks": ranks},
+                          separators=(",", ":"))
 
     def chunk_frames(self, store: Store, start: int, length: int) -> list[memoryview]:
         """Zero-copy views of blob bytes [start, start+length) across the rank segments."""
@@ -105,13 +106,20 @@ class Protector:
     """Runs the encode pipeline and keeps this node's parity."""
 
     def __init__(self, me: int, group: Group, codec: Codec, store: Store, links: Any, *,
-                 keep: int = 2, encode_timeout: float = 60.0, up: Callable[[int], bool],
+                 keep: int = 2, encode_timeout: float = 60.0, peer_timeout: float = 10.0,
+                 up: Callable[[int], bool],
                  metrics: Any = None, clock: Callable[[], float] = time.monotonic,
                  on_node_protected: Callable[[str, int], None] = lambda job, step: None) -> None:
         self.on_node_protected = on_node_protected
         self.me, self.group, self.codec, self.store, self.links = me, group, codec, store, links
         self.keep = keep
         self.encode_timeout = encode_timeout
+        # A peer call that carries a fragment is bounded by the encode timeout (a stripe whose
+        # fragments do not all arrive in that time is given up anyway); a small one by the
+        # heartbeat's peer timeout. A call stuck on a dead peer then holds an encode thread no
+        # longer than the configured timeouts.
+        self._transfer = timedelta(seconds=encode_timeout)
+        self._small = timedelta(seconds=peer_timeout)
         self.up = up
         self.metrics = metrics
         self._clock = clock
@@ -190,7 +198,7 @@ class Protector:
     def _send_data_chunks(self, job: str, step: int) -> None:
         leases, nv = self._lease_node_version(job, step)
         try:
-            manifest = nv.manifest(self.me)
+            manifest = nv.manifest(self.me, self.store.owner(nv.job))
             cs = chunk_size(nv.total, self.group.k)
             for chunk, (stripe, _) in enumerate(data_stripes(self.me, self.group)):
                 if not self.up(stripe.parity[0]):
@@ -201,7 +209,7 @@ class Protector:
                 frames = nv.chunk_frames(self.store, start, length)
                 info = pp.FragInfo(self.me, chunk, length, manifest)
                 msg = pp.PutData(job, step, stripe.index, info, frames_checksum(frames))
-                self.links.call(stripe.parity[0], msg, frames, timeout=timedelta(seconds=60))
+                self.links.call(stripe.parity[0], msg, frames, timeout=self._transfer)
         finally:
             for lease in leases:
                 self.store.release(lease)
@@ -247,6 +255,12 @@ class Protector:
                              f"{msg.job!r} step {msg.step}: {got} bytes or checksum mismatch")
         key = (msg.job, msg.step, msg.stripe)
         with self._lock:
+            record = self._parity.get((msg.job, msg.stripe, msg.step))
+            if record is not None and record.complete and msg.info in record.frags:
+                # A re-send of a fragment already encoded (its node restarted and lost the
+                # protected flag): the stripe is whole, say so again instead of re-encoding.
+                self._pool.submit(self._confirm, msg.job, msg.step, msg.stripe, msg.info.src)
+                return
             assembly = self._assembling.setdefault(key, _Assembly(self._clock()))
             assembly.frags[stripe.data.index(msg.info.src)] = (msg.info, frames)
             if len(assembly.frags) < self.group.k:
@@ -268,16 +282,69 @@ class Protector:
                 msg = pp.PutParity(job, step, stripe.index, index, length, infos,
                                    frames_checksum([parity[index]]))
                 self.links.call(stripe.parity[index], msg, [parity[index]],
-                                timeout=timedelta(seconds=60))
+                                timeout=self._transfer)
             self._mark_complete(job, stripe.index, step)
             for slot in (*stripe.parity[1:], *stripe.data):
                 self.links.call(slot, pp.Protected(job, step, stripe.index),
-                                timeout=timedelta(seconds=10))
+                                timeout=self._small)
         except Exception as exc:  # noqa: BLE001
             log.warning("stripe %d of job %r step %d not protected: %s", stripe.index, job, step,
                         exc)
         finally:
             self.links.close_thread()
+
+    def _confirm(self, job: str, step: int, stripe: int, slot: int) -> None:
+        try:
+            self.links.call(slot, pp.Protected(job, step, stripe), timeout=self._small)
+        except Exception as exc:  # noqa: BLE001 - the node retries its PutData later
+            log.info("could not confirm stripe %d of job %r step %d to node %d: %s", stripe, job,
+                     step, slot, exc)
+        finally:
+            self.links.close_thread()
+
+    # ------------------------------------------------------------------ dropped versions
+
+    def node_dropped(self, job: str, steps: set[int]) -> None:
+        """This node no longer holds ``steps`` of ``job`` (dropped): tell the group's parity
+        holders, which free the parity of the stripes this node's data is part of."""
+        if self.group.m == 0 or not steps:
+            return
+        with self._lock:
+            for key in [k for k in self._sent if k[0] == job and k[1] in steps]:
+                del self._sent[key]
+        msg = pp.Dropped(job, self.me, tuple(sorted(steps)))
+        for slot in self.group.slots:
+            if slot != self.me:
+                self._pool.submit(self._notify, slot, msg)
+
+    def _notify(self, slot: int, msg: Any) -> None:
+        try:
+            self.links.call(slot, msg, timeout=self._small)
+        except Exception as exc:  # noqa: BLE001 - best effort; logged
+            log.warning("node %d did not hear that job %r steps %s were dropped here: %s", slot,
+                        msg.job, list(msg.steps), exc)
+        finally:
+            self.links.close_thread()
+
+    def on_dropped(self, msg: pp.Dropped) -> None:
+        if msg.src not in self.group.slots or msg.src == self.me:
+            raise StoreError("bad_request", f"node {msg.src} is not a peer of node {self.me} "
+                             f"in group {self.group.index}")
+        self._drop_parity(msg.src, msg.job, set(msg.steps))
+
+    def _drop_parity(self, src: int, job: str, steps: set[int]) -> None:
+        """Free the parity of (job, step) in every stripe ``src`` is a data node of: that
+        version is an abandoned timeline, and a rebuild must not bring it back."""
+        with self._lock:
+            gone = [key for key in self._parity if key[0] == job and key[2] in steps
+                    and src in self.stripes[key[1]].data]
+            for key in gone:
+                del self._parity[key]
+            for key in [k for k in self._assembling if k[0] == job and k[1] in steps]:
+                del self._assembling[key]
+        if gone:
+            log.info("freed %d parity fragments of job %r steps %s dropped by node %d",
+                     len(gone), job, sorted(steps), src)
 
     def on_put_parity(self, msg: pp.PutParity, frames: list[Any]) -> None:
         stripe = self._stripe(msg.stripe)
@@ -359,16 +426,27 @@ class Protector:
         return pp.InventoryReply(self.me, tuple(data), parity)
 
     def get_data(self, msg: pp.GetData) -> tuple[pp.Chunk, list[Any]]:
+        """Serve one chunk of a node version, after checking its tensors against their
+        checksums: damaged bytes must not be decoded into a rebuild or encoded into parity."""
         leases, nv = self._lease_node_version(msg.job, msg.step)
         try:
             cs = chunk_size(nv.total, self.group.k)
-            start = msg.frag * cs
+            start, offset = msg.frag * cs, 0
+            for v in nv.versions:
+                bad = self.store.verify(v, start - offset, start + cs - offset)
+                offset += v.nbytes
+                if bad:
+                    if self.metrics is not None:
+                        self.metrics.checksum_failures.inc()
+                    raise StoreError("corrupt", f"job {msg.job!r} rank {v.rank} step {msg.step} "
+                                     f"on node {self.me}: tensors {bad[:4]} fail their checksums")
             length = max(0, min(cs, nv.total - start))
             payload = bytes(contiguous(nv.chunk_frames(self.store, start, length), length))
         finally:
             for lease in leases:
                 self.store.release(lease)
-        return pp.Chunk(length, frames_checksum([payload]), nv.manifest(self.me)), [payload]
+        manifest = nv.manifest(self.me, self.store.owner(nv.job))
+        return pp.Chunk(length, frames_checksum([payload]), manifest), [payload]
 
     def get_parity(self, msg: pp.GetParity) -> tuple[pp.Chunk, list[Any]]:
         with self._lock:

@@ -105,6 +105,8 @@ class Alloc:
     nbytes: int
     pid: int
     local_world_size: int = 1
+    #: The job's access token (``--job-isolation``; from ``SNAPSHOTD_JOB_TOKEN``); never logged.
+    token: str = ""
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,8 @@ class ListVersions:
     OP: ClassVar[str] = "list"
     job: str
     rank: int | None = None
+    #: The job's access token (``--job-isolation``; from ``SNAPSHOTD_JOB_TOKEN``); never logged.
+    token: str = ""
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,8 @@ class Open:
     step: int | None = None
     max_step: int | None = None
     verify: bool = True
+    #: The job's access token (``--job-isolation``; from ``SNAPSHOTD_JOB_TOKEN``); never logged.
+    token: str = ""
 
 
 @dataclass(frozen=True)
@@ -171,6 +177,8 @@ class Drop:
     rank: int | None = None
     step: int | None = None
     newer_than: int | None = None
+    #: The job's access token (``--job-isolation``; from ``SNAPSHOTD_JOB_TOKEN``); never logged.
+    token: str = ""
 
 
 @dataclass(frozen=True)
@@ -181,6 +189,8 @@ class Verify:
     job: str
     rank: int | None = None
     step: int | None = None
+    #: The job's access token (``--job-isolation``; from ``SNAPSHOTD_JOB_TOKEN``); never logged.
+    token: str = ""
 
 
 @dataclass(frozen=True)
@@ -190,6 +200,8 @@ class Persist:
     OP: ClassVar[str] = "persist"
     job: str
     step: int | None = None
+    #: The job's access token (``--job-isolation``; from ``SNAPSHOTD_JOB_TOKEN``); never logged.
+    token: str = ""
 
 
 # --------------------------------------------------------------------------- replies

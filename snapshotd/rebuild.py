@@ -107,7 +107,7 @@ class Recovery:
             for job in _jobs(inv):
                 try:
                     self._recover_job(job, inv)
-                except RebuildError as exc:
+                except Exception as exc:  # noqa: BLE001 - one job's failure spares the others
                     log.error("%s", exc)
                     self.failures[job] = str(exc)
             return inv
@@ -126,13 +126,23 @@ class Recovery:
     def _recover_job(self, job: str, inv: dict[int, pp.InventoryReply]) -> None:
         mine = {h.step: f.manifest for r in inv.values() for h in r.parity if h.job == job
                 for f in h.frags if f.src == self.me}
-        held = [v.step for v in self.store.versions(job)]
-        candidates = sorted((s for s in mine if not held or s > max(held)), reverse=True)
+        # Newer than the newest version this node holds whole; a version held in part (a
+        # rebuild cut short between ranks) is a candidate too: its missing ranks are rebuilt.
+        whole = [s for s in {v.step for v in self.store.versions(job)}
+                 if self.protector.node_version(job, s) is not None]
+        candidates = sorted((s for s in mine if not whole or s > max(whole)), reverse=True)
+        problems = []
         for step in candidates:
             plan = self._plan(job, step, inv)
-            if plan is not None:
-                self.rebuild(job, step, mine[step], plan)
+            if plan is None:
+                continue
+            try:
+                self.rebuild(job, step, mine[step], plan, keep_held=True)
                 return
+            except Exception as exc:  # noqa: BLE001 - an older version may still be whole
+                log.warning("rebuild of job %r step %d failed, trying an older one: %s", job,
+                            step, exc)
+                problems.append(f"step {step}: {exc}")
         if candidates:
             lost = [s for s in self.group.slots if s == self.me or not self.up(s)]
             why = (f"group {self.group.index} lost slots {lost} (more than m={self.group.m})"
@@ -141,7 +151,8 @@ class Recovery:
                    f"{self.group.k} fragments of some stripe for every version")
             raise RebuildError(
                 f"{why}: job {job!r} step {candidates[0]} (and older) cannot be rebuilt for "
-                f"slot {self.me}; fall back to the newest persisted checkpoint")
+                f"slot {self.me}; fall back to the newest persisted checkpoint"
+                + (f" ({'; '.join(problems)})" if problems else ""))
 
     def _plan(self, job: str, step: int, inv: dict[int, pp.InventoryReply]) -> _Plan | None:
         plan = []
@@ -155,7 +166,7 @@ class Recovery:
             sources = self._sources(job, step, stripe, inv, holdings, skip=self.me)
             if len(sources) < self.group.k or not mine:
                 return None
-            plan.append((stripe, pos, length, mine[0].length, sources[:self.group.k]))
+            plan.append((stripe, pos, length, mine[0].length, sources))
         return plan
 
     def _sources(self, job: str, step: int, stripe: Stripe, inv: dict[int, pp.InventoryReply],
@@ -182,7 +193,7 @@ class Recovery:
         nv = self.protector.node_version(job, step)
         if nv is None:
             return False
-        manifest = nv.manifest(self.me)
+        manifest = nv.manifest(self.me, self.store.owner(job))
         with self._lock:
             try:
                 plan = self._plan(job, step, self._inventories())
@@ -198,16 +209,18 @@ class Recovery:
 
     # ------------------------------------------------------------------ data
 
-    def rebuild(self, job: str, step: int, manifest: str, plan: list) -> None:
-        """Fetch, decode and install this node's data for (job, step)."""
+    def rebuild(self, job: str, step: int, manifest: str, plan: list,
+                keep_held: bool = False) -> None:
+        """Fetch, decode and install this node's data for (job, step); with ``keep_held``,
+        ranks already held at that step are kept (a repair replaces them)."""
         started = time.perf_counter()
         chunks: list[Any] = []
         for _stripe, pos, length, my_length, sources in plan:
-            present = self._fetch_all(sources, length)
+            present = self._fetch_k(sources, length)
             out = bytearray(length)
             self.codec.reconstruct(present, {pos: out})
             chunks.append(memoryview(out)[:my_length])
-        self._install(json.loads(manifest), chunks)
+        self._install(json.loads(manifest), chunks, keep_held)
         seconds = time.perf_counter() - started
         total = sum(c.nbytes for c in chunks)
         self.rebuilt_bytes += total
@@ -218,16 +231,38 @@ class Recovery:
         log.info("rebuilt job %r step %d for slot %d: %d bytes in %.2fs", job, step, self.me,
                  total, seconds)
 
-    def _fetch_all(self, sources: list[_Source], length: int) -> dict[int, Any]:
-        """Fetch one stripe's fragments from their nodes in parallel (one connection each)."""
+    def _fetch_k(self, sources: list[_Source], length: int) -> dict[int, Any]:
+        """Fetch ``k`` of a stripe's fragments, in parallel (one connection per node).
+
+        A fragment that cannot be had (its node is gone, or it fails a checksum there or on
+        the way) is replaced by one of the stripe's other sources; RebuildError once fewer
+        than ``k`` good ones are left.
+        """
         def one(source: _Source) -> Any:
             try:
                 return self._fetch(source, length)[0]
             finally:
                 self.links.close_thread()
 
-        with ThreadPoolExecutor(len(sources), thread_name_prefix="snapshotd-fetch") as pool:
-            return dict(zip((s.index for s in sources), pool.map(one, sources)))
+        k = self.group.k
+        present: dict[int, Any] = {}
+        problems: list[str] = []
+        queue = list(sources)
+        with ThreadPoolExecutor(k, thread_name_prefix="snapshotd-fetch") as pool:
+            while len(present) < k and queue:
+                batch, queue = queue[:k - len(present)], queue[k - len(present):]
+                futures = [(s, pool.submit(one, s)) for s in batch]
+                for source, future in futures:
+                    try:
+                        present[source.index] = future.result()
+                    except Exception as exc:  # noqa: BLE001 - try another fragment
+                        problems.append(f"node {source.slot}: {exc}")
+                        log.warning("fragment %d from node %d unusable, trying another: %s",
+                                    source.index, source.slot, exc)
+        if len(present) < k:
+            raise RebuildError(f"only {len(present)} of the k={k} fragments needed could be "
+                               f"fetched: {'; '.join(problems)}")
+        return present
 
     def _fetch(self, source: _Source, length: int) -> tuple[Any, pp.Chunk]:
         reply, frames = self.links.call(source.slot, source.request, timeout=_FETCH)
@@ -236,33 +271,40 @@ class Recovery:
             raise RebuildError(f"fragment from node {source.slot} failed its checksum")
         return contiguous([f.buffer for f in frames], reply.length if length < 0 else length), reply
 
-    def _install(self, manifest: dict[str, Any], chunks: list[Any]) -> None:
+    def _install(self, manifest: dict[str, Any], chunks: list[Any], keep_held: bool) -> None:
         blob = _Blob(chunks)
         offset = 0
+        held = {v.rank for v in self.store.versions(manifest["job"])
+                if v.step == manifest["step"]} if keep_held else set()
         for r in manifest["ranks"]:
+            if r["rank"] in held:            # installed before a restart cut the rebuild short
+                offset += r["nbytes"]
+                continue
             tensors = tuple(TensorEntry(n, d, tuple(s), o, b, c) for n, d, s, o, b, c
                             in r["tensors"])
             start = offset
             self.store.install(manifest["job"], r["rank"], manifest["step"], r["nbytes"],
                                tensors, r["meta"], r["local_world_size"],
                                functools.partial(blob.read_into, start),
-                               committed_at=r["committed_at"])
+                               committed_at=r["committed_at"], owner=manifest.get("owner", ""))
             offset += r["nbytes"]
 
     # ------------------------------------------------------------------ parity
 
     def _recreate_parity(self, inv: dict[int, pp.InventoryReply], jobs: list[str]) -> None:
         held = {(r.job, r.stripe, r.step) for r in self.protector.parity_records()}
+        # Every step the data nodes still hold, newest first (parity retention trims the rest):
+        # the newest may be one some data node never got protected, and its newest *protected*
+        # step is the one a loss of that node falls back to.
         for stripe, index in parity_stripes(self.me, self.group):
             for job in jobs:
                 steps = sorted({d.step for r in inv.values() for d in r.data if d.job == job},
                                reverse=True)
-                for step in steps:
+                for step in steps[:self.protector.keep + 2]:
                     if (job, stripe.index, step) in held:
-                        break
+                        continue
                     try:
-                        if self._recreate(job, step, stripe, index, inv):
-                            break
+                        self._recreate(job, step, stripe, index, inv)
                     except Exception as exc:  # noqa: BLE001
                         log.warning("parity %d of stripe %d, job %r step %d not re-created: %s",
                                     index, stripe.index, job, step, exc)
@@ -273,24 +315,32 @@ class Recovery:
                     if (h.job, h.step, h.stripe) == (job, step, stripe.index)]
         sources = self._sources(job, step, stripe, inv, holdings, skip=self.me)
         data = [s for s in sources if s.index < self.group.k]
+        out: Any = None
         if len(data) == self.group.k:
-            fetched = [self._fetch(s, -1) for s in data]
-            infos = tuple(pp.FragInfo(s.slot, s.request.frag, reply.length, reply.manifest)
-                          for s, (_, reply) in zip(data, fetched))
-            length = max(i.length for i in infos)
-            bufs = [contiguous([buf], length) for buf, _ in fetched]
-            parity = [bytearray(length) for _ in range(self.group.m)]
-            self.codec.encode(bufs, parity)
-            out = parity[index]
-        elif holdings and len(sources) >= self.group.k:
+            try:
+                fetched = [self._fetch(s, -1) for s in data]
+                infos = tuple(pp.FragInfo(s.slot, s.request.frag, reply.length, reply.manifest)
+                              for s, (_, reply) in zip(data, fetched))
+                length = max(i.length for i in infos)
+                bufs = [contiguous([buf], length) for buf, _ in fetched]
+                parity = [bytearray(length) for _ in range(self.group.m)]
+                self.codec.encode(bufs, parity)
+                out = parity[index]
+            except Exception as exc:  # noqa: BLE001 - decode it from the other parity instead
+                if not holdings:
+                    raise
+                log.warning("parity %d of stripe %d, job %r step %d: data fragments unusable "
+                            "(%s); decoding it from the surviving fragments", index,
+                            stripe.index, job, step, exc)
+        if out is None:
+            if not holdings or len(sources) < self.group.k:
+                return False
             length, infos = holdings[0].length, holdings[0].frags
-            present = self._fetch_all(sources[:self.group.k], length)
+            present = self._fetch_k(sources, length)
             out = bytearray(length)
             self.codec.reconstruct(present, {self.group.k + index: out})
-        else:
-            return False
         self.protector.store_parity(ParityRecord(job, step, stripe.index, index, length, infos,
-                                                 out, frames_checksum([out])))
+                                                 out, frames_checksum([out]), complete=True))
         log.info("re-created parity %d of stripe %d for job %r step %d", index, stripe.index,
                  job, step)
         return True

@@ -7,6 +7,8 @@ reaped between passes.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
 import time
@@ -39,15 +41,20 @@ class ControlServer(RouterLoop):
                  metrics: Metrics, node_slot: int = 0, workers: int = 4,
                  reap_interval: float = 1.0,
                  on_commit: Callable[[Any], None] = lambda version: None,
+                 on_drop: Callable[[str, set[int]], None] = lambda job, steps: None,
                  recovery: Any = None,
                  peers: Callable[[], dict[int, bool]] | None = None,
-                 persister: Any = None) -> None:
+                 persister: Any = None, job_isolation: bool = False,
+                 admin_token: str = "") -> None:
+        self.job_isolation = job_isolation
+        self._admin = token_digest(admin_token) if admin_token else ""
         self.peers = peers
         self.persister = persister
         self.store = store
         self.metrics = metrics
         self.node_slot = node_slot
         self.on_commit = on_commit
+        self.on_drop = on_drop
         self.recovery = recovery
         sock = context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -65,7 +72,22 @@ class ControlServer(RouterLoop):
 
     # ------------------------------------------------------------------ requests
 
+    def _authorize(self, m: Any, bind: bool = False) -> None:
+        """With ``--job-isolation``: a request naming a job must carry that job's token (the
+        one its first writer presented) or the admin token."""
+        if not self.job_isolation:
+            return
+        if not m.token:
+            raise StoreError("forbidden", f"job {m.job!r}: this daemon runs with "
+                             "--job-isolation; set SNAPSHOTD_JOB_TOKEN (SnapshotClient(token=...)"
+                             ") to the job's token")
+        digest = token_digest(m.token)
+        if self._admin and hmac.compare_digest(digest, self._admin):
+            return
+        self.store.authorize(m.job, digest, bind)
+
     def _on_alloc(self, m: p.Alloc, _: Any = None) -> p.AllocReply:
+        self._authorize(m, bind=True)
         if self.stopping:
             raise StoreError("shutting_down", "the daemon is shutting down; retry on restart")
         slot = self.store.alloc(m.job, m.rank, m.step, m.nbytes, m.pid, m.local_world_size)
@@ -91,6 +113,7 @@ class ControlServer(RouterLoop):
         return p.Ok(1)
 
     def _on_list(self, m: p.ListVersions, _: Any = None) -> p.ListReply:
+        self._authorize(m)
         self._wait_recovery(m.job)
         held = [_info(v) for v in self.store.versions(m.job, m.rank)]
         if self.persister is not None:
@@ -112,6 +135,7 @@ class ControlServer(RouterLoop):
             log.warning("memory cannot serve job %r; the persistence tier will", job)
 
     def _on_open(self, m: p.Open, _: Any = None) -> p.OpenReply:
+        self._authorize(m)
         started = time.perf_counter()
         self._wait_recovery(m.job)
         lease, tier = self._lease_any_tier(m)
@@ -157,6 +181,7 @@ class ControlServer(RouterLoop):
             return self.store.lease(m.job, m.rank, m.pid, on_disk[-1]), "disk"
 
     def _on_persist(self, m: p.Persist, _: Any = None) -> p.Ok:
+        self._authorize(m)
         if self.persister is None:
             raise StoreError("bad_request", "no persistence tier: start the daemon with "
                              "--persist-dir DIR")
@@ -173,6 +198,7 @@ class ControlServer(RouterLoop):
         return p.Ok(1)
 
     def _on_verify(self, m: p.Verify, _: Any = None) -> p.VerifyReply:
+        self._authorize(m)
         results = []
         for v in self.store.versions(m.job, m.rank):
             if m.step is None or v.step == m.step:
@@ -183,7 +209,17 @@ class ControlServer(RouterLoop):
         return p.VerifyReply(tuple(results))
 
     def _on_drop(self, m: p.Drop, _: Any = None) -> p.Ok:
-        return p.Ok(self.store.drop(m.job, m.rank, m.step, m.newer_than))
+        self._authorize(m)
+        before = {v.step for v in self.store.versions(m.job)}
+        count = self.store.drop(m.job, m.rank, m.step, m.newer_than)
+        gone = before - {v.step for v in self.store.versions(m.job)}
+        if gone:
+            try:
+                self.on_drop(m.job, gone)
+            except Exception:  # noqa: BLE001 - the local drop stands either way
+                log.exception("telling peers that job %r steps %s were dropped failed", m.job,
+                              sorted(gone))
+        return p.Ok(count)
 
     def _on_status(self, m: p.Status, _: Any = None) -> p.StatusReply:
         stats = self.store.stats()
@@ -205,6 +241,11 @@ class ControlServer(RouterLoop):
                 os.unlink(self.endpoint[6:])
             except OSError:
                 pass
+
+
+def token_digest(token: str) -> str:
+    """What the daemon keeps of a job token (in memory and in manifests): its SHA-256."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _bind(sock: zmq.Socket, endpoint: str) -> str:

@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import re
@@ -153,6 +154,8 @@ class Store:
         self._leases: dict[int, Lease] = {}
         self._pool = _Pool()
         self._next_lease = 1
+        #: job -> hex SHA-256 of the token it is bound to (``--job-isolation``).
+        self._owners: dict[str, str] = {}
         #: Bytes held outside the segments (parity); set by the protection layer.
         self.extra_usage: Callable[[], int] = lambda: 0
 
@@ -175,6 +178,8 @@ class Store:
                 report["bytes_removed"] += left.size
                 continue
             self._versions.setdefault((version.job, version.rank), {})[version.step] = version
+            if left.manifest and left.manifest.get("owner"):
+                self._owners.setdefault(version.job, left.manifest["owner"])
             report["adopted"] += 1
         for key in list(self._versions):
             self._retain(key)
@@ -303,6 +308,7 @@ class Store:
         manifest = {"format": 1, "job": slot.job, "rank": slot.rank, "step": slot.step,
                     "nbytes": slot.nbytes, "meta": meta, "committed_at": now,
                     "local_world_size": slot.local_world_size,
+                    "owner": self._owners.get(slot.job, ""),
                     "tensors": [t.__dict__ | {"shape": list(t.shape)} for t in summed]}
         book = self.dir.write_manifest(slot.number, manifest) + _VERSION_OVERHEAD
         return Version(slot.number, slot.job, slot.rank, slot.step, slot.nbytes, slot.size,
@@ -311,12 +317,15 @@ class Store:
     def install(self, job: str, rank: int, step: int, nbytes: int,
                 tensors: tuple[TensorEntry, ...], meta: str, local_world_size: int,
                 fill: Callable[[memoryview], None], committed_at: float | None = None,
-                protected: bool = True) -> Version:
+                protected: bool = True, owner: str = "") -> Version:
         """Publish a version rebuilt from peers: reserve, ``fill`` the bytes, verify, commit.
 
         The tensor checksums come with the table; bytes that do not match them are refused
         (``checksum_mismatch``, naming the tensors) and nothing is published.
         """
+        if owner:
+            with self._lock:
+                self._owners.setdefault(job, owner)
         slot = self.alloc(job, rank, step, nbytes, os.getpid(), local_world_size)
         view = self.dir.view(slot.number, slot.size)
         try:
@@ -376,11 +385,14 @@ class Store:
             self._leases[lease.id] = lease
             return lease
 
-    def verify(self, version: Version) -> list[str]:
-        """Recompute checksums; return the names of tensors whose bytes do not match."""
+    def verify(self, version: Version, lo: int = 0, hi: int | None = None) -> list[str]:
+        """Recompute checksums (of the tensors overlapping bytes [lo, hi) only, if given);
+        return the names of tensors whose bytes do not match."""
+        tensors = tuple(t for t in version.tensors
+                        if hi is None or (t.offset < hi and t.offset + t.nbytes > lo))
         view = self.dir.view(version.number, version.size)
         try:
-            return [t.name for t, c in zip(version.tensors, _checksums(view, version.tensors))
+            return [t.name for t, c in zip(tensors, _checksums(view, tensors))
                     if c != t.checksum]
         finally:
             view.release()
@@ -448,6 +460,24 @@ class Store:
                     "pool": sum(size for size, _ in self._pool.free.values()),
                     "bookkeeping": sum(v.book for v in versions),
                     "parity": self.extra_usage()}
+
+    def owner(self, job: str) -> str:
+        """The token digest ``job`` is bound to ('' when unbound)."""
+        with self._lock:
+            return self._owners.get(job, "")
+
+    def authorize(self, job: str, digest: str, bind: bool = False) -> None:
+        """Refuse (``forbidden``) a request for ``job`` whose token digest is not the one the
+        job is bound to; with ``bind``, an unbound job becomes bound to ``digest``."""
+        with self._lock:
+            owner = self._owners.get(job)
+            if owner is None:
+                if bind:
+                    self._owners[job] = digest
+                return
+        if not hmac.compare_digest(owner, digest):
+            raise StoreError("forbidden", f"job {job!r} belongs to another token; use the "
+                             "job's own SNAPSHOTD_JOB_TOKEN (or snapshotctl --admin-token-file)")
 
     def mark_protected(self, job: str, rank: int, step: int) -> None:
         with self._lock:

@@ -17,9 +17,9 @@ The daemon owns the memory, so a trainer that crashes loses nothing it had commi
 """
 
 from ._channel import DaemonError, DaemonUnavailable, SnapshotError
-from ._client import ENV_ENDPOINT, SnapshotClient, SnapshotSkipped
+from ._client import ENV_ENDPOINT, ENV_TOKEN, SnapshotClient, SnapshotSkipped
 from ._training import TrainingState
 
 __all__ = ["SnapshotClient", "SnapshotError", "DaemonUnavailable", "DaemonError",
-           "SnapshotSkipped", "ENV_ENDPOINT", "TrainingState"]
+           "SnapshotSkipped", "ENV_ENDPOINT", "ENV_TOKEN", "TrainingState"]
 __version__ = "0.1.0"

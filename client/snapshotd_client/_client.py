@@ -20,10 +20,12 @@ from ._channel import Channel, DaemonError, SnapshotError
 from ._cuda import DeviceCopier, mark_ready
 from ._flatten import Layout, flatten, unflatten, view_of
 
-__all__ = ["SnapshotClient", "SnapshotSkipped", "RestoreInfo", "ENV_ENDPOINT", "agree_step"]
+__all__ = ["SnapshotClient", "SnapshotSkipped", "RestoreInfo", "ENV_ENDPOINT", "ENV_TOKEN",
+           "agree_step"]
 
 log = logging.getLogger("snapshotd_client")
 ENV_ENDPOINT = "SNAPSHOTD_ENDPOINT"
+ENV_TOKEN = "SNAPSHOTD_JOB_TOKEN"
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
@@ -75,13 +77,18 @@ class SnapshotClient:
 
     ``save`` never blocks on the daemon and never raises: its future carries any error, and
     :meth:`last_error` keeps the newest one. ``restore`` raises :class:`SnapshotError`.
+
+    ``token`` (default: ``$SNAPSHOTD_JOB_TOKEN``) is the job's secret on a daemon started with
+    ``--job-isolation``: the first writer binds the job to it, and requests for the job without
+    it are refused (``forbidden``). Give every rank of a job the same one.
     """
 
     def __init__(self, endpoint: str | None = None, job: str = "default",
                  rank: int | None = None, *, timeout: timedelta = timedelta(seconds=30),
-                 context: Any = None) -> None:
+                 context: Any = None, token: str | None = None) -> None:
         self.endpoint = endpoint or os.environ.get(ENV_ENDPOINT) or _default_endpoint()
         self.job = job
+        self._token = os.environ.get(ENV_TOKEN, "") if token is None else token
         self.rank = int(os.environ.get("RANK", "0")) if rank is None else rank
         self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         self._channel = Channel(self.endpoint, timeout, context)
@@ -131,7 +138,8 @@ class SnapshotClient:
         slot = None
         try:
             reply = self._channel.call(p.Alloc(self.job, self.rank, job.step, job.layout.nbytes,
-                                               os.getpid(), self.local_world_size))
+                                               os.getpid(), self.local_world_size,
+                                               token=self._token))
             slot = reply.slot
             job.copying.set()
             self._copy_in(reply.path, reply.nbytes, job.layout, job.events)
@@ -206,7 +214,7 @@ class SnapshotClient:
 
     def steps(self) -> list[int]:
         """Committed steps of this rank held by the daemon, oldest first."""
-        reply = self._channel.call(p.ListVersions(self.job, self.rank))
+        reply = self._channel.call(p.ListVersions(self.job, self.rank, token=self._token))
         return [v.step for v in reply.versions]
 
     def latest(self) -> int | None:
@@ -229,7 +237,8 @@ class SnapshotClient:
             if step is None:
                 return None
         try:
-            lease = self._channel.call(p.Open(self.job, self.rank, os.getpid(), step))
+            lease = self._channel.call(p.Open(self.job, self.rank, os.getpid(), step,
+                                              token=self._token))
         except DaemonError as exc:
             if exc.code == "not_found" and step is None:
                 return None
@@ -245,7 +254,8 @@ class SnapshotClient:
         log.info("restored job %r rank %d step %d from %s (%d bytes)", self.job, self.rank,
                  lease.step, lease.tier, lease.nbytes)
         if _distributed():
-            self._channel.call(p.Drop(self.job, self.rank, newer_than=lease.step))
+            self._channel.call(p.Drop(self.job, self.rank, newer_than=lease.step,
+                                      token=self._token))
         return lease.step, unflatten(lease.meta, tensors)
 
     def _agree(self) -> int | None:

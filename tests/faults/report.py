@@ -31,65 +31,86 @@ ORDER = [
     "bit flips with no group to repair from", "memory budget exhausted by concurrent saves",
 ]
 
-#: Bugs the campaign found; each has a regression test (xfail until fixed).
+#: Bugs the campaign found: (regression test, found by, bug, fix). All are fixed now.
 BUGS = [
     ("test_regression_protected_state_lost_on_restart", "daemon SIGKILL mid-encode / "
      "mid-rebuild", "A daemon restarted on its memory adopts its versions as `local` and they "
      "never become `protected` again: the flag is not persisted (`Store.mark_protected` never "
      "rewrites the manifest) and `Protector.retry` re-sends data fragments that the parity "
-     "holders can never complete into a stripe (the other data nodes do not re-send)."),
+     "holders can never complete into a stripe (the other data nodes do not re-send).",
+     "Fixed: a first parity holder that already has a complete stripe answers a re-sent "
+     "`PutData` with `Protected` (`Protector.on_put_data`), so `retry` re-protects adopted "
+     "versions."),
     ("test_regression_partial_rebuild_not_resumed", "daemon SIGKILL mid-rebuild",
      "A rebuild cut short after installing some ranks is never resumed: "
      "`Recovery._recover_job` only considers steps newer than any step held, so the ranks not "
-     "yet installed restore nothing (`step: None`, no error)."),
+     "yet installed restore nothing (`step: None`, no error).",
+     "Fixed: candidates are steps newer than the newest step held *whole*; ranks already "
+     "installed are skipped (`Recovery._install`)."),
     ("test_regression_dropped_versions_resurrected_by_rebuild", "node loss after a restore",
      "Parity holders never learn that versions were dropped (`Store.drop`), so a replaced node "
-     "rebuilds a version of the abandoned timeline, newer than the step the job agreed on."),
+     "rebuilds a version of the abandoned timeline, newer than the step the job agreed on.",
+     "Fixed: a drop that removes a step from a node sends `Dropped` to the group; parity "
+     "holders free that step's parity in the stripes the node is a data node of."),
     ("test_regression_parity_of_dropped_versions_never_freed", "node loss, load",
      "Parity of dropped versions (finished jobs, abandoned timelines) stays in "
-     "`Protector._parity` forever and is charged to `--memory-limit`."),
+     "`Protector._parity` forever and is charged to `--memory-limit`.",
+     "Fixed with the same `Dropped` message."),
     ("test_regression_slow_heartbeat_answers_mark_peer_down", "slow peer",
      "`Heartbeats.beat_once` waits only 0.8 x `--heartbeat-interval` for each Pong and drops "
      "later ones: a live peer with a longer round trip is marked down whatever "
-     "`--peer-timeout` says (with the defaults: any round trip over 0.8 s)."),
+     "`--peer-timeout` says (with the defaults: any round trip over 0.8 s).",
+     "Fixed: late Pongs count (`PeerLinks.late_pongs`)."),
     ("test_regression_unrepairable_checksum_error_reported_as_unknown_lease",
      "bit flips with no group to repair from", "`ControlServer._on_open` releases the lease "
      "twice when a checksum mismatch cannot be repaired: the client gets `unknown_lease` "
-     "instead of `checksum_mismatch` naming the tensors."),
+     "instead of `checksum_mismatch` naming the tensors.",
+     "Fixed: one release."),
     ("test_regression_bad_fragment_aborts_rebuild", "bit flip in parity / in a peer's segment, "
      "then a node lost", "A rebuild uses the first k fragments of a stripe; one that fails its "
      "checksum (parity in RAM) or decodes to bytes failing the tensor checksums (a peer's "
      "damaged segment) aborts the whole recovery (only `RebuildError` is caught per job) "
-     "instead of trying the other fragments, and the rank restores nothing."),
+     "instead of trying the other fragments, and the rank restores nothing.",
+     "Fixed: `Recovery._fetch_k` replaces an unusable fragment by another source of the "
+     "stripe; `GetData` verifies the tensors of the chunk it serves; every exception is caught"
+     " per job and older versions are tried."),
     ("test_regression_open_with_negative_pid_pins_version", "control fuzzing",
      "`Store.lease` increments `version.leases` before `process_identity(pid)` raises "
-     "`ValueError` for a negative pid: `internal` error, and the version is pinned forever."),
+     "`ValueError` for a negative pid: `internal` error, and the version is pinned forever.",
+     "Fixed: the pid is checked before the lease is taken."),
     ("test_regression_lease_of_dead_pid_never_reaped", "control fuzzing",
      "A lease opened for a pid that is not running gets `pid_start=None`; `Store.reap` compares "
-     "`None == None` and never reclaims it, pinning the version forever."),
+     "`None == None` and never reclaims it, pinning the version forever.",
+     "Fixed: a pid that is not running is refused."),
     ("test_regression_put_parity_declared_length_allocated_before_check", "peer fuzzing",
      "`Protector.on_put_parity` allocates and zero-fills `msg.length` bytes before checking the "
      "payload size: one 4-byte request declaring 1 GiB raises the daemon's peak RSS by 1 GiB "
-     "(a larger one gets it OOM-killed)."),
+     "(a larger one gets it OOM-killed).",
+     "Fixed: the payload size is checked first."),
     ("test_regression_parity_recreated_from_corrupt_peer_data", "bit flips in a peer's segment, "
      "then another node lost (long campaign)", "A replaced node re-creates the parity it held "
      "from the data nodes' chunks (`Recovery._recreate` via `GetData`), which are served "
      "without checking the tensor checksums: a peer's damaged segment is encoded into the new "
-     "parity, and the damaged node's own repair then fails."),
+     "parity, and the damaged node's own repair then fails.",
+     "Fixed: `GetData` refuses damaged chunks (`corrupt`) and the re-creation decodes the "
+     "parity from the other fragments instead."),
     ("test_regression_restarted_holder_keeps_only_newest_parity", "daemon SIGKILL mid-encode "
      "(long campaign)", "A restarted parity holder re-creates parity only for the newest step "
      "whose data is complete (`Recovery._recreate_parity` stops at the first success); when "
      "that step is not protected everywhere, the parity of the newest *protected* step is gone "
-     "and a single lost node cannot be rebuilt (`cannot_rebuild` with m=1 and one node lost)."),
+     "and a single lost node cannot be rebuilt (`cannot_rebuild` with m=1 and one node lost).",
+     "Fixed: parity is re-created for every step the data nodes hold (newest `keep`+2)."),
     ("test_regression_hardcoded_60s_peer_timeout_stalls_protection", "daemon SIGKILL "
      "mid-commit (long campaign)", "Peer calls use hard-coded timeouts (`PutData`/`PutParity` "
      "60 s, `Protected` 10 s) instead of `--peer-timeout`/`--encode-timeout`, and do not notice "
      "the peer dying: a request in flight when a peer dies holds one of the two encode threads "
      "for 60 s, so after a daemon restart protection stalls for about a minute (and SIGTERM "
-     "waits for those calls too)."),
+     "waits for those calls too).",
+     "Fixed: transfers are bounded by `--encode-timeout`, small calls by `--peer-timeout`."),
     ("test_regression_unhashable_op_is_internal_error", "control fuzzing",
      "`protocol.decode` looks `op` up in a dict without checking its type: a list or object "
-     "`op` raises `TypeError` and is answered `internal` (both protocols)."),
+     "`op` raises `TypeError` and is answered `internal` (both protocols).",
+     "Fixed: `op` must be a string."),
 ]
 
 
@@ -245,24 +266,26 @@ NOTES = """## Other observations (no regression test)
   data fragments of made-up jobs until `--encode-timeout` expires them.
 """
 
-ISOLATION = """## Job isolation (not implemented; proposal)
+ISOLATION = """## Job isolation (`--job-isolation`)
 
-Today any process running as the daemon's user can name any job: open, verify, list or drop
-another job's snapshots (`test_client_of_job_a_cannot_read_or_drop_job_b` is xfail). Proposed:
+Without it, any process running as the daemon's user can name any job. With it:
 
-- `--job-isolation` (default off for one release, then on): the first `Alloc` of a job binds the
-  job to a token the client presents (`SNAPSHOTD_JOB_TOKEN`, generated by the launcher once per
-  job and shared by its ranks, e.g. through torchrun's environment); the daemon keeps only a hash
-  of it, in memory and in the manifests, so a restarted daemon keeps the binding.
+- The first `Alloc` of a job binds the job to the token its client presents
+  (`SNAPSHOTD_JOB_TOKEN`, or `SnapshotClient(token=...)`: generated by the launcher once per job
+  and shared by its ranks, e.g. through torchrun's environment). The daemon keeps only its
+  SHA-256, in memory and in every manifest (so a restarted daemon keeps the binding, and a
+  rebuilt node gets it from the node manifest its peers hold).
 - Every request naming a job (`Alloc`, `Open`, `ListVersions`, `Verify`, `Drop`, `Persist`)
-  carries the token; a wrong or missing one is refused with a new code `forbidden`, counted in
-  `snapshotd_rejected_requests_total{reason="forbidden"}`. `Status` lists only job names.
-- Operators get `snapshotctl --admin` (a daemon-local admin token file, mode 0600, in the
-  control socket's directory) for `ls`, `verify`, `drop` of any job.
+  carries the token; a missing or wrong one is refused with `forbidden`, and nothing stored
+  changes. `Status` lists job names and steps, not data.
+- Operators use `snapshotctl --admin-token-file <shm-dir>/admin.token` (a fresh token written
+  by the daemon at start, mode 0600 in its 0700 directory: whoever can read it can read the
+  segments anyway).
 - Peer traffic is unchanged (CURVE already authenticates daemons).
-
-Per-uid isolation (SO_PEERCRED) does not help when all jobs run as one service user, which is
-the common case on shared training nodes; tokens do.
+- Left open: slot and lease numbers are small integers, so a hostile local client that guesses
+  one can `Abort` another job's write in flight or `Release` its lease (neither reads nor
+  changes stored data). Per-uid isolation (SO_PEERCRED) does not help when all jobs run as one
+  service user, the common case on shared training nodes; tokens do.
 """
 
 
@@ -275,11 +298,11 @@ def render(results: dict) -> str:
         parts.append("No results yet: run the campaign first.\n")
     parts += ["## Bugs found", "",
               "Each has a regression test in `tests/faults/test_fault_regressions.py`, named "
-              "after it and marked `xfail(strict=True)` while the bug is open; a fault run that "
-              "hits a known bug is counted (data lost included) and marks its campaign test "
-              "xfail, naming the bug.", "",
-              "| regression test | found by | bug |", "| --- | --- | --- |"]
-    parts += [f"| `{test}` | {found} | {text} |" for test, found, text in BUGS]
+              "after it (marked `xfail(strict=True)` while the bug was open; a fault run that "
+              "hits an open bug is counted, data lost included, and marks its campaign test "
+              "xfail, naming the bug). All of them are fixed now and their tests run for real.",
+              "", "| regression test | found by | bug | fix |", "| --- | --- | --- | --- |"]
+    parts += [f"| `{test}` | {found} | {text} | {fix} |" for test, found, text, fix in BUGS]
     parts += ["", METHODS, NOTES, ISOLATION]
     return "\n".join(parts)
 

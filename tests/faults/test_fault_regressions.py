@@ -42,9 +42,6 @@ def hard_stop(cluster):
             daemon.kill(signal.SIGKILL)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a restarted daemon's adopted versions stay 'local' "
-                   "forever: the protected flag is not persisted and the re-send of data "
-                   "fragments can never complete a stripe (protection.py retry/on_put_data)")
 def test_regression_protected_state_lost_on_restart(clusters, zygote):
     cluster = clusters(3, k=2, m=1, args=FAST)
     cluster.start()
@@ -57,9 +54,6 @@ def test_regression_protected_state_lost_on_restart(clusters, zygote):
              "step 1 protected again on the restarted node")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a rebuild cut short after installing some ranks is "
-                   "never resumed: Recovery._recover_job only rebuilds steps newer than any "
-                   "step held, so the missing ranks restore nothing (rebuild.py)")
 def test_regression_partial_rebuild_not_resumed(clusters, zygote):
     cluster = clusters(3, k=2, m=1, args=FAST)
     cluster.start()
@@ -81,9 +75,6 @@ def test_regression_partial_rebuild_not_resumed(clusters, zygote):
     assert lost == 0, f"{problems}\n{log_tail(cluster.specs[1])}"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: parity holders never learn that versions were "
-                   "dropped, so a replaced node rebuilds a version of an abandoned timeline "
-                   "(Store.drop / Protector._parity / Recovery._recover_job)")
 def test_regression_dropped_versions_resurrected_by_rebuild(clusters, zygote):
     cluster = clusters(4, k=2, m=2, args=FAST)
     cluster.start()
@@ -98,8 +89,6 @@ def test_regression_dropped_versions_resurrected_by_rebuild(clusters, zygote):
     assert lost == 0, problems
 
 
-@pytest.mark.xfail(strict=True, reason="bug: parity of dropped versions is never freed; it "
-                   "stays charged to --memory-limit forever (protection.py Protector._parity)")
 def test_regression_parity_of_dropped_versions_never_freed(clusters, zygote):
     from harness import metric
 
@@ -150,10 +139,6 @@ def test_regression_unrepairable_checksum_error_reported_as_unknown_lease(cluste
 
 
 @pytest.mark.parametrize("where", ["parity", "data"])
-@pytest.mark.xfail(strict=True, reason="bug: a rebuild takes the first k fragments of a stripe; "
-                   "one that fails its checksum (parity in RAM) or decodes to bytes that fail the "
-                   "tensor checksums (a peer's damaged segment) aborts the whole recovery instead "
-                   "of trying the other fragments, and the rank then restores nothing (rebuild.py)")
 def test_regression_bad_fragment_aborts_rebuild(clusters, zygote, where):
     import random
 
@@ -260,11 +245,6 @@ def test_regression_unhashable_op_is_internal_error(clusters):
     assert all(code in ("unknown_op", "malformed") for code in codes), codes
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a replaced node re-creates its parity from the data "
-                   "nodes' chunks (Recovery._recreate via GetData), which are served without "
-                   "checking their tensor checksums, so a peer's damaged segment is encoded into "
-                   "the new parity and the damage can no longer be repaired (rebuild.py, "
-                   "protection.py get_data)")
 def test_regression_parity_recreated_from_corrupt_peer_data(clusters, zygote):
     import random
 
@@ -298,11 +278,6 @@ def test_regression_parity_recreated_from_corrupt_peer_data(clusters, zygote):
     assert lost == 0, problems
 
 
-@pytest.mark.xfail(strict=True, reason="bug: peer calls use hard-coded timeouts (PutData and "
-                   "PutParity 60 s, Protected 10 s) instead of --peer-timeout/--encode-timeout, "
-                   "and do not notice the peer dying: a call in flight when a peer dies holds "
-                   "one of the 2 encode threads for 60 s, so protection stalls for about a "
-                   "minute after a daemon restart (protection.py, peers.py PeerLinks.call)")
 def test_regression_hardcoded_60s_peer_timeout_stalls_protection(clusters, zygote):
     cluster = clusters(3, k=2, m=1, proxied=True, args=FAST)
     cluster.start()
@@ -324,10 +299,6 @@ def test_regression_hardcoded_60s_peer_timeout_stalls_protection(clusters, zygot
         hard_stop(cluster)      # SIGTERM would wait for the stuck calls too
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a restarted parity holder re-creates parity only "
-                   "for the newest step whose data is complete (Recovery._recreate_parity stops "
-                   "at the first success), so the parity of the newest *protected* step is gone "
-                   "and one lost node cannot be rebuilt (rebuild.py)")
 def test_regression_restarted_holder_keeps_only_newest_parity(clusters, zygote):
     cluster = clusters(3, k=2, m=1, proxied=True, args=FAST)
     cluster.start()
