@@ -193,3 +193,20 @@ def test_close_releases_every_segment(store):
     assert os.listdir(store.dir.path) == []
     with pytest.raises(StoreError, match="shutting_down"):
         store.alloc("j", 0, 3, 8, 100)
+
+
+def test_job_binding_refuses_other_tokens_and_survives_a_restart(tmp_path, store, procs):
+    store.authorize("j", "digest-a", bind=True)           # the first writer binds the job
+    commit(store, 1)
+    store.authorize("j", "digest-a")                       # its own token passes
+    with pytest.raises(StoreError) as err:
+        store.authorize("j", "digest-b")
+    assert err.value.code == "forbidden" and "'j'" in str(err.value)
+    with pytest.raises(StoreError):
+        store.authorize("j", "digest-b", bind=True)        # no re-binding by a second writer
+    store.authorize("other", "digest-b", bind=True)        # other jobs are independent
+    again = Store(str(tmp_path / "shm"), memory_limit=1 << 20, keep=2, identity=procs)
+    again.open()                                           # the binding is in the manifest
+    assert again.owner("j") == "digest-a" and steps(again) == [1]
+    with pytest.raises(StoreError):
+        again.authorize("j", "digest-b")
