@@ -135,6 +135,7 @@ class Recovery:
         for step in candidates:
             plan = self._plan(job, step, inv)
             if plan is None:
+                problems.append(f"step {step}: {self._shortfall(job, step, inv)}")
                 continue
             try:
                 self.rebuild(job, step, mine[step], plan, keep_held=True)
@@ -168,6 +169,18 @@ class Recovery:
                 return None
             plan.append((stripe, pos, length, mine[0].length, sources))
         return plan
+
+    def _shortfall(self, job: str, step: int, inv: dict[int, pp.InventoryReply]) -> str:
+        """Which stripes of (job, step) lack fragments, for the error message."""
+        out = []
+        for stripe, _ in data_stripes(self.me, self.group):
+            holdings = [h for r in inv.values() for h in r.parity
+                        if (h.job, h.step, h.stripe) == (job, step, stripe.index)]
+            have = self._sources(job, step, stripe, inv, holdings, skip=self.me)
+            if len(have) < self.group.k:
+                out.append(f"stripe {stripe.index} has {len(have)} of k={self.group.k} "
+                           f"fragments (from nodes {sorted(s.slot for s in have)})")
+        return ", ".join(out) or "no parity record lists this node"
 
     def _sources(self, job: str, step: int, stripe: Stripe, inv: dict[int, pp.InventoryReply],
                  holdings: list[pp.ParityHolding], skip: int) -> list[_Source]:

@@ -137,7 +137,7 @@ class Results:
             row.clear_errors += bool(outcome.clear_error)
             row.seeds.append(seed)
             if not outcome.survived or outcome.lost:
-                row.failures.append(f"seed {seed}: {outcome.detail[:300]}")
+                row.failures.append(f"seed {seed}: {outcome.detail[:1200]}")
             if outcome.bug:
                 row.bugs[outcome.bug] = row.bugs.get(outcome.bug, 0) + 1
                 row.lost_known += outcome.lost

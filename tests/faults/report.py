@@ -245,6 +245,18 @@ METHODS = "## How each fault is made\n\n| fault | how |\n| --- | --- |\n" + "".j
 
 NOTES = """## Other observations (no regression test)
 
+- **Open: parity lives in the daemon's process memory.** A daemon restarted on its memory
+  adopts its data segments but not the parity it held; it re-creates that parity from the data
+  nodes' chunks (every step they still hold). A data node whose own newest step became
+  protected evicts the older step (`--keep` plus the newest protected), while another node of
+  the stripe, whose newest step is not protected yet, still depends on that older step's
+  parity: it cannot be re-created, and a loss of that node in the seconds before its newest
+  step is protected cannot be rebuilt (`cannot_rebuild`, naming the stripes that lack
+  fragments). The long campaign hits this in about 4 of 30 `daemon SIGKILL mid-encode` runs
+  (each a restart followed at once by a node loss, with m=1). The fix is to keep parity in the
+  daemon's tmpfs directory next to the data segments (adopted on restart like them); until
+  then, run with m ≥ 2 where restarts and losses can coincide.
+
 - **The daemon trusts the pid a client sends.** A client that names a long-lived process
   (`pid` 1, say) in `Alloc` or `Open` pins that slot or version until the daemon restarts; the
   reaper only reclaims what belongs to processes that are gone. Checking the peer's
