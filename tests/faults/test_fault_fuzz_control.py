@@ -7,9 +7,9 @@ valid request; the daemon counts the errors in ``snapshotd_rejected_requests_tot
 crashes, does not grow, leaks no descriptors, slots or leases, and the stored data is unchanged
 and still restores bit for bit through a real trainer.
 
-Inputs that hit open bugs are left out, each naming its regression test:
-``Open`` with a negative or non-running pid (test_regression_open_with_negative_pid_pins_version,
-test_regression_lease_of_dead_pid_never_reaped); an ``op`` that is a JSON list or object
+Inputs that once hit bugs are part of the mix again now that the bugs are fixed: ``Open`` with
+a negative or non-running pid (test_regression_open_with_negative_pid_pins_version,
+test_regression_lease_of_dead_pid_never_reaped), an ``op`` that is a JSON list or object
 (test_regression_unhashable_op_is_internal_error).
 """
 
@@ -119,8 +119,8 @@ def messages(draw, env):
         return p.Release(draw(anyint))
     if kind == "list":
         return p.ListVersions(draw(read_jobs), draw(opt(anyint)))
-    if kind == "open":        # only a live pid: other pids hit known bugs (module docstring)
-        return p.Open(draw(read_jobs), draw(anyint), env["sleeper"], draw(opt(anyint)),
+    if kind == "open":
+        return p.Open(draw(read_jobs), draw(anyint), draw(pids), draw(opt(anyint)),
                       draw(opt(anyint)), draw(st.booleans()))
     if kind == "drop":
         return p.Drop(draw(jobs), draw(opt(anyint)), draw(opt(anyint)), draw(opt(anyint)))
@@ -137,7 +137,7 @@ def mutated(draw, env):
     msg = draw(messages(env))
     body = json.loads(p.encode(msg, draw(st.integers(0, 1 << 31))))
     how = draw(st.sampled_from(["none", "none", "version", "op", "drop_key", "add_key",
-                                "retype", "id", "truncate", "flip", "wrap"]))
+                                "retype", "id", "op_type", "truncate", "flip", "wrap"]))
     if how == "version":
         body["v"] = draw(st.one_of(st.just(None), anyint, st.text(max_size=3)))
     elif how == "op":
@@ -151,8 +151,10 @@ def mutated(draw, env):
         body[draw(st.sampled_from(sorted(body)))] = draw(json_values)
     elif how == "id":
         body["id"] = draw(json_values)
-    if isinstance(body.get("op"), (list, dict)):     # a known bug, see the module docstring
-        body["op"] = "unhashable"
+    elif how == "op_type":
+        body["op"] = draw(st.one_of(st.lists(st.text(max_size=3), max_size=2),
+                                    st.dictionaries(st.text(max_size=3), st.integers(),
+                                                    max_size=2)))
     frame = json.dumps(body).encode()
     if how == "truncate":
         frame = frame[:draw(st.integers(0, max(0, len(frame) - 1)))]
