@@ -158,8 +158,7 @@ class Recovery:
     def _plan(self, job: str, step: int, inv: dict[int, pp.InventoryReply]) -> _Plan | None:
         plan = []
         for stripe, pos in data_stripes(self.me, self.group):
-            holdings = [h for r in inv.values() for h in r.parity
-                        if (h.job, h.step, h.stripe) == (job, step, stripe.index)]
+            holdings = _holdings(inv, job, step, stripe)
             if not holdings:
                 return None
             length = holdings[0].length
@@ -174,8 +173,7 @@ class Recovery:
         """Which stripes of (job, step) lack fragments, for the error message."""
         out = []
         for stripe, _ in data_stripes(self.me, self.group):
-            holdings = [h for r in inv.values() for h in r.parity
-                        if (h.job, h.step, h.stripe) == (job, step, stripe.index)]
+            holdings = _holdings(inv, job, step, stripe)
             have = self._sources(job, step, stripe, inv, holdings, skip=self.me)
             if len(have) < self.group.k:
                 out.append(f"stripe {stripe.index} has {len(have)} of k={self.group.k} "
@@ -324,8 +322,7 @@ class Recovery:
 
     def _recreate(self, job: str, step: int, stripe: Stripe, index: int,
                   inv: dict[int, pp.InventoryReply]) -> bool:
-        holdings = [h for r in inv.values() for h in r.parity
-                    if (h.job, h.step, h.stripe) == (job, step, stripe.index)]
+        holdings = _holdings(inv, job, step, stripe)
         sources = self._sources(job, step, stripe, inv, holdings, skip=self.me)
         data = [s for s in sources if s.index < self.group.k]
         out: Any = None
@@ -357,6 +354,13 @@ class Recovery:
         log.info("re-created parity %d of stripe %d for job %r step %d", index, stripe.index,
                  job, step)
         return True
+
+
+def _holdings(inv: dict[int, pp.InventoryReply], job: str, step: int,
+              stripe: Stripe) -> list[pp.ParityHolding]:
+    """The parity records of (job, step, stripe) the inventories list."""
+    return [h for r in inv.values() for h in r.parity
+            if (h.job, h.step, h.stripe) == (job, step, stripe.index)]
 
 
 def _jobs(inv: dict[int, pp.InventoryReply]) -> list[str]:
