@@ -95,8 +95,16 @@ class Channel:
                 raise DaemonUnavailable(f"snapshotd at {self.endpoint} went away during a "
                                         f"{op!r} request; is it running (snapshotctl status)?")
             if sock in events:
-                got_id, reply = p.decode(sock.recv())
-                if got_id == req_id:
+                try:
+                    got_id, reply = p.decode(sock.recv())
+                except p.ProtocolError as exc:
+                    self._reset()
+                    raise DaemonError(exc.code, f"the reply to a {op!r} request could not be "
+                                      f"read: {exc.message}") from None
+                # One request is outstanding per socket (calls hold the lock, and a timed-out
+                # one resets the socket), so an error that the daemon could not tie to a
+                # request id (it could not read the request) answers this one.
+                if got_id == req_id or (got_id == 0 and isinstance(reply, p.Error)):
                     return reply
         self._reset()
         raise DaemonUnavailable(f"snapshotd at {self.endpoint} did not answer a {op!r} request "

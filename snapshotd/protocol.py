@@ -42,12 +42,15 @@ PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 << 20
 #: Byte alignment of every tensor inside a slot.
 ALIGNMENT = 64
-#: Element size of every dtype a snapshot may hold (torch dtype names without ``torch.``).
+#: Element size of every dtype a snapshot may hold (torch dtype names without ``torch.``):
+#: every dtype torch can copy; the sub-byte shells (int1..7, uint1..7) have no copy kernel.
 DTYPE_SIZES: dict[str, int] = {
     "bool": 1, "uint8": 1, "int8": 1, "float8_e4m3fn": 1, "float8_e5m2": 1,
     "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1, "int16": 2, "uint16": 2, "float16": 2,
     "bfloat16": 2, "int32": 4, "uint32": 4, "float32": 4, "complex32": 4, "int64": 8,
     "uint64": 8, "float64": 8, "complex64": 8, "complex128": 16,
+    "float8_e8m0fnu": 1, "float4_e2m1fn_x2": 1, "bits8": 1, "bits16": 2, "bits1x8": 1,
+    "bits2x4": 1, "bits4x2": 1,
 }
 
 

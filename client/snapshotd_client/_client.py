@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import mmap
+import operator
 import os
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -20,17 +22,36 @@ from ._channel import Channel, DaemonError, SnapshotError
 from ._cuda import DeviceCopier, mark_ready
 from ._flatten import Layout, flatten, unflatten, view_of
 
-__all__ = ["SnapshotClient", "SnapshotSkipped", "RestoreInfo", "ENV_ENDPOINT", "ENV_TOKEN",
-           "agree_step"]
+__all__ = ["SnapshotClient", "SnapshotSkipped", "RestoreInfo", "SaveStats", "ENV_ENDPOINT",
+           "ENV_TOKEN", "COPY_MODES", "MAX_META_BYTES", "agree_step"]
 
 log = logging.getLogger("snapshotd_client")
 ENV_ENDPOINT = "SNAPSHOTD_ENDPOINT"
 ENV_TOKEN = "SNAPSHOTD_JOB_TOKEN"
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+#: ``copy=`` modes of :class:`SnapshotClient` (see its docstring).
+COPY_MODES = ("auto", "lazy", "eager")
+#: Largest JSON skeleton (every non-tensor value of a state) a save accepts: the restore reply
+#: carries it in one control message with the tensor table.
+MAX_META_BYTES = 16 << 20
+#: Headroom per tensor row in the restore reply (checksum, JSON punctuation), and for the rest.
+_ROW_BYTES, _REPLY_BYTES = 160, 64 << 10
 
 
 class SnapshotSkipped(SnapshotError):
-    """A save was not taken because the previous one is still waiting for the daemon."""
+    """A save was superseded by a newer one before the daemon gave it memory (counted in
+    :meth:`SnapshotClient.stats`; the newest save is always the one that goes ahead)."""
+
+
+@dataclass
+class SaveStats:
+    """Counts of what happened to this client's saves (:meth:`SnapshotClient.stats`)."""
+
+    saves: int = 0          #: save() calls
+    committed: int = 0      #: committed by the daemon
+    skipped: int = 0        #: superseded by a newer save before they got memory
+    failed: int = 0         #: refused or failed (see last_error())
+    eager_bytes: int = 0    #: bytes copied on the calling thread at save() (unguarded tensors)
 
 
 def _default_endpoint() -> str:
@@ -57,6 +78,7 @@ class _Job:
     future: Future = field(default_factory=Future)
     copying: threading.Event = field(default_factory=threading.Event)
     copied: threading.Event = field(default_factory=threading.Event)
+    superseded: bool = False
 
 
 class SnapshotClient:
@@ -75,8 +97,33 @@ class SnapshotClient:
             client.save(step, {"model": model.state_dict(), "step": step})
         client.close()
 
-    ``save`` never blocks on the daemon and never raises: its future carries any error, and
-    :meth:`last_error` keeps the newest one. ``restore`` raises :class:`SnapshotError`.
+    ``save`` never blocks on the daemon and never raises: its future carries any error, the
+    first failure is logged as a warning, every one is counted in :meth:`stats`, and
+    :meth:`last_error` keeps the newest one. ``restore`` raises :class:`SnapshotError` only.
+
+    **What a snapshot holds.** A save is exactly the state at the moment ``save()`` was called,
+    provided the tensors copied in the background do not change before their copy ends.
+    ``copy`` chooses which tensors are copied in the background:
+
+    - ``"auto"`` (default): the parameters and state of optimizers passed to :meth:`protect`
+      (whose ``step()`` then waits for the copy), and the parameters of modules passed to it,
+      are copied in the background; every other tensor (module buffers such as BatchNorm's
+      running statistics, which the next forward changes in place, and anything not guarded)
+      is copied at ``save()`` on the calling thread. Without ``protect`` every tensor is.
+    - ``"lazy"``: everything is copied in the background; the caller promises not to change any
+      tensor until :meth:`wait_copied`. A change made earlier is silently part of the snapshot.
+    - ``"eager"``: everything is copied at ``save()`` (strict: costs a copy of the state in
+      memory and time on the training thread, like ``torch.save`` to memory).
+
+    Saves are taken in order by one background thread. A save handed in while the previous one
+    still waits for the daemon's memory supersedes any other save still waiting (counted as
+    ``skipped``); the newest save is never dropped, and :meth:`close` flushes it. Calls from
+    several threads are safe; :meth:`wait_copied` covers every save that returned before it.
+
+    **Timelines.** Restoring a step starts a new timeline from it: after a successful restore of
+    step ``s`` the daemon drops this rank's versions newer than ``s`` (on every node, parity
+    included), so a crash later can never resume from the abandoned steps. A save of a step
+    older than one the daemon holds is refused (``stale_step``): restore that step first.
 
     ``token`` (default: ``$SNAPSHOTD_JOB_TOKEN``) is the job's secret on a daemon started with
     ``--job-isolation``: the first writer binds the job to it, and requests for the job without
@@ -85,7 +132,10 @@ class SnapshotClient:
 
     def __init__(self, endpoint: str | None = None, job: str = "default",
                  rank: int | None = None, *, timeout: timedelta = timedelta(seconds=30),
-                 context: Any = None, token: str | None = None) -> None:
+                 context: Any = None, token: str | None = None, copy: str = "auto") -> None:
+        if copy not in COPY_MODES:
+            raise ValueError(f"copy={copy!r}: choose one of {COPY_MODES}")
+        self.copy_mode = copy
         self.endpoint = endpoint or os.environ.get(ENV_ENDPOINT) or _default_endpoint()
         self.job = job
         self._token = os.environ.get(ENV_TOKEN, "") if token is None else token
@@ -97,8 +147,15 @@ class SnapshotClient:
         self._device = DeviceCopier()
         self._maps = _MapCache(on_close=self._device.unpin if self._cuda else None)
         self._current: _Job | None = None
+        self._lock = threading.RLock()                # save(), restore() and close()
+        self._handoff = threading.Lock()              # superseding vs. the worker's start
+        self._stats = SaveStats()
+        self._stats_lock = threading.Lock()
+        self._guards: list[Any] = []                  # protected optimizers and modules
+        self._guarded: tuple[tuple, frozenset] | None = None   # (signature, data_ptrs)
         self._last_error: BaseException | None = None
         self._warned = False
+        self._warned_skip = False
         self._closed = False
         #: Set by every successful :meth:`restore`.
         self.last_restore: RestoreInfo | None = None
@@ -108,25 +165,79 @@ class SnapshotClient:
     def save(self, step: int, state: Any) -> Future:
         """Snapshot ``state`` as version ``step``; return a future that resolves to ``step``.
 
-        Returns after laying out the state (no copy). The bytes are copied on a background
-        thread: do not modify the tensors until :meth:`wait_copied` (or use :meth:`protect`).
+        Returns after laying out the state and copying the tensors that are not guarded (see
+        the class docstring); the rest is copied on a background thread. Never raises: a
+        state that cannot be stored, a bad step or a refusal by the daemon fails the future.
         """
+        with self._stats_lock:
+            self._stats.saves += 1
         if self._closed:
-            raise SnapshotError("save() on a closed SnapshotClient")
-        prev = self._current
-        if prev is not None and not prev.copied.is_set():
-            if not prev.copying.is_set():
-                return self._failed(step, SnapshotSkipped(
-                    f"step {step} not saved: step {prev.step} is still waiting for snapshotd"))
-            prev.copied.wait()
+            return self._failed(step, SnapshotError("save() on a closed SnapshotClient"))
+        try:
+            step = _step(step)
+        except SnapshotError as exc:
+            return self._failed(-1, exc)
         try:
             layout = flatten(state)
-        except TypeError as exc:
-            return self._failed(step, exc)
-        job = _Job(step, layout, mark_ready(layout.tensors) if self._cuda else {})
-        self._current = job
-        self._worker.submit(self._run, job)
+            _check_size(layout)
+        except (TypeError, ValueError, OverflowError, SnapshotError) as exc:
+            return self._failed(step, exc if isinstance(exc, SnapshotError) else SnapshotError(
+                f"step {step} not saved: {exc}"))
+        with self._lock:
+            prev = self._current
+            if prev is not None and not prev.copied.is_set():
+                with self._handoff:
+                    if not prev.copying.is_set():
+                        prev.superseded = True  # still waiting for memory: the newer one wins
+                if prev.copying.is_set():
+                    prev.copied.wait()          # a local memcpy, never the network
+            eager = self._eager_copies(layout)
+            job = _Job(step, layout, mark_ready(layout.tensors) if self._cuda else {})
+            self._current = job
+            self._worker.submit(self._run, job)
+        if eager:
+            with self._stats_lock:
+                self._stats.eager_bytes += eager
         return job.future
+
+    def _eager_copies(self, layout: Layout) -> int:
+        """Replace, in ``layout``, the tensors to copy now by copies; return their bytes."""
+        if self.copy_mode == "lazy":
+            return 0
+        guarded = self._guarded_ptrs() if self.copy_mode == "auto" else frozenset()
+        copied = 0
+        with torch.no_grad():
+            for i, t in enumerate(layout.tensors):
+                if t.numel() and t.data_ptr() not in guarded:
+                    layout.tensors[i] = t.clone()
+                    copied += t.numel() * t.element_size()
+        return copied
+
+    def _guarded_ptrs(self) -> frozenset:
+        """Data pointers of the tensors :meth:`protect` guards (cached until they change)."""
+        tensors: list[Any] = []
+        signature: list[tuple] = []
+        for guard in self._guards:
+            if isinstance(guard, torch.optim.Optimizer):
+                params = [p for g in guard.param_groups for p in g["params"]]
+                signature.append((id(guard), len(params), len(guard.state),
+                                  getattr(guard, "_snapshotd_loads", 0)))
+            else:
+                params = list(guard.parameters())
+                signature.append((id(guard), len(params)))
+        key = tuple(signature)
+        if self._guarded is not None and self._guarded[0] == key:
+            return self._guarded[1]
+        for guard in self._guards:
+            if isinstance(guard, torch.optim.Optimizer):
+                tensors += [p for g in guard.param_groups for p in g["params"]]
+                tensors += [v for st in guard.state.values() for v in st.values()
+                            if isinstance(v, torch.Tensor)]
+            else:
+                tensors += list(guard.parameters())
+        ptrs = frozenset(t.data_ptr() for t in tensors if t.numel())
+        self._guarded = (key, ptrs)
+        return ptrs
 
     def _failed(self, step: int, exc: BaseException) -> Future:
         future: Future = Future()
@@ -137,20 +248,31 @@ class SnapshotClient:
     def _run(self, job: _Job) -> None:
         slot = None
         try:
+            if job.superseded:
+                raise SnapshotSkipped(f"step {job.step} not saved: a newer save superseded it "
+                                      "while it waited for snapshotd")
             reply = self._channel.call(p.Alloc(self.job, self.rank, job.step, job.layout.nbytes,
                                                os.getpid(), self.local_world_size,
                                                token=self._token))
             slot = reply.slot
-            job.copying.set()
+            with self._handoff:
+                if job.superseded:
+                    raise SnapshotSkipped(f"step {job.step} not saved: a newer save superseded "
+                                          "it while it waited for snapshotd")
+                job.copying.set()
             self._copy_in(reply.path, reply.nbytes, job.layout, job.events)
             job.copied.set()
+            job.layout.tensors.clear()            # release eager copies early
             tensors = tuple(p.TensorEntry(e["name"], e["dtype"], tuple(e["shape"]), e["offset"],
                                           e["nbytes"]) for e in job.layout.entries)
             self._channel.call(p.Commit(slot, tensors, job.layout.meta))
             slot = None
+            with self._stats_lock:
+                self._stats.committed += 1
             job.future.set_result(job.step)
         except BaseException as exc:  # noqa: BLE001 - reported through the future
             job.copied.set()
+            job.layout.tensors.clear()
             if slot is not None:
                 self._abort(slot)
             self._record(exc)
@@ -179,15 +301,34 @@ class SnapshotClient:
             pass
 
     def _record(self, exc: BaseException) -> None:
+        skipped = isinstance(exc, SnapshotSkipped)
+        with self._stats_lock:
+            if skipped:
+                self._stats.skipped += 1
+            else:
+                self._stats.failed += 1
+            count = self._stats.skipped if skipped else self._stats.failed
         self._last_error = exc
+        if skipped:
+            if not self._warned_skip or count % 100 == 0:
+                self._warned_skip = True
+                log.warning("snapshot skipped (%d so far; saves come faster than snapshotd "
+                            "takes them): %s", count, exc)
+            return
         if not self._warned:
             self._warned = True
             warnings.warn(f"snapshotd: a snapshot failed and training goes on: {exc}",
                           RuntimeWarning, stacklevel=3)
-        log.warning("snapshot failed: %s", exc)
+        log.warning("snapshot failed (%d so far): %s", count, exc)
+
+    def stats(self) -> SaveStats:
+        """Counts of saves taken, committed, skipped and failed so far (a copy)."""
+        with self._stats_lock:
+            return SaveStats(**self._stats.__dict__)
 
     def wait_copied(self) -> None:
-        """Block until the bytes of the save in flight are copied (the state may change then)."""
+        """Block until the bytes of every save handed in so far are copied (the state may
+        change then). Saves are copied in order, so waiting for the newest one is enough."""
         job = self._current
         if job is not None:
             job.copied.wait()
@@ -202,9 +343,26 @@ class SnapshotClient:
             except BaseException:  # noqa: BLE001 - recorded in last_error()
                 pass
 
-    def protect(self, optimizer: torch.optim.Optimizer) -> Any:
-        """Make ``optimizer.step()`` wait for copies in flight; returns the hook handle."""
-        return optimizer.register_step_pre_hook(lambda *_: self.wait_copied())
+    def protect(self, optimizer: torch.optim.Optimizer | None = None,
+                *modules: torch.nn.Module) -> None:
+        """Guard tensors so that they can be copied in the background.
+
+        ``optimizer.step()`` waits for copies in flight, so the optimizer's parameters and
+        state may be copied after ``save()`` returns. ``modules``: their parameters change only
+        in ``optimizer.step()`` (frozen ones never), so they may be too; their buffers are
+        always copied at ``save()``. Calling it again with the same objects does nothing.
+        """
+        for guard in ((optimizer,) if optimizer is not None else ()) + modules:
+            if any(g is guard for g in self._guards):
+                continue
+            if isinstance(guard, torch.optim.Optimizer):
+                guard.register_step_pre_hook(lambda *_: self.wait_copied())
+                guard.register_load_state_dict_post_hook(_count_load)
+            elif not isinstance(guard, torch.nn.Module):
+                raise TypeError(f"protect() takes an optimizer and modules, got "
+                                f"{type(guard).__name__}")
+            self._guards.append(guard)
+        self._guarded = None
 
     def last_error(self) -> BaseException | None:
         """The newest error of a save, or None."""
@@ -222,16 +380,31 @@ class SnapshotClient:
         steps = self.steps()
         return steps[-1] if steps else None
 
-    def restore(self, step: int | None = None, into: Any = None) -> tuple[int, Any] | None:
+    def restore(self, step: int | None = None, into: Any = None,
+                check: Callable[[Any], None] | None = None) -> tuple[int, Any] | None:
         """Return ``(step, state)`` of the newest version (or of ``step``), or None if none.
 
         Inside a job with ``torch.distributed`` initialised and ``step`` None, every rank
         restores the same step: the newest one that all ranks hold (see :func:`agree_step`).
+        Saves in flight are finished first. A successful restore of step ``s`` starts a new
+        timeline: this rank's versions newer than ``s`` are dropped.
 
-        ``into``: an existing state of the same structure (e.g. ``model.state_dict()``); its
-        tensors with the same path, dtype and shape are filled in place and returned instead of
-        freshly allocated ones, which skips the page faults of new memory.
+        ``into``: an existing state (e.g. ``{"model": model.state_dict()}``); each of its
+        tensors is filled in place and returned instead of a fresh one. Every tensor of
+        ``into`` must be in the snapshot with the same dtype and shape, and be writable (not
+        an ``expand()``-ed view); otherwise nothing is written and ``SnapshotError`` names
+        every mismatch. Tensors of the snapshot not in ``into`` come back freshly allocated.
+
+        ``check``: called with the state's structure, its tensors on the ``meta`` device,
+        before anything is copied; raise from it to refuse the snapshot unchanged.
         """
+        step = None if step is None else _step(step)
+        with self._lock:
+            self.wait()
+            return self._restore(step, into, check)
+
+    def _restore(self, step: int | None, into: Any,
+                 check: Callable[[Any], None] | None) -> tuple[int, Any] | None:
         if step is None and _distributed():
             step = self._agree()
             if step is None:
@@ -243,19 +416,34 @@ class SnapshotClient:
             if exc.code == "not_found" and step is None:
                 return None
             raise
-        targets = _targets(into)
         started = time.perf_counter()
         try:
+            try:
+                targets = _targets(into, lease.tensors)
+                if check is not None:
+                    check(unflatten(lease.meta, [view_of(None, e.__dict__, device="meta")
+                                                 for e in lease.tensors]))
+            except SnapshotError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - refused before anything is written
+                raise SnapshotError(f"snapshot of job {self.job!r} rank {self.rank} step "
+                                    f"{lease.step} does not fit: {exc}; nothing was "
+                                    "restored") from exc
             tensors = self._copy_out(lease, targets)
         finally:
-            self._channel.call(p.Release(lease.lease))
+            try:
+                self._channel.call(p.Release(lease.lease), timeout=timedelta(seconds=10))
+            except SnapshotError as exc:
+                log.warning("could not release restore lease %d: %s (the daemon frees it "
+                            "when this process exits)", lease.lease, exc)
         self.last_restore = RestoreInfo(lease.step, lease.tier, lease.nbytes,
                                         time.perf_counter() - started)
         log.info("restored job %r rank %d step %d from %s (%d bytes)", self.job, self.rank,
                  lease.step, lease.tier, lease.nbytes)
-        if _distributed():
-            self._channel.call(p.Drop(self.job, self.rank, newer_than=lease.step,
-                                      token=self._token))
+        # The restored step is where this rank's timeline continues: what was saved after it
+        # is abandoned and must never be served again (here, in parity, after a crash).
+        self._channel.call(p.Drop(self.job, self.rank, newer_than=lease.step,
+                                  token=self._token))
         return lease.step, unflatten(lease.meta, tensors)
 
     def _agree(self) -> int | None:
@@ -276,7 +464,7 @@ class SnapshotClient:
             for entry in lease.tensors:
                 src = view_of(mm, entry.__dict__)
                 dst = targets.get(entry.name)
-                if dst is None or dst.dtype != src.dtype or dst.shape != src.shape:
+                if dst is None:
                     dst = torch.empty_like(src)
                 with torch.no_grad():
                     out.append(dst.copy_(src))
@@ -287,11 +475,17 @@ class SnapshotClient:
     # ------------------------------------------------------------------ lifetime
 
     def close(self) -> None:
-        """Wait for saves in flight, then release the connection."""
+        """Flush: wait until the newest save is committed (or failed, which is logged), then
+        release the connection."""
         if self._closed:
             return
-        self.wait()
-        self._closed = True
+        with self._lock:
+            self.wait()
+            job = self._current
+            self._closed = True
+        if job is not None and job.future.exception() is not None:
+            log.warning("snapshotd client closed: the last save (step %d) was NOT committed: "
+                        "%s", job.step, job.future.exception())
         self._worker.shutdown(wait=True)
         self._maps.clear()
         self._channel.close()
@@ -376,11 +570,74 @@ def agree_step(client: SnapshotClient, group: Any = None) -> int | None:
 
 
 
-def _targets(into: Any) -> dict[str, torch.Tensor]:
+def _targets(into: Any, table: tuple[p.TensorEntry, ...]) -> dict[str, torch.Tensor]:
+    """The tensors of ``into`` by name, each checked against the snapshot's table."""
     if into is None:
         return {}
     layout = flatten(into)
-    return {e["name"]: t for e, t in zip(layout.entries, layout.tensors) if not t.is_cuda}
+    held = {t.name: t for t in table}
+    problems, targets = [], {}
+    for entry, tensor in zip(layout.entries, layout.tensors):
+        name, row = entry["name"], held.get(entry["name"])
+        if row is None:
+            problems.append(f"{name}: not in the snapshot")
+        elif row.dtype != entry["dtype"] or tuple(row.shape) != tuple(entry["shape"]):
+            problems.append(f"{name}: snapshot has {row.dtype}{list(row.shape)}, into has "
+                            f"{entry['dtype']}{entry['shape']}")
+        elif tensor.numel() > 1 and not _writable(tensor):
+            problems.append(f"{name}: the into tensor overlaps itself (expand()ed or "
+                            "as_strided view) and cannot be filled")
+        else:
+            targets[name] = tensor
+    if problems:
+        raise SnapshotError(f"restore(into=...) does not match the snapshot, nothing was "
+                            f"written: {'; '.join(problems[:8])}"
+                            + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""))
+    return targets
+
+
+def _step(step: Any) -> int:
+    """``step`` as an int: ints and integer scalars (numpy, 0-d tensors), never bool/float."""
+    if not isinstance(step, (bool, float)) and not (isinstance(step, torch.Tensor)
+                                                    and step.is_floating_point()):
+        try:
+            value = operator.index(step)
+        except TypeError:
+            pass
+        else:
+            if value >= 0:
+                return value
+    raise SnapshotError(f"step must be a non-negative integer, got {step!r} "
+                        f"({type(step).__name__}); pass the integer training step")
+
+
+def _writable(t: torch.Tensor) -> bool:
+    """No two elements of ``t`` share memory (so ``copy_`` into it is defined)."""
+    reach = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
+        if stride < reach:
+            return False
+        reach = stride * size
+    return True
+
+
+def _check_size(layout: Layout) -> None:
+    """Refuse, before any copy, a state whose restore reply could not be carried."""
+    meta = len(layout.meta)
+    if meta > MAX_META_BYTES:
+        raise SnapshotError(f"the non-tensor part of the state is {meta} bytes of JSON, over "
+                            f"the {MAX_META_BYTES}-byte limit; keep large data (lists of "
+                            "numbers, permutations) in tensors, e.g. torch.tensor(values)")
+    reply = meta * 2 + sum(len(e["name"]) + _ROW_BYTES for e in layout.entries) + _REPLY_BYTES
+    if reply > p.MAX_MESSAGE_BYTES:
+        raise SnapshotError(f"the state's table ({len(layout.entries)} tensors) and non-tensor "
+                            f"values would need a {reply}-byte restore reply, over the "
+                            f"{p.MAX_MESSAGE_BYTES}-byte limit; merge small tensors")
+
+
+def _count_load(optimizer: Any) -> None:
+    """load_state_dict replaces the optimizer's state tensors: guarded pointers change."""
+    optimizer._snapshotd_loads = getattr(optimizer, "_snapshotd_loads", 0) + 1
 
 
 def _distributed() -> bool:

@@ -106,8 +106,12 @@ class TrainingState:
             Python ``random``). Default True.
 
     The dict returned by :meth:`state_dict` holds references to live tensors (parameters,
-    optimizer moments): hand it to ``SnapshotClient.save`` and make ``optimizer.step()`` wait
-    for the copy with ``client.protect(optimizer)``, as :meth:`save` expects.
+    optimizer moments). :meth:`save` hands it to the client after ``client.protect(optimizer,
+    model)``, so parameters and optimizer state are copied in the background while
+    ``optimizer.step()`` waits for that copy, and everything else (buffers, which the next
+    forward changes in place) is copied at once. :meth:`restore` checks the whole snapshot
+    against the model, optimizer, scheduler, data position and generators before it writes
+    anything: a snapshot that does not fit raises and leaves all of them unchanged.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -157,9 +161,7 @@ class TrainingState:
         Tensors restored by ``SnapshotClient.restore`` are CPU tensors; ``load_state_dict``
         copies them into the live model (on whatever device it is) and the optimizer.
         """
-        if state.get("format") != FORMAT:
-            raise ValueError(f"not a TrainingState snapshot (format {state.get('format')!r}, "
-                             f"expected {FORMAT})")
+        self.check(state)
         _unwrap(self.model).load_state_dict(state["model"])
         if self.optimizer is not None:
             if "optimizer" not in state:
@@ -191,7 +193,55 @@ class TrainingState:
 
     def save(self, client: SnapshotClient, step: int) -> Future:
         """Snapshot the state after ``step`` through ``client`` (asynchronous, never raises)."""
+        if self.optimizer is not None:
+            client.protect(self.optimizer, _unwrap(self.model))   # idempotent
         return client.save(step, self.state_dict(step))
+
+    def check(self, state: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` naming every way ``state`` does not fit what :meth:`load` would
+        put it into; change nothing. ``state`` may hold ``meta`` tensors (shapes only)."""
+        problems: list[str] = []
+        if not isinstance(state, Mapping) or state.get("format") != FORMAT:
+            got = state.get("format") if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"not a TrainingState snapshot (format {got!r}, expected {FORMAT})")
+        if not isinstance(state.get("step"), int):
+            problems.append("no integer 'step'")
+        model = _unwrap(self.model).state_dict()
+        saved = state.get("model")
+        if not isinstance(saved, Mapping):
+            problems.append("no model state")
+        else:
+            missing = [k for k in model if k not in saved]
+            extra = [k for k in saved if k not in model]
+            if missing:
+                problems.append(f"model keys missing from the snapshot: {missing[:8]}")
+            if extra:
+                problems.append(f"model keys in the snapshot that the model lacks: {extra[:8]}")
+            for key, live in model.items():
+                value = saved.get(key)
+                if isinstance(live, torch.Tensor) and isinstance(value, torch.Tensor) and (
+                        live.shape != value.shape or live.dtype != value.dtype):
+                    problems.append(f"model {key!r}: snapshot {value.dtype}{list(value.shape)}, "
+                                    f"model {live.dtype}{list(live.shape)}")
+        parts = [("optimizer", self.optimizer), ("scheduler", self.scheduler),
+                 ("data", self.data)]
+        for name, live in parts:
+            if live is not None and name not in state:
+                problems.append(f"the snapshot holds no {name} state")
+        if self.optimizer is not None and isinstance(state.get("optimizer"), Mapping):
+            groups = state["optimizer"].get("param_groups", [])
+            want = [len(g["params"]) for g in self.optimizer.param_groups]
+            have = [len(g.get("params", [])) for g in groups]
+            if want != have:
+                problems.append(f"optimizer parameter groups: snapshot has sizes {have}, the "
+                                f"optimizer {want}")
+        missing_gens = [n for n in self.generators if n not in state.get("generators", {})]
+        if missing_gens:
+            problems.append(f"generators missing from the snapshot: {missing_gens}")
+        if self.rng and "rng" in state and not {"torch", "python"} <= set(state["rng"]):
+            problems.append("RNG state without torch/python entries")
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def restore(self, client: SnapshotClient, step: int | None = None) -> int | None:
         """Load the newest snapshot (or ``step``) from ``client``; return its step, or None.
@@ -205,8 +255,10 @@ class TrainingState:
             step = agree_step(client)
             if step is None:
                 return None
-        # The model exists already: fill its tensors in place (no fresh memory to fault in).
-        restored = client.restore(step, into={"model": _unwrap(self.model).state_dict()})
+        # The model exists already: fill its tensors in place (no fresh memory to fault in),
+        # once the whole snapshot is known to fit (checked before any byte is written).
+        restored = client.restore(step, into={"model": _unwrap(self.model).state_dict()},
+                                  check=self.check)
         if restored is None:
             return None
         step_restored, state = restored
