@@ -103,6 +103,8 @@ class RouterLoop:
                 return
             reply = self._dispatch(msg, frames[2:])
         except Exception as exc:  # noqa: BLE001 - one bad request never stops the loop
+            if isinstance(exc, p.ProtocolError) and exc.req_id is not None:
+                req_id = exc.req_id          # refused while decoding: still matchable
             reply = self._error(exc)
         self._send(self._sock, ident, req_id, reply)
 
@@ -128,6 +130,9 @@ class RouterLoop:
         handler = getattr(self, "_on_" + msg.OP, None)
         if handler is None:
             raise p.ProtocolError("unknown_op", f"{msg.OP!r} is not a request here")
+        job = getattr(msg, "job", None)
+        if isinstance(job, str):             # every request naming a job, on both servers
+            p.check_job(job)
         return handler(msg, payload)
 
     def _error(self, exc: Exception) -> p.Error:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hmac
 import json
 import os
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -37,11 +36,10 @@ import psutil
 import xxhash
 
 from ._shm import SegmentDir
-from .protocol import ProtocolError, TensorEntry, check_table
+from .protocol import ProtocolError, TensorEntry, check_job, check_table
 
 __all__ = ["Store", "StoreError", "Slot", "Version", "Lease", "process_identity"]
 
-_JOB_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 #: Bookkeeping charged per version on top of its manifest (index entries, Python objects).
 _VERSION_OVERHEAD = 4096
 #: Free segments kept for reuse; reuse avoids re-faulting pages on every save.
@@ -214,10 +212,18 @@ class Store:
     # ------------------------------------------------------------------ writing
 
     def alloc(self, job: str, rank: int, step: int, nbytes: int, pid: int,
-              local_world_size: int = 1) -> Slot:
-        """Reserve a write slot of ``nbytes``; refuse over the memory limit."""
-        if not _JOB_RE.fullmatch(job):
-            raise StoreError("bad_request", f"job name {job!r} must match {_JOB_RE.pattern}")
+              local_world_size: int = 1, *, older: bool = False) -> Slot:
+        """Reserve a write slot of ``nbytes``; refuse over the memory limit.
+
+        A step older than the newest one held for (job, rank) is refused (``stale_step``):
+        restoring an older step starts a new timeline, and the client drops the newer steps
+        then, so a save below the newest held step means that did not happen. Re-saving the
+        newest step replaces it. ``older`` lets a rebuild or a load from disk install one.
+        """
+        try:
+            check_job(job)
+        except ProtocolError as exc:
+            raise StoreError(exc.code, exc.message) from None
         for name, value in (("rank", rank), ("step", step), ("nbytes", nbytes), ("pid", pid)):
             if value < 0:
                 raise StoreError("bad_request", f"{name} must be >= 0, got {value}")
@@ -227,6 +233,13 @@ class Store:
         with self._lock:
             if not self.accepting:
                 raise StoreError("shutting_down", "the daemon is shutting down; retry on restart")
+            held = [s for s, v in self._versions.get((job, rank), {}).items() if not v.doomed]
+            if not older and held and step < max(held):
+                raise StoreError(
+                    "stale_step", f"job {job!r} rank {rank}: step {step} is older than step "
+                    f"{max(held)} already held; restore(step={step}) first to start a new "
+                    f"timeline from it, or drop the newer steps (snapshotctl drop --job {job} "
+                    f"--newer-than {step})")
             reused = self._pool.take(nbytes)
             fresh = reused is None
             if reused is None:
@@ -268,8 +281,12 @@ class Store:
             slot = self._slots.get(number)
             return None if slot is None else self._clock() - slot.created
 
-    def commit(self, number: int, tensors: tuple[TensorEntry, ...], meta: str) -> Version:
-        """Check the table, store checksums, write the manifest, and publish the version."""
+    def commit(self, number: int, tensors: tuple[TensorEntry, ...], meta: str,
+               committed_at: float | None = None, protected: bool = False) -> Version:
+        """Check the table, store checksums, write the manifest, and publish the version.
+
+        ``committed_at`` (default: now) identifies the version across the group (a rebuilt
+        version keeps the original's, so it matches the parity holders' records)."""
         with self._lock:
             slot = self._slots.get(number)
             if slot is None or slot.committing:
@@ -282,7 +299,7 @@ class Store:
                 raise StoreError("bad_table", f"slot {number} meta is not JSON: {exc}") from None
             slot.committing = True
         try:
-            version = self._seal(slot, tensors, meta)
+            version = self._seal(slot, tensors, meta, committed_at, protected)
         except BaseException:
             with self._lock:
                 self._slots.pop(number, None)
@@ -297,22 +314,29 @@ class Store:
             self._retain((slot.job, slot.rank))
         return version
 
-    def _seal(self, slot: Slot, tensors: tuple[TensorEntry, ...], meta: str) -> Version:
+    def _seal(self, slot: Slot, tensors: tuple[TensorEntry, ...], meta: str,
+              committed_at: float | None, protected: bool) -> Version:
         view = self.dir.view(slot.number, slot.size)
         try:
             summed = tuple(TensorEntry(t.name, t.dtype, t.shape, t.offset, t.nbytes, c)
                            for t, c in zip(tensors, _checksums(view, tensors)))
         finally:
             view.release()
-        now = self._clock()
-        manifest = {"format": 1, "job": slot.job, "rank": slot.rank, "step": slot.step,
-                    "nbytes": slot.nbytes, "meta": meta, "committed_at": now,
-                    "local_world_size": slot.local_world_size,
-                    "owner": self._owners.get(slot.job, ""),
-                    "tensors": [t.__dict__ | {"shape": list(t.shape)} for t in summed]}
-        book = self.dir.write_manifest(slot.number, manifest) + _VERSION_OVERHEAD
-        return Version(slot.number, slot.job, slot.rank, slot.step, slot.nbytes, slot.size,
-                       summed, meta, now, book, slot.local_world_size)
+        now = self._clock() if committed_at is None else committed_at
+        version = Version(slot.number, slot.job, slot.rank, slot.step, slot.nbytes, slot.size,
+                          summed, meta, now, 0, slot.local_world_size, protected)
+        version.book = self._write_manifest(version) + _VERSION_OVERHEAD
+        return version
+
+    def _write_manifest(self, v: Version) -> int:
+        """Write a version's manifest (atomically); return its size. ``protected`` is in it,
+        so a daemon restarted on its memory keeps the newest protected step (retention)."""
+        manifest = {"format": 1, "job": v.job, "rank": v.rank, "step": v.step,
+                    "nbytes": v.nbytes, "meta": v.meta, "committed_at": v.committed_at,
+                    "local_world_size": v.local_world_size, "protected": v.protected,
+                    "owner": self._owners.get(v.job, ""),
+                    "tensors": [t.__dict__ | {"shape": list(t.shape)} for t in v.tensors]}
+        return self.dir.write_manifest(v.number, manifest)
 
     def install(self, job: str, rank: int, step: int, nbytes: int,
                 tensors: tuple[TensorEntry, ...], meta: str, local_world_size: int,
@@ -326,7 +350,7 @@ class Store:
         if owner:
             with self._lock:
                 self._owners.setdefault(job, owner)
-        slot = self.alloc(job, rank, step, nbytes, os.getpid(), local_world_size)
+        slot = self.alloc(job, rank, step, nbytes, os.getpid(), local_world_size, older=True)
         view = self.dir.view(slot.number, slot.size)
         try:
             fill(view[:nbytes])
@@ -337,11 +361,9 @@ class Store:
             self.abort(slot.number)
             raise StoreError("checksum_mismatch", f"rebuilt job {job!r} rank {rank} step {step}: "
                              f"tensors {bad} do not match their checksums")
-        version = self.commit(slot.number, tuple(TensorEntry(t.name, t.dtype, t.shape, t.offset,
-                                                             t.nbytes) for t in tensors), meta)
-        if protected:
-            self.mark_protected(job, rank, step)
-        return version
+        return self.commit(slot.number, tuple(TensorEntry(t.name, t.dtype, t.shape, t.offset,
+                                                           t.nbytes) for t in tensors), meta,
+                           committed_at, protected)
 
     def abort(self, number: int) -> None:
         with self._lock:
@@ -479,12 +501,18 @@ class Store:
             raise StoreError("forbidden", f"job {job!r} belongs to another token; use the "
                              "job's own SNAPSHOTD_JOB_TOKEN (or snapshotctl --admin-token-file)")
 
-    def mark_protected(self, job: str, rank: int, step: int) -> None:
+    def mark_protected(self, job: str, rank: int, step: int,
+                       committed_at: float | None = None) -> None:
+        """Mark (job, rank, step) protected (only the version committed at ``committed_at``,
+        when given: a re-commit of the step is another version); the manifest says so too."""
         with self._lock:
             version = self._versions.get((job, rank), {}).get(step)
-            if version is not None and not version.protected:
-                version.protected = True
-                self._retain((job, rank))
+            if version is None or version.protected or version.doomed or (
+                    committed_at is not None and version.committed_at != committed_at):
+                return
+            version.protected = True
+            self._write_manifest(version)
+            self._retain((job, rank))
 
     # ------------------------------------------------------------------ internals (lock held)
 

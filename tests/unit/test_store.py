@@ -210,3 +210,45 @@ def test_job_binding_refuses_other_tokens_and_survives_a_restart(tmp_path, store
     assert again.owner("j") == "digest-a" and steps(again) == [1]
     with pytest.raises(StoreError):
         again.authorize("j", "digest-b")
+
+
+def test_alloc_refuses_a_step_older_than_the_newest_held(store):
+    commit(store, 5)
+    with pytest.raises(StoreError) as err:
+        store.alloc("j", 0, 4, 8, 100)
+    assert err.value.code == "stale_step" and "restore(step=4)" in err.value.message
+    assert store.stats()["open_slots"] == 0
+    store.abort(store.alloc("j", 0, 5, 8, 100).number)   # the same step: a replacement
+    store.abort(store.alloc("j", 1, 1, 8, 100).number)   # another rank has its own steps
+    store.drop("j", 0, newer_than=3)
+    store.abort(store.alloc("j", 0, 4, 8, 100).number)   # a new timeline after the drop
+
+
+@pytest.mark.parametrize("job", [".", "..", "a/b", "", "x" * 129])
+def test_job_names_that_are_not_one_path_component_are_refused(store, job):
+    with pytest.raises(StoreError) as err:
+        store.alloc(job, 0, 1, 8, 100)
+    assert err.value.code == "bad_request"
+
+
+def test_protected_flag_survives_adoption(tmp_path, procs):
+    s = Store(str(tmp_path / "shm"), memory_limit=1 << 20, keep=2, identity=procs)
+    s.open()
+    for step in (3, 4, 5):
+        commit(s, step)
+        if step == 3:
+            s.mark_protected("j", 0, 3)
+    again = Store(str(tmp_path / "shm"), memory_limit=1 << 20, keep=2, identity=procs)
+    again.open()                                    # a daemon restarted on its memory
+    assert [(v.step, v.state) for v in again.versions("j", 0)] == [
+        (3, "protected"), (4, "local"), (5, "local")]
+
+
+def test_install_keeps_committed_at(store, procs):
+    procs.alive[os.getpid()] = 3.0                  # install writes as the daemon itself
+    original = commit(store, 1, b"z" * 64)
+    store.drop("j")
+    v = store.install("j", 0, 1, 64, original.tensors, "{}", 1,
+                      lambda view: view.__setitem__(slice(None), b"z" * 64),
+                      committed_at=original.committed_at)
+    assert v.committed_at == original.committed_at and v.protected
