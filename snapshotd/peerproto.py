@@ -38,12 +38,20 @@ class FragInfo:
     """One data fragment of a stripe: from node ``src``, its chunk ``frag``, ``length`` bytes.
 
     ``manifest`` is the source node's node-manifest JSON for this version (its ranks' tables),
-    kept by parity holders so a lost node's layout can be rebuilt too."""
+    kept by parity holders so a lost node's layout can be rebuilt too. ``floor`` is the newest
+    step of the job that ``src`` held as protected when it sent this (-1: none): parity
+    holders keep that step's parity while it may be what a loss of ``src`` falls back to."""
 
     src: int
     frag: int
     length: int
     manifest: str
+    floor: int = -1
+
+    def same_fragment(self, other: FragInfo) -> bool:
+        """The same bytes of the same version (``floor`` is news about the sender only)."""
+        return (self.src, self.frag, self.length, self.manifest) == (
+            other.src, other.frag, other.length, other.manifest)
 
 
 @dataclass(frozen=True)
@@ -169,6 +177,8 @@ class Chunk:
     length: int
     checksum: str
     manifest: str = ""
+    #: For a data chunk: the newest step the sender holds as protected (see FragInfo.floor).
+    floor: int = -1
 
 
 _PEER_MESSAGES = p.registry(Ping, Pong, PutData, PutParity, Protected, Dropped, Inventory,

@@ -199,6 +199,7 @@ class Protector:
         leases, nv = self._lease_node_version(job, step)
         try:
             manifest = nv.manifest(self.me, self.store.owner(nv.job))
+            floor = self.floor(job)
             cs = chunk_size(nv.total, self.group.k)
             for chunk, (stripe, _) in enumerate(data_stripes(self.me, self.group)):
                 if not self.up(stripe.parity[0]):
@@ -207,7 +208,7 @@ class Protector:
                 start = chunk * cs
                 length = max(0, min(cs, nv.total - start))
                 frames = nv.chunk_frames(self.store, start, length)
-                info = pp.FragInfo(self.me, chunk, length, manifest)
+                info = pp.FragInfo(self.me, chunk, length, manifest, floor)
                 msg = pp.PutData(job, step, stripe.index, info, frames_checksum(frames))
                 self.links.call(stripe.parity[0], msg, frames, timeout=self._transfer)
         finally:
@@ -222,6 +223,15 @@ class Protector:
         for v in nv.versions:
             leases.append(self.store.lease(job, v.rank, os.getpid(), step=step).id)
         return leases, nv
+
+    def floor(self, job: str) -> int:
+        """The newest step of ``job`` every local rank holds as protected (-1: none)."""
+        newest: dict[int, int] = {}
+        for v in self.store.versions(job):
+            newest.setdefault(v.rank, -1)
+            if v.protected:
+                newest[v.rank] = max(newest[v.rank], v.step)
+        return min(newest.values(), default=-1)
 
     def on_protected(self, msg: pp.Protected) -> None:
         stripe = self._stripe(msg.stripe)
@@ -256,7 +266,8 @@ class Protector:
         key = (msg.job, msg.step, msg.stripe)
         with self._lock:
             record = self._parity.get((msg.job, msg.stripe, msg.step))
-            if record is not None and record.complete and msg.info in record.frags:
+            if record is not None and record.complete and any(
+                    msg.info.same_fragment(f) for f in record.frags):
                 # A re-send of a fragment already encoded (its node restarted and lost the
                 # protected flag): the stripe is whole, say so again instead of re-encoding.
                 self._pool.submit(self._confirm, msg.job, msg.step, msg.stripe, msg.info.src)
@@ -378,13 +389,23 @@ class Protector:
                 self._retain_parity(job, stripe)
 
     def _retain_parity(self, job: str, stripe: int) -> None:
-        """Keep the newest ``keep`` steps of a stripe and its two newest complete ones (lock
-        held): a stripe whose newest encodes were cut short by a failure still has a whole
-        older version, the one its data nodes keep as their newest protected."""
+        """Keep the newest ``keep`` steps of a stripe, its two newest complete ones, and every
+        step that a data node of the stripe may hold as its newest protected one (lock held).
+
+        A data node's newest protected step is the newest one whose ``k`` stripes are all
+        complete, so a stripe that is ahead of a slower stripe of the same data node must keep
+        the older step: each fragment says which step its sender held as protected
+        (``FragInfo.floor``); the newest such report per data node is kept. A node that is
+        lost sends nothing more, so its last protected step stays restorable."""
         records = sorted((r for (j, st, _), r in self._parity.items()
                           if j == job and st == stripe), key=lambda r: -r.step)
         keep = {r.step for r in records[:self.keep]}
         keep |= {r.step for r in [r for r in records if r.complete][:2]}
+        floors: dict[int, int] = {}
+        for r in records:
+            for f in r.frags:
+                floors[f.src] = max(floors.get(f.src, -1), f.floor)
+        keep |= set(floors.values())
         for r in records:
             if r.step not in keep:
                 del self._parity[(job, stripe, r.step)]
@@ -446,7 +467,8 @@ class Protector:
             for lease in leases:
                 self.store.release(lease)
         manifest = nv.manifest(self.me, self.store.owner(nv.job))
-        return pp.Chunk(length, frames_checksum([payload]), manifest), [payload]
+        return pp.Chunk(length, frames_checksum([payload]), manifest,
+                        self.floor(msg.job)), [payload]
 
     def get_parity(self, msg: pp.GetParity) -> tuple[pp.Chunk, list[Any]]:
         with self._lock:

@@ -306,12 +306,13 @@ class Recovery:
         held = {(r.job, r.stripe, r.step) for r in self.protector.parity_records()}
         # Every step the data nodes still hold, newest first (parity retention trims the rest):
         # the newest may be one some data node never got protected, and its newest *protected*
-        # step is the one a loss of that node falls back to.
+        # step, possibly older than the newest steps of the others, is the one a loss of that
+        # node falls back to.
         for stripe, index in parity_stripes(self.me, self.group):
             for job in jobs:
                 steps = sorted({d.step for r in inv.values() for d in r.data if d.job == job},
                                reverse=True)
-                for step in steps[:self.protector.keep + 2]:
+                for step in steps:
                     if (job, stripe.index, step) in held:
                         continue
                     try:
@@ -329,7 +330,8 @@ class Recovery:
         if len(data) == self.group.k:
             try:
                 fetched = [self._fetch(s, -1) for s in data]
-                infos = tuple(pp.FragInfo(s.slot, s.request.frag, reply.length, reply.manifest)
+                infos = tuple(pp.FragInfo(s.slot, s.request.frag, reply.length, reply.manifest,
+                                          reply.floor)
                               for s, (_, reply) in zip(data, fetched))
                 length = max(i.length for i in infos)
                 bufs = [contiguous([buf], length) for buf, _ in fetched]

@@ -190,3 +190,30 @@ def test_regression_rebuilt_version_loses_committed_at(clusters, zygote):
     cluster.replace(0)
     lost, _, problems, _ = restore_all(zygote, cluster, "job", 1, {(0, 0): 1})
     assert lost == 0, f"{problems}\n{log_tail(cluster.specs[0])}"
+
+
+# --------------------------------------------------------------------------- finding 1
+
+
+@pytest.mark.parametrize("how", ["missed_saves", "restarted_daemon"])
+def test_regression_protected_step_trimmed_by_parity_retention(clusters, zygote, how):
+    cluster = clusters(4, k=2, m=2, args=FAST)
+    cluster.start()
+    save_on(zygote, cluster, "job", 1, 3, 1)
+    wait_for(lambda: all_protected(cluster, "job", 3), RESUME_S, "step 3 protected")
+    if how == "restarted_daemon":
+        cluster.kill(3)                      # a routine restart while nodes 0-2 save
+    save_on(zygote, cluster, "job", 4, 5, 1, slots=[0, 1, 2])   # node 3 misses 4 and 5
+    if how == "restarted_daemon":
+        cluster.restart(3)
+    # Stripe 1 (data nodes 3 and 0) cannot encode 4 or 5: node 0's newest protected step is 3;
+    # stripe 2 (data nodes 0 and 1) encodes both, and must still keep step 3's parity.
+    wait_for(lambda: all_protected(cluster, "job", 5, slots=[1]), RESUME_S,
+             "step 5 protected on node 1 (stripes 2 and 3 are whole)")
+    time.sleep(1.0)
+    held = [(v.step, v.state) for v in versions(cluster.specs[0], "job")]
+    assert held == [(3, "protected"), (4, "local"), (5, "local")], held
+    lose(cluster, 0)
+    cluster.replace(0)
+    lost, _, problems, _ = restore_all(zygote, cluster, "job", 1, {(0, 0): 3})
+    assert lost == 0, f"{problems}\n{log_tail(cluster.specs[0])}"
