@@ -30,7 +30,7 @@ from . import protocol as p
 
 __all__ = ["FragInfo", "Ping", "Pong", "PutData", "PutParity", "Protected", "Dropped", "Inventory",
            "DataHolding", "ParityHolding", "InventoryReply", "GetData", "GetParity", "Chunk",
-           "decode"]
+           "decode", "manifest_id"]
 
 
 @dataclass(frozen=True)
@@ -96,12 +96,15 @@ class PutParity:
 
 @dataclass(frozen=True)
 class Protected:
-    """Stripe ``stripe`` of (job, step) has all its parity stored."""
+    """Stripe ``stripe`` of (job, step) has all its parity stored. To a data node, ``vid``
+    names the version of its data that was encoded (:func:`manifest_id` of its node manifest):
+    a confirmation of another version of the step (a re-commit) protects nothing."""
 
     OP: ClassVar[str] = "protected"
     job: str
     step: int
     stripe: int
+    vid: str = ""
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,9 @@ class ParityHolding:
     index: int
     length: int
     frags: tuple[FragInfo, ...]
+    #: Data nodes that have since sent another version of this step: this parity must not
+    #: rebuild them, nor be combined with their current data.
+    stale: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -158,6 +164,8 @@ class GetData:
     job: str
     step: int
     frag: int
+    #: The version wanted (:func:`manifest_id`); refused (``not_found``) if another is held.
+    vid: str = ""
 
 
 @dataclass(frozen=True)
@@ -183,6 +191,14 @@ class Chunk:
 
 _PEER_MESSAGES = p.registry(Ping, Pong, PutData, PutParity, Protected, Dropped, Inventory,
                             InventoryReply, GetData, GetParity, Chunk, p.Ok, p.Error)
+
+
+def manifest_id(manifest: str) -> str:
+    """The identity of one version of a node's data: a hash of its node manifest (ranks,
+    commit times, tables). A re-commit of a step is another version with another id."""
+    import xxhash
+
+    return xxhash.xxh3_64_hexdigest(manifest.encode())
 
 
 def decode(frame: bytes) -> tuple[int, Any]:

@@ -52,10 +52,12 @@ class ParityRecord:
     buf: bytearray
     checksum: str
     complete: bool = False      # every parity holder of the stripe has its fragment
+    #: Data nodes that sent another version of this step since (see ParityHolding.stale).
+    stale: set[int] = field(default_factory=set)
 
     def holding(self) -> pp.ParityHolding:
         return pp.ParityHolding(self.job, self.step, self.stripe, self.index, self.length,
-                                self.frags)
+                                self.frags, tuple(sorted(self.stale)))
 
 
 @dataclass
@@ -100,6 +102,7 @@ class _Assembly:
 
     started: float
     frags: dict[int, tuple[pp.FragInfo, list[Any]]] = field(default_factory=dict)
+    pulling: bool = False       # the missing fragments are being fetched (a re-encode)
 
 
 class Protector:
@@ -126,8 +129,9 @@ class Protector:
         self._lock = threading.Lock()
         self._parity: dict[tuple[str, int, int], ParityRecord] = {}  # (job, stripe, step)
         self._assembling: dict[tuple[str, int, int], _Assembly] = {}  # (job, step, stripe)
-        self._protected: dict[tuple[str, int], set[int]] = {}
-        self._sent: dict[tuple[str, int], float] = {}  # (job, step) -> when its chunks went out
+        self._protected: dict[tuple[str, int, str], set[int]] = {}  # (job, step, vid)
+        #: (job, step) -> (when its chunks went out, the version id sent)
+        self._sent: dict[tuple[str, int], tuple[float, str]] = {}
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="snapshotd-encode")
         self.stripes = {s.index: s for s in stripes(group)}
         store.extra_usage = self.parity_bytes
@@ -135,23 +139,38 @@ class Protector:
     # ------------------------------------------------------------------ data-node side
 
     def node_version(self, job: str, step: int) -> NodeVersion | None:
-        """This node's complete data for (job, step), or None if a rank has not committed."""
+        """This node's complete data for (job, step), or None while a rank has not committed.
+
+        Complete means every rank of the job this node holds (or is writing) has committed
+        the step: the count a client declares (``local_world_size``, 1 when unset) is only a
+        lower bound, never trusted to leave a rank out of the node version."""
         versions = [v for v in self.store.versions(job) if v.step == step]
-        if not versions or len(versions) < versions[0].local_world_size:
+        if not versions:
+            return None
+        have = {v.rank for v in versions}
+        if not self.store.ranks(job) <= have or len(have) < max(
+                v.local_world_size for v in versions):
             return None
         return NodeVersion(job, step, sorted(versions, key=lambda v: v.rank))
+
+    def vid(self, nv: NodeVersion) -> str:
+        """The identity of a node version (see :func:`peerproto.manifest_id`)."""
+        return pp.manifest_id(nv.manifest(self.me, self.store.owner(nv.job)))
 
     def on_commit(self, version: Version) -> None:
         """Called after every local commit: start encoding once the node version is complete."""
         if self.group.m == 0:
             return
         key = (version.job, version.step)
-        if self.node_version(*key) is None:       # outside our lock: the store calls back in
+        nv = self.node_version(*key)              # outside our lock: the store calls back in
+        if nv is None:
             return
+        vid = self.vid(nv)
         with self._lock:
-            if key in self._sent:
-                return
-            self._sent[key] = self._clock()
+            sent = self._sent.get(key)
+            if sent is not None and sent[1] == vid:
+                return                            # this very version is on its way
+            self._sent[key] = (self._clock(), vid)
         self._pool.submit(self._send_data, version.job, version.step)
 
     def retry(self) -> int:
@@ -175,9 +194,9 @@ class Protector:
             key = (job, newest)
             with self._lock:
                 sent = self._sent.get(key)
-                if sent is not None and self._clock() - sent < self.encode_timeout:
+                if sent is not None and self._clock() - sent[0] < self.encode_timeout:
                     continue
-                self._sent[key] = self._clock()
+                self._sent[key] = (self._clock(), self.vid(nv))
             self._pool.submit(self._send_data, job, newest)
             started += 1
         return started
@@ -189,7 +208,7 @@ class Protector:
         except Exception as exc:  # noqa: BLE001 - a failed encode leaves the version local
             log.warning("job %r step %d stays unprotected: %s", job, step, exc)
             with self._lock:  # try again in a couple of seconds
-                self._sent[(job, step)] = self._clock() - self.encode_timeout + 2.0
+                self._sent[(job, step)] = (self._clock() - self.encode_timeout + 2.0, "")
         finally:
             self.links.close_thread()
         if self.metrics is not None:
@@ -239,14 +258,20 @@ class Protector:
             self._mark_complete(msg.job, msg.stripe, msg.step)
         if self.me not in stripe.data:
             return
+        nv = self.node_version(msg.job, msg.step)
+        if nv is None:
+            return
+        vid = self.vid(nv)
+        if msg.vid and msg.vid != vid:
+            return                      # another version of this step was encoded
         with self._lock:
-            done = self._protected.setdefault((msg.job, msg.step), set())
+            done = self._protected.setdefault((msg.job, msg.step, vid), set())
             done.add(msg.stripe)
             complete = len(done) >= self.group.k
         if complete:
-            for v in self.store.versions(msg.job):
-                if v.step == msg.step:
-                    self.store.mark_protected(msg.job, v.rank, msg.step)
+            # Exactly the rank versions that were encoded: a rank committed since is not.
+            for v in nv.versions:
+                self.store.mark_protected(msg.job, v.rank, msg.step, v.committed_at)
             with self._lock:
                 for key in [k for k in self._protected if k[0] == msg.job and k[1] <= msg.step]:
                     del self._protected[key]
@@ -263,21 +288,70 @@ class Protector:
         if got != msg.info.length or frames_checksum(frames) != msg.checksum:
             raise StoreError("corrupt", f"data fragment of node {msg.info.src} for job "
                              f"{msg.job!r} step {msg.step}: {got} bytes or checksum mismatch")
-        key = (msg.job, msg.step, msg.stripe)
         with self._lock:
             record = self._parity.get((msg.job, msg.stripe, msg.step))
             if record is not None and record.complete and any(
                     msg.info.same_fragment(f) for f in record.frags):
                 # A re-send of a fragment already encoded (its node restarted and lost the
                 # protected flag): the stripe is whole, say so again instead of re-encoding.
-                self._pool.submit(self._confirm, msg.job, msg.step, msg.stripe, msg.info.src)
+                self._pool.submit(self._confirm, msg.job, msg.step, msg.stripe, msg.info)
                 return
-            assembly = self._assembling.setdefault(key, _Assembly(self._clock()))
-            assembly.frags[stripe.data.index(msg.info.src)] = (msg.info, frames)
-            if len(assembly.frags) < self.group.k:
-                return
-            del self._assembling[key]
-        self._pool.submit(self._encode, msg.job, msg.step, stripe, assembly)
+            if record is not None:
+                # Another version of a step already encoded (a re-commit): the old parity no
+                # longer matches this node's data; it is replaced once the new one is encoded,
+                # and the other data nodes, which will not send again, are asked for theirs.
+                if any(f.src == msg.info.src for f in record.frags):
+                    record.stale.add(msg.info.src)
+            pull = self._add_fragment(stripe, msg.job, msg.step, msg.info, frames,
+                                      reencode=record is not None)
+        if pull:
+            self._pool.submit(self._pull, msg.job, msg.step, stripe)
+
+    def _add_fragment(self, stripe: Stripe, job: str, step: int, info: pp.FragInfo,
+                      frames: list[Any], reencode: bool = False) -> bool:
+        """Add a data fragment to its stripe's assembly; encode once all ``k`` are there
+        (lock held). True if the missing fragments should be fetched (a re-encode)."""
+        key = (job, step, stripe.index)
+        assembly = self._assembling.setdefault(key, _Assembly(self._clock()))
+        assembly.frags[stripe.data.index(info.src)] = (info, frames)
+        if len(assembly.frags) < self.group.k:
+            if reencode and not assembly.pulling:
+                assembly.pulling = True
+                return True
+            return False
+        del self._assembling[key]
+        self._pool.submit(self._encode, job, step, stripe, assembly)
+        return False
+
+    def _pull(self, job: str, step: int, stripe: Stripe) -> None:
+        """Fetch the data fragments a re-encode of (job, step, stripe) lacks from their
+        nodes (``GetData``: checked against the tensor checksums there)."""
+        try:
+            with self._lock:
+                assembly = self._assembling.get((job, step, stripe.index))
+                have = set(assembly.frags) if assembly is not None else set(
+                    range(self.group.k))
+            for pos, slot in enumerate(stripe.data):
+                if pos in have or not self.up(slot):
+                    continue
+                chunk = [s.index for s, _ in data_stripes(slot, self.group)].index(
+                    stripe.index)
+                reply, frames = self.links.call(slot, pp.GetData(job, step, chunk),
+                                                timeout=self._transfer)
+                bufs = [f.buffer for f in frames]
+                if frames_checksum(bufs) != reply.checksum:
+                    raise StoreError("corrupt", f"data fragment of node {slot} failed its "
+                                     "checksum on the way")
+                info = pp.FragInfo(slot, chunk, reply.length, reply.manifest, reply.floor)
+                with self._lock:
+                    if (job, step, stripe.index) not in self._assembling:
+                        return
+                    self._add_fragment(stripe, job, step, info, bufs)
+        except Exception as exc:  # noqa: BLE001 - the stripe expires like any other
+            log.warning("re-encode of stripe %d, job %r step %d lacks fragments: %s",
+                        stripe.index, job, step, exc)
+        finally:
+            self.links.close_thread()
 
     def _encode(self, job: str, step: int, stripe: Stripe, assembly: _Assembly) -> None:
         try:
@@ -295,8 +369,12 @@ class Protector:
                 self.links.call(stripe.parity[index], msg, [parity[index]],
                                 timeout=self._transfer)
             self._mark_complete(job, stripe.index, step)
-            for slot in (*stripe.parity[1:], *stripe.data):
+            for slot in stripe.parity[1:]:
                 self.links.call(slot, pp.Protected(job, step, stripe.index),
+                                timeout=self._small)
+            for info in infos:
+                self.links.call(info.src, pp.Protected(job, step, stripe.index,
+                                                       pp.manifest_id(info.manifest)),
                                 timeout=self._small)
         except Exception as exc:  # noqa: BLE001
             log.warning("stripe %d of job %r step %d not protected: %s", stripe.index, job, step,
@@ -304,9 +382,11 @@ class Protector:
         finally:
             self.links.close_thread()
 
-    def _confirm(self, job: str, step: int, stripe: int, slot: int) -> None:
+    def _confirm(self, job: str, step: int, stripe: int, info: pp.FragInfo) -> None:
+        slot = info.src
         try:
-            self.links.call(slot, pp.Protected(job, step, stripe), timeout=self._small)
+            self.links.call(slot, pp.Protected(job, step, stripe, pp.manifest_id(info.manifest)),
+                            timeout=self._small)
         except Exception as exc:  # noqa: BLE001 - the node retries its PutData later
             log.info("could not confirm stripe %d of job %r step %d to node %d: %s", stripe, job,
                      step, slot, exc)
@@ -415,13 +495,21 @@ class Protector:
         self.retry()
 
     def expire(self) -> int:
-        """Drop stripes whose data fragments did not all arrive within ``encode_timeout``."""
+        """Drop stripes whose data fragments did not all arrive within ``encode_timeout``;
+        ask the data nodes for the fragments of stripes still waiting after a moment (a node
+        that committed the step again, or on a new timeline, sends alone)."""
         now = self._clock()
         with self._lock:
             old = [key for key, a in self._assembling.items()
                    if now - a.started > self.encode_timeout]
             for key in old:
                 del self._assembling[key]
+            waiting = [key for key, a in self._assembling.items() if not a.pulling
+                       and now - a.started > min(1.0, self.encode_timeout / 2)]
+            for key in waiting:
+                self._assembling[key].pulling = True
+        for job, step, stripe in waiting:
+            self._pool.submit(self._pull, job, step, self.stripes[stripe])
         for job, step, stripe in old:
             log.warning("stripe %d of job %r step %d: data fragments missing after %.0fs; "
                         "that version stays unprotected", stripe, job, step, self.encode_timeout)
@@ -451,6 +539,9 @@ class Protector:
         checksums: damaged bytes must not be decoded into a rebuild or encoded into parity."""
         leases, nv = self._lease_node_version(msg.job, msg.step)
         try:
+            if msg.vid and self.vid(nv) != msg.vid:
+                raise StoreError("not_found", f"job {msg.job!r} step {msg.step} on node "
+                                 f"{self.me} is another version than the one asked for")
             cs = chunk_size(nv.total, self.group.k)
             start, offset = msg.frag * cs, 0
             for v in nv.versions:

@@ -375,6 +375,13 @@ class Store:
 
     # ------------------------------------------------------------------ reading
 
+    def ranks(self, job: str) -> set[int]:
+        """Every rank of ``job`` this node holds a version of, or is writing one for."""
+        with self._lock:
+            held = {r for (j, r), vs in self._versions.items()
+                    if j == job and any(not v.doomed for v in vs.values())}
+            return held | {s.rank for s in self._slots.values() if s.job == job}
+
     def versions(self, job: str | None = None, rank: int | None = None) -> list[Version]:
         with self._lock:
             return sorted((v for (j, r), vs in self._versions.items() for v in vs.values()

@@ -217,3 +217,61 @@ def test_regression_protected_step_trimmed_by_parity_retention(clusters, zygote,
     cluster.replace(0)
     lost, _, problems, _ = restore_all(zygote, cluster, "job", 1, {(0, 0): 3})
     assert lost == 0, f"{problems}\n{log_tail(cluster.specs[0])}"
+
+
+# --------------------------------------------------------------------------- finding 5
+
+
+def test_regression_rank_left_out_of_node_version_without_local_world_size(clusters, zygote):
+    cluster = clusters(4, k=2, m=2, args=FAST)
+    cluster.start()
+    one = {"LOCAL_WORLD_SIZE": "1"}            # srun / mpirun: unset, the client says 1
+    others = [zygote.spawn("save", cluster.specs[s].control, "--job", "job", "--rank", s + 1,
+                           "--mib", 1, "--steps", 1, 2, env=one) for s in (1, 2, 3)]
+    for rank in (0, 1):                      # node 0 runs ranks 0 and 1, one after the other
+        t = zygote.spawn("save", cluster.specs[0].control, "--job", "job", "--rank", rank,
+                         "--mib", 1, "--steps", 1, 2, env=one)
+        assert t.wait(120) == 0, t.text()
+    for t in others:
+        assert t.wait(120) == 0, t.text()
+    wait_for(lambda: all_protected(cluster, "job", 2), RESUME_S + 5,
+             "step 2 protected on every node, both ranks of node 0 included")
+    lose(cluster, 0)
+    cluster.replace(0)
+    lost, _, problems, _ = restore_all(zygote, cluster, "job", 1, {(0, 0): 2, (0, 1): 2})
+    assert lost == 0, f"{problems}\n{log_tail(cluster.specs[0])}"
+
+
+# --------------------------------------------------------------------------- finding 4
+
+
+def restored(zygote, spec, rank, salt, step=None):
+    args = ["--step", step] if step is not None else []
+    return zygote.run("restore", spec.control, "--job", "job", "--rank", rank, "--mib", 1,
+                      "--salt", salt, *args, timeout=120)
+
+
+@pytest.mark.parametrize("how", ["resave", "new_timeline"])
+def test_regression_recommitted_step_rebuilt_with_old_bytes(clusters, zygote, how):
+    cluster = clusters(4, k=2, m=2, args=FAST)
+    cluster.start()
+    save_on(zygote, cluster, "job", 1, 3, 1)
+    wait_for(lambda: all_protected(cluster, "job", 3), RESUME_S, "step 3 protected")
+    spec = cluster.specs[0]
+    if how == "new_timeline":
+        out = restored(zygote, spec, 0, 0, step=2)
+        assert out.get("step") == 2 and out.get("exact"), out
+        call(spec, p.Drop("job", 0, newer_than=2))   # what the client does after a restore
+    t = zygote.spawn("save", spec.control, "--job", "job", "--rank", 0, "--mib", 1,
+                     "--steps", 3, 3, "--salt", 1)
+    assert t.wait(120) == 0, t.text()
+    wait_for(lambda: protected(spec, "job", 3), RESUME_S,
+             "node 0's new step 3 protected (its stripes re-encoded)")
+    lose(cluster, 0)
+    cluster.replace(0)
+    out = restored(zygote, spec, 0, 1)
+    assert out.get("step") == 3 and out.get("exact") is True, \
+        f"{out} (want the NEW bytes of step 3)\n{log_tail(spec)}"
+    for s in (1, 2, 3):                      # the other nodes' step 3 is untouched
+        out = restored(zygote, cluster.specs[s], s, 0)
+        assert out.get("step") == 3 and out.get("exact") is True, out
