@@ -59,10 +59,28 @@ class ControlServer(RouterLoop):
         sock = context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_MESSAGE_BYTES)
+        # A reply to a client that closed its socket (it gave up waiting) fails instead of
+        # vanishing, so what it would have handed out is taken back (_undeliverable).
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.endpoint = _bind(sock, endpoint)
         super().__init__(sock, context, workers=max(workers, 4), decode=p.decode,
                          on_reject=lambda code: metrics.rejected.labels(reason=code).inc(),
                          housekeeping=self._reap, housekeeping_interval=reap_interval)
+
+    def _undeliverable(self, frames: list[Any]) -> None:
+        """The client of this reply is gone (it timed out and rebuilt its socket, e.g. while
+        a rebuild made its Open wait): release the lease or abort the slot it was given."""
+        try:
+            _, reply = p.decode(bytes(frames[1]))
+        except p.ProtocolError:
+            return
+        if isinstance(reply, p.OpenReply):
+            self.store.release(reply.lease)
+            log.warning("released lease %d of job %r rank %d step %d: its client gave up "
+                        "waiting for it", reply.lease, reply.job, reply.rank, reply.step)
+        elif isinstance(reply, p.AllocReply):
+            self.store.abort(reply.slot)
+            log.warning("aborted slot %d: its client gave up waiting for it", reply.slot)
 
     def _reap(self) -> None:
         reaped = self.store.reap()

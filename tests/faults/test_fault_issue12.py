@@ -275,3 +275,32 @@ def test_regression_recommitted_step_rebuilt_with_old_bytes(clusters, zygote, ho
     for s in (1, 2, 3):                      # the other nodes' step 3 is untouched
         out = restored(zygote, cluster.specs[s], s, 0)
         assert out.get("step") == 3 and out.get("exact") is True, out
+
+
+# --------------------------------------------------------------------------- finding 7
+
+
+def test_regression_lease_of_restore_that_gave_up_leaks(clusters, zygote):
+    from datetime import timedelta
+
+    from snapshotd.channel import Channel, DaemonUnavailable
+
+    cluster = clusters(4, k=2, m=2, args=FAST)
+    cluster.start()
+    save_on(zygote, cluster, "job", 1, 1, 1)
+    wait_for(lambda: all_protected(cluster, "job", 1), RESUME_S, "step 1 protected")
+    lose(cluster, 0)
+    cluster.kill(3)             # a peer down: the replacement waits --peer-timeout for it
+    cluster.replace(0)
+    spec = cluster.specs[0]
+    for _ in range(2):          # a client that gives up during the rebuild, and retries
+        ch = Channel(spec.control, timedelta(seconds=0.3))
+        with pytest.raises(DaemonUnavailable):
+            ch.call(p.Open("job", 0, os.getpid()))
+        ch.close()
+    wait_for(lambda: not status(spec).rebuilding, 60, "the rebuild done")
+    time.sleep(0.5)
+    assert status(spec).open_leases == 0, "the leases of the abandoned Opens are held"
+    lost, _, problems, _ = restore_all(zygote, cluster, "job", 1, {(0, 0): 1})
+    assert lost == 0, problems
+    assert status(spec).open_leases == 0
