@@ -110,12 +110,17 @@ class Protected:
 @dataclass(frozen=True)
 class Dropped:
     """Node ``src`` dropped ``steps`` of ``job`` (an abandoned timeline, or an operator's drop):
-    parity holders free the parity of the stripes ``src`` is a data node of."""
+    parity holders free the parity of the stripes ``src`` is a data node of.
+
+    ``at`` is ``src``'s clock at the drop (the clock its commit times come from): only versions
+    ``src`` committed before it are freed, so a late or re-sent notice never frees the parity
+    of a step saved again since, on a new timeline (0: every version, as older daemons sent)."""
 
     OP: ClassVar[str] = "dropped"
     job: str
     src: int
     steps: tuple[int, ...]
+    at: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,8 @@ class Protector:
         #: (job, step) -> (when its chunks went out, the version id sent)
         self._sent: dict[tuple[str, int], tuple[float, str]] = {}
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="snapshotd-encode")
+        #: Drop notices a peer could not be given yet: slot -> messages (see resend_drops).
+        self._undelivered: dict[int, list[pp.Dropped]] = {}
         self.stripes = {s.index: s for s in stripes(group)}
         store.extra_usage = self.parity_bytes
 
@@ -403,35 +405,62 @@ class Protector:
         with self._lock:
             for key in [k for k in self._sent if k[0] == job and k[1] in steps]:
                 del self._sent[key]
-        msg = pp.Dropped(job, self.me, tuple(sorted(steps)))
+        msg = pp.Dropped(job, self.me, tuple(sorted(steps)), time.time())
         for slot in self.group.slots:
             if slot != self.me:
                 self._pool.submit(self._notify, slot, msg)
 
     def _notify(self, slot: int, msg: Any) -> None:
+        """Tell ``slot`` about a drop; a peer that cannot be told now is told again once it
+        is up (:meth:`resend_drops`), so drops converge."""
         try:
             self.links.call(slot, msg, timeout=self._small)
-        except Exception as exc:  # noqa: BLE001 - best effort; logged
-            log.warning("node %d did not hear that job %r steps %s were dropped here: %s", slot,
-                        msg.job, list(msg.steps), exc)
+        except Exception as exc:  # noqa: BLE001 - kept and sent again later
+            log.warning("node %d did not hear that job %r steps %s were dropped here (told "
+                        "again once it answers): %s", slot, msg.job, list(msg.steps), exc)
+            with self._lock:
+                pending = self._undelivered.setdefault(slot, [])
+                if msg not in pending:
+                    pending.append(msg)
+                del pending[:-_MAX_UNDELIVERED]
         finally:
             self.links.close_thread()
+
+    def resend_drops(self) -> int:
+        """Send again the drop notices a peer missed, to the peers that are up now."""
+        with self._lock:
+            due = {slot: msgs for slot, msgs in self._undelivered.items()
+                   if msgs and self.up(slot)}
+            for slot in due:
+                del self._undelivered[slot]
+        for slot, msgs in due.items():
+            for msg in msgs:
+                self._pool.submit(self._notify, slot, msg)
+        return sum(len(m) for m in due.values())
 
     def on_dropped(self, msg: pp.Dropped) -> None:
         if msg.src not in self.group.slots or msg.src == self.me:
             raise StoreError("bad_request", f"node {msg.src} is not a peer of node {self.me} "
                              f"in group {self.group.index}")
-        self._drop_parity(msg.src, msg.job, set(msg.steps))
+        self._drop_parity(msg.src, msg.job, set(msg.steps), msg.at)
 
-    def _drop_parity(self, src: int, job: str, steps: set[int]) -> None:
+    def _drop_parity(self, src: int, job: str, steps: set[int], at: float = 0.0) -> None:
         """Free the parity of (job, step) in every stripe ``src`` is a data node of: that
-        version is an abandoned timeline, and a rebuild must not bring it back."""
+        version is an abandoned timeline, and a rebuild must not bring it back. With ``at``,
+        only parity of versions ``src`` committed before ``at`` (not of a newer timeline)."""
+
+        def before(frags: Any) -> bool:
+            mine = [f for f in frags if f.src == src]
+            return not at or not mine or _committed_at(mine[0].manifest) <= at
+
         with self._lock:
-            gone = [key for key in self._parity if key[0] == job and key[2] in steps
-                    and src in self.stripes[key[1]].data]
+            gone = [key for key, r in self._parity.items() if key[0] == job
+                    and key[2] in steps and src in self.stripes[key[1]].data
+                    and before(r.frags)]
             for key in gone:
                 del self._parity[key]
-            for key in [k for k in self._assembling if k[0] == job and k[1] in steps]:
+            for key in [k for k, a in self._assembling.items() if k[0] == job
+                        and k[1] in steps and before(info for info, _ in a.frags.values())]:
                 del self._assembling[key]
         if gone:
             log.info("freed %d parity fragments of job %r steps %s dropped by node %d",
@@ -493,6 +522,7 @@ class Protector:
     def housekeeping(self) -> None:
         self.expire()
         self.retry()
+        self.resend_drops()
 
     def expire(self) -> int:
         """Drop stripes whose data fragments did not all arrive within ``encode_timeout``;
@@ -588,6 +618,19 @@ class Protector:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+#: Drop notices kept per unreachable peer (the oldest go first beyond that).
+_MAX_UNDELIVERED = 1024
+
+
+def _committed_at(manifest: str) -> float:
+    """The newest commit time of the ranks in a node manifest (0 if unreadable)."""
+    try:
+        return max((float(r["committed_at"]) for r in json.loads(manifest)["ranks"]),
+                   default=0.0)
+    except (ValueError, KeyError, TypeError):
+        return 0.0
 
 
 def contiguous(frames: Sequence[Any], length: int) -> Any:

@@ -304,3 +304,52 @@ def test_regression_lease_of_restore_that_gave_up_leaks(clusters, zygote):
     lost, _, problems, _ = restore_all(zygote, cluster, "job", 1, {(0, 0): 1})
     assert lost == 0, problems
     assert status(spec).open_leases == 0
+
+
+# --------------------------------------------------------------------------- item 12
+
+
+def parity_steps(spec, job="job"):
+    inv, _ = peer_call(spec, pp.Inventory(spec.slot))
+    return {h.step for h in inv.parity if h.job == job}
+
+
+def test_regression_drop_missed_by_a_down_parity_holder_never_converges(clusters, zygote):
+    cluster = clusters(4, k=2, m=2, proxied=True, args=FAST)
+    cluster.start()
+    save_on(zygote, cluster, "job", 1, 2, 1)
+    wait_for(lambda: all_protected(cluster, "job", 2), RESUME_S, "step 2 protected")
+    assert all(parity_steps(s) == {1, 2} for s in cluster.specs)
+    cluster.proxy.partition(1, "drop")       # node 1 cannot be reached by its peers
+    for spec in cluster.specs:               # the job restarts from step 1 everywhere
+        assert call(spec, p.Drop("job", newer_than=1)).count == 1
+    time.sleep(8)                            # longer than every timeout of the notices
+    assert parity_steps(cluster.specs[1]) == {1, 2}
+    cluster.proxy.heal(1)
+    wait_for(lambda: all(parity_steps(s) == {1} for s in cluster.specs), 10,
+             "every node freed step 2's parity once node 1 was back")
+
+
+def test_regression_late_drop_frees_parity_of_newer_timeline(clusters, zygote):
+    cluster = clusters(4, k=2, m=2, args=FAST)
+    cluster.start()
+    save_on(zygote, cluster, "job", 1, 2, 1)
+    wait_for(lambda: all_protected(cluster, "job", 2), RESUME_S, "step 2 protected")
+    dropped_at = time.time()
+    for spec in cluster.specs:               # restart from step 1: step 2 is abandoned ...
+        call(spec, p.Drop("job", newer_than=1))
+    time.sleep(0.5)
+    for slot in range(4):                    # ... and saved again, on the new timeline
+        t = zygote.spawn("save", cluster.specs[slot].control, "--job", "job", "--rank", slot,
+                         "--mib", 1, "--steps", 2, 2, "--salt", 1)
+        assert t.wait(120) == 0, t.text()
+    wait_for(lambda: all_protected(cluster, "job", 2), RESUME_S, "new step 2 protected")
+    # Node 0's notice of the first drop arrives late (re-sent after a partition, say).
+    for spec in cluster.specs[1:]:
+        reply, _ = peer_call(spec, pp.Dropped("job", 0, (2,), dropped_at))
+        assert reply == p.Ok(1), reply
+    assert all(parity_steps(s) == {1, 2} for s in cluster.specs[1:])
+    lose(cluster, 0)
+    cluster.replace(0)
+    out = restored(zygote, cluster.specs[0], 0, 1)
+    assert out.get("step") == 2 and out.get("exact") is True, out
