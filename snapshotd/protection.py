@@ -104,6 +104,10 @@ class _Assembly:
     frags: dict[int, tuple[pp.FragInfo, list[Any]]] = field(default_factory=dict)
     pulling: bool = False       # the missing fragments are being fetched (a re-encode)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(info.length for info, _ in self.frags.values())
+
 
 class Protector:
     """Runs the encode pipeline and keeps this node's parity."""
@@ -135,8 +139,11 @@ class Protector:
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="snapshotd-encode")
         #: Drop notices a peer could not be given yet: slot -> messages (see resend_drops).
         self._undelivered: dict[int, list[pp.Dropped]] = {}
+        #: Bytes of data fragments and parity buffers held by stripes being assembled or
+        #: encoded: inside the budget, like the parity kept.
+        self._inflight = 0
         self.stripes = {s.index: s for s in stripes(group)}
-        store.extra_usage = self.parity_bytes
+        store.extra_usage = lambda: self.parity_bytes() + self.inflight_bytes()
 
     # ------------------------------------------------------------------ data-node side
 
@@ -205,6 +212,12 @@ class Protector:
 
     def _send_data(self, job: str, step: int) -> None:
         started = time.perf_counter()
+        held = [v.step for v in self.store.versions(job)]
+        if held and step < max(held):
+            # A newer step was committed while this one waited: that one is sent (or retried)
+            # instead, and queued sends cannot pile up behind a slow peer.
+            log.debug("job %r step %d not sent: step %d is newer", job, step, max(held))
+            return
         try:
             self._send_data_chunks(job, step)
         except Exception as exc:  # noqa: BLE001 - a failed encode leaves the version local
@@ -290,6 +303,8 @@ class Protector:
         if got != msg.info.length or frames_checksum(frames) != msg.checksum:
             raise StoreError("corrupt", f"data fragment of node {msg.info.src} for job "
                              f"{msg.job!r} step {msg.step}: {got} bytes or checksum mismatch")
+        self._room(got, f"the data fragment of node {msg.info.src} for job {msg.job!r} step "
+                   f"{msg.step}")
         with self._lock:
             record = self._parity.get((msg.job, msg.stripe, msg.step))
             if record is not None and record.complete and any(
@@ -315,7 +330,11 @@ class Protector:
         (lock held). True if the missing fragments should be fetched (a re-encode)."""
         key = (job, step, stripe.index)
         assembly = self._assembling.setdefault(key, _Assembly(self._clock()))
-        assembly.frags[stripe.data.index(info.src)] = (info, frames)
+        pos = stripe.data.index(info.src)
+        if pos in assembly.frags:
+            self._inflight -= assembly.frags[pos][0].length
+        assembly.frags[pos] = (info, frames)
+        self._inflight += info.length
         if len(assembly.frags) < self.group.k:
             if reencode and not assembly.pulling:
                 assembly.pulling = True
@@ -341,6 +360,7 @@ class Protector:
                 reply, frames = self.links.call(slot, pp.GetData(job, step, chunk),
                                                 timeout=self._transfer)
                 bufs = [f.buffer for f in frames]
+                self._room(reply.length, f"a data fragment of node {slot}")
                 if frames_checksum(bufs) != reply.checksum:
                     raise StoreError("corrupt", f"data fragment of node {slot} failed its "
                                      "checksum on the way")
@@ -356,14 +376,25 @@ class Protector:
             self.links.close_thread()
 
     def _encode(self, job: str, step: int, stripe: Stripe, assembly: _Assembly) -> None:
+        held = assembly.nbytes
         try:
             infos = tuple(assembly.frags[i][0] for i in range(self.group.k))
             length = max(info.length for info in infos)
+            down = [s for s in stripe.parity[1:] if not self.up(s)]
+            if down:        # never wait on a peer known to be down (its data node retries)
+                raise StoreError("peer_down", f"parity holders {down} are down")
+            self._room(self.group.m * length, f"{self.group.m} parity buffers")
+            with self._lock:
+                self._inflight += self.group.m * length
+                held += self.group.m * length
             data = [contiguous(assembly.frags[i][1], length) for i in range(self.group.k)]
             parity = [bytearray(length) for _ in range(self.group.m)]
             self.codec.encode(data, parity)
             record = ParityRecord(job, step, stripe.index, 0, length, infos, parity[0],
                                   frames_checksum([parity[0]]))
+            with self._lock:    # parity 0 is counted as kept parity from here on
+                self._inflight -= length
+                held -= length
             self._keep(record)
             for index in range(1, self.group.m):
                 msg = pp.PutParity(job, step, stripe.index, index, length, infos,
@@ -372,17 +403,38 @@ class Protector:
                                 timeout=self._transfer)
             self._mark_complete(job, stripe.index, step)
             for slot in stripe.parity[1:]:
-                self.links.call(slot, pp.Protected(job, step, stripe.index),
-                                timeout=self._small)
+                self._tell(slot, pp.Protected(job, step, stripe.index))
             for info in infos:
-                self.links.call(info.src, pp.Protected(job, step, stripe.index,
-                                                       pp.manifest_id(info.manifest)),
-                                timeout=self._small)
+                self._tell(info.src, pp.Protected(job, step, stripe.index,
+                                                  pp.manifest_id(info.manifest)))
         except Exception as exc:  # noqa: BLE001
             log.warning("stripe %d of job %r step %d not protected: %s", stripe.index, job, step,
                         exc)
         finally:
+            with self._lock:
+                self._inflight -= held
             self.links.close_thread()
+
+    def _tell(self, slot: int, msg: Any) -> None:
+        """A small notice to a peer that is up (one that is down asks again: re-sent data
+        fragments are confirmed at once)."""
+        if not self.up(slot):
+            return
+        try:
+            self.links.call(slot, msg, timeout=self._small)
+        except Exception as exc:  # noqa: BLE001 - the other peers are still told
+            log.info("node %d did not hear %s: %s", slot, msg, exc)
+
+    def _room(self, nbytes: int, what: str) -> None:
+        """Refuse (``memory_full``) bytes that would take the daemon over its budget."""
+        used = self.store.stats()["bytes_used"]
+        if used + nbytes > self.store.memory_limit:
+            raise StoreError("memory_full", f"no room for {what} ({nbytes} bytes): {used} of "
+                             f"{self.store.memory_limit} in use")
+
+    def inflight_bytes(self) -> int:
+        with self._lock:
+            return self._inflight
 
     def _confirm(self, job: str, step: int, stripe: int, info: pp.FragInfo) -> None:
         slot = info.src
@@ -407,8 +459,14 @@ class Protector:
                 del self._sent[key]
         msg = pp.Dropped(job, self.me, tuple(sorted(steps)), time.time())
         for slot in self.group.slots:
-            if slot != self.me:
+            if slot == self.me:
+                continue
+            if self.up(slot):
                 self._pool.submit(self._notify, slot, msg)
+            else:                       # told once it is up (resend_drops)
+                with self._lock:
+                    self._undelivered.setdefault(slot, []).append(msg)
+                    del self._undelivered[slot][:-_MAX_UNDELIVERED]
 
     def _notify(self, slot: int, msg: Any) -> None:
         """Tell ``slot`` about a drop; a peer that cannot be told now is told again once it
@@ -461,7 +519,7 @@ class Protector:
                 del self._parity[key]
             for key in [k for k, a in self._assembling.items() if k[0] == job
                         and k[1] in steps and before(info for info, _ in a.frags.values())]:
-                del self._assembling[key]
+                self._inflight -= self._assembling.pop(key).nbytes
         if gone:
             log.info("freed %d parity fragments of job %r steps %s dropped by node %d",
                      len(gone), job, sorted(steps), src)
@@ -483,7 +541,9 @@ class Protector:
 
     def _keep(self, record: ParityRecord) -> None:
         used = self.store.stats()["bytes_used"]
-        if used + record.length > self.store.memory_limit:
+        with self._lock:                # a record it replaces is freed
+            old = self._parity.get((record.job, record.stripe, record.step))
+        if used - (old.length if old else 0) + record.length > self.store.memory_limit:
             raise StoreError("memory_full", f"no room for {record.length} parity bytes: "
                              f"{used} of {self.store.memory_limit} in use")
         with self._lock:
@@ -533,7 +593,7 @@ class Protector:
             old = [key for key, a in self._assembling.items()
                    if now - a.started > self.encode_timeout]
             for key in old:
-                del self._assembling[key]
+                self._inflight -= self._assembling.pop(key).nbytes
             waiting = [key for key, a in self._assembling.items() if not a.pulling
                        and now - a.started > min(1.0, self.encode_timeout / 2)]
             for key in waiting:

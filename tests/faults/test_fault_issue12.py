@@ -353,3 +353,35 @@ def test_regression_late_drop_frees_parity_of_newer_timeline(clusters, zygote):
     cluster.replace(0)
     out = restored(zygote, cluster.specs[0], 0, 1)
     assert out.get("step") == 2 and out.get("exact") is True, out
+
+
+# --------------------------------------------------------------------------- finding 6
+
+
+def test_regression_memory_grows_outside_the_limit_while_a_peer_is_down(clusters, zygote):
+    from harness import proc_stats
+
+    limit = 64 << 20
+    cluster = clusters(4, k=2, m=2, args=["--insecure", "--memory-limit", "64MiB",
+                                          "--heartbeat-interval", "0.2", "--peer-timeout",
+                                          "1.5", "--reap-interval", "0.2"])
+    cluster.start()
+    save_on(zygote, cluster, "job", 1, 1, 4)
+    wait_for(lambda: all_protected(cluster, "job", 1), 30, "step 1 protected")
+    cluster.kill(3)
+    base = proc_stats(cluster.daemons[2].pid)["rss"]
+    loops = [zygote.spawn("loop", cluster.specs[s].control, "--job", "job", "--rank", s,
+                          "--mib", 4, "--start", 2, "--duration", 15, "--interval", 0.1)
+             for s in (0, 1, 2)]
+    peak, used = 0, 0
+    while any(t.alive() for t in loops):
+        peak = max(peak, proc_stats(cluster.daemons[2].pid)["rss"])
+        used = max(used, status(cluster.specs[2]).bytes_used)
+        time.sleep(0.25)
+    committed = [len(t.committed()) for t in loops]
+    assert min(committed) > 20, committed    # the job kept saving
+    assert used <= limit
+    # Everything the daemon holds is inside --memory-limit; its RSS may grow by that, and
+    # not by what queued encodes for the down peer would hold outside it.
+    assert peak - base < limit + (32 << 20), \
+        f"node 2 RSS grew by {(peak - base) >> 20} MiB (base {base >> 20} MiB)"
