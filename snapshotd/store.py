@@ -51,7 +51,29 @@ class StoreError(ProtocolError):
 
 
 def process_identity(pid: int) -> float | None:
-    """A process's start time (so a recycled pid is told apart), or None if it is gone."""
+    """A process's start (so a recycled pid is told apart), or None if it is gone (or a
+    zombie: it writes nothing more).
+
+    On Linux this is the start time in clock ticks since boot from ``/proc/PID/stat``: it does
+    not move when the wall clock is stepped, whereas psutil's ``create_time`` is computed from
+    the boot time, which is wall clock minus uptime, so a clock step would make every live
+    writer and reader look like another process to the reaper."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except PermissionError:
+        return -1.0
+    except OSError:
+        return _psutil_identity(pid)
+    fields = stat[stat.rindex(b")") + 2:].split()    # after "pid (comm) "
+    if fields[0] == b"Z":
+        return None
+    return float(fields[19])                         # field 22: starttime
+
+
+def _psutil_identity(pid: int) -> float | None:
     try:
         return psutil.Process(pid).create_time()
     except psutil.NoSuchProcess:

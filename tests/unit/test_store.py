@@ -252,3 +252,28 @@ def test_install_keeps_committed_at(store, procs):
                       lambda view: view.__setitem__(slice(None), b"z" * 64),
                       committed_at=original.committed_at)
     assert v.committed_at == original.committed_at and v.protected
+
+
+def test_process_identity_does_not_move_with_the_wall_clock(monkeypatch):
+    """Suspicion 13 of issue 12: psutil derives create_time from the boot time, which is the
+    wall clock minus the uptime; a stepped clock made live writers look dead to the reaper."""
+    import subprocess
+
+    import psutil
+
+    from snapshotd.store import process_identity
+
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        before = process_identity(proc.pid)
+        import psutil._pslinux as pslinux
+
+        real = pslinux.boot_time()
+        monkeypatch.setattr(pslinux, "boot_time", lambda: real + 3600.0)   # clock stepped 1 h
+        assert psutil.Process(proc.pid).create_time() > real + 3600        # psutil moves
+        assert process_identity(proc.pid) == before is not None
+        assert process_identity(os.getpid()) != before
+    finally:
+        proc.kill()
+        proc.wait()
+    assert process_identity(proc.pid) is None                         # reaped: gone
