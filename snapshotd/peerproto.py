@@ -28,7 +28,8 @@ from typing import Any, ClassVar
 
 from . import protocol as p
 
-__all__ = ["FragInfo", "Ping", "Pong", "PutData", "PutParity", "Protected", "Dropped", "Inventory",
+__all__ = ["FragInfo", "Ping", "Pong", "PutData", "PutParity", "Protected", "Dropped", "Held",
+           "JobFloor", "Inventory",
            "DataHolding", "ParityHolding", "InventoryReply", "GetData", "GetParity", "Chunk",
            "decode", "manifest_id"]
 
@@ -124,6 +125,27 @@ class Dropped:
 
 
 @dataclass(frozen=True)
+class JobFloor:
+    """The newest step of ``job`` that every local rank of the sending node holds as
+    protected (-1: none yet)."""
+
+    job: str
+    floor: int
+
+
+@dataclass(frozen=True)
+class Held:
+    """Node ``src``'s protected floor of every job it holds, sent every heartbeat interval to
+    every node of the cluster (all groups): each daemon keeps, for each job, the lowest floor
+    of all nodes (the *job-wide* step, which every rank of the job can restore) and never
+    evicts it. A job missing from the list is one ``src`` no longer holds."""
+
+    OP: ClassVar[str] = "held"
+    src: int
+    jobs: tuple[JobFloor, ...]
+
+
+@dataclass(frozen=True)
 class Inventory:
     """What do you hold of this group? (asked by a node that rebuilds ``slot``)."""
 
@@ -194,7 +216,7 @@ class Chunk:
     floor: int = -1
 
 
-_PEER_MESSAGES = p.registry(Ping, Pong, PutData, PutParity, Protected, Dropped, Inventory,
+_PEER_MESSAGES = p.registry(Ping, Pong, PutData, PutParity, Protected, Dropped, Held, Inventory,
                             InventoryReply, GetData, GetParity, Chunk, p.Ok, p.Error)
 
 

@@ -142,6 +142,11 @@ class Protector:
         #: Bytes of data fragments and parity buffers held by stripes being assembled or
         #: encoded: inside the budget, like the parity kept.
         self._inflight = 0
+        #: Job-wide retention: node -> {job: its floor}, from Held reports (this node's too).
+        self._floors: dict[int, dict[str, int]] = {}
+        #: Links to every node of the cluster (all groups) for Held; set by the cluster.
+        self.all_links: Any = None
+        self.ready: Callable[[], bool] = lambda: True
         self.stripes = {s.index: s for s in stripes(group)}
         store.extra_usage = lambda: self.parity_bytes() + self.inflight_bytes()
 
@@ -575,9 +580,57 @@ class Protector:
             for f in r.frags:
                 floors[f.src] = max(floors.get(f.src, -1), f.floor)
         keep |= set(floors.values())
+        pinned = self.store.pins.get(job)
+        if pinned is not None:
+            keep.add(pinned)
         for r in records:
             if r.step not in keep:
                 del self._parity[(job, stripe, r.step)]
+
+    # ------------------------------------------------------------------ job-wide retention
+
+    def report(self) -> pp.Held | None:
+        """This node's floors (None while it is still rebuilding: it holds too little yet)."""
+        if not self.ready():
+            return None
+        jobs = sorted({v.job for v in self.store.versions()})
+        held = pp.Held(self.me, tuple(pp.JobFloor(job, self.floor(job)) for job in jobs))
+        self._learn(held)
+        return held
+
+    def broadcast(self, slots: Sequence[int], timeout: float) -> int:
+        """Send this node's report to ``slots``; return how many took it."""
+        msg = self.report()
+        if msg is None or self.all_links is None:
+            return 0
+        told = 0
+        for slot in slots:
+            try:
+                self.all_links.call(slot, msg, timeout=timedelta(seconds=timeout))
+                told += 1
+            except Exception as exc:  # noqa: BLE001 - its last report stands
+                log.debug("node %d did not take this node's floors: %s", slot, exc)
+        return told
+
+    def on_held(self, msg: pp.Held) -> None:
+        if msg.src == self.me:
+            raise StoreError("bad_request", f"node {msg.src} is this node")
+        self._learn(msg)
+
+    def _learn(self, msg: pp.Held) -> None:
+        with self._lock:
+            self._floors[msg.src] = {j.job: j.floor for j in msg.jobs}
+            jobs = {job for floors in self._floors.values() for job in floors}
+            pins = {}
+            for job in jobs:
+                floor = min(f[job] for f in self._floors.values() if job in f)
+                if floor >= 0:
+                    pins[job] = floor
+        self.store.pins = pins
+
+    def pin(self, job: str) -> int | None:
+        """The job-wide step: the lowest newest-protected step of all nodes holding ``job``."""
+        return self.store.pins.get(job)
 
     def housekeeping(self) -> None:
         self.expire()

@@ -178,6 +178,9 @@ class Store:
         self._owners: dict[str, str] = {}
         #: Bytes held outside the segments (parity); set by the protection layer.
         self.extra_usage: Callable[[], int] = lambda: 0
+        #: job -> the job-wide step every rank can restore (set by the protection layer from
+        #: all nodes' reports): retention never evicts it.
+        self.pins: dict[str, int] = {}
 
     # ------------------------------------------------------------------ start and stop
 
@@ -558,6 +561,8 @@ class Store:
         keep = set(id(v) for v in live[:self.keep])
         if protected:
             keep.add(id(protected[0]))
+        pinned = self.pins.get(key[0])
+        keep |= {id(v) for v in live if v.step == pinned}
         for version in live:
             if id(version) not in keep:
                 self._evict(version)

@@ -151,7 +151,12 @@ def test_regression_adoption_discards_newest_protected_step(clusters, zygote):
     # here, and whole.
     ok, out = restore_check(zygote, cluster.specs[0], "job", 0, 1, 3, step=3)
     assert ok, out
-    # (What happens once node 3 is replaced is finding 2: the job keeps a common step.)
+    # Node 3 is replaced (it rebuilds step 3); with job-wide retention (finding 2) every
+    # rank still holds a common step, once the group has re-protected what it can.
+    cluster.replace(3)
+    time.sleep(RESUME_S / 2)
+    per_rank = {s: held_steps(cluster.specs[s], "job", s) for s in range(4)}
+    assert 3 in set.intersection(*per_rank.values()), f"no common step: {per_rank}"
 
 
 # --------------------------------------------------------------------------- finding 8
@@ -385,3 +390,27 @@ def test_regression_memory_grows_outside_the_limit_while_a_peer_is_down(clusters
     # not by what queued encodes for the down peer would hold outside it.
     assert peak - base < limit + (32 << 20), \
         f"node 2 RSS grew by {(peak - base) >> 20} MiB (base {base >> 20} MiB)"
+
+
+# --------------------------------------------------------------------------- finding 2
+
+
+def test_regression_job_left_without_a_common_step(clusters, zygote):
+    cluster = clusters(8, k=2, m=2, args=FAST)          # two groups: nodes 0-3 and 4-7
+    cluster.start()
+    save_on(zygote, cluster, "job", 1, 3, 1)
+    wait_for(lambda: all_protected(cluster, "job", 3), RESUME_S, "step 3 protected")
+    time.sleep(1.5)                          # a round of floor reports (every heartbeat)
+    cluster.kill(3)                          # node 3's daemon dies; its saves of 4-5 fail
+    save_on(zygote, cluster, "job", 4, 5, 1, slots=[0, 1, 2, 4, 5, 6, 7])
+    wait_for(lambda: all_protected(cluster, "job", 5, slots=[4, 5, 6, 7]), RESUME_S,
+             "step 5 protected in group 1")
+    time.sleep(1.0)
+    cluster.restart(3)                       # on its memory: it holds 2 and 3
+    per_rank = {s: held_steps(cluster.specs[s], "job", s) for s in range(8)}
+    common = set.intersection(*per_rank.values())
+    assert common, f"no step every rank holds: {per_rank}"
+    step = max(common)
+    for s in range(8):                       # what agree_step() would pick, restored everywhere
+        ok, out = restore_check(zygote, cluster.specs[s], "job", s, 1, step, step=step)
+        assert ok, (s, out)
