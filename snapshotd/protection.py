@@ -26,6 +26,7 @@ import xxhash
 
 from . import peerproto as pp
 from .codec import Codec
+from .parityfiles import ParityFiles, frag_infos
 from .placement import Group, Stripe, data_stripes, stripes
 from .store import Store, StoreError, Version
 
@@ -49,9 +50,10 @@ class ParityRecord:
     index: int
     length: int
     frags: tuple[pp.FragInfo, ...]
-    buf: bytearray
+    buf: Any                    # the bytes: a mapping of its file once kept
     checksum: str
     complete: bool = False      # every parity holder of the stripe has its fragment
+    number: int = 0             # its par-N files (see parityfiles), once kept
     #: Data nodes that sent another version of this step since (see ParityHolding.stale).
     stale: set[int] = field(default_factory=set)
 
@@ -149,6 +151,39 @@ class Protector:
         self.ready: Callable[[], bool] = lambda: True
         self.stripes = {s.index: s for s in stripes(group)}
         store.extra_usage = lambda: self.parity_bytes() + self.inflight_bytes()
+        self.files = ParityFiles(store.dir.path)
+        self._adopt()
+
+    def _adopt(self) -> None:
+        """Adopt the parity a previous daemon on this memory left (see parityfiles)."""
+        adopted = 0
+        for number, meta, buf in self.files.scan():
+            try:
+                record = ParityRecord(meta["job"], meta["step"], meta["stripe"], meta["index"],
+                                      meta["length"], frag_infos(meta), buf, meta["checksum"],
+                                      bool(meta["complete"]), number,
+                                      set(meta.get("stale", ())))
+                stripe = self.stripes[record.stripe]
+                ok = stripe.parity[record.index] == self.me
+            except (KeyError, TypeError, ValueError, IndexError):
+                ok = False
+            if not ok:
+                self.files.remove(ParityRecord("", 0, 0, 0, 0, (), buf, "", number=number))
+                continue
+            key = (record.job, record.stripe, record.step)
+            if key in self._parity:
+                self._forget(key)
+            self._parity[key] = record
+            adopted += 1
+        if adopted:
+            log.info("adopted %d parity fragments (%d bytes) from %s", adopted,
+                     self.parity_bytes(), self.files.path)
+
+    def _forget(self, key: tuple[str, int, int]) -> None:
+        """Drop a parity record and its files (lock held)."""
+        record = self._parity.pop(key, None)
+        if record is not None and record.number:
+            self.files.remove(record)
 
     # ------------------------------------------------------------------ data-node side
 
@@ -322,8 +357,10 @@ class Protector:
                 # Another version of a step already encoded (a re-commit): the old parity no
                 # longer matches this node's data; it is replaced once the new one is encoded,
                 # and the other data nodes, which will not send again, are asked for theirs.
-                if any(f.src == msg.info.src for f in record.frags):
+                if any(f.src == msg.info.src for f in record.frags) and (
+                        msg.info.src not in record.stale):
                     record.stale.add(msg.info.src)
+                    self._update(record)
             pull = self._add_fragment(stripe, msg.job, msg.step, msg.info, frames,
                                       reencode=record is not None)
         if pull:
@@ -521,7 +558,7 @@ class Protector:
                     and key[2] in steps and src in self.stripes[key[1]].data
                     and before(r.frags)]
             for key in gone:
-                del self._parity[key]
+                self._forget(key)
             for key in [k for k, a in self._assembling.items() if k[0] == job
                         and k[1] in steps and before(info for info, _ in a.frags.values())]:
                 self._inflight -= self._assembling.pop(key).nbytes
@@ -552,14 +589,22 @@ class Protector:
             raise StoreError("memory_full", f"no room for {record.length} parity bytes: "
                              f"{used} of {self.store.memory_limit} in use")
         with self._lock:
-            self._parity[(record.job, record.stripe, record.step)] = record
+            key = (record.job, record.stripe, record.step)
+            try:
+                self.files.write(record)
+            except OSError as exc:
+                raise StoreError("memory_full", f"cannot keep {record.length} parity bytes in "
+                                 f"{self.files.path}: {exc.strerror}") from None
+            self._forget(key)
+            self._parity[key] = record
             self._retain_parity(record.job, record.stripe)
 
     def _mark_complete(self, job: str, stripe: int, step: int) -> None:
         with self._lock:
             record = self._parity.get((job, stripe, step))
-            if record is not None:
+            if record is not None and not record.complete:
                 record.complete = True
+                self._update(record)
                 self._retain_parity(job, stripe)
 
     def _retain_parity(self, job: str, stripe: int) -> None:
@@ -585,7 +630,7 @@ class Protector:
             keep.add(pinned)
         for r in records:
             if r.step not in keep:
-                del self._parity[(job, stripe, r.step)]
+                self._forget((job, stripe, r.step))
 
     # ------------------------------------------------------------------ job-wide retention
 
@@ -729,8 +774,20 @@ class Protector:
         with self._lock:
             return list(self._parity.values())
 
+    def _update(self, record: ParityRecord) -> None:
+        """Write a kept record's changed description (lock held)."""
+        if record.number:
+            try:
+                self.files.update(record)
+            except OSError as exc:
+                log.warning("parity file %d not updated: %s", record.number, exc)
+
     def close(self) -> None:
+        """Stop (a graceful stop also removes the parity files, like the segments)."""
         self._pool.shutdown(wait=True)
+        with self._lock:
+            for key in list(self._parity):
+                self._forget(key)
 
 
 #: Drop notices kept per unreachable peer (the oldest go first beyond that).
