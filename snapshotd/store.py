@@ -200,7 +200,19 @@ class Store:
                 report["removed"] += 1
                 report["bytes_removed"] += left.size
                 continue
-            self._versions.setdefault((version.job, version.rank), {})[version.step] = version
+            held = self._versions.setdefault((version.job, version.rank), {})
+            twin = held.get(version.step)
+            if twin is not None:
+                # Two manifests for one step: a crash between a re-commit of the step and the
+                # eviction of the old version. The newer commit wins; the other is removed
+                # (never left on the tmpfs outside the index and the budget).
+                if twin.committed_at > version.committed_at:
+                    twin, version = version, twin
+                self.dir.unlink(twin.number)
+                report["removed"] += 1
+                report["bytes_removed"] += twin.size
+                report["adopted"] -= 1
+            held[version.step] = version
             if left.manifest and left.manifest.get("owner"):
                 self._owners.setdefault(version.job, left.manifest["owner"])
             report["adopted"] += 1

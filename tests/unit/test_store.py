@@ -277,3 +277,28 @@ def test_process_identity_does_not_move_with_the_wall_clock(monkeypatch):
         proc.kill()
         proc.wait()
     assert process_identity(proc.pid) is None                         # reaped: gone
+
+
+def test_two_manifests_for_one_step_adopt_the_newer_commit(tmp_path, procs):
+    """Suspicion 13 of issue 12: a crash between a re-commit of a step (its manifest written)
+    and the eviction of the old version leaves two manifests for one step."""
+    import json
+
+    s = Store(str(tmp_path / "shm"), memory_limit=1 << 20, keep=2, identity=procs)
+    s.open()
+    old = commit(s, 7, b"o" * 64)
+    new = commit(s, 8, b"n" * 64)                 # the re-commit, in its own segment
+    path = s.dir.manifest_path(new.number)
+    with open(path) as fh:
+        m = json.load(fh)
+    m["step"] = 7                                 # ... of step 7: as if step 7 was re-saved
+    with open(path, "w") as fh:
+        json.dump(m, fh)
+    again = Store(str(tmp_path / "shm"), memory_limit=1 << 20, keep=2, identity=procs)
+    report = again.open()
+    (v,) = again.versions("j", 0)
+    assert (v.step, v.number, v.committed_at) == (7, new.number, new.committed_at)
+    assert report["adopted"] == 1 and report["removed"] == 1
+    assert not os.path.exists(again.dir.seg_path(old.number))      # not left outside the index
+    assert again.stats()["bytes_used"] == v.size + v.book
+    assert again.verify(v) == []
