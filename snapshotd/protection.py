@@ -673,6 +673,17 @@ class Protector:
                     pins[job] = floor
         self.store.pins = pins
 
+    def reported(self, slot: int) -> bool:
+        with self._lock:
+            return slot in self._floors
+
+    def others_floor(self, job: str) -> int | None:
+        """The lowest floor of ``job`` the other nodes reported (None: none protected)."""
+        with self._lock:
+            floors = [f[job] for slot, f in self._floors.items() if slot != self.me and job in f]
+        low = min(floors, default=-1)
+        return low if low >= 0 else None
+
     def pin(self, job: str) -> int | None:
         """The job-wide step: the lowest newest-protected step of all nodes holding ``job``."""
         return self.store.pins.get(job)

@@ -72,6 +72,11 @@ class Recovery:
         peers = [s for s in self.group.slots if s != self.me]
         while time.monotonic() < deadline and not all(self.up(s) for s in peers):
             time.sleep(0.1)
+        # ... and for their floors (Held, every heartbeat): the job-wide step is rebuilt too.
+        deadline = time.monotonic() + self.settle
+        while time.monotonic() < deadline and not all(
+                self.protector.reported(s) for s in peers if self.up(s)):
+            time.sleep(0.05)
         inv: dict[int, pp.InventoryReply] = {}
         try:
             inv = self.recover()
@@ -141,11 +146,13 @@ class Recovery:
                 continue
             try:
                 self.rebuild(job, step, mine[step], plan, keep_held=True)
-                return
             except Exception as exc:  # noqa: BLE001 - an older version may still be whole
                 log.warning("rebuild of job %r step %d failed, trying an older one: %s", job,
                             step, exc)
                 problems.append(f"step {step}: {exc}")
+                continue
+            self._rebuild_common(job, step, inv, mine)
+            return
         if candidates:
             lost = [s for s in self.group.slots if s == self.me or not self.up(s)]
             why = (f"group {self.group.index} lost slots {lost} (more than m={self.group.m})"
@@ -156,6 +163,24 @@ class Recovery:
                 f"{why}: job {job!r} step {candidates[0]} (and older) cannot be rebuilt for "
                 f"slot {self.me}; fall back to the newest persisted checkpoint"
                 + (f" ({'; '.join(problems)})" if problems else ""))
+
+    def _rebuild_common(self, job: str, rebuilt: int, inv: dict[int, pp.InventoryReply],
+                        mine: dict[int, str]) -> None:
+        """Rebuild the job-wide step too (the lowest protected floor the other nodes report),
+        when it is older than the step just rebuilt: the other nodes keep that one, so after
+        this loss every rank of the job still holds a common step."""
+        common = self.protector.others_floor(job)
+        if common is None or common >= rebuilt or common not in mine:
+            return
+        plan = self._plan(job, common, inv, mine[common])
+        if plan is None:
+            log.warning("job %r: the job-wide step %d cannot be rebuilt for slot %d (%s)", job,
+                        common, self.me, self._shortfall(job, common, inv))
+            return
+        try:
+            self.rebuild(job, common, mine[common], plan, keep_held=True)
+        except Exception as exc:  # noqa: BLE001 - the newest step is rebuilt; logged
+            log.warning("job %r: the job-wide step %d not rebuilt: %s", job, common, exc)
 
     def _plan(self, job: str, step: int, inv: dict[int, pp.InventoryReply],
               manifest: str) -> _Plan | None:

@@ -441,3 +441,25 @@ def test_regression_parity_dies_with_its_process(clusters, zygote):
     # A graceful stop removes the parity files with the segments.
     cluster.daemons[0].kill(__import__("signal").SIGTERM)
     assert not [n for n in os.listdir(cluster.specs[0].shm_dir) if n.startswith("par-")]
+
+
+def test_regression_replacement_without_the_job_wide_step(clusters, zygote):
+    """Finding 2, after a node loss: nodes 0-2 save 1-5, node 3 saves 1-3 (node 1's newest
+    protected step is 5, node 3's is 3). Node 1 is lost: its replacement must come back with a
+    step every rank holds, not only its own newest protected one."""
+    cluster = clusters(4, k=2, m=2, args=FAST)
+    cluster.start()
+    save_on(zygote, cluster, "job", 1, 3, 1)
+    wait_for(lambda: all_protected(cluster, "job", 3), RESUME_S, "step 3 protected")
+    save_on(zygote, cluster, "job", 4, 5, 1, slots=[0, 1, 2])
+    wait_for(lambda: all_protected(cluster, "job", 5, slots=[1]), RESUME_S,
+             "step 5 protected on node 1")
+    time.sleep(1.0)                          # a round of floor reports
+    lose(cluster, 1)
+    cluster.replace(1)
+    per_rank = {s: held_steps(cluster.specs[s], "job", s) for s in range(4)}
+    assert set.intersection(*per_rank.values()), f"no common step: {per_rank}"
+    assert 5 in per_rank[1], per_rank        # and its own newest protected step is back
+    for s in range(4):
+        ok, out = restore_check(zygote, cluster.specs[s], "job", s, 1, 3, step=3)
+        assert ok, (s, out)
