@@ -27,10 +27,12 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 import xxhash
@@ -105,6 +107,9 @@ class Slot:
     created: float
     local_world_size: int = 1
     committing: bool = False
+    #: What the client gets and names the slot by: an unguessable capability, not the segment
+    #: number (which the segment's path shows), so one client cannot abort another's write.
+    handle: int = 0
 
 
 @dataclass
@@ -173,7 +178,8 @@ class Store:
         self._versions: dict[tuple[str, int], dict[int, Version]] = {}
         self._leases: dict[int, Lease] = {}
         self._pool = _Pool()
-        self._next_lease = 1
+        #: slot handle -> segment number (see Slot.handle)
+        self._handles: dict[int, int] = {}
         #: job -> hex SHA-256 of the token it is bound to (``--job-isolation``).
         self._owners: dict[str, str] = {}
         #: Bytes held outside the segments (parity); set by the protection layer.
@@ -284,14 +290,15 @@ class Store:
             else:
                 number, size = reused
             slot = Slot(number, job, rank, step, nbytes, size, pid, pid_start, self._clock(),
-                        max(1, local_world_size))
+                        max(1, local_world_size), handle=self._new_handle(self._handles))
             self._slots[number] = slot
+            self._handles[slot.handle] = number
         if fresh:
             try:
                 self.dir.create(number, nbytes)
             except OSError as exc:
                 with self._lock:
-                    self._slots.pop(number, None)
+                    self._pop_slot(number)
                 raise StoreError("memory_full", f"cannot reserve {nbytes} bytes in "
                                  f"{self.dir.path}: {exc.strerror}; free memory or lower "
                                  "--memory-limit") from None
@@ -339,11 +346,11 @@ class Store:
             version = self._seal(slot, tensors, meta, committed_at, protected)
         except BaseException:
             with self._lock:
-                self._slots.pop(number, None)
+                self._pop_slot(number)
                 self._to_pool(number, slot.size)
             raise
         with self._lock:
-            self._slots.pop(number, None)
+            self._pop_slot(number)
             old = self._versions.setdefault((slot.job, slot.rank), {}).get(slot.step)
             self._versions[(slot.job, slot.rank)][slot.step] = version
             if old is not None:
@@ -407,7 +414,7 @@ class Store:
             slot = self._slots.get(number)
             if slot is None or slot.committing:
                 raise StoreError("unknown_slot", f"slot {number} is not open for writing")
-            del self._slots[number]
+            self._pop_slot(number)
             self._to_pool(number, slot.size)
 
     # ------------------------------------------------------------------ reading
@@ -446,8 +453,8 @@ class Store:
                 raise StoreError("not_found", f"job {job!r} rank {rank} has no {want} here; "
                                  f"held steps: {sorted(held) or 'none'}")
             version.leases += 1
-            lease = Lease(self._next_lease, version, pid, pid_start, time.monotonic())
-            self._next_lease += 1
+            lease = Lease(self._new_handle(self._leases), version, pid, pid_start,
+                          time.monotonic())
             self._leases[lease.id] = lease
             return lease
 
@@ -495,7 +502,7 @@ class Store:
         with self._lock:
             for slot in dead_slots:
                 if self._slots.get(slot.number) is slot and not slot.committing:
-                    del self._slots[slot.number]
+                    self._pop_slot(slot.number)
                     self._to_pool(slot.number, slot.size)
             for lease in dead_leases:
                 if self._leases.pop(lease.id, None) is not None:
@@ -558,7 +565,30 @@ class Store:
             self._write_manifest(version)
             self._retain((job, rank))
 
+    def slot_number(self, handle: int) -> int:
+        """The segment number of the open slot a client names by ``handle``."""
+        with self._lock:
+            number = self._handles.get(handle)
+        if number is None:
+            raise StoreError("unknown_slot", f"slot {handle} is not open for writing (never "
+                             "allocated, already committed, aborted or reclaimed)")
+        return number
+
     # ------------------------------------------------------------------ internals (lock held)
+
+    @staticmethod
+    def _new_handle(taken: Any) -> int:
+        """A fresh unguessable handle (62 random bits: a JSON integer in every language)."""
+        while True:
+            handle = secrets.randbits(62) | 1
+            if handle not in taken:
+                return handle
+
+    def _pop_slot(self, number: int) -> Slot | None:
+        slot = self._slots.pop(number, None)
+        if slot is not None:
+            self._handles.pop(slot.handle, None)
+        return slot
 
     def _used(self) -> int:
         data = sum(s.size for s in self._slots.values())

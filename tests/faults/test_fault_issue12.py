@@ -463,3 +463,38 @@ def test_regression_replacement_without_the_job_wide_step(clusters, zygote):
     for s in range(4):
         ok, out = restore_check(zygote, cluster.specs[s], "job", s, 1, 3, step=3)
         assert ok, (s, out)
+
+
+# --------------------------------------------------------------------------- item 11
+
+
+def test_regression_guessable_handles_let_another_job_abort_and_release(clusters, zygote):
+    from datetime import timedelta
+
+    from snapshotd.channel import Channel
+
+    cluster = clusters(1, args=["--memory-limit", "256MiB", "--job-isolation"])
+    cluster.start()
+    spec = cluster.specs[0]
+    owner = Channel(spec.control, timedelta(seconds=10))
+    hostile = Channel(spec.control, timedelta(seconds=10))
+    try:
+        slot = owner.call(p.Alloc("victim", 0, 1, 256, os.getpid(), token="secret-a"))
+        assert f"seg-{slot.slot}.bin" not in slot.path      # not the segment's number
+        entry = p.TensorEntry("w", "float32", (64,), 0, 256)
+        owner.call(p.Commit(slot.slot, (entry,), "{}"))
+        lease = owner.call(p.Open("victim", 0, os.getpid(), token="secret-a"))
+        write = owner.call(p.Alloc("victim", 0, 2, 256, os.getpid(), token="secret-a"))
+        # Another job's client (its own token) tries every small number as a handle.
+        for n in range(0, 300):
+            for msg in (p.Abort(n), p.Release(n)):
+                with pytest.raises(DaemonError) as err:
+                    hostile.call(msg)
+                assert err.value.code in ("unknown_slot", "unknown_lease"), err.value
+        assert status(spec).open_leases == 1 and status(spec).open_slots == 1
+        owner.call(p.Commit(write.slot, (entry,), "{}"))    # the victim's write still commits
+        owner.call(p.Release(lease.lease))
+        assert status(spec).open_leases == 0
+    finally:
+        owner.close()
+        hostile.close()
