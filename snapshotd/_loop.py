@@ -12,6 +12,7 @@ after the header, and ``reply`` is a message or a ``(message, frames)`` pair.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -87,7 +88,23 @@ class RouterLoop:
             except zmq.Again:
                 return
             self._inflight -= 1
-            self._sock.send_multipart(frames, copy=False)
+            self._deliver(frames)
+
+    def _deliver(self, frames: list[Any]) -> None:
+        """Send a reply; one whose requester is gone (with ``ROUTER_MANDATORY``: it closed its
+        socket, e.g. after giving up on the request) goes to :meth:`_undeliverable`."""
+        try:
+            self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
+                raise
+            try:
+                self._undeliverable(frames)
+            except Exception:  # noqa: BLE001 - the loop must survive it
+                log.exception("undo of an undeliverable reply failed")
+
+    def _undeliverable(self, frames: list[Any]) -> None:
+        """A reply could not be delivered; subclasses undo what it handed out."""
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
         ident = frames[0].bytes
@@ -103,8 +120,11 @@ class RouterLoop:
                 return
             reply = self._dispatch(msg, frames[2:])
         except Exception as exc:  # noqa: BLE001 - one bad request never stops the loop
+            if isinstance(exc, p.ProtocolError) and exc.req_id is not None:
+                req_id = exc.req_id          # refused while decoding: still matchable
             reply = self._error(exc)
-        self._send(self._sock, ident, req_id, reply)
+        msg, extra = reply if isinstance(reply, tuple) else (reply, [])
+        self._deliver([ident, p.encode(msg, req_id), *extra])
 
     def _work(self, ident: bytes, req_id: int, msg: Any, payload: list[zmq.Frame]) -> None:
         try:
@@ -128,6 +148,9 @@ class RouterLoop:
         handler = getattr(self, "_on_" + msg.OP, None)
         if handler is None:
             raise p.ProtocolError("unknown_op", f"{msg.OP!r} is not a request here")
+        job = getattr(msg, "job", None)
+        if isinstance(job, str):             # every request naming a job, on both servers
+            p.check_job(job)
         return handler(msg, payload)
 
     def _error(self, exc: Exception) -> p.Error:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -31,8 +32,12 @@ class ClusterNode:
     recovery: Recovery
     server: PeerServer
     auth: Any
+    reporter: FloorReporter | None = None
+    all_links: PeerLinks | None = field(default=None, repr=False)
 
     def stop(self) -> None:
+        if self.reporter is not None:
+            self.reporter.stop()
         self.heartbeats.stop()
         self.server.stop()
         self.protector.close()
@@ -69,11 +74,49 @@ def start_cluster(config: Config, store: Store, context: zmq.Context, metrics: A
                           on_node_protected=on_node_protected or (lambda job, step: None))
     recovery = Recovery(me, group, codec, store, protector, links, heartbeats.up, metrics,
                         settle=config.peer_timeout)
+    # Job-wide retention: every node tells every node (all groups) its protected floors.
+    all_links = PeerLinks(endpoints, context, security,
+                          on_bytes=lambda d, n: metrics.peer_bytes.labels(direction=d).inc(n))
+    protector.all_links = all_links
+    protector.ready = lambda: recovery.ready
+    reporter = FloorReporter(protector, [s for s in endpoints if s != me],
+                             config.heartbeat_interval, min(config.peer_timeout, 1.0))
     listen = config.listen or "tcp://*:" + endpoints[me].rsplit(":", 1)[1]
     server = PeerServer(listen, context, security, protector, me, metrics,
                         ready=lambda: recovery.ready).start()
     heartbeats.start()
     recovery.start()
+    reporter.start()
     log.info("node %d in group %d %s (k=%d, m=%d, codec %s), peers listen on %s", me,
              group.index, list(group.slots), group.k, group.m, config.codec, server.endpoint)
-    return ClusterNode(security, links, heartbeats, protector, recovery, server, auth)
+    return ClusterNode(security, links, heartbeats, protector, recovery, server, auth, reporter,
+                       all_links)
+
+
+class FloorReporter:
+    """Sends this node's protected floors to every other node each ``interval``."""
+
+    def __init__(self, protector: Protector, slots: list[int], interval: float,
+                 timeout: float) -> None:
+        self.protector, self.slots = protector, slots
+        self.interval, self.timeout = interval, timeout
+        self.stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="snapshotd-floors", daemon=True)
+
+    def start(self) -> FloorReporter:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        links = self.protector.all_links
+        while not self.stopping.wait(self.interval):
+            try:
+                self.protector.broadcast(self.slots, self.timeout)
+            except Exception:  # noqa: BLE001 - the next round tries again
+                log.exception("sending this node's floors failed")
+        if links is not None:
+            links.close_thread()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._thread.join(timeout=5)

@@ -28,9 +28,10 @@ from typing import Any, ClassVar
 
 from . import protocol as p
 
-__all__ = ["FragInfo", "Ping", "Pong", "PutData", "PutParity", "Protected", "Dropped", "Inventory",
+__all__ = ["FragInfo", "Ping", "Pong", "PutData", "PutParity", "Protected", "Dropped", "Held",
+           "JobFloor", "Inventory",
            "DataHolding", "ParityHolding", "InventoryReply", "GetData", "GetParity", "Chunk",
-           "decode"]
+           "decode", "manifest_id"]
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,20 @@ class FragInfo:
     """One data fragment of a stripe: from node ``src``, its chunk ``frag``, ``length`` bytes.
 
     ``manifest`` is the source node's node-manifest JSON for this version (its ranks' tables),
-    kept by parity holders so a lost node's layout can be rebuilt too."""
+    kept by parity holders so a lost node's layout can be rebuilt too. ``floor`` is the newest
+    step of the job that ``src`` held as protected when it sent this (-1: none): parity
+    holders keep that step's parity while it may be what a loss of ``src`` falls back to."""
 
     src: int
     frag: int
     length: int
     manifest: str
+    floor: int = -1
+
+    def same_fragment(self, other: FragInfo) -> bool:
+        """The same bytes of the same version (``floor`` is news about the sender only)."""
+        return (self.src, self.frag, self.length, self.manifest) == (
+            other.src, other.frag, other.length, other.manifest)
 
 
 @dataclass(frozen=True)
@@ -88,23 +97,52 @@ class PutParity:
 
 @dataclass(frozen=True)
 class Protected:
-    """Stripe ``stripe`` of (job, step) has all its parity stored."""
+    """Stripe ``stripe`` of (job, step) has all its parity stored. To a data node, ``vid``
+    names the version of its data that was encoded (:func:`manifest_id` of its node manifest):
+    a confirmation of another version of the step (a re-commit) protects nothing."""
 
     OP: ClassVar[str] = "protected"
     job: str
     step: int
     stripe: int
+    vid: str = ""
 
 
 @dataclass(frozen=True)
 class Dropped:
     """Node ``src`` dropped ``steps`` of ``job`` (an abandoned timeline, or an operator's drop):
-    parity holders free the parity of the stripes ``src`` is a data node of."""
+    parity holders free the parity of the stripes ``src`` is a data node of.
+
+    ``at`` is ``src``'s clock at the drop (the clock its commit times come from): only versions
+    ``src`` committed before it are freed, so a late or re-sent notice never frees the parity
+    of a step saved again since, on a new timeline (0: every version, as older daemons sent)."""
 
     OP: ClassVar[str] = "dropped"
     job: str
     src: int
     steps: tuple[int, ...]
+    at: float = 0.0
+
+
+@dataclass(frozen=True)
+class JobFloor:
+    """The newest step of ``job`` that every local rank of the sending node holds as
+    protected (-1: none yet)."""
+
+    job: str
+    floor: int
+
+
+@dataclass(frozen=True)
+class Held:
+    """Node ``src``'s protected floor of every job it holds, sent every heartbeat interval to
+    every node of the cluster (all groups): each daemon keeps, for each job, the lowest floor
+    of all nodes (the *job-wide* step, which every rank of the job can restore) and never
+    evicts it. A job missing from the list is one ``src`` no longer holds."""
+
+    OP: ClassVar[str] = "held"
+    src: int
+    jobs: tuple[JobFloor, ...]
 
 
 @dataclass(frozen=True)
@@ -132,6 +170,9 @@ class ParityHolding:
     index: int
     length: int
     frags: tuple[FragInfo, ...]
+    #: Data nodes that have since sent another version of this step: this parity must not
+    #: rebuild them, nor be combined with their current data.
+    stale: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -150,6 +191,8 @@ class GetData:
     job: str
     step: int
     frag: int
+    #: The version wanted (:func:`manifest_id`); refused (``not_found``) if another is held.
+    vid: str = ""
 
 
 @dataclass(frozen=True)
@@ -169,10 +212,20 @@ class Chunk:
     length: int
     checksum: str
     manifest: str = ""
+    #: For a data chunk: the newest step the sender holds as protected (see FragInfo.floor).
+    floor: int = -1
 
 
-_PEER_MESSAGES = p.registry(Ping, Pong, PutData, PutParity, Protected, Dropped, Inventory,
+_PEER_MESSAGES = p.registry(Ping, Pong, PutData, PutParity, Protected, Dropped, Held, Inventory,
                             InventoryReply, GetData, GetParity, Chunk, p.Ok, p.Error)
+
+
+def manifest_id(manifest: str) -> str:
+    """The identity of one version of a node's data: a hash of its node manifest (ranks,
+    commit times, tables). A re-commit of a step is another version with another id."""
+    import xxhash
+
+    return xxhash.xxh3_64_hexdigest(manifest.encode())
 
 
 def decode(frame: bytes) -> tuple[int, Any]:

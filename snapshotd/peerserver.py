@@ -72,6 +72,10 @@ class PeerServer(RouterLoop):
         self.protector.on_dropped(m)
         return p.Ok(1)
 
+    def _on_held(self, m: pp.Held, _: Any) -> p.Ok:
+        self.protector.on_held(m)
+        return p.Ok(1)
+
     def _on_inventory(self, m: pp.Inventory, _: Any) -> pp.InventoryReply:
         return self.protector.inventory()
 

@@ -26,6 +26,7 @@ import xxhash
 
 from . import peerproto as pp
 from .codec import Codec
+from .parityfiles import ParityFiles, frag_infos
 from .placement import Group, Stripe, data_stripes, stripes
 from .store import Store, StoreError, Version
 
@@ -49,13 +50,16 @@ class ParityRecord:
     index: int
     length: int
     frags: tuple[pp.FragInfo, ...]
-    buf: bytearray
+    buf: Any                    # the bytes: a mapping of its file once kept
     checksum: str
     complete: bool = False      # every parity holder of the stripe has its fragment
+    number: int = 0             # its par-N files (see parityfiles), once kept
+    #: Data nodes that sent another version of this step since (see ParityHolding.stale).
+    stale: set[int] = field(default_factory=set)
 
     def holding(self) -> pp.ParityHolding:
         return pp.ParityHolding(self.job, self.step, self.stripe, self.index, self.length,
-                                self.frags)
+                                self.frags, tuple(sorted(self.stale)))
 
 
 @dataclass
@@ -100,6 +104,11 @@ class _Assembly:
 
     started: float
     frags: dict[int, tuple[pp.FragInfo, list[Any]]] = field(default_factory=dict)
+    pulling: bool = False       # the missing fragments are being fetched (a re-encode)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(info.length for info, _ in self.frags.values())
 
 
 class Protector:
@@ -126,32 +135,91 @@ class Protector:
         self._lock = threading.Lock()
         self._parity: dict[tuple[str, int, int], ParityRecord] = {}  # (job, stripe, step)
         self._assembling: dict[tuple[str, int, int], _Assembly] = {}  # (job, step, stripe)
-        self._protected: dict[tuple[str, int], set[int]] = {}
-        self._sent: dict[tuple[str, int], float] = {}  # (job, step) -> when its chunks went out
+        self._protected: dict[tuple[str, int, str], set[int]] = {}  # (job, step, vid)
+        #: (job, step) -> (when its chunks went out, the version id sent)
+        self._sent: dict[tuple[str, int], tuple[float, str]] = {}
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="snapshotd-encode")
+        #: Drop notices a peer could not be given yet: slot -> messages (see resend_drops).
+        self._undelivered: dict[int, list[pp.Dropped]] = {}
+        #: Bytes of data fragments and parity buffers held by stripes being assembled or
+        #: encoded: inside the budget, like the parity kept.
+        self._inflight = 0
+        #: Job-wide retention: node -> {job: its floor}, from Held reports (this node's too).
+        self._floors: dict[int, dict[str, int]] = {}
+        #: Links to every node of the cluster (all groups) for Held; set by the cluster.
+        self.all_links: Any = None
+        self.ready: Callable[[], bool] = lambda: True
         self.stripes = {s.index: s for s in stripes(group)}
-        store.extra_usage = self.parity_bytes
+        store.extra_usage = lambda: self.parity_bytes() + self.inflight_bytes()
+        self.files = ParityFiles(store.dir.path)
+        self._adopt()
+
+    def _adopt(self) -> None:
+        """Adopt the parity a previous daemon on this memory left (see parityfiles)."""
+        adopted = 0
+        for number, meta, buf in self.files.scan():
+            try:
+                record = ParityRecord(meta["job"], meta["step"], meta["stripe"], meta["index"],
+                                      meta["length"], frag_infos(meta), buf, meta["checksum"],
+                                      bool(meta["complete"]), number,
+                                      set(meta.get("stale", ())))
+                stripe = self.stripes[record.stripe]
+                ok = stripe.parity[record.index] == self.me
+            except (KeyError, TypeError, ValueError, IndexError):
+                ok = False
+            if not ok:
+                self.files.remove(ParityRecord("", 0, 0, 0, 0, (), buf, "", number=number))
+                continue
+            key = (record.job, record.stripe, record.step)
+            if key in self._parity:
+                self._forget(key)
+            self._parity[key] = record
+            adopted += 1
+        if adopted:
+            log.info("adopted %d parity fragments (%d bytes) from %s", adopted,
+                     self.parity_bytes(), self.files.path)
+
+    def _forget(self, key: tuple[str, int, int]) -> None:
+        """Drop a parity record and its files (lock held)."""
+        record = self._parity.pop(key, None)
+        if record is not None and record.number:
+            self.files.remove(record)
 
     # ------------------------------------------------------------------ data-node side
 
     def node_version(self, job: str, step: int) -> NodeVersion | None:
-        """This node's complete data for (job, step), or None if a rank has not committed."""
+        """This node's complete data for (job, step), or None while a rank has not committed.
+
+        Complete means every rank of the job this node holds (or is writing) has committed
+        the step: the count a client declares (``local_world_size``, 1 when unset) is only a
+        lower bound, never trusted to leave a rank out of the node version."""
         versions = [v for v in self.store.versions(job) if v.step == step]
-        if not versions or len(versions) < versions[0].local_world_size:
+        if not versions:
+            return None
+        have = {v.rank for v in versions}
+        if not self.store.ranks(job) <= have or len(have) < max(
+                v.local_world_size for v in versions):
             return None
         return NodeVersion(job, step, sorted(versions, key=lambda v: v.rank))
+
+    def vid(self, nv: NodeVersion) -> str:
+        """The identity of a node version (see :func:`peerproto.manifest_id`)."""
+        return pp.manifest_id(nv.manifest(self.me, self.store.owner(nv.job)))
 
     def on_commit(self, version: Version) -> None:
         """Called after every local commit: start encoding once the node version is complete."""
         if self.group.m == 0:
             return
         key = (version.job, version.step)
-        if self.node_version(*key) is None:       # outside our lock: the store calls back in
+        nv = self.node_version(*key)              # outside our lock: the store calls back in
+        if nv is None:
             return
+        vid = self.vid(nv)
         with self._lock:
-            if key in self._sent:
-                return
-            self._sent[key] = self._clock()
+            sent = self._sent.get(key)
+            if sent is not None and sent[1] == vid:
+                return                            # this very version is on its way
+            self._sent[key] = (self._clock(), vid)
         self._pool.submit(self._send_data, version.job, version.step)
 
     def retry(self) -> int:
@@ -175,21 +243,27 @@ class Protector:
             key = (job, newest)
             with self._lock:
                 sent = self._sent.get(key)
-                if sent is not None and self._clock() - sent < self.encode_timeout:
+                if sent is not None and self._clock() - sent[0] < self.encode_timeout:
                     continue
-                self._sent[key] = self._clock()
+                self._sent[key] = (self._clock(), self.vid(nv))
             self._pool.submit(self._send_data, job, newest)
             started += 1
         return started
 
     def _send_data(self, job: str, step: int) -> None:
         started = time.perf_counter()
+        held = [v.step for v in self.store.versions(job)]
+        if held and step < max(held):
+            # A newer step was committed while this one waited: that one is sent (or retried)
+            # instead, and queued sends cannot pile up behind a slow peer.
+            log.debug("job %r step %d not sent: step %d is newer", job, step, max(held))
+            return
         try:
             self._send_data_chunks(job, step)
         except Exception as exc:  # noqa: BLE001 - a failed encode leaves the version local
             log.warning("job %r step %d stays unprotected: %s", job, step, exc)
             with self._lock:  # try again in a couple of seconds
-                self._sent[(job, step)] = self._clock() - self.encode_timeout + 2.0
+                self._sent[(job, step)] = (self._clock() - self.encode_timeout + 2.0, "")
         finally:
             self.links.close_thread()
         if self.metrics is not None:
@@ -199,6 +273,7 @@ class Protector:
         leases, nv = self._lease_node_version(job, step)
         try:
             manifest = nv.manifest(self.me, self.store.owner(nv.job))
+            floor = self.floor(job)
             cs = chunk_size(nv.total, self.group.k)
             for chunk, (stripe, _) in enumerate(data_stripes(self.me, self.group)):
                 if not self.up(stripe.parity[0]):
@@ -207,7 +282,7 @@ class Protector:
                 start = chunk * cs
                 length = max(0, min(cs, nv.total - start))
                 frames = nv.chunk_frames(self.store, start, length)
-                info = pp.FragInfo(self.me, chunk, length, manifest)
+                info = pp.FragInfo(self.me, chunk, length, manifest, floor)
                 msg = pp.PutData(job, step, stripe.index, info, frames_checksum(frames))
                 self.links.call(stripe.parity[0], msg, frames, timeout=self._transfer)
         finally:
@@ -223,20 +298,35 @@ class Protector:
             leases.append(self.store.lease(job, v.rank, os.getpid(), step=step).id)
         return leases, nv
 
+    def floor(self, job: str) -> int:
+        """The newest step of ``job`` every local rank holds as protected (-1: none)."""
+        newest: dict[int, int] = {}
+        for v in self.store.versions(job):
+            newest.setdefault(v.rank, -1)
+            if v.protected:
+                newest[v.rank] = max(newest[v.rank], v.step)
+        return min(newest.values(), default=-1)
+
     def on_protected(self, msg: pp.Protected) -> None:
         stripe = self._stripe(msg.stripe)
         if self.me in stripe.parity:
             self._mark_complete(msg.job, msg.stripe, msg.step)
         if self.me not in stripe.data:
             return
+        nv = self.node_version(msg.job, msg.step)
+        if nv is None:
+            return
+        vid = self.vid(nv)
+        if msg.vid and msg.vid != vid:
+            return                      # another version of this step was encoded
         with self._lock:
-            done = self._protected.setdefault((msg.job, msg.step), set())
+            done = self._protected.setdefault((msg.job, msg.step, vid), set())
             done.add(msg.stripe)
             complete = len(done) >= self.group.k
         if complete:
-            for v in self.store.versions(msg.job):
-                if v.step == msg.step:
-                    self.store.mark_protected(msg.job, v.rank, msg.step)
+            # Exactly the rank versions that were encoded: a rank committed since is not.
+            for v in nv.versions:
+                self.store.mark_protected(msg.job, v.rank, msg.step, v.committed_at)
             with self._lock:
                 for key in [k for k in self._protected if k[0] == msg.job and k[1] <= msg.step]:
                     del self._protected[key]
@@ -253,30 +343,100 @@ class Protector:
         if got != msg.info.length or frames_checksum(frames) != msg.checksum:
             raise StoreError("corrupt", f"data fragment of node {msg.info.src} for job "
                              f"{msg.job!r} step {msg.step}: {got} bytes or checksum mismatch")
-        key = (msg.job, msg.step, msg.stripe)
+        self._room(got, f"the data fragment of node {msg.info.src} for job {msg.job!r} step "
+                   f"{msg.step}")
         with self._lock:
             record = self._parity.get((msg.job, msg.stripe, msg.step))
-            if record is not None and record.complete and msg.info in record.frags:
+            if record is not None and record.complete and any(
+                    msg.info.same_fragment(f) for f in record.frags):
                 # A re-send of a fragment already encoded (its node restarted and lost the
                 # protected flag): the stripe is whole, say so again instead of re-encoding.
-                self._pool.submit(self._confirm, msg.job, msg.step, msg.stripe, msg.info.src)
+                self._pool.submit(self._confirm, msg.job, msg.step, msg.stripe, msg.info)
                 return
-            assembly = self._assembling.setdefault(key, _Assembly(self._clock()))
-            assembly.frags[stripe.data.index(msg.info.src)] = (msg.info, frames)
-            if len(assembly.frags) < self.group.k:
-                return
-            del self._assembling[key]
-        self._pool.submit(self._encode, msg.job, msg.step, stripe, assembly)
+            if record is not None:
+                # Another version of a step already encoded (a re-commit): the old parity no
+                # longer matches this node's data; it is replaced once the new one is encoded,
+                # and the other data nodes, which will not send again, are asked for theirs.
+                if any(f.src == msg.info.src for f in record.frags) and (
+                        msg.info.src not in record.stale):
+                    record.stale.add(msg.info.src)
+                    self._update(record)
+            pull = self._add_fragment(stripe, msg.job, msg.step, msg.info, frames,
+                                      reencode=record is not None)
+        if pull:
+            self._pool.submit(self._pull, msg.job, msg.step, stripe)
+
+    def _add_fragment(self, stripe: Stripe, job: str, step: int, info: pp.FragInfo,
+                      frames: list[Any], reencode: bool = False) -> bool:
+        """Add a data fragment to its stripe's assembly; encode once all ``k`` are there
+        (lock held). True if the missing fragments should be fetched (a re-encode)."""
+        key = (job, step, stripe.index)
+        assembly = self._assembling.setdefault(key, _Assembly(self._clock()))
+        pos = stripe.data.index(info.src)
+        if pos in assembly.frags:
+            self._inflight -= assembly.frags[pos][0].length
+        assembly.frags[pos] = (info, frames)
+        self._inflight += info.length
+        if len(assembly.frags) < self.group.k:
+            if reencode and not assembly.pulling:
+                assembly.pulling = True
+                return True
+            return False
+        del self._assembling[key]
+        self._pool.submit(self._encode, job, step, stripe, assembly)
+        return False
+
+    def _pull(self, job: str, step: int, stripe: Stripe) -> None:
+        """Fetch the data fragments a re-encode of (job, step, stripe) lacks from their
+        nodes (``GetData``: checked against the tensor checksums there)."""
+        try:
+            with self._lock:
+                assembly = self._assembling.get((job, step, stripe.index))
+                have = set(assembly.frags) if assembly is not None else set(
+                    range(self.group.k))
+            for pos, slot in enumerate(stripe.data):
+                if pos in have or not self.up(slot):
+                    continue
+                chunk = [s.index for s, _ in data_stripes(slot, self.group)].index(
+                    stripe.index)
+                reply, frames = self.links.call(slot, pp.GetData(job, step, chunk),
+                                                timeout=self._transfer)
+                bufs = [f.buffer for f in frames]
+                self._room(reply.length, f"a data fragment of node {slot}")
+                if frames_checksum(bufs) != reply.checksum:
+                    raise StoreError("corrupt", f"data fragment of node {slot} failed its "
+                                     "checksum on the way")
+                info = pp.FragInfo(slot, chunk, reply.length, reply.manifest, reply.floor)
+                with self._lock:
+                    if (job, step, stripe.index) not in self._assembling:
+                        return
+                    self._add_fragment(stripe, job, step, info, bufs)
+        except Exception as exc:  # noqa: BLE001 - the stripe expires like any other
+            log.warning("re-encode of stripe %d, job %r step %d lacks fragments: %s",
+                        stripe.index, job, step, exc)
+        finally:
+            self.links.close_thread()
 
     def _encode(self, job: str, step: int, stripe: Stripe, assembly: _Assembly) -> None:
+        held = assembly.nbytes
         try:
             infos = tuple(assembly.frags[i][0] for i in range(self.group.k))
             length = max(info.length for info in infos)
+            down = [s for s in stripe.parity[1:] if not self.up(s)]
+            if down:        # never wait on a peer known to be down (its data node retries)
+                raise StoreError("peer_down", f"parity holders {down} are down")
+            self._room(self.group.m * length, f"{self.group.m} parity buffers")
+            with self._lock:
+                self._inflight += self.group.m * length
+                held += self.group.m * length
             data = [contiguous(assembly.frags[i][1], length) for i in range(self.group.k)]
             parity = [bytearray(length) for _ in range(self.group.m)]
             self.codec.encode(data, parity)
             record = ParityRecord(job, step, stripe.index, 0, length, infos, parity[0],
                                   frames_checksum([parity[0]]))
+            with self._lock:    # parity 0 is counted as kept parity from here on
+                self._inflight -= length
+                held -= length
             self._keep(record)
             for index in range(1, self.group.m):
                 msg = pp.PutParity(job, step, stripe.index, index, length, infos,
@@ -284,18 +444,45 @@ class Protector:
                 self.links.call(stripe.parity[index], msg, [parity[index]],
                                 timeout=self._transfer)
             self._mark_complete(job, stripe.index, step)
-            for slot in (*stripe.parity[1:], *stripe.data):
-                self.links.call(slot, pp.Protected(job, step, stripe.index),
-                                timeout=self._small)
+            for slot in stripe.parity[1:]:
+                self._tell(slot, pp.Protected(job, step, stripe.index))
+            for info in infos:
+                self._tell(info.src, pp.Protected(job, step, stripe.index,
+                                                  pp.manifest_id(info.manifest)))
         except Exception as exc:  # noqa: BLE001
             log.warning("stripe %d of job %r step %d not protected: %s", stripe.index, job, step,
                         exc)
         finally:
+            with self._lock:
+                self._inflight -= held
             self.links.close_thread()
 
-    def _confirm(self, job: str, step: int, stripe: int, slot: int) -> None:
+    def _tell(self, slot: int, msg: Any) -> None:
+        """A small notice to a peer that is up (one that is down asks again: re-sent data
+        fragments are confirmed at once)."""
+        if not self.up(slot):
+            return
         try:
-            self.links.call(slot, pp.Protected(job, step, stripe), timeout=self._small)
+            self.links.call(slot, msg, timeout=self._small)
+        except Exception as exc:  # noqa: BLE001 - the other peers are still told
+            log.info("node %d did not hear %s: %s", slot, msg, exc)
+
+    def _room(self, nbytes: int, what: str) -> None:
+        """Refuse (``memory_full``) bytes that would take the daemon over its budget."""
+        used = self.store.stats()["bytes_used"]
+        if used + nbytes > self.store.memory_limit:
+            raise StoreError("memory_full", f"no room for {what} ({nbytes} bytes): {used} of "
+                             f"{self.store.memory_limit} in use")
+
+    def inflight_bytes(self) -> int:
+        with self._lock:
+            return self._inflight
+
+    def _confirm(self, job: str, step: int, stripe: int, info: pp.FragInfo) -> None:
+        slot = info.src
+        try:
+            self.links.call(slot, pp.Protected(job, step, stripe, pp.manifest_id(info.manifest)),
+                            timeout=self._small)
         except Exception as exc:  # noqa: BLE001 - the node retries its PutData later
             log.info("could not confirm stripe %d of job %r step %d to node %d: %s", stripe, job,
                      step, slot, exc)
@@ -312,36 +499,69 @@ class Protector:
         with self._lock:
             for key in [k for k in self._sent if k[0] == job and k[1] in steps]:
                 del self._sent[key]
-        msg = pp.Dropped(job, self.me, tuple(sorted(steps)))
+        msg = pp.Dropped(job, self.me, tuple(sorted(steps)), time.time())
         for slot in self.group.slots:
-            if slot != self.me:
+            if slot == self.me:
+                continue
+            if self.up(slot):
                 self._pool.submit(self._notify, slot, msg)
+            else:                       # told once it is up (resend_drops)
+                with self._lock:
+                    self._undelivered.setdefault(slot, []).append(msg)
+                    del self._undelivered[slot][:-_MAX_UNDELIVERED]
 
     def _notify(self, slot: int, msg: Any) -> None:
+        """Tell ``slot`` about a drop; a peer that cannot be told now is told again once it
+        is up (:meth:`resend_drops`), so drops converge."""
         try:
             self.links.call(slot, msg, timeout=self._small)
-        except Exception as exc:  # noqa: BLE001 - best effort; logged
-            log.warning("node %d did not hear that job %r steps %s were dropped here: %s", slot,
-                        msg.job, list(msg.steps), exc)
+        except Exception as exc:  # noqa: BLE001 - kept and sent again later
+            log.warning("node %d did not hear that job %r steps %s were dropped here (told "
+                        "again once it answers): %s", slot, msg.job, list(msg.steps), exc)
+            with self._lock:
+                pending = self._undelivered.setdefault(slot, [])
+                if msg not in pending:
+                    pending.append(msg)
+                del pending[:-_MAX_UNDELIVERED]
         finally:
             self.links.close_thread()
+
+    def resend_drops(self) -> int:
+        """Send again the drop notices a peer missed, to the peers that are up now."""
+        with self._lock:
+            due = {slot: msgs for slot, msgs in self._undelivered.items()
+                   if msgs and self.up(slot)}
+            for slot in due:
+                del self._undelivered[slot]
+        for slot, msgs in due.items():
+            for msg in msgs:
+                self._pool.submit(self._notify, slot, msg)
+        return sum(len(m) for m in due.values())
 
     def on_dropped(self, msg: pp.Dropped) -> None:
         if msg.src not in self.group.slots or msg.src == self.me:
             raise StoreError("bad_request", f"node {msg.src} is not a peer of node {self.me} "
                              f"in group {self.group.index}")
-        self._drop_parity(msg.src, msg.job, set(msg.steps))
+        self._drop_parity(msg.src, msg.job, set(msg.steps), msg.at)
 
-    def _drop_parity(self, src: int, job: str, steps: set[int]) -> None:
+    def _drop_parity(self, src: int, job: str, steps: set[int], at: float = 0.0) -> None:
         """Free the parity of (job, step) in every stripe ``src`` is a data node of: that
-        version is an abandoned timeline, and a rebuild must not bring it back."""
+        version is an abandoned timeline, and a rebuild must not bring it back. With ``at``,
+        only parity of versions ``src`` committed before ``at`` (not of a newer timeline)."""
+
+        def before(frags: Any) -> bool:
+            mine = [f for f in frags if f.src == src]
+            return not at or not mine or _committed_at(mine[0].manifest) <= at
+
         with self._lock:
-            gone = [key for key in self._parity if key[0] == job and key[2] in steps
-                    and src in self.stripes[key[1]].data]
+            gone = [key for key, r in self._parity.items() if key[0] == job
+                    and key[2] in steps and src in self.stripes[key[1]].data
+                    and before(r.frags)]
             for key in gone:
-                del self._parity[key]
-            for key in [k for k in self._assembling if k[0] == job and k[1] in steps]:
-                del self._assembling[key]
+                self._forget(key)
+            for key in [k for k, a in self._assembling.items() if k[0] == job
+                        and k[1] in steps and before(info for info, _ in a.frags.values())]:
+                self._inflight -= self._assembling.pop(key).nbytes
         if gone:
             log.info("freed %d parity fragments of job %r steps %s dropped by node %d",
                      len(gone), job, sorted(steps), src)
@@ -363,44 +583,132 @@ class Protector:
 
     def _keep(self, record: ParityRecord) -> None:
         used = self.store.stats()["bytes_used"]
-        if used + record.length > self.store.memory_limit:
+        with self._lock:                # a record it replaces is freed
+            old = self._parity.get((record.job, record.stripe, record.step))
+        if used - (old.length if old else 0) + record.length > self.store.memory_limit:
             raise StoreError("memory_full", f"no room for {record.length} parity bytes: "
                              f"{used} of {self.store.memory_limit} in use")
         with self._lock:
-            self._parity[(record.job, record.stripe, record.step)] = record
+            key = (record.job, record.stripe, record.step)
+            try:
+                self.files.write(record)
+            except OSError as exc:
+                raise StoreError("memory_full", f"cannot keep {record.length} parity bytes in "
+                                 f"{self.files.path}: {exc.strerror}") from None
+            self._forget(key)
+            self._parity[key] = record
             self._retain_parity(record.job, record.stripe)
 
     def _mark_complete(self, job: str, stripe: int, step: int) -> None:
         with self._lock:
             record = self._parity.get((job, stripe, step))
-            if record is not None:
+            if record is not None and not record.complete:
                 record.complete = True
+                self._update(record)
                 self._retain_parity(job, stripe)
 
     def _retain_parity(self, job: str, stripe: int) -> None:
-        """Keep the newest ``keep`` steps of a stripe and its two newest complete ones (lock
-        held): a stripe whose newest encodes were cut short by a failure still has a whole
-        older version, the one its data nodes keep as their newest protected."""
+        """Keep the newest ``keep`` steps of a stripe, its two newest complete ones, and every
+        step that a data node of the stripe may hold as its newest protected one (lock held).
+
+        A data node's newest protected step is the newest one whose ``k`` stripes are all
+        complete, so a stripe that is ahead of a slower stripe of the same data node must keep
+        the older step: each fragment says which step its sender held as protected
+        (``FragInfo.floor``); the newest such report per data node is kept. A node that is
+        lost sends nothing more, so its last protected step stays restorable."""
         records = sorted((r for (j, st, _), r in self._parity.items()
                           if j == job and st == stripe), key=lambda r: -r.step)
         keep = {r.step for r in records[:self.keep]}
         keep |= {r.step for r in [r for r in records if r.complete][:2]}
+        floors: dict[int, int] = {}
+        for r in records:
+            for f in r.frags:
+                floors[f.src] = max(floors.get(f.src, -1), f.floor)
+        keep |= set(floors.values())
+        pinned = self.store.pins.get(job)
+        if pinned is not None:
+            keep.add(pinned)
         for r in records:
             if r.step not in keep:
-                del self._parity[(job, stripe, r.step)]
+                self._forget((job, stripe, r.step))
+
+    # ------------------------------------------------------------------ job-wide retention
+
+    def report(self) -> pp.Held | None:
+        """This node's floors (None while it is still rebuilding: it holds too little yet)."""
+        if not self.ready():
+            return None
+        jobs = sorted({v.job for v in self.store.versions()})
+        held = pp.Held(self.me, tuple(pp.JobFloor(job, self.floor(job)) for job in jobs))
+        self._learn(held)
+        return held
+
+    def broadcast(self, slots: Sequence[int], timeout: float) -> int:
+        """Send this node's report to ``slots``; return how many took it."""
+        msg = self.report()
+        if msg is None or self.all_links is None:
+            return 0
+        told = 0
+        for slot in slots:
+            try:
+                self.all_links.call(slot, msg, timeout=timedelta(seconds=timeout))
+                told += 1
+            except Exception as exc:  # noqa: BLE001 - its last report stands
+                log.debug("node %d did not take this node's floors: %s", slot, exc)
+        return told
+
+    def on_held(self, msg: pp.Held) -> None:
+        if msg.src == self.me:
+            raise StoreError("bad_request", f"node {msg.src} is this node")
+        self._learn(msg)
+
+    def _learn(self, msg: pp.Held) -> None:
+        with self._lock:
+            self._floors[msg.src] = {j.job: j.floor for j in msg.jobs}
+            jobs = {job for floors in self._floors.values() for job in floors}
+            pins = {}
+            for job in jobs:
+                floor = min(f[job] for f in self._floors.values() if job in f)
+                if floor >= 0:
+                    pins[job] = floor
+        self.store.pins = pins
+
+    def reported(self, slot: int) -> bool:
+        with self._lock:
+            return slot in self._floors
+
+    def others_floor(self, job: str) -> int | None:
+        """The lowest floor of ``job`` the other nodes reported (None: none protected)."""
+        with self._lock:
+            floors = [f[job] for slot, f in self._floors.items() if slot != self.me and job in f]
+        low = min(floors, default=-1)
+        return low if low >= 0 else None
+
+    def pin(self, job: str) -> int | None:
+        """The job-wide step: the lowest newest-protected step of all nodes holding ``job``."""
+        return self.store.pins.get(job)
 
     def housekeeping(self) -> None:
         self.expire()
         self.retry()
+        self.resend_drops()
 
     def expire(self) -> int:
-        """Drop stripes whose data fragments did not all arrive within ``encode_timeout``."""
+        """Drop stripes whose data fragments did not all arrive within ``encode_timeout``;
+        ask the data nodes for the fragments of stripes still waiting after a moment (a node
+        that committed the step again, or on a new timeline, sends alone)."""
         now = self._clock()
         with self._lock:
             old = [key for key, a in self._assembling.items()
                    if now - a.started > self.encode_timeout]
             for key in old:
-                del self._assembling[key]
+                self._inflight -= self._assembling.pop(key).nbytes
+            waiting = [key for key, a in self._assembling.items() if not a.pulling
+                       and now - a.started > min(1.0, self.encode_timeout / 2)]
+            for key in waiting:
+                self._assembling[key].pulling = True
+        for job, step, stripe in waiting:
+            self._pool.submit(self._pull, job, step, self.stripes[stripe])
         for job, step, stripe in old:
             log.warning("stripe %d of job %r step %d: data fragments missing after %.0fs; "
                         "that version stays unprotected", stripe, job, step, self.encode_timeout)
@@ -430,6 +738,9 @@ class Protector:
         checksums: damaged bytes must not be decoded into a rebuild or encoded into parity."""
         leases, nv = self._lease_node_version(msg.job, msg.step)
         try:
+            if msg.vid and self.vid(nv) != msg.vid:
+                raise StoreError("not_found", f"job {msg.job!r} step {msg.step} on node "
+                                 f"{self.me} is another version than the one asked for")
             cs = chunk_size(nv.total, self.group.k)
             start, offset = msg.frag * cs, 0
             for v in nv.versions:
@@ -446,7 +757,8 @@ class Protector:
             for lease in leases:
                 self.store.release(lease)
         manifest = nv.manifest(self.me, self.store.owner(nv.job))
-        return pp.Chunk(length, frames_checksum([payload]), manifest), [payload]
+        return pp.Chunk(length, frames_checksum([payload]), manifest,
+                        self.floor(msg.job)), [payload]
 
     def get_parity(self, msg: pp.GetParity) -> tuple[pp.Chunk, list[Any]]:
         with self._lock:
@@ -473,8 +785,33 @@ class Protector:
         with self._lock:
             return list(self._parity.values())
 
+    def _update(self, record: ParityRecord) -> None:
+        """Write a kept record's changed description (lock held)."""
+        if record.number:
+            try:
+                self.files.update(record)
+            except OSError as exc:
+                log.warning("parity file %d not updated: %s", record.number, exc)
+
     def close(self) -> None:
+        """Stop (a graceful stop also removes the parity files, like the segments)."""
         self._pool.shutdown(wait=True)
+        with self._lock:
+            for key in list(self._parity):
+                self._forget(key)
+
+
+#: Drop notices kept per unreachable peer (the oldest go first beyond that).
+_MAX_UNDELIVERED = 1024
+
+
+def _committed_at(manifest: str) -> float:
+    """The newest commit time of the ranks in a node manifest (0 if unreadable)."""
+    try:
+        return max((float(r["committed_at"]) for r in json.loads(manifest)["ranks"]),
+                   default=0.0)
+    except (ValueError, KeyError, TypeError):
+        return 0.0
 
 
 def contiguous(frames: Sequence[Any], length: int) -> Any:

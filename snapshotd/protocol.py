@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ __all__ = [
     "TensorEntry", "Alloc", "Commit", "Abort", "ListVersions", "Open", "Release", "Status",
     "Drop", "Verify", "Persist", "Verified", "VerifyReply", "Error", "AllocReply", "CommitReply",
     "Ok", "VersionInfo", "ListReply", "OpenReply", "StatusReply", "encode", "decode", "registry",
-    "check_table",
+    "check_table", "check_job",
 ]
 
 PROTOCOL_VERSION = 1
@@ -55,12 +56,28 @@ DTYPE_SIZES: dict[str, int] = {
 
 
 class ProtocolError(Exception):
-    """A request or reply that cannot be accepted; ``code`` is a stable machine-readable tag."""
+    """A request or reply that cannot be accepted; ``code`` is a stable machine-readable tag.
+
+    ``req_id`` is the request's ``id`` when the frame had a readable integer one (set by
+    :func:`decode` for a request it refuses), so the error reply can still be matched."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.req_id: int | None = None
+
+
+#: A job name: one plain path component (it names a directory of the persistence tier).
+_JOB_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+
+
+def check_job(job: str) -> None:
+    """Refuse (``bad_request``) a job name that is not one plain path component: letters,
+    digits, ``_ . -``, 1 to 128 of them, and neither ``.`` nor ``..``."""
+    if not _JOB_RE.fullmatch(job) or job in (".", ".."):
+        raise ProtocolError("bad_request", f"job name {job!r} must be 1 to 128 of the "
+                            "characters A-Z a-z 0-9 _ . - and not '.' or '..'")
 
 
 # --------------------------------------------------------------------------- payload types
@@ -338,6 +355,15 @@ def decode(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES,
         raise ProtocolError("malformed", f"not a JSON object: {exc}") from None
     if not isinstance(body, dict):
         raise ProtocolError("malformed", "message is not a JSON object")
+    raw_id = body.get("id", 0)
+    try:
+        return _decode_body(body, messages)
+    except ProtocolError as exc:
+        exc.req_id = raw_id if type(raw_id) is int else None
+        raise
+
+
+def _decode_body(body: dict[str, Any], messages: dict[str, type]) -> tuple[int, Message]:
     version = body.pop("v", None)
     if version != PROTOCOL_VERSION:
         raise ProtocolError(

@@ -72,6 +72,11 @@ class Recovery:
         peers = [s for s in self.group.slots if s != self.me]
         while time.monotonic() < deadline and not all(self.up(s) for s in peers):
             time.sleep(0.1)
+        # ... and for their floors (Held, every heartbeat): the job-wide step is rebuilt too.
+        deadline = time.monotonic() + self.settle
+        while time.monotonic() < deadline and not all(
+                self.protector.reported(s) for s in peers if self.up(s)):
+            time.sleep(0.05)
         inv: dict[int, pp.InventoryReply] = {}
         try:
             inv = self.recover()
@@ -124,26 +129,30 @@ class Recovery:
         return out
 
     def _recover_job(self, job: str, inv: dict[int, pp.InventoryReply]) -> None:
-        mine = {h.step: f.manifest for r in inv.values() for h in r.parity if h.job == job
-                for f in h.frags if f.src == self.me}
+        mine = _my_manifests(inv, job, self.me)
         # Newer than the newest version this node holds whole; a version held in part (a
         # rebuild cut short between ranks) is a candidate too: its missing ranks are rebuilt.
-        whole = [s for s in {v.step for v in self.store.versions(job)}
-                 if self.protector.node_version(job, s) is not None]
+        held = self.store.versions(job)
+        whole = [s for s in {v.step for v in held}
+                 if (s in mine and {r["rank"] for r in json.loads(mine[s])["ranks"]}
+                     <= {v.rank for v in held if v.step == s})
+                 or (s not in mine and self.protector.node_version(job, s) is not None)]
         candidates = sorted((s for s in mine if not whole or s > max(whole)), reverse=True)
         problems = []
         for step in candidates:
-            plan = self._plan(job, step, inv)
+            plan = self._plan(job, step, inv, mine[step])
             if plan is None:
                 problems.append(f"step {step}: {self._shortfall(job, step, inv)}")
                 continue
             try:
                 self.rebuild(job, step, mine[step], plan, keep_held=True)
-                return
             except Exception as exc:  # noqa: BLE001 - an older version may still be whole
                 log.warning("rebuild of job %r step %d failed, trying an older one: %s", job,
                             step, exc)
                 problems.append(f"step {step}: {exc}")
+                continue
+            self._rebuild_common(job, step, inv, mine)
+            return
         if candidates:
             lost = [s for s in self.group.slots if s == self.me or not self.up(s)]
             why = (f"group {self.group.index} lost slots {lost} (more than m={self.group.m})"
@@ -155,10 +164,32 @@ class Recovery:
                 f"slot {self.me}; fall back to the newest persisted checkpoint"
                 + (f" ({'; '.join(problems)})" if problems else ""))
 
-    def _plan(self, job: str, step: int, inv: dict[int, pp.InventoryReply]) -> _Plan | None:
+    def _rebuild_common(self, job: str, rebuilt: int, inv: dict[int, pp.InventoryReply],
+                        mine: dict[int, str]) -> None:
+        """Rebuild the job-wide step too (the lowest protected floor the other nodes report),
+        when it is older than the step just rebuilt: the other nodes keep that one, so after
+        this loss every rank of the job still holds a common step."""
+        common = self.protector.others_floor(job)
+        if common is None or common >= rebuilt or common not in mine:
+            return
+        plan = self._plan(job, common, inv, mine[common])
+        if plan is None:
+            log.warning("job %r: the job-wide step %d cannot be rebuilt for slot %d (%s)", job,
+                        common, self.me, self._shortfall(job, common, inv))
+            return
+        try:
+            self.rebuild(job, common, mine[common], plan, keep_held=True)
+        except Exception as exc:  # noqa: BLE001 - the newest step is rebuilt; logged
+            log.warning("job %r: the job-wide step %d not rebuilt: %s", job, common, exc)
+
+    def _plan(self, job: str, step: int, inv: dict[int, pp.InventoryReply],
+              manifest: str) -> _Plan | None:
+        """Per stripe, ``k`` sources of this node's version ``manifest`` of (job, step)."""
         plan = []
         for stripe, pos in data_stripes(self.me, self.group):
-            holdings = _holdings(inv, job, step, stripe)
+            holdings = [h for h in _holdings(inv, job, step, stripe)
+                        if self.me not in h.stale and any(
+                            f.src == self.me and f.manifest == manifest for f in h.frags)]
             if not holdings:
                 return None
             length = holdings[0].length
@@ -183,15 +214,20 @@ class Recovery:
     def _sources(self, job: str, step: int, stripe: Stripe, inv: dict[int, pp.InventoryReply],
                  holdings: list[pp.ParityHolding], skip: int) -> list[_Source]:
         out = []
+        # Parity of one encoding only (a re-encode may have reached some holders so far), and
+        # data only from nodes whose version is the one that encoding used.
+        holdings = [h for h in holdings if holdings and _same_encoding(h, holdings[0])]
         frags = {f.src: f for f in holdings[0].frags} if holdings else {}
+        stale = set(holdings[0].stale) if holdings else set()
         for pos, slot in enumerate(stripe.data):
             reply = inv.get(slot)
-            if slot == skip or reply is None:
+            if slot == skip or reply is None or slot in stale:
                 continue
             if any((d.job, d.step) == (job, step) for d in reply.data):
                 chunk = [s.index for s, _ in data_stripes(slot, self.group)].index(stripe.index)
                 length = frags[slot].length if slot in frags else -1
-                out.append(_Source(pos, slot, pp.GetData(job, step, chunk), length))
+                vid = pp.manifest_id(frags[slot].manifest) if slot in frags else ""
+                out.append(_Source(pos, slot, pp.GetData(job, step, chunk, vid), length))
         for h in holdings:
             slot = stripe.parity[h.index]
             if slot != skip and slot in inv:
@@ -207,7 +243,7 @@ class Recovery:
         manifest = nv.manifest(self.me, self.store.owner(job))
         with self._lock:
             try:
-                plan = self._plan(job, step, self._inventories())
+                plan = self._plan(job, step, self._inventories(), manifest)
                 if plan is None:
                     return False
                 self.rebuild(job, step, manifest, plan)
@@ -306,12 +342,13 @@ class Recovery:
         held = {(r.job, r.stripe, r.step) for r in self.protector.parity_records()}
         # Every step the data nodes still hold, newest first (parity retention trims the rest):
         # the newest may be one some data node never got protected, and its newest *protected*
-        # step is the one a loss of that node falls back to.
+        # step, possibly older than the newest steps of the others, is the one a loss of that
+        # node falls back to.
         for stripe, index in parity_stripes(self.me, self.group):
             for job in jobs:
                 steps = sorted({d.step for r in inv.values() for d in r.data if d.job == job},
                                reverse=True)
-                for step in steps[:self.protector.keep + 2]:
+                for step in steps:
                     if (job, stripe.index, step) in held:
                         continue
                     try:
@@ -329,7 +366,8 @@ class Recovery:
         if len(data) == self.group.k:
             try:
                 fetched = [self._fetch(s, -1) for s in data]
-                infos = tuple(pp.FragInfo(s.slot, s.request.frag, reply.length, reply.manifest)
+                infos = tuple(pp.FragInfo(s.slot, s.request.frag, reply.length, reply.manifest,
+                                          reply.floor)
                               for s, (_, reply) in zip(data, fetched))
                 length = max(i.length for i in infos)
                 bufs = [contiguous([buf], length) for buf, _ in fetched]
@@ -361,6 +399,31 @@ def _holdings(inv: dict[int, pp.InventoryReply], job: str, step: int,
     """The parity records of (job, step, stripe) the inventories list."""
     return [h for r in inv.values() for h in r.parity
             if (h.job, h.step, h.stripe) == (job, step, stripe.index)]
+
+
+def _same_encoding(a: pp.ParityHolding, b: pp.ParityHolding) -> bool:
+    return len(a.frags) == len(b.frags) and all(
+        x.same_fragment(y) for x, y in zip(a.frags, b.frags))
+
+
+def _committed(manifest: str) -> float:
+    return max((r["committed_at"] for r in json.loads(manifest)["ranks"]), default=0.0)
+
+
+def _my_manifests(inv: dict[int, pp.InventoryReply], job: str, me: int) -> dict[int, str]:
+    """Per step, the newest version of this node's data the group's parity knows: never one
+    that a holder marks superseded (this node sent another version of the step since)."""
+    stale = {(h.step, f.manifest) for r in inv.values() for h in r.parity
+             if h.job == job and me in h.stale for f in h.frags if f.src == me}
+    mine: dict[int, str] = {}
+    for r in inv.values():
+        for h in r.parity:
+            for f in h.frags:
+                if h.job != job or f.src != me or (h.step, f.manifest) in stale:
+                    continue
+                if h.step not in mine or _committed(f.manifest) > _committed(mine[h.step]):
+                    mine[h.step] = f.manifest
+    return mine
 
 
 def _jobs(inv: dict[int, pp.InventoryReply]) -> list[str]:

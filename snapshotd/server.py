@@ -59,10 +59,28 @@ class ControlServer(RouterLoop):
         sock = context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_MESSAGE_BYTES)
+        # A reply to a client that closed its socket (it gave up waiting) fails instead of
+        # vanishing, so what it would have handed out is taken back (_undeliverable).
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.endpoint = _bind(sock, endpoint)
         super().__init__(sock, context, workers=max(workers, 4), decode=p.decode,
                          on_reject=lambda code: metrics.rejected.labels(reason=code).inc(),
                          housekeeping=self._reap, housekeeping_interval=reap_interval)
+
+    def _undeliverable(self, frames: list[Any]) -> None:
+        """The client of this reply is gone (it timed out and rebuilt its socket, e.g. while
+        a rebuild made its Open wait): release the lease or abort the slot it was given."""
+        try:
+            _, reply = p.decode(bytes(frames[1]))
+        except p.ProtocolError:
+            return
+        if isinstance(reply, p.OpenReply):
+            self.store.release(reply.lease)
+            log.warning("released lease %d of job %r rank %d step %d: its client gave up "
+                        "waiting for it", reply.lease, reply.job, reply.rank, reply.step)
+        elif isinstance(reply, p.AllocReply):
+            self.store.abort(self.store.slot_number(reply.slot))
+            log.warning("aborted slot %d: its client gave up waiting for it", reply.slot)
 
     def _reap(self) -> None:
         reaped = self.store.reap()
@@ -91,12 +109,13 @@ class ControlServer(RouterLoop):
         if self.stopping:
             raise StoreError("shutting_down", "the daemon is shutting down; retry on restart")
         slot = self.store.alloc(m.job, m.rank, m.step, m.nbytes, m.pid, m.local_world_size)
-        return p.AllocReply(slot.number, self.store.dir.seg_path(slot.number), slot.nbytes)
+        return p.AllocReply(slot.handle, self.store.dir.seg_path(slot.number), slot.nbytes)
 
     def _on_commit(self, m: p.Commit, _: Any = None) -> p.CommitReply:
         started = time.perf_counter()
-        age = self.store.slot_age(m.slot)
-        version = self.store.commit(m.slot, m.tensors, m.meta)
+        number = self.store.slot_number(m.slot)
+        age = self.store.slot_age(number)
+        version = self.store.commit(number, m.tensors, m.meta)
         if age is not None:
             self.metrics.save_seconds.observe(age + time.perf_counter() - started)
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
@@ -109,7 +128,7 @@ class ControlServer(RouterLoop):
         return p.CommitReply(version.job, version.rank, version.step, version.nbytes)
 
     def _on_abort(self, m: p.Abort, _: Any = None) -> p.Ok:
-        self.store.abort(m.slot)
+        self.store.abort(self.store.slot_number(m.slot))
         return p.Ok(1)
 
     def _on_list(self, m: p.ListVersions, _: Any = None) -> p.ListReply:

@@ -27,21 +27,21 @@ from __future__ import annotations
 import hmac
 import json
 import os
-import re
+import secrets
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 import xxhash
 
 from ._shm import SegmentDir
-from .protocol import ProtocolError, TensorEntry, check_table
+from .protocol import ProtocolError, TensorEntry, check_job, check_table
 
 __all__ = ["Store", "StoreError", "Slot", "Version", "Lease", "process_identity"]
 
-_JOB_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 #: Bookkeeping charged per version on top of its manifest (index entries, Python objects).
 _VERSION_OVERHEAD = 4096
 #: Free segments kept for reuse; reuse avoids re-faulting pages on every save.
@@ -53,7 +53,29 @@ class StoreError(ProtocolError):
 
 
 def process_identity(pid: int) -> float | None:
-    """A process's start time (so a recycled pid is told apart), or None if it is gone."""
+    """A process's start (so a recycled pid is told apart), or None if it is gone (or a
+    zombie: it writes nothing more).
+
+    On Linux this is the start time in clock ticks since boot from ``/proc/PID/stat``: it does
+    not move when the wall clock is stepped, whereas psutil's ``create_time`` is computed from
+    the boot time, which is wall clock minus uptime, so a clock step would make every live
+    writer and reader look like another process to the reaper."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except PermissionError:
+        return -1.0
+    except OSError:
+        return _psutil_identity(pid)
+    fields = stat[stat.rindex(b")") + 2:].split()    # after "pid (comm) "
+    if fields[0] == b"Z":
+        return None
+    return float(fields[19])                         # field 22: starttime
+
+
+def _psutil_identity(pid: int) -> float | None:
     try:
         return psutil.Process(pid).create_time()
     except psutil.NoSuchProcess:
@@ -85,6 +107,9 @@ class Slot:
     created: float
     local_world_size: int = 1
     committing: bool = False
+    #: What the client gets and names the slot by: an unguessable capability, not the segment
+    #: number (which the segment's path shows), so one client cannot abort another's write.
+    handle: int = 0
 
 
 @dataclass
@@ -153,11 +178,15 @@ class Store:
         self._versions: dict[tuple[str, int], dict[int, Version]] = {}
         self._leases: dict[int, Lease] = {}
         self._pool = _Pool()
-        self._next_lease = 1
+        #: slot handle -> segment number (see Slot.handle)
+        self._handles: dict[int, int] = {}
         #: job -> hex SHA-256 of the token it is bound to (``--job-isolation``).
         self._owners: dict[str, str] = {}
         #: Bytes held outside the segments (parity); set by the protection layer.
         self.extra_usage: Callable[[], int] = lambda: 0
+        #: job -> the job-wide step every rank can restore (set by the protection layer from
+        #: all nodes' reports): retention never evicts it.
+        self.pins: dict[str, int] = {}
 
     # ------------------------------------------------------------------ start and stop
 
@@ -177,7 +206,19 @@ class Store:
                 report["removed"] += 1
                 report["bytes_removed"] += left.size
                 continue
-            self._versions.setdefault((version.job, version.rank), {})[version.step] = version
+            held = self._versions.setdefault((version.job, version.rank), {})
+            twin = held.get(version.step)
+            if twin is not None:
+                # Two manifests for one step: a crash between a re-commit of the step and the
+                # eviction of the old version. The newer commit wins; the other is removed
+                # (never left on the tmpfs outside the index and the budget).
+                if twin.committed_at > version.committed_at:
+                    twin, version = version, twin
+                self.dir.unlink(twin.number)
+                report["removed"] += 1
+                report["bytes_removed"] += twin.size
+                report["adopted"] -= 1
+            held[version.step] = version
             if left.manifest and left.manifest.get("owner"):
                 self._owners.setdefault(version.job, left.manifest["owner"])
             report["adopted"] += 1
@@ -214,10 +255,18 @@ class Store:
     # ------------------------------------------------------------------ writing
 
     def alloc(self, job: str, rank: int, step: int, nbytes: int, pid: int,
-              local_world_size: int = 1) -> Slot:
-        """Reserve a write slot of ``nbytes``; refuse over the memory limit."""
-        if not _JOB_RE.fullmatch(job):
-            raise StoreError("bad_request", f"job name {job!r} must match {_JOB_RE.pattern}")
+              local_world_size: int = 1, *, older: bool = False) -> Slot:
+        """Reserve a write slot of ``nbytes``; refuse over the memory limit.
+
+        A step older than the newest one held for (job, rank) is refused (``stale_step``):
+        restoring an older step starts a new timeline, and the client drops the newer steps
+        then, so a save below the newest held step means that did not happen. Re-saving the
+        newest step replaces it. ``older`` lets a rebuild or a load from disk install one.
+        """
+        try:
+            check_job(job)
+        except ProtocolError as exc:
+            raise StoreError(exc.code, exc.message) from None
         for name, value in (("rank", rank), ("step", step), ("nbytes", nbytes), ("pid", pid)):
             if value < 0:
                 raise StoreError("bad_request", f"{name} must be >= 0, got {value}")
@@ -227,6 +276,13 @@ class Store:
         with self._lock:
             if not self.accepting:
                 raise StoreError("shutting_down", "the daemon is shutting down; retry on restart")
+            held = [s for s, v in self._versions.get((job, rank), {}).items() if not v.doomed]
+            if not older and held and step < max(held):
+                raise StoreError(
+                    "stale_step", f"job {job!r} rank {rank}: step {step} is older than step "
+                    f"{max(held)} already held; restore(step={step}) first to start a new "
+                    f"timeline from it, or drop the newer steps (snapshotctl drop --job {job} "
+                    f"--newer-than {step})")
             reused = self._pool.take(nbytes)
             fresh = reused is None
             if reused is None:
@@ -234,14 +290,15 @@ class Store:
             else:
                 number, size = reused
             slot = Slot(number, job, rank, step, nbytes, size, pid, pid_start, self._clock(),
-                        max(1, local_world_size))
+                        max(1, local_world_size), handle=self._new_handle(self._handles))
             self._slots[number] = slot
+            self._handles[slot.handle] = number
         if fresh:
             try:
                 self.dir.create(number, nbytes)
             except OSError as exc:
                 with self._lock:
-                    self._slots.pop(number, None)
+                    self._pop_slot(number)
                 raise StoreError("memory_full", f"cannot reserve {nbytes} bytes in "
                                  f"{self.dir.path}: {exc.strerror}; free memory or lower "
                                  "--memory-limit") from None
@@ -268,8 +325,12 @@ class Store:
             slot = self._slots.get(number)
             return None if slot is None else self._clock() - slot.created
 
-    def commit(self, number: int, tensors: tuple[TensorEntry, ...], meta: str) -> Version:
-        """Check the table, store checksums, write the manifest, and publish the version."""
+    def commit(self, number: int, tensors: tuple[TensorEntry, ...], meta: str,
+               committed_at: float | None = None, protected: bool = False) -> Version:
+        """Check the table, store checksums, write the manifest, and publish the version.
+
+        ``committed_at`` (default: now) identifies the version across the group (a rebuilt
+        version keeps the original's, so it matches the parity holders' records)."""
         with self._lock:
             slot = self._slots.get(number)
             if slot is None or slot.committing:
@@ -282,14 +343,14 @@ class Store:
                 raise StoreError("bad_table", f"slot {number} meta is not JSON: {exc}") from None
             slot.committing = True
         try:
-            version = self._seal(slot, tensors, meta)
+            version = self._seal(slot, tensors, meta, committed_at, protected)
         except BaseException:
             with self._lock:
-                self._slots.pop(number, None)
+                self._pop_slot(number)
                 self._to_pool(number, slot.size)
             raise
         with self._lock:
-            self._slots.pop(number, None)
+            self._pop_slot(number)
             old = self._versions.setdefault((slot.job, slot.rank), {}).get(slot.step)
             self._versions[(slot.job, slot.rank)][slot.step] = version
             if old is not None:
@@ -297,22 +358,29 @@ class Store:
             self._retain((slot.job, slot.rank))
         return version
 
-    def _seal(self, slot: Slot, tensors: tuple[TensorEntry, ...], meta: str) -> Version:
+    def _seal(self, slot: Slot, tensors: tuple[TensorEntry, ...], meta: str,
+              committed_at: float | None, protected: bool) -> Version:
         view = self.dir.view(slot.number, slot.size)
         try:
             summed = tuple(TensorEntry(t.name, t.dtype, t.shape, t.offset, t.nbytes, c)
                            for t, c in zip(tensors, _checksums(view, tensors)))
         finally:
             view.release()
-        now = self._clock()
-        manifest = {"format": 1, "job": slot.job, "rank": slot.rank, "step": slot.step,
-                    "nbytes": slot.nbytes, "meta": meta, "committed_at": now,
-                    "local_world_size": slot.local_world_size,
-                    "owner": self._owners.get(slot.job, ""),
-                    "tensors": [t.__dict__ | {"shape": list(t.shape)} for t in summed]}
-        book = self.dir.write_manifest(slot.number, manifest) + _VERSION_OVERHEAD
-        return Version(slot.number, slot.job, slot.rank, slot.step, slot.nbytes, slot.size,
-                       summed, meta, now, book, slot.local_world_size)
+        now = self._clock() if committed_at is None else committed_at
+        version = Version(slot.number, slot.job, slot.rank, slot.step, slot.nbytes, slot.size,
+                          summed, meta, now, 0, slot.local_world_size, protected)
+        version.book = self._write_manifest(version) + _VERSION_OVERHEAD
+        return version
+
+    def _write_manifest(self, v: Version) -> int:
+        """Write a version's manifest (atomically); return its size. ``protected`` is in it,
+        so a daemon restarted on its memory keeps the newest protected step (retention)."""
+        manifest = {"format": 1, "job": v.job, "rank": v.rank, "step": v.step,
+                    "nbytes": v.nbytes, "meta": v.meta, "committed_at": v.committed_at,
+                    "local_world_size": v.local_world_size, "protected": v.protected,
+                    "owner": self._owners.get(v.job, ""),
+                    "tensors": [t.__dict__ | {"shape": list(t.shape)} for t in v.tensors]}
+        return self.dir.write_manifest(v.number, manifest)
 
     def install(self, job: str, rank: int, step: int, nbytes: int,
                 tensors: tuple[TensorEntry, ...], meta: str, local_world_size: int,
@@ -326,7 +394,7 @@ class Store:
         if owner:
             with self._lock:
                 self._owners.setdefault(job, owner)
-        slot = self.alloc(job, rank, step, nbytes, os.getpid(), local_world_size)
+        slot = self.alloc(job, rank, step, nbytes, os.getpid(), local_world_size, older=True)
         view = self.dir.view(slot.number, slot.size)
         try:
             fill(view[:nbytes])
@@ -337,21 +405,26 @@ class Store:
             self.abort(slot.number)
             raise StoreError("checksum_mismatch", f"rebuilt job {job!r} rank {rank} step {step}: "
                              f"tensors {bad} do not match their checksums")
-        version = self.commit(slot.number, tuple(TensorEntry(t.name, t.dtype, t.shape, t.offset,
-                                                             t.nbytes) for t in tensors), meta)
-        if protected:
-            self.mark_protected(job, rank, step)
-        return version
+        return self.commit(slot.number, tuple(TensorEntry(t.name, t.dtype, t.shape, t.offset,
+                                                           t.nbytes) for t in tensors), meta,
+                           committed_at, protected)
 
     def abort(self, number: int) -> None:
         with self._lock:
             slot = self._slots.get(number)
             if slot is None or slot.committing:
                 raise StoreError("unknown_slot", f"slot {number} is not open for writing")
-            del self._slots[number]
+            self._pop_slot(number)
             self._to_pool(number, slot.size)
 
     # ------------------------------------------------------------------ reading
+
+    def ranks(self, job: str) -> set[int]:
+        """Every rank of ``job`` this node holds a version of, or is writing one for."""
+        with self._lock:
+            held = {r for (j, r), vs in self._versions.items()
+                    if j == job and any(not v.doomed for v in vs.values())}
+            return held | {s.rank for s in self._slots.values() if s.job == job}
 
     def versions(self, job: str | None = None, rank: int | None = None) -> list[Version]:
         with self._lock:
@@ -380,8 +453,8 @@ class Store:
                 raise StoreError("not_found", f"job {job!r} rank {rank} has no {want} here; "
                                  f"held steps: {sorted(held) or 'none'}")
             version.leases += 1
-            lease = Lease(self._next_lease, version, pid, pid_start, time.monotonic())
-            self._next_lease += 1
+            lease = Lease(self._new_handle(self._leases), version, pid, pid_start,
+                          time.monotonic())
             self._leases[lease.id] = lease
             return lease
 
@@ -429,7 +502,7 @@ class Store:
         with self._lock:
             for slot in dead_slots:
                 if self._slots.get(slot.number) is slot and not slot.committing:
-                    del self._slots[slot.number]
+                    self._pop_slot(slot.number)
                     self._to_pool(slot.number, slot.size)
             for lease in dead_leases:
                 if self._leases.pop(lease.id, None) is not None:
@@ -479,14 +552,43 @@ class Store:
             raise StoreError("forbidden", f"job {job!r} belongs to another token; use the "
                              "job's own SNAPSHOTD_JOB_TOKEN (or snapshotctl --admin-token-file)")
 
-    def mark_protected(self, job: str, rank: int, step: int) -> None:
+    def mark_protected(self, job: str, rank: int, step: int,
+                       committed_at: float | None = None) -> None:
+        """Mark (job, rank, step) protected (only the version committed at ``committed_at``,
+        when given: a re-commit of the step is another version); the manifest says so too."""
         with self._lock:
             version = self._versions.get((job, rank), {}).get(step)
-            if version is not None and not version.protected:
-                version.protected = True
-                self._retain((job, rank))
+            if version is None or version.protected or version.doomed or (
+                    committed_at is not None and version.committed_at != committed_at):
+                return
+            version.protected = True
+            self._write_manifest(version)
+            self._retain((job, rank))
+
+    def slot_number(self, handle: int) -> int:
+        """The segment number of the open slot a client names by ``handle``."""
+        with self._lock:
+            number = self._handles.get(handle)
+        if number is None:
+            raise StoreError("unknown_slot", f"slot {handle} is not open for writing (never "
+                             "allocated, already committed, aborted or reclaimed)")
+        return number
 
     # ------------------------------------------------------------------ internals (lock held)
+
+    @staticmethod
+    def _new_handle(taken: Any) -> int:
+        """A fresh unguessable handle (62 random bits: a JSON integer in every language)."""
+        while True:
+            handle = secrets.randbits(62) | 1
+            if handle not in taken:
+                return handle
+
+    def _pop_slot(self, number: int) -> Slot | None:
+        slot = self._slots.pop(number, None)
+        if slot is not None:
+            self._handles.pop(slot.handle, None)
+        return slot
 
     def _used(self) -> int:
         data = sum(s.size for s in self._slots.values())
@@ -501,6 +603,8 @@ class Store:
         keep = set(id(v) for v in live[:self.keep])
         if protected:
             keep.add(id(protected[0]))
+        pinned = self.pins.get(key[0])
+        keep |= {id(v) for v in live if v.step == pinned}
         for version in live:
             if id(version) not in keep:
                 self._evict(version)

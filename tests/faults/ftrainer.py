@@ -41,8 +41,12 @@ from snapshotd_client import SnapshotClient
 POINTS = ("before_alloc", "mid_copy", "before_commit", "after_commit")
 
 
-def make_state(job: str, rank: int, step: int, mib: float, tensors: int = 6) -> dict:
-    seed = (zlib.crc32(job.encode()) * 1_000_003 + rank * 100_003 + step) % (1 << 62)
+def make_state(job: str, rank: int, step: int, mib: float, tensors: int = 6,
+               salt: int = 0) -> dict:
+    """The state of (job, rank, step); another ``salt`` gives other bytes for the same step
+    (a step saved again on another timeline)."""
+    seed = (zlib.crc32(job.encode()) * 1_000_003 + rank * 100_003 + step
+            + salt * 7_000_003) % (1 << 62)
     g = torch.Generator().manual_seed(seed)
     total = max(64, int(mib * (1 << 20)))
     per = max(1, total // 4 // tensors)
@@ -124,7 +128,8 @@ def cmd_save(args) -> int:
     for step in range(args.steps[0], args.steps[1] + 1):
         started = time.monotonic()
         try:
-            client.save(step, make_state(args.job, args.rank, step, args.mib)).result()
+            client.save(step, make_state(args.job, args.rank, step, args.mib,
+                                         salt=args.salt)).result()
         except snapshotd_client.SnapshotError as exc:
             emit(failed=step, code=getattr(exc, "code", type(exc).__name__), message=str(exc),
                  s=time.monotonic() - started)
@@ -174,8 +179,8 @@ def cmd_restore(args) -> int:
         emit(step=None, s=seconds)
         return 0
     step, state = restored
-    emit(step=step, exact=equal(make_state(args.job, args.rank, step, args.mib), state),
-         s=seconds)
+    emit(step=step, exact=equal(make_state(args.job, args.rank, step, args.mib,
+                                           salt=args.salt), state), s=seconds)
     client.close()
     return 0
 
@@ -198,6 +203,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--duration", type=float)
     ap.add_argument("--interval", type=float, default=0.0)
     ap.add_argument("--step", type=int)
+    ap.add_argument("--salt", type=int, default=0)
     return ap.parse_args(argv)
 
 

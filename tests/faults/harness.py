@@ -513,7 +513,8 @@ def drop_job(cluster: LocalCluster, job: str) -> None:
 
 def shm_files(spec: Any, suffix: str = ".bin") -> list[str]:
     try:
-        return sorted(f for f in os.listdir(spec.shm_dir) if f.endswith(suffix))
+        return sorted(f for f in os.listdir(spec.shm_dir)   # data segments, not par-* parity
+                      if f.startswith("seg-") and f.endswith(suffix))
     except FileNotFoundError:
         return []
 

@@ -311,9 +311,11 @@ def test_regression_restarted_holder_keeps_only_newest_parity(clusters, zygote):
 def _restarted_holder(cluster, zygote):
     save_on(zygote, cluster, "job", 1, 1, 1)
     wait_for(lambda: all_protected(cluster, "job", 1), RESUME_S, "step 1 protected")
-    # Step 2 is committed everywhere, but node 2 cannot reach node 1 (parity holder of its
-    # stripe 1): node 2's step 2 stays unprotected, its newest protected step is 1.
+    # Step 2 is committed everywhere, but nodes 2 and 1 cannot reach each other (node 1 is
+    # the parity holder of node 2's stripe 1, and would otherwise fetch the missing fragment
+    # itself): node 2's step 2 stays unprotected, its newest protected step is 1.
     cluster.proxy.block(2, 1)
+    cluster.proxy.block(1, 2)
     save_on(zygote, cluster, "job", 2, 2, 1)
     time.sleep(1.0)
     assert not protected(cluster.specs[2], "job", 2)
@@ -324,6 +326,7 @@ def _restarted_holder(cluster, zygote):
     # Node 2 is lost (one node: RS(2,1) survives it); it must come back at step 1.
     cluster.kill(2)
     cluster.proxy.unblock(2, 1)
+    cluster.proxy.unblock(1, 2)
     cluster.replace(2)
     lost, _, problems, _ = restore_all(zygote, cluster, "job", 1, {(2, 2): 1})
     assert lost == 0, f"{problems}\n{log_tail(cluster.specs[2])}"

@@ -103,7 +103,7 @@ BAD_FRAMES = [
     [b"\x00\x01garbage"],
     [b'{"v": 7, "op": "status"}'],
     [b'{"v": 1, "op": "alloc", "job": "test", "rank": 0, "step": 1, "nbytes": -5, "pid": 1}'],
-    [b'{"v": 1, "op": "alloc", "job": "test", "rank": 0, "step": 1, "nbytes": 1099511627776,'
+    [b'{"v": 1, "op": "alloc", "job": "test", "rank": 0, "step": 3, "nbytes": 1099511627776,'
      b' "pid": 1}'],
     [b'{"v": 1, "op": "open", "job": "test", "rank": 77, "pid": 1, "step": 3}'],
     [b'{"v": 1, "op": "open", "job": "nope", "rank": 0, "pid": 1}'],

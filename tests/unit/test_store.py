@@ -210,3 +210,95 @@ def test_job_binding_refuses_other_tokens_and_survives_a_restart(tmp_path, store
     assert again.owner("j") == "digest-a" and steps(again) == [1]
     with pytest.raises(StoreError):
         again.authorize("j", "digest-b")
+
+
+def test_alloc_refuses_a_step_older_than_the_newest_held(store):
+    commit(store, 5)
+    with pytest.raises(StoreError) as err:
+        store.alloc("j", 0, 4, 8, 100)
+    assert err.value.code == "stale_step" and "restore(step=4)" in err.value.message
+    assert store.stats()["open_slots"] == 0
+    store.abort(store.alloc("j", 0, 5, 8, 100).number)   # the same step: a replacement
+    store.abort(store.alloc("j", 1, 1, 8, 100).number)   # another rank has its own steps
+    store.drop("j", 0, newer_than=3)
+    store.abort(store.alloc("j", 0, 4, 8, 100).number)   # a new timeline after the drop
+
+
+@pytest.mark.parametrize("job", [".", "..", "a/b", "", "x" * 129])
+def test_job_names_that_are_not_one_path_component_are_refused(store, job):
+    with pytest.raises(StoreError) as err:
+        store.alloc(job, 0, 1, 8, 100)
+    assert err.value.code == "bad_request"
+
+
+def test_protected_flag_survives_adoption(tmp_path, procs):
+    s = Store(str(tmp_path / "shm"), memory_limit=1 << 20, keep=2, identity=procs)
+    s.open()
+    for step in (3, 4, 5):
+        commit(s, step)
+        if step == 3:
+            s.mark_protected("j", 0, 3)
+    again = Store(str(tmp_path / "shm"), memory_limit=1 << 20, keep=2, identity=procs)
+    again.open()                                    # a daemon restarted on its memory
+    assert [(v.step, v.state) for v in again.versions("j", 0)] == [
+        (3, "protected"), (4, "local"), (5, "local")]
+
+
+def test_install_keeps_committed_at(store, procs):
+    procs.alive[os.getpid()] = 3.0                  # install writes as the daemon itself
+    original = commit(store, 1, b"z" * 64)
+    store.drop("j")
+    v = store.install("j", 0, 1, 64, original.tensors, "{}", 1,
+                      lambda view: view.__setitem__(slice(None), b"z" * 64),
+                      committed_at=original.committed_at)
+    assert v.committed_at == original.committed_at and v.protected
+
+
+def test_process_identity_does_not_move_with_the_wall_clock(monkeypatch):
+    """Suspicion 13 of issue 12: psutil derives create_time from the boot time, which is the
+    wall clock minus the uptime; a stepped clock made live writers look dead to the reaper."""
+    import subprocess
+
+    import psutil
+
+    from snapshotd.store import process_identity
+
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        before = process_identity(proc.pid)
+        import psutil._pslinux as pslinux
+
+        real = pslinux.boot_time()
+        monkeypatch.setattr(pslinux, "boot_time", lambda: real + 3600.0)   # clock stepped 1 h
+        assert psutil.Process(proc.pid).create_time() > real + 3600        # psutil moves
+        assert process_identity(proc.pid) == before is not None
+        assert process_identity(os.getpid()) != before
+    finally:
+        proc.kill()
+        proc.wait()
+    assert process_identity(proc.pid) is None                         # reaped: gone
+
+
+def test_two_manifests_for_one_step_adopt_the_newer_commit(tmp_path, procs):
+    """Suspicion 13 of issue 12: a crash between a re-commit of a step (its manifest written)
+    and the eviction of the old version leaves two manifests for one step."""
+    import json
+
+    s = Store(str(tmp_path / "shm"), memory_limit=1 << 20, keep=2, identity=procs)
+    s.open()
+    old = commit(s, 7, b"o" * 64)
+    new = commit(s, 8, b"n" * 64)                 # the re-commit, in its own segment
+    path = s.dir.manifest_path(new.number)
+    with open(path) as fh:
+        m = json.load(fh)
+    m["step"] = 7                                 # ... of step 7: as if step 7 was re-saved
+    with open(path, "w") as fh:
+        json.dump(m, fh)
+    again = Store(str(tmp_path / "shm"), memory_limit=1 << 20, keep=2, identity=procs)
+    report = again.open()
+    (v,) = again.versions("j", 0)
+    assert (v.step, v.number, v.committed_at) == (7, new.number, new.committed_at)
+    assert report["adopted"] == 1 and report["removed"] == 1
+    assert not os.path.exists(again.dir.seg_path(old.number))      # not left outside the index
+    assert again.stats()["bytes_used"] == v.size + v.book
+    assert again.verify(v) == []

@@ -1,0 +1,500 @@
+"""Regression tests for issue 12 (daemon correctness: every protected step stays restorable,
+the job always has a common step, nothing grows outside the budget), one per finding, named
+after it. Each reproduces the reviewer's sequence with real daemons, real trainer processes and
+real SIGKILLs; a node loss is its daemon SIGKILLed and its shared-memory directory removed.
+"""
+
+import json
+import os
+import shutil
+import time
+
+import pytest
+from harness import (
+    all_protected,
+    call,
+    log_tail,
+    peer_call,
+    protected,
+    restore_all,
+    restore_check,
+    save_on,
+    status,
+    steps,
+    versions,
+    wait_for,
+)
+
+from snapshotd import peerproto as pp
+from snapshotd import protocol as p
+from snapshotd.channel import DaemonError
+
+pytest_plugins = ["faultfixtures"]
+
+pytestmark = pytest.mark.timeout(180)
+
+FAST = ["--insecure", "--memory-limit", "512MiB", "--heartbeat-interval", "0.2",
+        "--peer-timeout", "1.5", "--encode-timeout", "2", "--reap-interval", "0.2"]
+RESUME_S = 1.5 + 2 + 10
+
+
+def lose(cluster, slot):
+    """A node loss: its daemon SIGKILLed and its memory (the shm directory) gone."""
+    cluster.kill(slot)
+    shutil.rmtree(cluster.specs[slot].shm_dir, ignore_errors=True)
+
+
+def held_steps(spec, job, rank):
+    """The steps a rank can restore (ListVersions waits for a rebuild in progress)."""
+    return {v.step for v in call(spec, p.ListVersions(job, rank), timeout=60).versions}
+
+
+def refused(spec, msg, code):
+    with pytest.raises(DaemonError) as err:
+        call(spec, msg)
+    assert err.value.code == code, err.value
+    return err.value.message
+
+
+# --------------------------------------------------------------------------- finding 9
+
+
+def test_regression_job_names_dot_and_dotdot_accepted(clusters, tmp_path):
+    persist = tmp_path / "persist"
+    cluster = clusters(4, k=2, m=2, args=[*FAST, "--persist-dir", str(persist)])
+    cluster.start()
+    spec = cluster.specs[0]
+    before = sorted(os.listdir(tmp_path))
+    for job in (".", "..", "a/b", ""):
+        message = refused(spec, p.Alloc(job, 0, 1, 64, os.getpid()), "bad_request")
+        assert "job name" in message and repr(job) in message, message
+        for msg in (p.ListVersions(job), p.Drop(job), p.Persist(job),
+                    p.Open(job, 0, os.getpid()), p.Verify(job)):
+            refused(spec, msg, "bad_request")
+        # The peer side refuses it too (a parity holder must not keep it, a rebuild must not
+        # install it).
+        reply, _ = peer_call(cluster.specs[1], pp.Dropped(job, 0, (1,)))
+        assert isinstance(reply, p.Error) and reply.code == "bad_request", reply
+    assert sorted(os.listdir(tmp_path)) == before        # nothing written next to persist/
+    assert status(spec).versions == ()
+
+
+# --------------------------------------------------------------------------- timeline rule
+
+
+def test_regression_stale_step_save_accepted(clusters, zygote):
+    cluster = clusters(1, args=["--memory-limit", "256MiB"])
+    cluster.start()
+    spec = cluster.specs[0]
+    save_on(zygote, cluster, "job", 1, 3, 1)
+    # A save below the newest held step is refused at alloc, before anything is copied.
+    message = refused(spec, p.Alloc("job", 0, 2, 64, os.getpid()), "stale_step")
+    assert "step 2 is older than step 3" in message and "restore(step=2)" in message \
+        and "--newer-than 2" in message, message
+    # Through a real client the save's future carries it; nothing held is touched.
+    out = zygote.spawn("save", spec.control, "--job", "job", "--steps", 2, 2)
+    out.wait(60)
+    assert [f["code"] for f in out.failed()] == ["stale_step"], out.text()
+    assert steps(spec, "job", 0) == [2, 3]
+    assert status(spec).open_slots == 0
+    # Re-saving the newest step replaces it; after a drop of the newer steps (what a restore
+    # of step 2 does) step 2 may be saved again: a new timeline.
+    save_on(zygote, cluster, "job", 3, 3, 1)
+    assert call(spec, p.Drop("job", 0, newer_than=2)).count == 1
+    save_on(zygote, cluster, "job", 2, 2, 1)
+    assert steps(spec, "job", 0) == [2]
+
+
+def test_regression_error_reply_without_request_id(clusters):
+    import zmq
+
+    cluster = clusters(1)
+    cluster.start()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(cluster.specs[0].control)
+    good = {"v": 1, "op": "alloc", "job": "j", "rank": 0, "step": 1, "nbytes": 8,
+            "pid": os.getpid()}
+    cases = [({"step": 1.5}, "malformed"), ({"step": True}, "malformed"),
+             ({"job": 3}, "malformed"), ({"v": 2}, "bad_version"), ({"op": "nope"}, "unknown_op"),
+             ({"extra": 1}, "malformed"), ({"job": ".."}, "bad_request")]
+    try:
+        for i, (change, code) in enumerate(cases):
+            sock.send(json.dumps({**good, **change, "id": 40 + i}).encode())
+            assert sock.poll(5000)
+            req_id, reply = p.decode(sock.recv())
+            assert (req_id, reply.code) == (40 + i, code), (change, req_id, reply)
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
+# --------------------------------------------------------------------------- finding 3
+
+
+def test_regression_adoption_discards_newest_protected_step(clusters, zygote):
+    cluster = clusters(4, k=2, m=2, args=FAST)
+    cluster.start()
+    save_on(zygote, cluster, "job", 1, 3, 1)
+    wait_for(lambda: all_protected(cluster, "job", 3), RESUME_S, "step 3 protected")
+    lose(cluster, 3)                         # not replaced yet
+    save_on(zygote, cluster, "job", 4, 5, 1, slots=[0, 1, 2])
+    time.sleep(1.0)
+    held = [(v.step, v.state) for v in versions(cluster.specs[0], "job")]
+    assert held == [(3, "protected"), (4, "local"), (5, "local")], held
+    cluster.kill(0)
+    cluster.restart(0)                       # on its memory: adoption runs retention at once
+    held = [(v.step, v.state) for v in versions(cluster.specs[0], "job")]
+    assert held[0] == (3, "protected"), f"node 0 adopted {held}"
+    # Node 0's newest protected step is what a loss of node 0 falls back to: it must still be
+    # here, and whole.
+    ok, out = restore_check(zygote, cluster.specs[0], "job", 0, 1, 3, step=3)
+    assert ok, out
+    # Node 3 is replaced (it rebuilds step 3); with job-wide retention (finding 2) every
+    # rank still holds a common step, once the group has re-protected what it can.
+    cluster.replace(3)
+    time.sleep(RESUME_S / 2)
+    per_rank = {s: held_steps(cluster.specs[s], "job", s) for s in range(4)}
+    assert 3 in set.intersection(*per_rank.values()), f"no common step: {per_rank}"
+
+
+# --------------------------------------------------------------------------- finding 8
+
+
+def test_regression_rebuilt_version_loses_committed_at(clusters, zygote):
+    cluster = clusters(3, k=2, m=1, args=FAST)
+    cluster.start()
+    save_on(zygote, cluster, "job", 1, 1, 1)
+    wait_for(lambda: all_protected(cluster, "job", 1), RESUME_S, "step 1 protected")
+    (before,) = versions(cluster.specs[0], "job")
+    lose(cluster, 0)
+    cluster.replace(0)
+    (after,) = call(cluster.specs[0], p.ListVersions("job")).versions
+    assert after.committed_at == before.committed_at, (before, after)
+    # The rebuilt node manifest is the one the parity holders keep: node 0's chunk 0 is the
+    # data fragment of stripe 1, whose first parity holder is node 1 (RS(2,1) on 3 nodes).
+    inv, _ = peer_call(cluster.specs[1], pp.Inventory(1))
+    (held,) = [f.manifest for h in inv.parity if (h.job, h.step, h.stripe) == ("job", 1, 1)
+               for f in h.frags if f.src == 0]
+    chunk, _ = peer_call(cluster.specs[0], pp.GetData("job", 1, 0))
+    assert chunk.manifest == held
+    # ... so after a crash it is protected again, and a second loss still restores.
+    for path in [os.path.join(cluster.specs[0].shm_dir, n)
+                 for n in os.listdir(cluster.specs[0].shm_dir)
+                 if n.startswith("seg-") and n.endswith(".json")]:
+        with open(path) as fh:               # as a manifest written without the flag
+            m = json.load(fh)
+        m.pop("protected", None)
+        with open(path, "w") as fh:
+            json.dump(m, fh)
+    cluster.kill(0)
+    cluster.restart(0)
+    wait_for(lambda: protected(cluster.specs[0], "job", 1), RESUME_S,
+             "the rebuilt step protected again after a crash")
+    lose(cluster, 0)
+    cluster.replace(0)
+    lost, _, problems, _ = restore_all(zygote, cluster, "job", 1, {(0, 0): 1})
+    assert lost == 0, f"{problems}\n{log_tail(cluster.specs[0])}"
+
+
+# --------------------------------------------------------------------------- finding 1
+
+
+@pytest.mark.parametrize("how", ["missed_saves", "restarted_daemon"])
+def test_regression_protected_step_trimmed_by_parity_retention(clusters, zygote, how):
+    cluster = clusters(4, k=2, m=2, args=FAST)
+    cluster.start()
+    save_on(zygote, cluster, "job", 1, 3, 1)
+    wait_for(lambda: all_protected(cluster, "job", 3), RESUME_S, "step 3 protected")
+    if how == "restarted_daemon":
+        cluster.kill(3)                      # a routine restart while nodes 0-2 save
+    save_on(zygote, cluster, "job", 4, 5, 1, slots=[0, 1, 2])   # node 3 misses 4 and 5
+    if how == "restarted_daemon":
+        cluster.restart(3)
+    # Stripe 1 (data nodes 3 and 0) cannot encode 4 or 5: node 0's newest protected step is 3;
+    # stripe 2 (data nodes 0 and 1) encodes both, and must still keep step 3's parity.
+    wait_for(lambda: all_protected(cluster, "job", 5, slots=[1]), RESUME_S,
+             "step 5 protected on node 1 (stripes 2 and 3 are whole)")
+    time.sleep(1.0)
+    held = [(v.step, v.state) for v in versions(cluster.specs[0], "job")]
+    assert held == [(3, "protected"), (4, "local"), (5, "local")], held
+    lose(cluster, 0)
+    cluster.replace(0)
+    lost, _, problems, _ = restore_all(zygote, cluster, "job", 1, {(0, 0): 3})
+    assert lost == 0, f"{problems}\n{log_tail(cluster.specs[0])}"
+
+
+# --------------------------------------------------------------------------- finding 5
+
+
+def test_regression_rank_left_out_of_node_version_without_local_world_size(clusters, zygote):
+    cluster = clusters(4, k=2, m=2, args=FAST)
+    cluster.start()
+    one = {"LOCAL_WORLD_SIZE": "1"}            # srun / mpirun: unset, the client says 1
+    others = [zygote.spawn("save", cluster.specs[s].control, "--job", "job", "--rank", s + 1,
+                           "--mib", 1, "--steps", 1, 2, env=one) for s in (1, 2, 3)]
+    for rank in (0, 1):                      # node 0 runs ranks 0 and 1, one after the other
+        t = zygote.spawn("save", cluster.specs[0].control, "--job", "job", "--rank", rank,
+                         "--mib", 1, "--steps", 1, 2, env=one)
+        assert t.wait(120) == 0, t.text()
+    for t in others:
+        assert t.wait(120) == 0, t.text()
+    wait_for(lambda: all_protected(cluster, "job", 2), RESUME_S + 5,
+             "step 2 protected on every node, both ranks of node 0 included")
+    lose(cluster, 0)
+    cluster.replace(0)
+    lost, _, problems, _ = restore_all(zygote, cluster, "job", 1, {(0, 0): 2, (0, 1): 2})
+    assert lost == 0, f"{problems}\n{log_tail(cluster.specs[0])}"
+
+
+# --------------------------------------------------------------------------- finding 4
+
+
+def restored(zygote, spec, rank, salt, step=None):
+    args = ["--step", step] if step is not None else []
+    return zygote.run("restore", spec.control, "--job", "job", "--rank", rank, "--mib", 1,
+                      "--salt", salt, *args, timeout=120)
+
+
+@pytest.mark.parametrize("how", ["resave", "new_timeline"])
+def test_regression_recommitted_step_rebuilt_with_old_bytes(clusters, zygote, how):
+    cluster = clusters(4, k=2, m=2, args=FAST)
+    cluster.start()
+    save_on(zygote, cluster, "job", 1, 3, 1)
+    wait_for(lambda: all_protected(cluster, "job", 3), RESUME_S, "step 3 protected")
+    spec = cluster.specs[0]
+    if how == "new_timeline":
+        out = restored(zygote, spec, 0, 0, step=2)
+        assert out.get("step") == 2 and out.get("exact"), out
+        call(spec, p.Drop("job", 0, newer_than=2))   # what the client does after a restore
+    t = zygote.spawn("save", spec.control, "--job", "job", "--rank", 0, "--mib", 1,
+                     "--steps", 3, 3, "--salt", 1)
+    assert t.wait(120) == 0, t.text()
+    wait_for(lambda: protected(spec, "job", 3), RESUME_S,
+             "node 0's new step 3 protected (its stripes re-encoded)")
+    lose(cluster, 0)
+    cluster.replace(0)
+    out = restored(zygote, spec, 0, 1)
+    assert out.get("step") == 3 and out.get("exact") is True, \
+        f"{out} (want the NEW bytes of step 3)\n{log_tail(spec)}"
+    for s in (1, 2, 3):                      # the other nodes' step 3 is untouched
+        out = restored(zygote, cluster.specs[s], s, 0)
+        assert out.get("step") == 3 and out.get("exact") is True, out
+
+
+# --------------------------------------------------------------------------- finding 7
+
+
+def test_regression_lease_of_restore_that_gave_up_leaks(clusters, zygote):
+    from datetime import timedelta
+
+    from snapshotd.channel import Channel, DaemonUnavailable
+
+    cluster = clusters(4, k=2, m=2, args=FAST)
+    cluster.start()
+    save_on(zygote, cluster, "job", 1, 1, 1)
+    wait_for(lambda: all_protected(cluster, "job", 1), RESUME_S, "step 1 protected")
+    lose(cluster, 0)
+    cluster.kill(3)             # a peer down: the replacement waits --peer-timeout for it
+    cluster.replace(0)
+    spec = cluster.specs[0]
+    for _ in range(2):          # a client that gives up during the rebuild, and retries
+        ch = Channel(spec.control, timedelta(seconds=0.3))
+        with pytest.raises(DaemonUnavailable):
+            ch.call(p.Open("job", 0, os.getpid()))
+        ch.close()
+    wait_for(lambda: not status(spec).rebuilding, 60, "the rebuild done")
+    time.sleep(0.5)
+    assert status(spec).open_leases == 0, "the leases of the abandoned Opens are held"
+    lost, _, problems, _ = restore_all(zygote, cluster, "job", 1, {(0, 0): 1})
+    assert lost == 0, problems
+    assert status(spec).open_leases == 0
+
+
+# --------------------------------------------------------------------------- item 12
+
+
+def parity_steps(spec, job="job"):
+    inv, _ = peer_call(spec, pp.Inventory(spec.slot))
+    return {h.step for h in inv.parity if h.job == job}
+
+
+def test_regression_drop_missed_by_a_down_parity_holder_never_converges(clusters, zygote):
+    cluster = clusters(4, k=2, m=2, proxied=True, args=FAST)
+    cluster.start()
+    save_on(zygote, cluster, "job", 1, 2, 1)
+    wait_for(lambda: all_protected(cluster, "job", 2), RESUME_S, "step 2 protected")
+    assert all(2 in parity_steps(s) for s in cluster.specs)
+    cluster.proxy.partition(1, "drop")       # node 1 cannot be reached by its peers
+    for spec in cluster.specs:               # the job restarts from step 1 everywhere
+        assert call(spec, p.Drop("job", newer_than=1)).count == 1
+    time.sleep(8)                            # longer than every timeout of the notices
+    assert 2 in parity_steps(cluster.specs[1])
+    cluster.proxy.heal(1)
+    wait_for(lambda: not any(2 in parity_steps(s) for s in cluster.specs), 10,
+             "every node freed step 2's parity once node 1 was back")
+
+
+def test_regression_late_drop_frees_parity_of_newer_timeline(clusters, zygote):
+    cluster = clusters(4, k=2, m=2, args=FAST)
+    cluster.start()
+    save_on(zygote, cluster, "job", 1, 2, 1)
+    wait_for(lambda: all_protected(cluster, "job", 2), RESUME_S, "step 2 protected")
+    dropped_at = time.time()
+    for spec in cluster.specs:               # restart from step 1: step 2 is abandoned ...
+        call(spec, p.Drop("job", newer_than=1))
+    time.sleep(0.5)
+    for slot in range(4):                    # ... and saved again, on the new timeline
+        t = zygote.spawn("save", cluster.specs[slot].control, "--job", "job", "--rank", slot,
+                         "--mib", 1, "--steps", 2, 2, "--salt", 1)
+        assert t.wait(120) == 0, t.text()
+    wait_for(lambda: all_protected(cluster, "job", 2), RESUME_S, "new step 2 protected")
+    # Node 0's notice of the first drop arrives late (re-sent after a partition, say).
+    for spec in cluster.specs[1:]:
+        reply, _ = peer_call(spec, pp.Dropped("job", 0, (2,), dropped_at))
+        assert reply == p.Ok(1), reply
+    assert all(2 in parity_steps(s) for s in cluster.specs[1:])
+    lose(cluster, 0)
+    cluster.replace(0)
+    out = restored(zygote, cluster.specs[0], 0, 1)
+    assert out.get("step") == 2 and out.get("exact") is True, out
+
+
+# --------------------------------------------------------------------------- finding 6
+
+
+def test_regression_memory_grows_outside_the_limit_while_a_peer_is_down(clusters, zygote):
+    from harness import proc_stats
+
+    limit = 64 << 20
+    cluster = clusters(4, k=2, m=2, args=["--insecure", "--memory-limit", "64MiB",
+                                          "--heartbeat-interval", "0.2", "--peer-timeout",
+                                          "1.5", "--reap-interval", "0.2"])
+    cluster.start()
+    save_on(zygote, cluster, "job", 1, 1, 4)
+    wait_for(lambda: all_protected(cluster, "job", 1), 30, "step 1 protected")
+    cluster.kill(3)
+    base = proc_stats(cluster.daemons[2].pid)["rss"]
+    loops = [zygote.spawn("loop", cluster.specs[s].control, "--job", "job", "--rank", s,
+                          "--mib", 4, "--start", 2, "--duration", 15, "--interval", 0.1)
+             for s in (0, 1, 2)]
+    peak, used = 0, 0
+    while any(t.alive() for t in loops):
+        peak = max(peak, proc_stats(cluster.daemons[2].pid)["rss"])
+        used = max(used, status(cluster.specs[2]).bytes_used)
+        time.sleep(0.25)
+    committed = [len(t.committed()) for t in loops]
+    assert min(committed) > 20, committed    # the job kept saving
+    assert used <= limit
+    # Everything the daemon holds is inside --memory-limit; its RSS may grow by that, and
+    # not by what queued encodes for the down peer would hold outside it.
+    assert peak - base < limit + (32 << 20), \
+        f"node 2 RSS grew by {(peak - base) >> 20} MiB (base {base >> 20} MiB)"
+
+
+# --------------------------------------------------------------------------- finding 2
+
+
+def test_regression_job_left_without_a_common_step(clusters, zygote):
+    cluster = clusters(8, k=2, m=2, args=FAST)          # two groups: nodes 0-3 and 4-7
+    cluster.start()
+    save_on(zygote, cluster, "job", 1, 3, 1)
+    wait_for(lambda: all_protected(cluster, "job", 3), RESUME_S, "step 3 protected")
+    time.sleep(1.5)                          # a round of floor reports (every heartbeat)
+    cluster.kill(3)                          # node 3's daemon dies; its saves of 4-5 fail
+    save_on(zygote, cluster, "job", 4, 5, 1, slots=[0, 1, 2, 4, 5, 6, 7])
+    wait_for(lambda: all_protected(cluster, "job", 5, slots=[4, 5, 6, 7]), RESUME_S,
+             "step 5 protected in group 1")
+    time.sleep(1.0)
+    cluster.restart(3)                       # on its memory: it holds 2 and 3
+    per_rank = {s: held_steps(cluster.specs[s], "job", s) for s in range(8)}
+    common = set.intersection(*per_rank.values())
+    assert common, f"no step every rank holds: {per_rank}"
+    step = max(common)
+    for s in range(8):                       # what agree_step() would pick, restored everywhere
+        ok, out = restore_check(zygote, cluster.specs[s], "job", s, 1, step, step=step)
+        assert ok, (s, out)
+
+
+# --------------------------------------------------------------------------- item 10
+
+
+def test_regression_parity_dies_with_its_process(clusters, zygote):
+    from harness import metric
+
+    cluster = clusters(4, k=3, m=1, args=FAST)
+    cluster.start()
+    save_on(zygote, cluster, "job", 1, 1, 1)
+    wait_for(lambda: all_protected(cluster, "job", 1), RESUME_S, "step 1 protected")
+    held = metric(cluster.specs[0], "snapshotd_memory_used_bytes", kind="parity")
+    assert held > 0
+    # Node 0 holds the parity of stripe 0 (data nodes 1, 2, 3). Its daemon is SIGKILLed (its
+    # memory stays) at the moment node 1 is lost whole.
+    cluster.kill(0)
+    lose(cluster, 1)
+    cluster.restart(0)
+    assert metric(cluster.specs[0], "snapshotd_memory_used_bytes", kind="parity") == held
+    cluster.replace(1)
+    lost, _, problems, _ = restore_all(zygote, cluster, "job", 1, {(1, 1): 1})
+    assert lost == 0, f"{problems}\n{log_tail(cluster.specs[1])}"
+    # A graceful stop removes the parity files with the segments.
+    cluster.daemons[0].kill(__import__("signal").SIGTERM)
+    assert not [n for n in os.listdir(cluster.specs[0].shm_dir) if n.startswith("par-")]
+
+
+def test_regression_replacement_without_the_job_wide_step(clusters, zygote):
+    """Finding 2, after a node loss: nodes 0-2 save 1-5, node 3 saves 1-3 (node 1's newest
+    protected step is 5, node 3's is 3). Node 1 is lost: its replacement must come back with a
+    step every rank holds, not only its own newest protected one."""
+    cluster = clusters(4, k=2, m=2, args=FAST)
+    cluster.start()
+    save_on(zygote, cluster, "job", 1, 3, 1)
+    wait_for(lambda: all_protected(cluster, "job", 3), RESUME_S, "step 3 protected")
+    save_on(zygote, cluster, "job", 4, 5, 1, slots=[0, 1, 2])
+    wait_for(lambda: all_protected(cluster, "job", 5, slots=[1]), RESUME_S,
+             "step 5 protected on node 1")
+    time.sleep(1.0)                          # a round of floor reports
+    lose(cluster, 1)
+    cluster.replace(1)
+    per_rank = {s: held_steps(cluster.specs[s], "job", s) for s in range(4)}
+    assert set.intersection(*per_rank.values()), f"no common step: {per_rank}"
+    assert 5 in per_rank[1], per_rank        # and its own newest protected step is back
+    for s in range(4):
+        ok, out = restore_check(zygote, cluster.specs[s], "job", s, 1, 3, step=3)
+        assert ok, (s, out)
+
+
+# --------------------------------------------------------------------------- item 11
+
+
+def test_regression_guessable_handles_let_another_job_abort_and_release(clusters, zygote):
+    from datetime import timedelta
+
+    from snapshotd.channel import Channel
+
+    cluster = clusters(1, args=["--memory-limit", "256MiB", "--job-isolation"])
+    cluster.start()
+    spec = cluster.specs[0]
+    owner = Channel(spec.control, timedelta(seconds=10))
+    hostile = Channel(spec.control, timedelta(seconds=10))
+    try:
+        slot = owner.call(p.Alloc("victim", 0, 1, 256, os.getpid(), token="secret-a"))
+        assert f"seg-{slot.slot}.bin" not in slot.path      # not the segment's number
+        entry = p.TensorEntry("w", "float32", (64,), 0, 256)
+        owner.call(p.Commit(slot.slot, (entry,), "{}"))
+        lease = owner.call(p.Open("victim", 0, os.getpid(), token="secret-a"))
+        write = owner.call(p.Alloc("victim", 0, 2, 256, os.getpid(), token="secret-a"))
+        # Another job's client (its own token) tries every small number as a handle.
+        for n in range(0, 300):
+            for msg in (p.Abort(n), p.Release(n)):
+                with pytest.raises(DaemonError) as err:
+                    hostile.call(msg)
+                assert err.value.code in ("unknown_slot", "unknown_lease"), err.value
+        assert status(spec).open_leases == 1 and status(spec).open_slots == 1
+        owner.call(p.Commit(write.slot, (entry,), "{}"))    # the victim's write still commits
+        owner.call(p.Release(lease.lease))
+        assert status(spec).open_leases == 0
+    finally:
+        owner.close()
+        hostile.close()
