@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import mmap
 import operator
@@ -157,12 +158,15 @@ class SnapshotClient:
         self._warned = False
         self._warned_skip = False
         self._closed = False
+        #: Seconds ``optimizer.step()`` waits for a save's copy to start before giving it up.
+        self.step_grace = 1.0
+        self._daemon_slow = False
         #: Set by every successful :meth:`restore`.
         self.last_restore: RestoreInfo | None = None
 
     # ------------------------------------------------------------------ saving
 
-    def save(self, step: int, state: Any) -> Future:
+    def save(self, step: int, state: Any, *, copy_now: Any = ()) -> Future:
         """Snapshot ``state`` as version ``step``; return a future that resolves to ``step``.
 
         Returns after laying out the state and copying the tensors that are not guarded (see
@@ -184,6 +188,8 @@ class SnapshotClient:
             return self._failed(step, exc if isinstance(exc, SnapshotError) else SnapshotError(
                 f"step {step} not saved: {exc}"))
         with self._lock:
+            if self._closed:
+                return self._failed(step, SnapshotError("save() on a closed SnapshotClient"))
             prev = self._current
             if prev is not None and not prev.copied.is_set():
                 with self._handoff:
@@ -191,8 +197,14 @@ class SnapshotClient:
                         prev.superseded = True  # still waiting for memory: the newer one wins
                 if prev.copying.is_set():
                     prev.copied.wait()          # a local memcpy, never the network
-            eager = self._eager_copies(layout)
-            job = _Job(step, layout, mark_ready(layout.tensors) if self._cuda else {})
+            try:
+                eager = self._eager_copies(layout, copy_now)
+                job = _Job(step, layout, mark_ready(layout.tensors) if self._cuda else {})
+            except (RuntimeError, MemoryError) as exc:   # e.g. no memory for the copies
+                return self._failed(step, SnapshotError(
+                    f"step {step} not saved: copying its unguarded tensors at save() failed: "
+                    f"{exc}; free memory, or protect() the optimizer so they are copied in "
+                    "the background"))
             self._current = job
             self._worker.submit(self._run, job)
         if eager:
@@ -200,11 +212,17 @@ class SnapshotClient:
                 self._stats.eager_bytes += eager
         return job.future
 
-    def _eager_copies(self, layout: Layout) -> int:
+    def _eager_copies(self, layout: Layout, copy_now: Any = ()) -> int:
         """Replace, in ``layout``, the tensors to copy now by copies; return their bytes."""
-        if self.copy_mode == "lazy":
+        now = {t.data_ptr() for t in copy_now if t.numel()}
+        if self.copy_mode == "lazy" and not now:
             return 0
-        guarded = self._guarded_ptrs() if self.copy_mode == "auto" else frozenset()
+        if self.copy_mode == "lazy":
+            guarded = frozenset(t.data_ptr() for t in layout.tensors) - now
+        elif self.copy_mode == "auto":
+            guarded = self._guarded_ptrs() - now
+        else:
+            guarded = frozenset()
         copied = 0
         with torch.no_grad():
             for i, t in enumerate(layout.tensors):
@@ -249,12 +267,14 @@ class SnapshotClient:
         slot = None
         try:
             if job.superseded:
-                raise SnapshotSkipped(f"step {job.step} not saved: a newer save superseded it "
-                                      "while it waited for snapshotd")
+                raise SnapshotSkipped(f"step {job.step} not saved: superseded (a newer save, or "
+                                      "an optimizer step that could not wait) while it waited "
+                                      "for snapshotd")
             reply = self._channel.call(p.Alloc(self.job, self.rank, job.step, job.layout.nbytes,
                                                os.getpid(), self.local_world_size,
                                                token=self._token))
             slot = reply.slot
+            self._daemon_slow = False
             with self._handoff:
                 if job.superseded:
                     raise SnapshotSkipped(f"step {job.step} not saved: a newer save superseded "
@@ -333,6 +353,23 @@ class SnapshotClient:
         if job is not None:
             job.copied.wait()
 
+    def _before_step(self) -> None:
+        """``optimizer.step()``'s hook: wait for the copy in flight, never for the daemon.
+
+        A save whose copy has not started (its memory request is still with the daemon) gets
+        ``step_grace`` seconds to start, then is given up (counted as skipped) so the step goes
+        on; while the daemon stays that slow, later such saves are given up at once."""
+        job = self._current
+        if job is None or job.copied.is_set():
+            return
+        if not job.copying.wait(0 if self._daemon_slow else self.step_grace):
+            with self._handoff:
+                if not job.copying.is_set():
+                    job.superseded = True
+                    self._daemon_slow = True
+                    return
+        job.copied.wait()
+
     def wait(self) -> None:
         """Block until every save handed in so far is committed or failed."""
         job = self._current
@@ -356,7 +393,7 @@ class SnapshotClient:
             if any(g is guard for g in self._guards):
                 continue
             if isinstance(guard, torch.optim.Optimizer):
-                guard.register_step_pre_hook(lambda *_: self.wait_copied())
+                guard.register_step_pre_hook(lambda *_: self._before_step())
                 guard.register_load_state_dict_post_hook(_count_load)
             elif not isinstance(guard, torch.nn.Module):
                 raise TypeError(f"protect() takes an optimizer and modules, got "
@@ -408,6 +445,7 @@ class SnapshotClient:
         if step is None and _distributed():
             step = self._agree()
             if step is None:
+                self._start_over()
                 return None
         try:
             lease = self._channel.call(p.Open(self.job, self.rank, os.getpid(), step,
@@ -429,6 +467,11 @@ class SnapshotClient:
                 raise SnapshotError(f"snapshot of job {self.job!r} rank {self.rank} step "
                                     f"{lease.step} does not fit: {exc}; nothing was "
                                     "restored") from exc
+            # The restored step is where this rank's timeline continues: what was saved after
+            # it is abandoned and must never be served again (here, in parity, after a crash).
+            # Dropped before anything is written, so a failure here leaves the live state as is.
+            self._channel.call(p.Drop(self.job, self.rank, newer_than=lease.step,
+                                      token=self._token))
             tensors = self._copy_out(lease, targets)
         finally:
             try:
@@ -440,11 +483,13 @@ class SnapshotClient:
                                         time.perf_counter() - started)
         log.info("restored job %r rank %d step %d from %s (%d bytes)", self.job, self.rank,
                  lease.step, lease.tier, lease.nbytes)
-        # The restored step is where this rank's timeline continues: what was saved after it
-        # is abandoned and must never be served again (here, in parity, after a crash).
-        self._channel.call(p.Drop(self.job, self.rank, newer_than=lease.step,
-                                  token=self._token))
         return lease.step, unflatten(lease.meta, tensors)
+
+    def _start_over(self) -> None:
+        """The job has no common step and starts from scratch: a new timeline from nothing, so
+        this rank's older versions must not be served again (nor block its new saves)."""
+        if self.steps():
+            self._channel.call(p.Drop(self.job, self.rank, token=self._token))
 
     def _agree(self) -> int | None:
         return agree_step(self)
@@ -598,16 +643,16 @@ def _targets(into: Any, table: tuple[p.TensorEntry, ...]) -> dict[str, torch.Ten
 
 def _step(step: Any) -> int:
     """``step`` as an int: ints and integer scalars (numpy, 0-d tensors), never bool/float."""
-    if not isinstance(step, (bool, float)) and not (isinstance(step, torch.Tensor)
-                                                    and step.is_floating_point()):
+    if not isinstance(step, (bool, float)) and not (isinstance(step, torch.Tensor) and (
+            step.is_floating_point() or step.dtype == torch.bool)):
         try:
             value = operator.index(step)
         except TypeError:
             pass
         else:
-            if value >= 0:
+            if 0 <= value < 1 << 63:
                 return value
-    raise SnapshotError(f"step must be a non-negative integer, got {step!r} "
+    raise SnapshotError(f"step must be an integer in [0, 2**63), got {step!r} "
                         f"({type(step).__name__}); pass the integer training step")
 
 
@@ -628,7 +673,9 @@ def _check_size(layout: Layout) -> None:
         raise SnapshotError(f"the non-tensor part of the state is {meta} bytes of JSON, over "
                             f"the {MAX_META_BYTES}-byte limit; keep large data (lists of "
                             "numbers, permutations) in tensors, e.g. torch.tensor(values)")
-    reply = meta * 2 + sum(len(e["name"]) + _ROW_BYTES for e in layout.entries) + _REPLY_BYTES
+    names = sum(len(n) if n.isascii() else len(json.dumps(n))
+                for n in (e["name"] for e in layout.entries))
+    reply = meta * 2 + names * 2 + _ROW_BYTES * len(layout.entries) + _REPLY_BYTES
     if reply > p.MAX_MESSAGE_BYTES:
         raise SnapshotError(f"the state's table ({len(layout.entries)} tensors) and non-tensor "
                             f"values would need a {reply}-byte restore reply, over the "

@@ -51,7 +51,7 @@ def key_name(key: Any) -> str:
         return name
     if isinstance(key, int) and not isinstance(key, bool):
         return str(key)
-    return f"%{type(key).__name__}:{key!r}".replace("/", "%2F")
+    return f"%{type(key).__name__}:" + repr(key).replace("%", "%25").replace("/", "%2F")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -84,6 +84,7 @@ def flatten(state: Any) -> Layout:
     entries: list[dict[str, Any]] = []
     offset = 0
     seen: dict[tuple, int] = {}   # tensor identity -> index (tied weights are stored once)
+    names: set[str] = set()
 
     def add(t: torch.Tensor, path: str) -> int:
         nonlocal offset
@@ -94,10 +95,14 @@ def flatten(state: Any) -> Layout:
             raise TypeError(f"{path}: tensors of dtype {t.dtype} cannot be snapshotted (no "
                             f"copy kernel or byte layout for it); convert it, e.g. "
                             f".view(torch.uint8) or .to(torch.float32)")
-        ident = (t.data_ptr(), t.device, t.dtype, tuple(t.shape), t.stride()) if t.numel() \
-            else None
+        ident = (t.data_ptr(), t.device, t.dtype, tuple(t.shape), t.stride(), t.is_conj(),
+                 t.is_neg()) if t.numel() else None
         if ident is not None and ident in seen:
             return seen[ident]
+        if path in names:
+            raise TypeError(f"{path}: two values of the state have this same name (dict keys "
+                            "with equal text, such as two NaN keys); make the keys distinct")
+        names.add(path)
         nbytes = t.numel() * t.element_size()
         entries.append({"name": path, "dtype": dtype, "shape": list(t.shape),
                         "offset": offset, "nbytes": nbytes})

@@ -195,7 +195,11 @@ class TrainingState:
         """Snapshot the state after ``step`` through ``client`` (asynchronous, never raises)."""
         if self.optimizer is not None:
             client.protect(self.optimizer, _unwrap(self.model))   # idempotent
-        return client.save(step, self.state_dict(step))
+        # Parameters that a forward renormalises in place are copied at save() too.
+        changed_by_forward = [m.weight for m in _unwrap(self.model).modules()
+                              if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+                              and m.max_norm is not None]
+        return client.save(step, self.state_dict(step), copy_now=changed_by_forward)
 
     def check(self, state: Mapping[str, Any]) -> None:
         """Raise ``ValueError`` naming every way ``state`` does not fit what :meth:`load` would
@@ -251,9 +255,11 @@ class TrainingState:
         means nothing to restore: start from scratch. Raises ``SnapshotError`` if a daemon
         cannot list or serve the snapshot (on every rank alike when listing fails).
         """
+        client.wait()              # a save in flight may be the newest common step
         if step is None and _distributed():
             step = agree_step(client)
             if step is None:
+                client._start_over()
                 return None
         # The model exists already: fill its tensors in place (no fresh memory to fault in),
         # once the whole snapshot is known to fit (checked before any byte is written).
