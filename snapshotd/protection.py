@@ -412,8 +412,10 @@ class Protector:
                         return
                     self._add_fragment(stripe, job, step, info, bufs)
         except Exception as exc:  # noqa: BLE001 - the stripe expires like any other
-            log.warning("re-encode of stripe %d, job %r step %d lacks fragments: %s",
-                        stripe.index, job, step, exc)
+            # (a data node that has not committed the step yet answers not_found: the stripe
+            # waits for its PutData as usual)
+            log.info("stripe %d of job %r step %d still lacks fragments: %s",
+                     stripe.index, job, step, exc)
         finally:
             self.links.close_thread()
 
