@@ -150,7 +150,8 @@ class Protector:
         self.all_links: Any = None
         self.ready: Callable[[], bool] = lambda: True
         self.stripes = {s.index: s for s in stripes(group)}
-        store.extra_usage = lambda: self.parity_bytes() + self.inflight_bytes()
+        store.extra_kinds = lambda: {"parity": self.parity_bytes(),
+                                     "encoding": self.inflight_bytes()}
         self.files = ParityFiles(store.dir.path)
         self._adopt()
 
