@@ -131,6 +131,35 @@ class PeerLinks:
         raise PeerError(f"node {slot} ({self.endpoints[slot]}) did not answer {msg.OP} within "
                         f"{timeout.total_seconds():.1f}s")
 
+    def call_all(self, slots: Sequence[int], msg: Any, timeout: float) -> set[int]:
+        """Send ``msg`` to every slot at once; return the slots that answered it (not with an
+        error) within ``timeout`` in all: a slot that is down costs no more than the others."""
+        pending: dict[zmq.Socket, tuple[int, int]] = {}
+        for slot in slots:
+            sock = self._socket(slot)
+            with self._lock:
+                req_id = next(self._ids)
+            try:
+                sock.send(p.encode(msg, req_id), zmq.NOBLOCK)
+                pending[sock] = (slot, req_id)
+            except zmq.Again:
+                pass
+        answered: set[int] = set()
+        poller = zmq.Poller()
+        for sock in pending:
+            poller.register(sock, zmq.POLLIN)
+        deadline = time.monotonic() + timeout
+        while pending and (left := deadline - time.monotonic()) > 0:
+            for sock, _ in poller.poll(int(left * 1000) + 1):
+                slot, req_id = pending[sock]
+                got_id, reply = decode(sock.recv_multipart()[0])
+                if got_id == req_id:
+                    if not isinstance(reply, p.Error):
+                        answered.add(slot)
+                    poller.unregister(sock)
+                    del pending[sock]
+        return answered                # (a late answer is skipped by its id next time)
+
     def ping_all(self, slots: Sequence[int], msg: Any, timeout: float) -> set[int]:
         """Send ``msg`` to every slot at once; return the slots that answered in ``timeout``."""
         pending: dict[zmq.Socket, tuple[int, int]] = {}

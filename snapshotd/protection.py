@@ -150,7 +150,8 @@ class Protector:
         self.all_links: Any = None
         self.ready: Callable[[], bool] = lambda: True
         self.stripes = {s.index: s for s in stripes(group)}
-        store.extra_usage = lambda: self.parity_bytes() + self.inflight_bytes()
+        store.extra_kinds = lambda: {"parity": self.parity_bytes(),
+                                     "encoding": self.inflight_bytes()}
         self.files = ParityFiles(store.dir.path)
         self._adopt()
 
@@ -650,14 +651,8 @@ class Protector:
         msg = self.report()
         if msg is None or self.all_links is None:
             return 0
-        told = 0
-        for slot in slots:
-            try:
-                self.all_links.call(slot, msg, timeout=timedelta(seconds=timeout))
-                told += 1
-            except Exception as exc:  # noqa: BLE001 - its last report stands
-                log.debug("node %d did not take this node's floors: %s", slot, exc)
-        return told
+        # All at once: a node that is down (its last report stands) delays no other.
+        return len(self.all_links.call_all(slots, msg, timeout))
 
     def on_held(self, msg: pp.Held) -> None:
         if msg.src == self.me:

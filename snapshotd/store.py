@@ -182,8 +182,9 @@ class Store:
         self._handles: dict[int, int] = {}
         #: job -> hex SHA-256 of the token it is bound to (``--job-isolation``).
         self._owners: dict[str, str] = {}
-        #: Bytes held outside the segments (parity); set by the protection layer.
-        self.extra_usage: Callable[[], int] = lambda: 0
+        #: Bytes held outside the segments, by kind (``parity`` kept, ``encoding``: in flight
+        #: in the encode pipeline); set by the protection layer. All of it is in the budget.
+        self.extra_kinds: Callable[[], dict[str, int]] = lambda: {"parity": 0}
         #: job -> the job-wide step every rank can restore (set by the protection layer from
         #: all nodes' reports): retention never evicts it.
         self.pins: dict[str, int] = {}
@@ -525,14 +526,17 @@ class Store:
                     "versions": sum(len(vs) for vs in self._versions.values())}
 
     def bytes_by_kind(self) -> dict[str, int]:
-        """Bytes held: committed ``data``, ``writing`` slots, free ``pool``, ``bookkeeping``."""
+        """Bytes held: committed ``data``, ``writing`` slots, free ``pool``, ``bookkeeping``,
+        kept ``parity`` and, with peers, ``encoding`` (fragments in flight)."""
         with self._lock:
             versions = [v for vs in self._versions.values() for v in vs.values()]
             return {"data": sum(v.size for v in versions),
                     "writing": sum(s.size for s in self._slots.values()),
                     "pool": sum(size for size, _ in self._pool.free.values()),
-                    "bookkeeping": sum(v.book for v in versions),
-                    "parity": self.extra_usage()}
+                    "bookkeeping": sum(v.book for v in versions)} | self.extra_kinds()
+
+    def extra_usage(self) -> int:
+        return sum(self.extra_kinds().values())
 
     def owner(self, job: str) -> str:
         """The token digest ``job`` is bound to ('' when unbound)."""
