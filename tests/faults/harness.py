@@ -447,8 +447,9 @@ def metric(spec: Any, name: str, **labels: str) -> float:
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition",
-             interval: float = 0.05) -> float:
-    """Poll until ``predicate()`` is true; return the seconds it took."""
+             interval: float = 0.05, explain: Callable[[], str] | None = None) -> float:
+    """Poll until ``predicate()`` is true; return the seconds it took. On a timeout the error
+    carries ``explain()`` (say, :func:`cluster_state`) to tell what the nodes were doing."""
     started = time.monotonic()
     deadline = started + timeout
     last_exc: BaseException | None = None
@@ -461,7 +462,20 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "c
             last_exc = exc
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}"
-                         + (f" (last error: {last_exc})" if last_exc else ""))
+                         + (f" (last error: {last_exc})" if last_exc else "")
+                         + (f"\n{explain()}" if explain is not None else ""))
+
+
+def cluster_state(cluster: LocalCluster, job: str | None = None, lines: int = 15) -> str:
+    """Every node's versions of ``job`` and the end of its log, for a failure message."""
+    out = []
+    for slot, spec in enumerate(cluster.specs):
+        try:
+            held = [(v.rank, v.step, v.state) for v in versions(spec, job)]
+        except (SnapshotError, OSError) as exc:
+            held = [f"no answer: {exc}"]
+        out.append(f"--- node {slot}: {held}\n{log_tail(spec, lines)}")
+    return "\n".join(out)
 
 
 def protected(spec: Any, job: str, step: int) -> bool:

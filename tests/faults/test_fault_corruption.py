@@ -108,8 +108,11 @@ def check_segment(env, rng, inj):
         problems.append("snapshotd_checksum_failures_total did not grow")
     if bad_tensors(spec, job, inj["slot"], step):
         problems.append("the version still fails verify after the repair")
+    # Restoring step 1 starts a new timeline for that rank (its step 2 is dropped: issue 11's
+    # timeline rule), so that rank's newest step is then the one it restored.
     more, stall, probs, _ = restore_all(zyg, cluster, job, inj["mib"],
-                                        {(s, s): 2 for s in range(NODES)})
+                                        {(s, s): step if s == inj["slot"] else 2
+                                         for s in range(NODES)})
     return finish(env, job, lost + more, max(stall, out.get("s", 0)), problems + probs)
 
 

@@ -13,6 +13,7 @@ import pytest
 from harness import (
     all_protected,
     call,
+    cluster_state,
     log_tail,
     peer_call,
     protected,
@@ -215,10 +216,16 @@ def test_regression_protected_step_trimmed_by_parity_retention(clusters, zygote,
     # Stripe 1 (data nodes 3 and 0) cannot encode 4 or 5: node 0's newest protected step is 3;
     # stripe 2 (data nodes 0 and 1) encodes both, and must still keep step 3's parity.
     wait_for(lambda: all_protected(cluster, "job", 5, slots=[1]), RESUME_S,
-             "step 5 protected on node 1 (stripes 2 and 3 are whole)")
+             "step 5 protected on node 1 (stripes 2 and 3 are whole)",
+             explain=lambda: cluster_state(cluster, "job"))
+    # Node 0 keeps step 3 protected (its newest protected step) and lets step 2 go once the
+    # nodes agree on the floor (a restarted node 3 reports its floor a little later).
+    want = [(3, "protected"), (4, "local"), (5, "local")]
+    wait_for(lambda: [(v.step, v.state) for v in versions(cluster.specs[0], "job")] == want,
+             RESUME_S, f"node 0 to hold {want}", explain=lambda: cluster_state(cluster, "job"))
     time.sleep(1.0)
     held = [(v.step, v.state) for v in versions(cluster.specs[0], "job")]
-    assert held == [(3, "protected"), (4, "local"), (5, "local")], held
+    assert held == want, held
     lose(cluster, 0)
     cluster.replace(0)
     lost, _, problems, _ = restore_all(zygote, cluster, "job", 1, {(0, 0): 3})
@@ -370,10 +377,12 @@ def test_regression_memory_grows_outside_the_limit_while_a_peer_is_down(clusters
     limit = 64 << 20
     cluster = clusters(4, k=2, m=2, args=["--insecure", "--memory-limit", "64MiB",
                                           "--heartbeat-interval", "0.2", "--peer-timeout",
-                                          "1.5", "--reap-interval", "0.2"])
+                                          "1.5", "--reap-interval", "0.2",
+                                          "--encode-timeout", "2"])
     cluster.start()
     save_on(zygote, cluster, "job", 1, 1, 4)
-    wait_for(lambda: all_protected(cluster, "job", 1), 30, "step 1 protected")
+    wait_for(lambda: all_protected(cluster, "job", 1), 30, "step 1 protected",
+             explain=lambda: cluster_state(cluster, "job"))
     cluster.kill(3)
     base = proc_stats(cluster.daemons[2].pid)["rss"]
     loops = [zygote.spawn("loop", cluster.specs[s].control, "--job", "job", "--rank", s,
