@@ -358,8 +358,10 @@ class Protector:
                 # Another version of a step already encoded (a re-commit): the old parity no
                 # longer matches this node's data; it is replaced once the new one is encoded,
                 # and the other data nodes, which will not send again, are asked for theirs.
-                if any(f.src == msg.info.src for f in record.frags) and (
-                        msg.info.src not in record.stale):
+                # (A re-send of the fragment the record holds, while the stripe is not whole
+                # yet, is a retry: that parity still matches, it is not stale.)
+                if any(f.src == msg.info.src and not msg.info.same_fragment(f)
+                       for f in record.frags) and msg.info.src not in record.stale:
                     record.stale.add(msg.info.src)
                     self._update(record)
             pull = self._add_fragment(stripe, msg.job, msg.step, msg.info, frames,

@@ -507,3 +507,33 @@ def test_regression_guessable_handles_let_another_job_abort_and_release(clusters
     finally:
         owner.close()
         hostile.close()
+
+
+# --------------------------------------------------------------------------- second review
+
+
+def test_regression_retried_fragment_marked_stale_while_a_holder_is_down(clusters, zygote):
+    """A data node re-sends a fragment (its retry) while a parity holder of the stripe is down:
+    the first holder took the re-send for another version of the step and marked its own
+    parity stale for good, so a replacement skipped the newest protected step and restored an
+    older one without a word."""
+    cluster = clusters(4, k=2, m=2, args=[*FAST, "--keep", "2"])
+    cluster.start()
+    save_on(zygote, cluster, "job", 1, 3, 1)
+    wait_for(lambda: all_protected(cluster, "job", 3), RESUME_S, "step 3 protected")
+    spec = cluster.specs[0]
+    cluster.kill(2)                          # a routine crash: its memory stays
+    t = zygote.spawn("save", spec.control, "--job", "job", "--rank", 0, "--mib", 1,
+                     "--steps", 3, 3, "--salt", 1, env={"LOCAL_WORLD_SIZE": "1"})
+    assert t.wait(120) == 0, t.text()
+    time.sleep(3.0)                          # an encode retry while node 2 is down
+    cluster.restart(2)
+    wait_for(lambda: protected(spec, "job", 3), 3 * RESUME_S,
+             "node 0's new step 3 protected once node 2 is back",
+             explain=lambda: cluster_state(cluster, "job"))
+    time.sleep(3 * 2.0)                      # the retries still queued arrive
+    lose(cluster, 0)
+    cluster.replace(0)
+    out = restored(zygote, spec, 0, 1)
+    assert out.get("step") == 3 and out.get("exact") is True, \
+        f"{out} (want the NEW bytes of step 3)\n{cluster_state(cluster, 'job')}"
