@@ -79,8 +79,10 @@ def start_cluster(config: Config, store: Store, context: zmq.Context, metrics: A
                           on_bytes=lambda d, n: metrics.peer_bytes.labels(direction=d).inc(n))
     protector.all_links = all_links
     protector.ready = lambda: recovery.ready
-    reporter = FloorReporter(protector, [s for s in endpoints if s != me],
-                             config.heartbeat_interval, min(config.peer_timeout, 1.0))
+    protector.report_to = [s for s in endpoints if s != me]
+    protector.report_timeout = min(config.peer_timeout, 1.0)
+    reporter = FloorReporter(protector, protector.report_to, config.heartbeat_interval,
+                             protector.report_timeout)
     listen = config.listen or "tcp://*:" + endpoints[me].rsplit(":", 1)[1]
     server = PeerServer(listen, context, security, protector, me, metrics,
                         ready=lambda: recovery.ready).start()

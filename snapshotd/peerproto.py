@@ -126,8 +126,9 @@ class Dropped:
 
 @dataclass(frozen=True)
 class JobFloor:
-    """The newest step of ``job`` that every local rank of the sending node holds as
-    protected (-1: none yet)."""
+    """The step of ``job`` the sending node asks every node to keep: the lowest, over its
+    local ranks, of each rank's newest protected step (its newest step where it holds none
+    protected); -1: none."""
 
     job: str
     floor: int
@@ -138,11 +139,16 @@ class Held:
     """Node ``src``'s protected floor of every job it holds, sent every heartbeat interval to
     every node of the cluster (all groups): each daemon keeps, for each job, the lowest floor
     of all nodes (the *job-wide* step, which every rank of the job can restore) and never
-    evicts it. A job missing from the list is one ``src`` no longer holds."""
+    evicts it. A job missing from the list is one ``src`` no longer holds.
+
+    ``recovering``: ``src`` is still rebuilding (it holds too little to speak for its ranks):
+    the receiver keeps the floors it last heard from ``src``, and only learns that ``src``
+    answers (a node that starts waits for every peer to answer, not for their recoveries)."""
 
     OP: ClassVar[str] = "held"
     src: int
     jobs: tuple[JobFloor, ...]
+    recovering: bool = False
 
 
 @dataclass(frozen=True)

@@ -144,8 +144,13 @@ class Protector:
         #: Bytes of data fragments and parity buffers held by stripes being assembled or
         #: encoded: inside the budget, like the parity kept.
         self._inflight = 0
-        #: Job-wide retention: node -> {job: its floor}, from Held reports (this node's too).
+        #: Job-wide retention: node -> {job: its floor}, from Held reports (this node's too),
+        #: kept in floors.json (see _load_floors); the nodes heard from since this start.
         self._floors: dict[int, dict[str, int]] = {}
+        self._heard: set[int] = set()
+        #: Where a lowered floor is reported at once (every other node), and how long to wait.
+        self.report_to: list[int] = []
+        self.report_timeout = 1.0
         #: Links to every node of the cluster (all groups) for Held; set by the cluster.
         self.all_links: Any = None
         self.ready: Callable[[], bool] = lambda: True
@@ -154,6 +159,7 @@ class Protector:
                                      "encoding": self.inflight_bytes()}
         self.files = ParityFiles(store.dir.path)
         self._adopt()
+        self._load_floors()
 
     def _adopt(self) -> None:
         """Adopt the parity a previous daemon on this memory left (see parityfiles)."""
@@ -307,6 +313,17 @@ class Protector:
             if v.protected:
                 newest[v.rank] = max(newest[v.rank], v.step)
         return min(newest.values(), default=-1)
+
+    def job_floor(self, job: str) -> int:
+        """The step of ``job`` this node asks every node to keep (its Held report): the
+        lowest, over its local ranks, of a rank's newest protected step, or of its newest
+        step where it holds none protected yet (after a restore of an unprotected step, or
+        with no coding: that is the step the rank restores). -1: nothing held."""
+        newest: dict[int, tuple[int, int]] = {}
+        for v in self.store.versions(job):
+            got = newest.get(v.rank, (-1, -1))
+            newest[v.rank] = (max(got[0], v.step if v.protected else -1), max(got[1], v.step))
+        return min((p if p >= 0 else h for p, h in newest.values()), default=-1)
 
     def on_protected(self, msg: pp.Protected) -> None:
         stripe = self._stripe(msg.stripe)
@@ -498,7 +515,15 @@ class Protector:
 
     def node_dropped(self, job: str, steps: set[int]) -> None:
         """This node no longer holds ``steps`` of ``job`` (dropped): tell the group's parity
-        holders, which free the parity of the stripes this node's data is part of."""
+        holders, which free the parity of the stripes this node's data is part of.
+
+        A drop that lowers this node's floor (a restore that started a new timeline) is
+        reported to every node before the drop returns: until they hear it, a node that
+        commits a newer step could let the step this node now relies on go."""
+        with self._lock:
+            last = self._floors.get(self.me, {}).get(job)
+        if steps and (last is None or self.job_floor(job) < last):
+            self.broadcast(self.report_to, self.report_timeout)
         if self.group.m == 0 or not steps:
             return
         with self._lock:
@@ -639,19 +664,20 @@ class Protector:
 
     # ------------------------------------------------------------------ job-wide retention
 
-    def report(self) -> pp.Held | None:
-        """This node's floors (None while it is still rebuilding: it holds too little yet)."""
+    def report(self) -> pp.Held:
+        """This node's floors (only ``recovering`` while it is still rebuilding: it holds too
+        little yet to speak for its ranks)."""
         if not self.ready():
-            return None
+            return pp.Held(self.me, (), recovering=True)
         jobs = sorted({v.job for v in self.store.versions()})
-        held = pp.Held(self.me, tuple(pp.JobFloor(job, self.floor(job)) for job in jobs))
+        held = pp.Held(self.me, tuple(pp.JobFloor(job, self.job_floor(job)) for job in jobs))
         self._learn(held)
         return held
 
     def broadcast(self, slots: Sequence[int], timeout: float) -> int:
         """Send this node's report to ``slots``; return how many took it."""
         msg = self.report()
-        if msg is None or self.all_links is None:
+        if self.all_links is None:
             return 0
         # All at once: a node that is down (its last report stands) delays no other.
         return len(self.all_links.call_all(slots, msg, timeout))
@@ -663,18 +689,58 @@ class Protector:
 
     def _learn(self, msg: pp.Held) -> None:
         with self._lock:
-            self._floors[msg.src] = {j.job: j.floor for j in msg.jobs}
-            jobs = {job for floors in self._floors.values() for job in floors}
-            pins = {}
-            for job in jobs:
-                floor = min(f[job] for f in self._floors.values() if job in f)
-                if floor >= 0:
-                    pins[job] = floor
+            floors = {j.job: j.floor for j in msg.jobs}
+            self._heard.add(msg.src)
+            if msg.recovering or self._floors.get(msg.src) == floors:
+                return
+            self._floors[msg.src] = floors
+            self._save_floors()
+            self._set_pins()
+
+    def _set_pins(self) -> None:
+        """The job-wide steps: per job, the lowest floor any node reported (lock held)."""
+        jobs = {job for floors in self._floors.values() for job in floors}
+        pins = {}
+        for job in jobs:
+            floor = min(f[job] for f in self._floors.values() if job in f)
+            if floor >= 0:
+                pins[job] = floor
         self.store.pins = pins
 
+    # The floors are kept in a file next to the segments, so that a daemon restarted on its
+    # memory goes on from what it knew: with only its own floor it would let the job-wide step
+    # go (a peer that is down, or has not reported yet, may be the one holding it).
+
+    def _floors_path(self) -> str:
+        return os.path.join(self.store.dir.path, "floors.json")
+
+    def _load_floors(self) -> None:
+        try:
+            with open(self._floors_path()) as fh:
+                saved = json.load(fh)
+            self._floors = {int(slot): {str(job): int(floor) for job, floor in jobs.items()}
+                            for slot, jobs in saved.items()}
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            log.warning("ignored %s (%s): the job-wide steps are learnt again from the peers",
+                        self._floors_path(), exc)
+            return
+        self._set_pins()
+
+    def _save_floors(self) -> None:
+        path = self._floors_path()
+        try:
+            with open(path + ".tmp", "w") as fh:
+                json.dump({str(s): f for s, f in self._floors.items()}, fh)
+            os.replace(path + ".tmp", path)
+        except OSError as exc:
+            log.warning("could not keep the job-wide steps in %s: %s", path, exc)
+
     def reported(self, slot: int) -> bool:
+        """Whether ``slot`` reported its floors since this daemon started."""
         with self._lock:
-            return slot in self._floors
+            return slot in self._heard
 
     def others_floor(self, job: str) -> int | None:
         """The lowest floor of ``job`` the other nodes reported (None: none protected)."""
@@ -798,6 +864,10 @@ class Protector:
         with self._lock:
             for key in list(self._parity):
                 self._forget(key)
+            try:
+                os.unlink(self._floors_path())
+            except FileNotFoundError:
+                pass
 
 
 #: Drop notices kept per unreachable peer (the oldest go first beyond that).

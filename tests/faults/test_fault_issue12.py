@@ -537,3 +537,30 @@ def test_regression_retried_fragment_marked_stale_while_a_holder_is_down(cluster
     out = restored(zygote, spec, 0, 1)
     assert out.get("step") == 3 and out.get("exact") is True, \
         f"{out} (want the NEW bytes of step 3)\n{cluster_state(cluster, 'job')}"
+
+
+def test_regression_job_wide_step_not_lowered_by_a_new_timeline(clusters, zygote):
+    """Rank 0 restores step 3 (a new timeline: its step 4 is dropped) while the others hold
+    3 and 4; node 1's daemon is SIGKILLed (its memory stays), nodes 2 and 3 go on to 5 and 6,
+    node 1 restarts, and node 2 is lost and replaced. The other nodes must keep step 3 (the
+    step rank 0 now relies on), node 1 must not forget it across its restart, and the
+    replacement must bring it back: every rank then holds step 3, restored bit for bit."""
+    cluster = clusters(4, k=2, m=2, args=[*FAST, "--keep", "2"])
+    cluster.start()
+    save_on(zygote, cluster, "job", 1, 4, 1)
+    wait_for(lambda: all_protected(cluster, "job", 4), RESUME_S, "step 4 protected")
+    out = restored(zygote, cluster.specs[0], 0, 0, step=3)
+    assert out.get("step") == 3 and out.get("exact") is True, out
+    time.sleep(0.5)                          # the other ranks go on (a job's next step)
+    cluster.kill(1)
+    save_on(zygote, cluster, "job", 5, 6, 1, slots=[2, 3])
+    cluster.restart(1)
+    time.sleep(1.0)
+    lose(cluster, 2)
+    cluster.replace(2)
+    per_rank = {s: held_steps(cluster.specs[s], "job", s) for s in range(4)}
+    assert all(3 in held for held in per_rank.values()), \
+        f"no common step 3: {per_rank}\n{cluster_state(cluster, 'job')}"
+    for s in range(4):
+        ok, out = restore_check(zygote, cluster.specs[s], "job", s, 1, 3, step=3)
+        assert ok, (s, out)
