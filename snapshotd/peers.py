@@ -134,34 +134,21 @@ class PeerLinks:
     def call_all(self, slots: Sequence[int], msg: Any, timeout: float) -> set[int]:
         """Send ``msg`` to every slot at once; return the slots that answered it (not with an
         error) within ``timeout`` in all: a slot that is down costs no more than the others."""
-        pending: dict[zmq.Socket, tuple[int, int]] = {}
-        for slot in slots:
-            sock = self._socket(slot)
-            with self._lock:
-                req_id = next(self._ids)
-            try:
-                sock.send(p.encode(msg, req_id), zmq.NOBLOCK)
-                pending[sock] = (slot, req_id)
-            except zmq.Again:
-                pass
-        answered: set[int] = set()
-        poller = zmq.Poller()
-        for sock in pending:
-            poller.register(sock, zmq.POLLIN)
-        deadline = time.monotonic() + timeout
-        while pending and (left := deadline - time.monotonic()) > 0:
-            for sock, _ in poller.poll(int(left * 1000) + 1):
-                slot, req_id = pending[sock]
-                got_id, reply = decode(sock.recv_multipart()[0])
-                if got_id == req_id:
-                    if not isinstance(reply, p.Error):
-                        answered.add(slot)
-                    poller.unregister(sock)
-                    del pending[sock]
-        return answered                # (a late answer is skipped by its id next time)
+        # (a late answer is skipped by its id next time)
+        return self._fan_out(slots, msg, timeout, lambda req_id, got_id, reply: (
+            None if got_id != req_id else not isinstance(reply, p.Error)))
 
     def ping_all(self, slots: Sequence[int], msg: Any, timeout: float) -> set[int]:
         """Send ``msg`` to every slot at once; return the slots that answered in ``timeout``."""
+        # this ping's answer or a late one: alive
+        return self._fan_out(slots, msg, timeout,
+                             lambda _req, _got, reply: True if isinstance(reply, Pong) else None)
+
+    def _fan_out(self, slots: Sequence[int], msg: Any, timeout: float,
+                 judge: Callable[[int, int, Any], bool | None]) -> set[int]:
+        """Send ``msg`` to every slot at once and read replies until ``timeout``:
+        ``judge(request id, reply id, reply)`` says whether a reply answers (True), ends the
+        wait for that slot without answering (False), or is to be skipped (None)."""
         pending: dict[zmq.Socket, tuple[int, int]] = {}
         for slot in slots:
             sock = self._socket(slot)
@@ -180,11 +167,14 @@ class PeerLinks:
         while pending and (left := deadline - time.monotonic()) > 0:
             for sock, _ in poller.poll(int(left * 1000) + 1):
                 slot, req_id = pending[sock]
-                _got_id, reply = decode(sock.recv_multipart()[0])
-                if isinstance(reply, Pong):      # this ping's answer or a late one: alive
+                got_id, reply = decode(sock.recv_multipart()[0])
+                verdict = judge(req_id, got_id, reply)
+                if verdict is None:
+                    continue
+                if verdict:
                     answered.add(slot)
-                    poller.unregister(sock)
-                    del pending[sock]
+                poller.unregister(sock)
+                del pending[sock]
         return answered
 
     def late_pongs(self) -> set[int]:
