@@ -73,9 +73,9 @@ def held(cluster, slot):
                                  timeout=60).versions}
 
 
-def start(env, rng, kinds=((2, 2), (3, 1))):
+def start(env, rng, kinds=((2, 2), (3, 1)), keeps=(1, 2)):
     k, m = rng.choice(kinds)
-    cluster = env["clusters"](k + m, k=k, m=m, args=[*FAST, "--keep", str(rng.choice([1, 2]))])
+    cluster = env["clusters"](k + m, k=k, m=m, args=[*FAST, "--keep", str(rng.choice(keeps))])
     cluster.start()
     save_on(env["zygote"], cluster, "job", 1, 3, 1)
     wait_for(lambda: all_protected(cluster, "job", 3), RESUME_S, "step 3 protected")
@@ -163,10 +163,13 @@ def check_holder_crash_and_loss(env, rng, inj):
 
 
 def inject_new_timeline(env, rng):
-    cluster = start(env, rng, kinds=((2, 2),))
+    # --keep 2: every rank still holds step 3 when one goes back to it (a job goes back only
+    # to a step every rank holds: TrainingState agrees on it first).
+    cluster = start(env, rng, kinds=((2, 2),), keeps=(2,))
     save_on(env["zygote"], cluster, "job", 4, 4, 1)
     wait_for(lambda: all_protected(cluster, "job", 4), RESUME_S, "step 4 protected")
     nodes = len(cluster.specs)
+    assert all(3 in held(cluster, s) for s in range(nodes))
     back, crashed, lost = rng.sample(range(nodes), 3)
     out = restore(env, cluster, back, step=3)        # a new timeline from step 3
     assert out.get("step") == 3 and out.get("exact") is True, out
@@ -191,7 +194,7 @@ def check_new_timeline(env, rng, inj):
 
 
 def inject_missed_drop(env, rng):
-    cluster = start(env, rng)
+    cluster = start(env, rng, keeps=(2,))     # step 2 still held to go back to
     data, holder = rng.sample(range(len(cluster.specs)), 2)
     cluster.kill(holder)                     # misses the drop of step 3 below
     out = restore(env, cluster, data, step=2)
