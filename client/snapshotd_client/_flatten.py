@@ -487,6 +487,7 @@ class Placer:
         records = sharding_of(meta)
         self._into: dict[int, Any] = {}
         self._place: dict[int, tuple[Any, list[Any], dict[str, Any]]] = {}
+        self._built: dict[int, Any] = {}
         candidates: list[Any] = list(meshes) + [t.device_mesh for t in live.values()
                                                 if is_dtensor(t)]
         descs: list[tuple[dict[str, Any], Any]] = []
@@ -550,13 +551,18 @@ class Placer:
         target = self._into.get(idx)
         if target is not None:
             return target
+        built = self._built.get(idx)
+        if built is not None:                          # tied: one DTensor reached twice
+            return built
         mesh, placements, rec = self._place[idx]
         cls = _dtensor_type()
         if local.device.type != mesh.device_type:      # restored on the CPU, mesh on a GPU
             local = local.to(mesh.device_type)
         with torch.no_grad():
-            return cls.from_local(local, mesh, placements, run_check=False,
-                                  shape=torch.Size(rec["shape"]), stride=tuple(rec["stride"]))
+            built = cls.from_local(local, mesh, placements, run_check=False,
+                                   shape=torch.Size(rec["shape"]), stride=tuple(rec["stride"]))
+        self._built[idx] = built
+        return built
 
 
 def _hashable(key: Any) -> Any:

@@ -124,7 +124,7 @@ class TrainingState:
             (optimizer state keyed by parameter name, as DCP checkpoints hold it).
 
     **Sharded state.** With FSDP2, tensor parallelism, 2-D meshes (FSDP x TP) and HSDP the
-    model's and optimizer's tensors are ``DTensor``\ s; each rank stores its local shards with
+    model's and optimizer's tensors are DTensors; each rank stores its local shards with
     their place in the global tensors, and :meth:`restore` (same world size and meshes) fills
     the model's shards in place and rebuilds the optimizer's on the model's meshes, bit for bit.
 
@@ -159,7 +159,7 @@ class TrainingState:
                        if not callable(getattr(obj, m, None))]
             if missing:
                 raise TypeError(f"extra[{name!r}]: a {type(obj).__name__} has no "
-                                f"{' or '.join(missing)}(); pass objects with both (wrap "
+                                f"{' or '.join(m + '()' for m in missing)}; pass objects with both (wrap "
                                 "anything else in a small class that has them)")
 
     # ------------------------------------------------------------------ capture
