@@ -90,11 +90,12 @@ def _dtensor_type() -> Any:
     """``torch.distributed.tensor.DTensor``, or None where torch has no distributed support."""
     global _DTENSOR
     if _DTENSOR is None:
+        cls: Any
         try:
-            from torch.distributed.tensor import DTensor
+            from torch.distributed.tensor import DTensor as cls
         except ImportError:  # pragma: no cover - torch built without distributed
-            DTensor = False
-        _DTENSOR = DTensor
+            cls = False
+        _DTENSOR = cls
     return _DTENSOR or None
 
 
@@ -488,7 +489,7 @@ class Placer:
         self._into: dict[int, Any] = {}
         self._place: dict[int, tuple[Any, list[Any], dict[str, Any]]] = {}
         self._built: dict[int, Any] = {}
-        candidates: list[Any] = list(meshes) + [t.device_mesh for t in live.values()
+        candidates: list[Any] = list(meshes) + [getattr(t, "device_mesh") for t in live.values()
                                                 if is_dtensor(t)]
         descs: list[tuple[dict[str, Any], Any]] = []
         for mesh in candidates:

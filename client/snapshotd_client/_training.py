@@ -158,9 +158,10 @@ class TrainingState:
             missing = [m for m in ("state_dict", "load_state_dict")
                        if not callable(getattr(obj, m, None))]
             if missing:
-                raise TypeError(f"extra[{name!r}]: a {type(obj).__name__} has no "
-                                f"{' or '.join(m + '()' for m in missing)}; pass objects with both (wrap "
-                                "anything else in a small class that has them)")
+                methods = " or ".join(m + "()" for m in missing)
+                raise TypeError(f"extra[{name!r}]: a {type(obj).__name__} has no {methods}; "
+                                "pass objects with both (wrap anything else in a small class "
+                                "that has them)")
 
     # ------------------------------------------------------------------ capture
 
