@@ -10,7 +10,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -437,7 +437,7 @@ class SnapshotClient:
 
     def restore(self, step: int | None = None, into: Any = None,
                 check: Callable[[Any], None] | None = None, *,
-                meshes: Any = ()) -> tuple[int, Any] | None:
+                meshes: Sequence[Any] = ()) -> tuple[int, Any] | None:
         """Return ``(step, state)`` of the newest version (or of ``step``), or None if none.
 
         Inside a job with ``torch.distributed`` initialised and ``step`` None, every rank

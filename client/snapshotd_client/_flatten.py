@@ -484,12 +484,12 @@ class Placer:
     """
 
     def __init__(self, meta: str, names: Sequence[str], shapes: Sequence[Sequence[int]],
-                 live: Mapping[str, torch.Tensor], meshes: Sequence[Any] = ()) -> None:
+                 live: Mapping[str, Any], meshes: Sequence[Any] = ()) -> None:
         records = sharding_of(meta)
         self._into: dict[int, Any] = {}
         self._place: dict[int, tuple[Any, list[Any], dict[str, Any]]] = {}
         self._built: dict[int, Any] = {}
-        candidates: list[Any] = list(meshes) + [getattr(t, "device_mesh") for t in live.values()
+        candidates: list[Any] = list(meshes) + [t.device_mesh for t in live.values()
                                                 if is_dtensor(t)]
         descs: list[tuple[dict[str, Any], Any]] = []
         for mesh in candidates:

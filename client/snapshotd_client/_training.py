@@ -31,6 +31,10 @@ Example (runs as is, without a daemon: the state is captured and loaded in memor
     >>> train_step(); torch.equal(model.weight, expected)   # same data, same update, same bits
     True
 
+The same works unchanged when the model is sharded with FSDP2 (``fully_shard``), tensor
+parallelism, FSDP x TP or HSDP: parameters and optimizer moments are ``DTensor`` objects, and
+each rank stores and restores its own shards (see ``examples/train_fsdp.py``).
+
 With a daemon, in a training loop (``client = SnapshotClient(job="gpt")``)::
 
     state = TrainingState(model, optimizer, scheduler, data=sampler)
