@@ -263,10 +263,10 @@ class SnapshotClient:
         self._guarded = (key, ptrs)
         return ptrs
 
-    def _failed(self, step: int, exc: BaseException) -> Future:
+    def _failed(self, step: int, exc: BaseException, stacklevel: int = 3) -> Future:
         future: Future = Future()
         future.set_exception(exc)
-        self._record(exc)
+        self._record(exc, stacklevel)
         return future
 
     def _rejected(self, step: int, exc: SnapshotError) -> Future:
@@ -279,7 +279,7 @@ class SnapshotClient:
         if count == 1 or count % 100 == 0:
             log.error("snapshotd: the training state cannot be snapshotted, so training goes "
                       "on UNPROTECTED (%d saves refused so far): %s", count, exc)
-        return self._failed(step, exc)
+        return self._failed(step, exc, stacklevel=5)   # the warning points at save()'s caller
 
     def _run(self, job: _Job) -> None:
         slot = None
@@ -338,7 +338,7 @@ class SnapshotClient:
         except SnapshotError:
             pass
 
-    def _record(self, exc: BaseException) -> None:
+    def _record(self, exc: BaseException, stacklevel: int = 3) -> None:
         skipped = isinstance(exc, SnapshotSkipped)
         with self._stats_lock:
             if skipped:
@@ -356,7 +356,7 @@ class SnapshotClient:
         if not self._warned:
             self._warned = True
             warnings.warn(f"snapshotd: a snapshot failed and training goes on: {exc}",
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=stacklevel)
         log.warning("snapshot failed (%d so far): %s", count, exc)
 
     def stats(self) -> SaveStats:

@@ -2,15 +2,16 @@
 snapshotd and ends bit-identical to an uninterrupted run, parameters and AdamW moments alike.
 
 Every test trains ``examples/train_fsdp.py --size tiny`` under ``torch.distributed.run
---standalone`` (c10d rendezvous, gloo on loopback, ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: a
-restarted FSDP2 job otherwise hangs in gloo set-up) with one real snapshotd, kills one rank at
-a random step with SIGKILL, and compares the full parameters and AdamW state (``exp_avg``,
-``exp_avg_sq``, ``step``, gathered from the shards) with an uninterrupted ``--no-snapshot`` run.
+--standalone`` (c10d rendezvous, gloo on loopback, ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``; a
+restart under static rendezvous has been seen to hang in gloo set-up) with one real snapshotd,
+kills one rank at a random step with SIGKILL, and compares the full parameters and AdamW state
+(``exp_avg``, ``exp_avg_sq``, ``step``, gathered from the shards) with an uninterrupted
+``--no-snapshot`` run.
 
-- FSDP2 (``fully_shard``) on 2 ranks: always (about 25 s).
+- FSDP2 (``fully_shard``) on 2 ranks: always (about 22 s alone on two cores).
 - FSDP2 x tensor parallel on a 2x2 mesh, HSDP on a 2x2 mesh (replicate x shard), and FSDP2
   through DCP's ``get_state_dict``/``set_state_dict``: with ``SNAPSHOTD_FAULT_RUNS=long``
-  (``make faults``), about 40 s each on two cores. The same layouts are checked in every run,
+  (``make faults``), 35-65 s each on two cores. The same layouts are checked in every run,
   without torchrun, by test_sharded_state.py.
 """
 
