@@ -437,7 +437,8 @@ class SnapshotClient:
 
     def restore(self, step: int | None = None, into: Any = None,
                 check: Callable[[Any], None] | None = None, *,
-                meshes: Sequence[Any] = ()) -> tuple[int, Any] | None:
+                meshes: Sequence[Any] = (), local_shards: bool = False
+                ) -> tuple[int, Any] | None:
         """Return ``(step, state)`` of the newest version (or of ``step``), or None if none.
 
         Inside a job with ``torch.distributed`` initialised and ``step`` None, every rank
@@ -461,15 +462,17 @@ class SnapshotClient:
         with the recorded ranks, taken from ``meshes`` (a sequence of ``DeviceMesh``) and from
         the DTensors of ``into``. Every shard must sit where it was saved: the same global
         shape, placements, mesh and coordinate of this rank; otherwise nothing is written and
-        ``SnapshotError`` names every mismatch (resharding is not supported yet).
+        ``SnapshotError`` names every mismatch (resharding is not supported yet). With
+        ``local_shards=True`` a DTensor not in ``into`` comes back as this rank's local shard,
+        a plain tensor (outside the job: no mesh needed).
         """
         step = None if step is None else _step(step)
         with self._lock:
             self.wait()
-            return self._restore(step, into, check, tuple(meshes))
+            return self._restore(step, into, check, tuple(meshes), local_shards)
 
     def _restore(self, step: int | None, into: Any, check: Callable[[Any], None] | None,
-                 meshes: tuple = ()) -> tuple[int, Any] | None:
+                 meshes: tuple = (), local_shards: bool = False) -> tuple[int, Any] | None:
         if step is None and _distributed():
             step = self._agree()
             if step is None:
@@ -485,7 +488,7 @@ class SnapshotClient:
         started = time.perf_counter()
         try:
             try:
-                targets, placer = _targets(into, lease, meshes)
+                targets, placer = _targets(into, lease, meshes, local_shards)
                 if check is not None:
                     check(unflatten(lease.meta, [view_of(None, e.__dict__, device="meta")
                                                  for e in lease.tensors]))
@@ -643,8 +646,8 @@ def agree_step(client: SnapshotClient, group: Any = None) -> int | None:
 
 
 
-def _targets(into: Any, lease: p.OpenReply,
-             meshes: tuple = ()) -> tuple[dict[str, torch.Tensor], Placer]:
+def _targets(into: Any, lease: p.OpenReply, meshes: tuple = (),
+             local_shards: bool = False) -> tuple[dict[str, torch.Tensor], Placer]:
     """The tensors of ``into`` by name (a DTensor's local shard), each checked against the
     snapshot's table, and the :class:`Placer` of the snapshot's DTensors (checked too)."""
     table = lease.tensors
@@ -654,7 +657,7 @@ def _targets(into: Any, lease: p.OpenReply,
         live.setdefault(entry["name"], tensor)
     try:
         placer = Placer(lease.meta, [t.name for t in table], [t.shape for t in table], live,
-                        meshes)
+                        meshes, local_shards=local_shards)
     except ShardingMismatch as exc:
         raise SnapshotError(f"restore does not fit the live job, nothing was written: "
                             f"{exc}") from None

@@ -477,6 +477,8 @@ class Placer:
         meshes: the live ``DeviceMesh`` objects on which a DTensor not in ``live`` (an
             optimizer's moments in a fresh process) is rebuilt with ``DTensor.from_local``;
             the meshes of ``live`` DTensors are candidates too.
+        local_shards: return a DTensor not in ``live`` as its local shard, a plain tensor
+            (outside the job, e.g. ``snapshotctl export``), instead of rebuilding it.
 
     Raises :class:`ShardingMismatch` naming every DTensor that does not fit: another global
     shape, placement or mesh, another coordinate of this rank in it, no live mesh with the
@@ -484,8 +486,10 @@ class Placer:
     """
 
     def __init__(self, meta: str, names: Sequence[str], shapes: Sequence[Sequence[int]],
-                 live: Mapping[str, Any], meshes: Sequence[Any] = ()) -> None:
+                 live: Mapping[str, Any], meshes: Sequence[Any] = (), *,
+                 local_shards: bool = False) -> None:
         records = sharding_of(meta)
+        self.local_shards = local_shards
         self._into: dict[int, Any] = {}
         self._place: dict[int, tuple[Any, list[Any], dict[str, Any]]] = {}
         self._built: dict[int, Any] = {}
@@ -496,10 +500,13 @@ class Placer:
             if not any(known is mesh for _, known in descs):
                 descs.append((describe_mesh(mesh), mesh))
         problems: list[str] = []
+        meshless: dict[str, list[str]] = {}             # mesh text -> names on it
         index = {n: i for i, n in enumerate(names)}
         for idx, rec in records.items():
             name = names[idx]
             target = live.get(name)
+            if local_shards and target is None:
+                continue
             if target is not None and not is_dtensor(target):
                 problems.append(f"{name}: the snapshot holds a DTensor shard "
                                 f"({_sharding_text(rec, rec['mesh'])}), the live tensor is a "
@@ -513,6 +520,8 @@ class Placer:
                     problems.append(f"{name}: the snapshot holds a shard of "
                                     f"{_sharding_text(rec, rec['mesh'])}, the live tensor is "
                                     f"{_sharding_text(mine, mine['mesh'])}")
+            elif not any(desc == rec["mesh"] for desc, _ in descs):
+                meshless.setdefault(_mesh_text(rec["mesh"]), []).append(name)
             else:
                 problem = self._plan(idx, rec, list(shapes[idx]), descs, name)
                 if problem:
@@ -525,15 +534,21 @@ class Placer:
             raise ShardingMismatch(f"{'; '.join(problems[:8])}"
                                    + (f" (and {len(problems) - 8} more)" if len(problems) > 8
                                       else "") + f"; {_RESHARD}")
+        if meshless:
+            known = "; ".join(_mesh_text(d) for d, _ in descs) or "none"
+            held = "; ".join(f"{len(n)} on the {m} ({', '.join(n[:3])}"
+                             + (", ..." if len(n) > 3 else "") + ")"
+                             for m, n in meshless.items())
+            raise ShardingMismatch(
+                f"the snapshot holds DTensor shards on meshes that no live DTensor or mesh "
+                f"given has: {held} (live meshes: {known}); restore inside the job with its "
+                "meshes (TrainingState.restore passes the model's; or restore(meshes=[...]) / "
+                "into= the live DTensors), or restore(local_shards=True) for the local shards "
+                "as plain tensors")
 
     def _plan(self, idx: int, rec: dict[str, Any], local_shape: list[int],
               descs: list[tuple[dict[str, Any], Any]], name: str) -> str | None:
-        mesh = next((m for desc, m in descs if desc == rec["mesh"]), None)
-        if mesh is None:
-            live = "; ".join(_mesh_text(d) for d, _ in descs) or "none were given"
-            return (f"{name}: the snapshot holds a shard of {_sharding_text(rec, rec['mesh'])}, "
-                    f"and no live mesh has those ranks (live meshes: {live}; pass the job's "
-                    "meshes to restore(meshes=...), or restore into= the live DTensors)")
+        mesh = next(m for desc, m in descs if desc == rec["mesh"])
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
         placements = [_placement(p) for p in rec["placements"]]
@@ -552,6 +567,8 @@ class Placer:
         target = self._into.get(idx)
         if target is not None:
             return target
+        if self.local_shards:
+            return local
         built = self._built.get(idx)
         if built is not None:                          # tied: one DTensor reached twice
             return built

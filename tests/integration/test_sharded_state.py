@@ -13,8 +13,10 @@ import uuid
 
 import pytest
 import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.testing._internal.two_tensor import TwoTensor
 
+from snapshotd._export import export
 from snapshotd.localcluster import free_ports
 from snapshotd_client import SnapshotClient, SnapshotError
 
@@ -55,6 +57,16 @@ def test_fsdp_tp_and_hsdp_on_2x2_meshes_snapshot_and_restore_in_place(node, tmp_
         tp, hsdp = results
         assert tp["strided"] > 0 and tp["reassembled"] > 0 and hsdp["reassembled"] == 8
         assert all(r["eager_bytes"] == 0 and "issue 14" in r["refused"] for r in results)
+
+    # snapshotctl export, outside the job: every rank's local shards, as plain tensors.
+    out = tmp_path / "export"
+    result = export(node.specs[0].control, f"{job}-hsdp", None, str(out), progress=False)
+    assert result["ranks"] == [0, 1, 2, 3]
+    dcp_to_torch_save(out, tmp_path / "export.pt")
+    exported = torch.load(tmp_path / "export.pt", weights_only=True)
+    # HSDP shards the 15 rows of inp.weight over 2 ranks: 8 on shard coordinate 0, 7 on 1.
+    assert [exported[f"rank{r}"]["model"]["inp.weight"].shape[0] for r in range(4)] == [8, 7,
+                                                                                          8, 7]
 
 
 @pytest.mark.timeout(60)

@@ -118,23 +118,31 @@ def test_dtensors_of_one_shape_are_not_merged(mesh):
     ("placement", "placed \\['R'\\]"),
     ("shape", "the live tensor is global \\[8, 4\\]"),
     ("plain", "the live tensor is a plain tensor"),
-    ("none", "no live mesh has those ranks"),
 ])
 def test_a_shard_that_does_not_fit_is_refused_naming_it(mesh, live, why):
     state = {"layer": {"w": sample(mesh)["w"]}}
     into = {"placement": {"layer": {"w": distribute_tensor(torch.zeros(6, 4), mesh,
                                                            [Replicate()])}},
             "shape": {"layer": {"w": distribute_tensor(torch.zeros(8, 4), mesh, [Shard(0)])}},
-            "plain": {"layer": {"w": torch.zeros(6, 4)}}, "none": None}[live]
-    layout, live_layout = flatten(state), flatten(into) if into is not None else None
-    targets = {}
-    if live_layout is not None:
-        targets = {e["name"]: t for e, t in zip(live_layout.entries, live_layout.tensors)}
-        targets.update({live_layout.entries[i]["name"]: t
-                        for i, t in live_layout.dtensors.items()})
+            "plain": {"layer": {"w": torch.zeros(6, 4)}}}[live]
+    layout, live_layout = flatten(state), flatten(into)
+    targets = {e["name"]: t for e, t in zip(live_layout.entries, live_layout.tensors)}
+    targets.update({live_layout.entries[i]["name"]: t for i, t in live_layout.dtensors.items()})
     with pytest.raises(ShardingMismatch, match=f"/layer/w: .*{why}") as info:
         Placer(layout.meta, ["/layer/w"], [[6, 4]], targets, [])
     assert "issue 14" in str(info.value)
+
+
+def test_without_a_live_mesh_shards_are_refused_or_returned_as_local_tensors(mesh):
+    state = sample(mesh)
+    layout = flatten(state)
+    names, shapes = [e["name"] for e in layout.entries], [e["shape"] for e in layout.entries]
+    with pytest.raises(ShardingMismatch, match="3 on the cpu mesh 1 \\('dp',\\) ranks \\[0\\] "
+                                               "\\(/w, /b, /p\\)"):
+        Placer(layout.meta, names, shapes, {}, [])
+    placer = Placer(layout.meta, names, shapes, {}, [], local_shards=True)
+    back = unflatten(layout.meta, [t.clone() for t in layout.tensors], placer)
+    assert type(back["w"]) is torch.Tensor and torch.equal(back["w"], state["w"].to_local())
 
 
 def test_live_dtensor_where_the_snapshot_holds_a_plain_tensor_is_refused(mesh):
