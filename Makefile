@@ -36,7 +36,7 @@ bench: $(STAMP)
 	$(PY) -m bench all
 
 faults: $(STAMP)
-	SNAPSHOTD_FAULT_RUNS=long $(PY) -m pytest -q tests/faults
+	SNAPSHOTD_FAULT_RUNS=long $(PY) -m pytest -q tests/faults tests/integration/test_torchrun_sharded.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check snapshotd client tests bench

@@ -2,6 +2,8 @@
 
 Needs torch and ``snapshotd_client`` (installed on training nodes); the daemon itself does not.
 One rank is written as its own state dict; several ranks are written under ``rank<N>`` keys.
+Sharded state (DTensors of FSDP2, tensor parallel, HSDP) is written as each rank's local shards,
+plain tensors; a global checkpoint resharded from them is issue 14.
 Load it without snapshotd::
 
     import torch.distributed.checkpoint as dcp
@@ -63,7 +65,7 @@ def export(control: str, job: str, step: int | None, out: str,
     _progress(0, len(chosen), 0, progress)
     for i, rank in enumerate(chosen):
         with SnapshotClient(control, job=job, rank=rank, token=token) as client:
-            _, states[rank] = client.restore(step)
+            _, states[rank] = client.restore(step, local_shards=True)
             nbytes += client.last_restore.nbytes if client.last_restore else 0
         _progress(i + 1, len(chosen), nbytes, progress)
     state = states[chosen[0]] if len(chosen) == 1 else {f"rank{r}": s for r, s in states.items()}

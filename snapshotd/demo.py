@@ -393,7 +393,7 @@ def compare_params(a: str | Path, b: str | Path) -> tuple[bool, str]:
     for name in sa:
         x, y = sa[name], sb[name]
         if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(
-                x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8)):
+                x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)):
             diff = (x.double() - y.double()).abs().max().item() if x.shape == y.shape else None
             differ.append(f"{name} (max |diff| {diff})")
     count = sum(t.numel() for t in sa.values())

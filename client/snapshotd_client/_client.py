@@ -10,7 +10,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -21,7 +21,7 @@ import torch
 from . import _protocol as p
 from ._channel import Channel, DaemonError, SnapshotError
 from ._cuda import DeviceCopier, mark_ready
-from ._flatten import Layout, flatten, unflatten, view_of
+from ._flatten import Layout, Placer, ShardingMismatch, flatten, local_tensor, unflatten, view_of
 
 __all__ = ["SnapshotClient", "SnapshotSkipped", "RestoreInfo", "SaveStats", "ENV_ENDPOINT",
            "ENV_TOKEN", "COPY_MODES", "MAX_META_BYTES", "agree_step"]
@@ -51,7 +51,9 @@ class SaveStats:
     saves: int = 0          #: save() calls
     committed: int = 0      #: committed by the daemon
     skipped: int = 0        #: superseded by a newer save before they got memory
-    failed: int = 0         #: refused or failed (see last_error())
+    failed: int = 0         #: refused or failed (see last_error()), rejected ones included
+    rejected: int = 0       #: refused at save() because a value cannot be stored (its path is
+    #: named in the error, logged at ERROR level at the first one)
     eager_bytes: int = 0    #: bytes copied on the calling thread at save() (unguarded tensors)
 
 
@@ -185,7 +187,7 @@ class SnapshotClient:
             layout = flatten(state)
             _check_size(layout)
         except (TypeError, ValueError, OverflowError, SnapshotError) as exc:
-            return self._failed(step, exc if isinstance(exc, SnapshotError) else SnapshotError(
+            return self._rejected(step, exc if isinstance(exc, SnapshotError) else SnapshotError(
                 f"step {step} not saved: {exc}"))
         with self._lock:
             if self._closed:
@@ -214,7 +216,7 @@ class SnapshotClient:
 
     def _eager_copies(self, layout: Layout, copy_now: Any = ()) -> int:
         """Replace, in ``layout``, the tensors to copy now by copies; return their bytes."""
-        now = {t.data_ptr() for t in copy_now if t.numel()}
+        now = {local_tensor(t).data_ptr() for t in copy_now if local_tensor(t).numel()}
         if self.copy_mode == "lazy" and not now:
             return 0
         if self.copy_mode == "lazy":
@@ -253,15 +255,31 @@ class SnapshotClient:
                             if isinstance(v, torch.Tensor)]
             else:
                 tensors += list(guard.parameters())
-        ptrs = frozenset(t.data_ptr() for t in tensors if t.numel())
+        # A DTensor (FSDP2, tensor parallel) is guarded by its local shard, which is what a
+        # save copies: the optimizer's DTensor parameter and model.state_dict()'s detached
+        # DTensor are two objects over one local storage.
+        locals_ = (local_tensor(t) for t in tensors)
+        ptrs = frozenset(t.data_ptr() for t in locals_ if t.numel())
         self._guarded = (key, ptrs)
         return ptrs
 
-    def _failed(self, step: int, exc: BaseException) -> Future:
+    def _failed(self, step: int, exc: BaseException, stacklevel: int = 3) -> Future:
         future: Future = Future()
         future.set_exception(exc)
-        self._record(exc)
+        self._record(exc, stacklevel)
         return future
+
+    def _rejected(self, step: int, exc: SnapshotError) -> Future:
+        """A state that cannot be stored: refused at save(), before any copy, and loud (it
+        fails the same way at every step until the script changes, so training is unprotected
+        from the start): logged at ERROR level at the first one and every 100th."""
+        with self._stats_lock:
+            self._stats.rejected += 1
+            count = self._stats.rejected
+        if count == 1 or count % 100 == 0:
+            log.error("snapshotd: the training state cannot be snapshotted, so training goes "
+                      "on UNPROTECTED (%d saves refused so far): %s", count, exc)
+        return self._failed(step, exc, stacklevel=5)   # the warning points at save()'s caller
 
     def _run(self, job: _Job) -> None:
         slot = None
@@ -320,7 +338,7 @@ class SnapshotClient:
         except SnapshotError:
             pass
 
-    def _record(self, exc: BaseException) -> None:
+    def _record(self, exc: BaseException, stacklevel: int = 3) -> None:
         skipped = isinstance(exc, SnapshotSkipped)
         with self._stats_lock:
             if skipped:
@@ -338,7 +356,7 @@ class SnapshotClient:
         if not self._warned:
             self._warned = True
             warnings.warn(f"snapshotd: a snapshot failed and training goes on: {exc}",
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=stacklevel)
         log.warning("snapshot failed (%d so far): %s", count, exc)
 
     def stats(self) -> SaveStats:
@@ -418,7 +436,9 @@ class SnapshotClient:
         return steps[-1] if steps else None
 
     def restore(self, step: int | None = None, into: Any = None,
-                check: Callable[[Any], None] | None = None) -> tuple[int, Any] | None:
+                check: Callable[[Any], None] | None = None, *,
+                meshes: Sequence[Any] = (), local_shards: bool = False
+                ) -> tuple[int, Any] | None:
         """Return ``(step, state)`` of the newest version (or of ``step``), or None if none.
 
         Inside a job with ``torch.distributed`` initialised and ``step`` None, every rank
@@ -433,15 +453,26 @@ class SnapshotClient:
         every mismatch. Tensors of the snapshot not in ``into`` come back freshly allocated.
 
         ``check``: called with the state's structure, its tensors on the ``meta`` device,
-        before anything is copied; raise from it to refuse the snapshot unchanged.
+        before anything is copied; raise from it to refuse the snapshot unchanged. A DTensor
+        appears there as a ``meta`` tensor of its global shape.
+
+        **DTensors** (FSDP2, tensor parallel, HSDP) come back as DTensors: a DTensor of
+        ``into`` is filled in place (its local shard) and returned; any other (an optimizer's
+        moments in a fresh process) is rebuilt with ``DTensor.from_local`` on the live mesh
+        with the recorded ranks, taken from ``meshes`` (a sequence of ``DeviceMesh``) and from
+        the DTensors of ``into``. Every shard must sit where it was saved: the same global
+        shape, placements, mesh and coordinate of this rank; otherwise nothing is written and
+        ``SnapshotError`` names every mismatch (resharding is not supported yet). With
+        ``local_shards=True`` a DTensor not in ``into`` comes back as this rank's local shard,
+        a plain tensor (outside the job: no mesh needed).
         """
         step = None if step is None else _step(step)
         with self._lock:
             self.wait()
-            return self._restore(step, into, check)
+            return self._restore(step, into, check, tuple(meshes), local_shards)
 
-    def _restore(self, step: int | None, into: Any,
-                 check: Callable[[Any], None] | None) -> tuple[int, Any] | None:
+    def _restore(self, step: int | None, into: Any, check: Callable[[Any], None] | None,
+                 meshes: tuple = (), local_shards: bool = False) -> tuple[int, Any] | None:
         if step is None and _distributed():
             step = self._agree()
             if step is None:
@@ -457,7 +488,7 @@ class SnapshotClient:
         started = time.perf_counter()
         try:
             try:
-                targets = _targets(into, lease.tensors)
+                targets, placer = _targets(into, lease, meshes, local_shards)
                 if check is not None:
                     check(unflatten(lease.meta, [view_of(None, e.__dict__, device="meta")
                                                  for e in lease.tensors]))
@@ -483,7 +514,7 @@ class SnapshotClient:
                                         time.perf_counter() - started)
         log.info("restored job %r rank %d step %d from %s (%d bytes)", self.job, self.rank,
                  lease.step, lease.tier, lease.nbytes)
-        return lease.step, unflatten(lease.meta, tensors)
+        return lease.step, unflatten(lease.meta, tensors, placer)
 
     def _start_over(self) -> None:
         """The job has no common step and starts from scratch: a new timeline from nothing, so
@@ -615,11 +646,21 @@ def agree_step(client: SnapshotClient, group: Any = None) -> int | None:
 
 
 
-def _targets(into: Any, table: tuple[p.TensorEntry, ...]) -> dict[str, torch.Tensor]:
-    """The tensors of ``into`` by name, each checked against the snapshot's table."""
-    if into is None:
-        return {}
-    layout = flatten(into)
+def _targets(into: Any, lease: p.OpenReply, meshes: tuple = (),
+             local_shards: bool = False) -> tuple[dict[str, torch.Tensor], Placer]:
+    """The tensors of ``into`` by name (a DTensor's local shard), each checked against the
+    snapshot's table, and the :class:`Placer` of the snapshot's DTensors (checked too)."""
+    table = lease.tensors
+    layout = flatten(into) if into is not None else Layout([], [], "", 0)
+    live = {layout.entries[i]["name"]: t for i, t in layout.dtensors.items()}
+    for entry, tensor in zip(layout.entries, layout.tensors):
+        live.setdefault(entry["name"], tensor)
+    try:
+        placer = Placer(lease.meta, [t.name for t in table], [t.shape for t in table], live,
+                        meshes, local_shards=local_shards)
+    except ShardingMismatch as exc:
+        raise SnapshotError(f"restore does not fit the live job, nothing was written: "
+                            f"{exc}") from None
     held = {t.name: t for t in table}
     problems, targets = [], {}
     for entry, tensor in zip(layout.entries, layout.tensors):
@@ -638,7 +679,7 @@ def _targets(into: Any, table: tuple[p.TensorEntry, ...]) -> dict[str, torch.Ten
         raise SnapshotError(f"restore(into=...) does not match the snapshot, nothing was "
                             f"written: {'; '.join(problems[:8])}"
                             + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""))
-    return targets
+    return targets, placer
 
 
 def _step(step: Any) -> int:

@@ -11,6 +11,16 @@ are unambiguous: each path component is a dict key or a list/tuple index, a ``/`
 a string key is percent-escaped, a string key made only of digits has its first digit escaped
 (so ``{"0": a}`` and ``{0: a}`` differ) and any other key type is written as ``%type:repr``.
 The same tensor reached by two paths (tied weights) is stored once and comes back as one tensor.
+
+A ``DTensor`` (FSDP2, tensor parallel, HSDP) is stored as the rank's local shard, with what places
+it in the global tensor: global shape and stride, placements, the mesh (device type, dimension
+names, the grid of global ranks), the rank's mesh coordinate and the shard's global offsets, the
+facts ``torch.distributed.checkpoint`` records in its metadata (the offsets come from DCP's own
+``__create_chunk_list__``). Meshes go into a table at the top of the skeleton, stored once.
+On restore at the same world size and mesh a shard is put back into the live ``DTensor`` in
+place, or wrapped in a new ``DTensor`` on a live mesh with the recorded placements
+(:class:`Placer`); a different mesh, placement or global shape is refused (resharding is not
+supported yet).
 """
 
 from __future__ import annotations
@@ -19,7 +29,8 @@ import base64
 import json
 import math
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,13 +40,18 @@ try:  # numpy is optional: only needed to snapshot numpy arrays and RNG states
 except ImportError:  # pragma: no cover
     np = None  # type: ignore[assignment]
 
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
 from ._protocol import DTYPE_SIZES
 
-__all__ = ["Layout", "flatten", "unflatten", "dtype_name", "view_of", "key_name"]
+__all__ = ["Layout", "flatten", "unflatten", "dtype_name", "view_of", "key_name", "local_tensor",
+           "is_dtensor", "sharding_of", "describe_mesh", "Placer", "ShardingMismatch"]
 
 _ALIGN = 64
 _TAGS = ("__tensor__", "__tuple__", "__bytes__", "__float__", "__dict__", "__np__",
-         "__ndarray__")
+         "__ndarray__", "__dtensor__", "__sharded__")
+#: Version of the ``__sharded__`` envelope (mesh table) around a skeleton holding DTensors.
+SHARDED_FORMAT = 1
 _DIGITS = re.compile(r"-?[0-9]+")
 #: Largest list, tuple or dict kept as plain values: a larger one belongs in a tensor (a
 #: 10-million-element permutation would cost seconds on the training thread, every save).
@@ -65,14 +81,160 @@ def _dtype(name: str) -> torch.dtype:
     return value
 
 
+# ---------------------------------------------------------------------- DTensor
+
+_DTENSOR: Any = None
+
+
+def _dtensor_type() -> Any:
+    """``torch.distributed.tensor.DTensor``, or None where torch has no distributed support."""
+    global _DTENSOR
+    if _DTENSOR is None:
+        cls: Any
+        try:
+            from torch.distributed.tensor import DTensor as cls
+        except ImportError:  # pragma: no cover - torch built without distributed
+            cls = False
+        _DTENSOR = cls
+    return _DTENSOR or None
+
+
+def is_dtensor(t: Any) -> bool:
+    """``t`` is a ``torch.distributed.tensor.DTensor`` (without importing it for plain tensors)."""
+    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
+        return False
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The tensor holding ``t``'s bytes on this rank: a DTensor's local shard, else ``t``.
+
+    What the client copies, and so what identifies a tensor guarded by ``protect()``: the same
+    parameter reached as ``model.state_dict()[k]`` (a detached DTensor) and as the optimizer's
+    ``param`` (the DTensor parameter) has one local tensor storage."""
+    if is_dtensor(t):
+        return t._local_tensor  # type: ignore[attr-defined]
+    return t
+
+
+def _placement_text(p: Any, path: str) -> str:
+    """A placement as text: ``S(0)``, ``_S(0, 2)`` (strided shard), ``R``, ``P(sum)``."""
+    from torch.distributed.tensor.placement_types import Partial, Replicate, Shard, _StridedShard
+
+    if isinstance(p, _StridedShard):
+        return f"_S({int(p.dim)}, {int(p.split_factor)})"
+    if isinstance(p, Shard):
+        return f"S({int(p.dim)})"
+    if isinstance(p, Replicate):
+        return "R"
+    if isinstance(p, Partial):
+        return f"P({p.reduce_op})"
+    raise TypeError(f"{path or '<state>'}: a DTensor placed {p!r} cannot be snapshotted (only "
+                    "Shard, Replicate, Partial and strided-shard placements are known); "
+                    "redistribute it, or store full_tensor()")
+
+
+_PLACEMENT = re.compile(r"S\((\d+)\)|_S\((\d+), (\d+)\)|R|P\((\w+)\)")
+
+
+def _placement(text: str) -> Any:
+    from torch.distributed.tensor.placement_types import Partial, Replicate, Shard, _StridedShard
+
+    m = _PLACEMENT.fullmatch(text)
+    if m is None:
+        raise ValueError(f"snapshot holds DTensor placement {text!r}, which this client does "
+                         "not know; restore with the client version that saved it")
+    if m.group(1) is not None:
+        return Shard(int(m.group(1)))
+    if m.group(2) is not None:
+        return _StridedShard(int(m.group(2)), split_factor=int(m.group(3)))
+    if text == "R":
+        return Replicate()
+    return Partial(m.group(4))
+
+
+def describe_mesh(mesh: Any) -> dict[str, Any]:
+    """A ``DeviceMesh`` as JSON: device type, dimension names, the grid of global ranks."""
+    names = mesh.mesh_dim_names
+    return {"device": mesh.device_type, "dims": list(names) if names else None,
+            "ranks": mesh.mesh.tolist()}
+
+
+def _mesh_text(desc: Mapping[str, Any]) -> str:
+    shape: list[int] = []
+    ranks = desc["ranks"]
+    while isinstance(ranks, list):
+        shape.append(len(ranks))
+        ranks = ranks[0] if ranks else None
+    dims = desc.get("dims")
+    names = f" {tuple(dims)}" if dims else ""
+    return f"{desc['device']} mesh {'x'.join(map(str, shape)) or '()'}{names} ranks {desc['ranks']}"
+
+
+#: (id(mesh), placements, global shape, local shape) -> (mesh, record without the mesh index):
+#: computing a shard's offsets costs tens of microseconds, and a state dict's DTensors are new
+#: objects at every save (``detach()``) that share a handful of (mesh, placements, shape).
+_SHARD_CACHE: dict[tuple, tuple[Any, dict[str, Any]]] = {}
+
+
+def _shard_record(t: Any, local: torch.Tensor, path: str) -> tuple[Any, dict[str, Any]]:
+    """Where ``t``'s local shard sits in the global tensor (DCP's chunk metadata and more)."""
+    mesh, placements = t.device_mesh, tuple(t.placements)
+    key = (id(mesh), placements, tuple(t.shape), tuple(local.shape))
+    hit = _SHARD_CACHE.get(key)
+    if hit is not None and hit[0] is mesh:
+        return hit
+    texts = [_placement_text(p, path) for p in placements]
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:
+        raise TypeError(f"{path or '<state>'}: a DTensor on a mesh this rank is not part of "
+                        "holds nothing here and cannot be snapshotted; leave it out")
+    if any(text.startswith("P(") for text in texts):
+        # DCP refuses Partial placements (its chunk list needs a reduction first); the local
+        # value is still exactly restorable on the same mesh.
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        sizes, offsets = compute_local_shape_and_global_offset(t.shape, mesh, placements)
+    else:
+        (chunk,) = t.__create_chunk_list__()          # DCP's ChunkStorageMetadata of the shard
+        sizes, offsets = chunk.sizes, chunk.offsets
+    if tuple(sizes) != tuple(local.shape):
+        raise TypeError(f"{path or '<state>'}: DTensor's local shard has shape "
+                        f"{list(local.shape)}, but its placements {texts} on its mesh give "
+                        f"{list(sizes)}; it cannot be placed in the global tensor, so it is "
+                        "not snapshotted (redistribute it or store full_tensor())")
+    record = {"shape": list(t.shape), "stride": list(t.stride()), "placements": texts,
+              "coordinate": [int(c) for c in coordinate], "offsets": [int(o) for o in offsets]}
+    if len(_SHARD_CACHE) >= 4096:
+        _SHARD_CACHE.clear()
+    _SHARD_CACHE[key] = (mesh, record)
+    return mesh, record
+
+
+def _sharding_text(rec: Mapping[str, Any], mesh: Mapping[str, Any] | None) -> str:
+    where = _mesh_text(mesh) if mesh is not None else "an unknown mesh"
+    return (f"global {list(rec['shape'])} placed {rec['placements']} on {where} at coordinate "
+            f"{rec['coordinate']} (offsets {rec['offsets']})")
+
+
+class ShardingMismatch(ValueError):
+    """A snapshot's DTensor shards do not fit the live job (another mesh, placement or shape)."""
+
+
 @dataclass
 class Layout:
-    """Where each tensor goes: ``entries`` are protocol rows (without checksums)."""
+    """Where each tensor goes: ``entries`` are protocol rows (without checksums).
+
+    ``dtensors`` maps the table index of each DTensor's local shard to the DTensor itself, and
+    ``sharding`` to its record (the skeleton's ``__dtensor__`` node, with the mesh inline)."""
 
     tensors: list[torch.Tensor]
     entries: list[dict[str, Any]]
     meta: str
     nbytes: int
+    dtensors: dict[int, Any] = field(default_factory=dict)
+    sharding: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
 def flatten(state: Any) -> Layout:
@@ -86,10 +248,23 @@ def flatten(state: Any) -> Layout:
     seen: dict[tuple, int] = {}   # tensor identity -> index (tied weights are stored once)
     names: set[str] = set()
 
+    meshes: list[dict[str, Any]] = []
+    mesh_index: dict[int, tuple[Any, int]] = {}        # id(mesh) -> (mesh, table index)
+    dtensors: dict[int, Any] = {}
+    sharding: dict[int, dict[str, Any]] = {}
+
     def add(t: torch.Tensor, path: str) -> int:
         nonlocal offset
         if t.layout != torch.strided or t.is_quantized:
             raise TypeError(f"{path}: only dense tensors can be snapshotted, got {t.layout}")
+        if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter and (
+                is_traceable_wrapper_subclass(t)):
+            raise TypeError(f"{path}: a tensor of subclass {type(t).__name__} cannot be "
+                            "snapshotted (its bytes are not one dense tensor); store plain "
+                            "tensors (DTensors are supported)")
+        if t.is_meta:
+            raise TypeError(f"{path}: a tensor on the meta device holds no data and cannot be "
+                            "snapshotted; materialise it first (e.g. to_empty() and init)")
         dtype = dtype_name(t.dtype)
         if dtype not in DTYPE_SIZES:
             raise TypeError(f"{path}: tensors of dtype {t.dtype} cannot be snapshotted (no "
@@ -131,8 +306,31 @@ def flatten(state: Any) -> Layout:
             out["dtype"] = value.dtype.str
         return out
 
+    def dtensor(value: Any, path: str) -> dict[str, Any]:
+        local = local_tensor(value)           # to_local() without autograd's view
+        if is_dtensor(local):
+            raise TypeError(f"{path}: a DTensor whose local tensor is a DTensor cannot be "
+                            "snapshotted")
+        mesh, record = _shard_record(value, local, path)
+        known = mesh_index.get(id(mesh))
+        if known is None or known[0] is not mesh:
+            desc = describe_mesh(mesh)
+            index = next((i for i, m in enumerate(meshes) if m == desc), None)
+            if index is None:
+                meshes.append(desc)
+                index = len(meshes) - 1
+            mesh_index[id(mesh)] = known = (mesh, index)
+        idx = add(local, path)
+        node = {"__dtensor__": idx, "mesh": known[1], **record}
+        if idx not in dtensors:
+            dtensors[idx] = value
+            sharding[idx] = {**node, "mesh": meshes[known[1]]}
+        return node
+
     def walk(value: Any, path: str) -> Any:
         if isinstance(value, torch.Tensor):
+            if is_dtensor(value):
+                return dtensor(value, path)
             return {"__tensor__": add(value, path)}
         if isinstance(value, (list, tuple, dict)) and len(value) > MAX_CONTAINER:
             raise TypeError(f"{path or '<state>'}: a {type(value).__name__} of {len(value)} "
@@ -175,11 +373,52 @@ def flatten(state: Any) -> Layout:
     except RecursionError:
         raise TypeError("<state>: nested too deeply (or contains a reference cycle) to be "
                         "snapshotted") from None
-    return Layout(tensors, entries, json.dumps(skeleton, separators=(",", ":")), offset)
+    if meshes:
+        skeleton = {"__sharded__": {"format": SHARDED_FORMAT, "meshes": meshes},
+                    "state": skeleton}
+    return Layout(tensors, entries, json.dumps(skeleton, separators=(",", ":")), offset,
+                  dtensors, sharding)
 
 
-def unflatten(meta: str, tensors: list[torch.Tensor]) -> Any:
-    """Rebuild the state from its skeleton and the restored tensors (in table order)."""
+def _envelope(meta: str) -> tuple[Any, list[dict[str, Any]]]:
+    """The skeleton and the mesh table of a meta string."""
+    root = json.loads(meta)
+    if isinstance(root, dict) and "__sharded__" in root:
+        header = root["__sharded__"]
+        if header.get("format") != SHARDED_FORMAT:
+            raise ValueError(f"snapshot holds sharded state of format {header.get('format')!r}"
+                             f"; this client reads format {SHARDED_FORMAT}")
+        return root["state"], header["meshes"]
+    return root, []
+
+
+def sharding_of(meta: str) -> dict[int, dict[str, Any]]:
+    """The DTensor records of a snapshot, by table index (the mesh inline, not an index)."""
+    skeleton, meshes = _envelope(meta)
+    out: dict[int, dict[str, Any]] = {}
+
+    def visit(node: Any) -> None:
+        if isinstance(node, list):
+            for v in node:
+                visit(v)
+        elif isinstance(node, dict):
+            if "__dtensor__" in node:
+                out.setdefault(node["__dtensor__"], {**node, "mesh": meshes[node["mesh"]]})
+                return
+            for v in node.values():
+                visit(v)
+
+    visit(skeleton)
+    return out
+
+
+def unflatten(meta: str, tensors: list[torch.Tensor], placer: Placer | None = None) -> Any:
+    """Rebuild the state from its skeleton and the restored tensors (in table order).
+
+    A DTensor comes back through ``placer`` (the live DTensor filled in place, or a new one on a
+    live mesh). Without one, and for a structure-only restore (``meta`` tensors), it comes back
+    as a ``meta`` tensor of its global shape."""
+    skeleton, meshes = _envelope(meta)
 
     def build(node: Any) -> Any:
         if isinstance(node, list):
@@ -188,6 +427,11 @@ def unflatten(meta: str, tensors: list[torch.Tensor]) -> Any:
             return node
         if "__tensor__" in node:
             return tensors[node["__tensor__"]]
+        if "__dtensor__" in node:
+            held = tensors[node["__dtensor__"]]
+            if held.is_meta or placer is None:
+                return torch.empty(node["shape"], dtype=held.dtype, device="meta")
+            return placer.build(node["__dtensor__"], held)
         if "__ndarray__" in node:
             held = tensors[node["__ndarray__"]]
             if held.is_meta:          # a structure-only restore (shapes, no bytes)
@@ -208,7 +452,135 @@ def unflatten(meta: str, tensors: list[torch.Tensor]) -> Any:
             return {_hashable(build(k)): build(v) for k, v in node["__dict__"]}
         return {k: build(v) for k, v in node.items()}
 
-    return build(json.loads(meta))
+    return build(skeleton)
+
+
+_RESHARD = ("restoring onto another mesh, placement or global shape (resharding, e.g. at "
+            "another world size) is not supported yet (issue 14): restore with the world size "
+            "and parallelism the job was saved with")
+
+
+def _same_sharding(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    keys = ("shape", "placements", "coordinate", "offsets", "mesh")
+    return all(a[k] == b[k] for k in keys)
+
+
+class Placer:
+    """Puts a snapshot's DTensor shards back, after checking that every one fits the live job.
+
+    Args:
+        meta: the snapshot's skeleton (its ``meta`` string).
+        names: the snapshot's tensor names, in table order.
+        shapes: the local shapes of its tensors, in table order.
+        live: the tensors of ``restore(into=...)`` by name; a DTensor among them is filled in
+            place (its local tensor) and returned as is.
+        meshes: the live ``DeviceMesh`` objects on which a DTensor not in ``live`` (an
+            optimizer's moments in a fresh process) is rebuilt with ``DTensor.from_local``;
+            the meshes of ``live`` DTensors are candidates too.
+        local_shards: return a DTensor not in ``live`` as its local shard, a plain tensor
+            (outside the job, e.g. ``snapshotctl export``), instead of rebuilding it.
+
+    Raises :class:`ShardingMismatch` naming every DTensor that does not fit: another global
+    shape, placement or mesh, another coordinate of this rank in it, no live mesh with the
+    recorded ranks, or a plain tensor where the snapshot holds a DTensor (and vice versa).
+    """
+
+    def __init__(self, meta: str, names: Sequence[str], shapes: Sequence[Sequence[int]],
+                 live: Mapping[str, Any], meshes: Sequence[Any] = (), *,
+                 local_shards: bool = False) -> None:
+        records = sharding_of(meta)
+        self.local_shards = local_shards
+        self._into: dict[int, Any] = {}
+        self._place: dict[int, tuple[Any, list[Any], dict[str, Any]]] = {}
+        self._built: dict[int, Any] = {}
+        candidates: list[Any] = list(meshes) + [t.device_mesh for t in live.values()
+                                                if is_dtensor(t)]
+        descs: list[tuple[dict[str, Any], Any]] = []
+        for mesh in candidates:
+            if not any(known is mesh for _, known in descs):
+                descs.append((describe_mesh(mesh), mesh))
+        problems: list[str] = []
+        meshless: dict[str, list[str]] = {}             # mesh text -> names on it
+        index = {n: i for i, n in enumerate(names)}
+        for idx, rec in records.items():
+            name = names[idx]
+            target = live.get(name)
+            if local_shards and target is None:
+                continue
+            if target is not None and not is_dtensor(target):
+                problems.append(f"{name}: the snapshot holds a DTensor shard "
+                                f"({_sharding_text(rec, rec['mesh'])}), the live tensor is a "
+                                "plain tensor")
+            elif target is not None:
+                mesh, mine = _shard_record(target, local_tensor(target), name)
+                mine = {**mine, "mesh": describe_mesh(mesh)}
+                if _same_sharding(rec, mine):
+                    self._into[idx] = target
+                else:
+                    problems.append(f"{name}: the snapshot holds a shard of "
+                                    f"{_sharding_text(rec, rec['mesh'])}, the live tensor is "
+                                    f"{_sharding_text(mine, mine['mesh'])}")
+            elif not any(desc == rec["mesh"] for desc, _ in descs):
+                meshless.setdefault(_mesh_text(rec["mesh"]), []).append(name)
+            else:
+                problem = self._plan(idx, rec, list(shapes[idx]), descs, name)
+                if problem:
+                    problems.append(problem)
+        for name, t in live.items():
+            if is_dtensor(t) and name in index and index[name] not in records:
+                problems.append(f"{name}: the live tensor is a DTensor, the snapshot holds a "
+                                "plain tensor")
+        if problems:
+            raise ShardingMismatch(f"{'; '.join(problems[:8])}"
+                                   + (f" (and {len(problems) - 8} more)" if len(problems) > 8
+                                      else "") + f"; {_RESHARD}")
+        if meshless:
+            known = "; ".join(_mesh_text(d) for d, _ in descs) or "none"
+            held = "; ".join(f"{len(n)} on the {m} ({', '.join(n[:3])}"
+                             + (", ..." if len(n) > 3 else "") + ")"
+                             for m, n in meshless.items())
+            raise ShardingMismatch(
+                f"the snapshot holds DTensor shards on meshes that no live DTensor or mesh "
+                f"given has: {held} (live meshes: {known}); restore inside the job with its "
+                "meshes (TrainingState.restore passes the model's; or restore(meshes=[...]) / "
+                "into= the live DTensors), or restore(local_shards=True) for the local shards "
+                "as plain tensors")
+
+    def _plan(self, idx: int, rec: dict[str, Any], local_shape: list[int],
+              descs: list[tuple[dict[str, Any], Any]], name: str) -> str | None:
+        mesh = next(m for desc, m in descs if desc == rec["mesh"])
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        placements = [_placement(p) for p in rec["placements"]]
+        coordinate = mesh.get_coordinate()
+        sizes, offsets = compute_local_shape_and_global_offset(rec["shape"], mesh, placements)
+        if ([int(c) for c in coordinate or ()] != rec["coordinate"]
+                or list(sizes) != local_shape or [int(o) for o in offsets] != rec["offsets"]):
+            return (f"{name}: the snapshot holds the shard of {_sharding_text(rec, rec['mesh'])}"
+                    f" with shape {local_shape}; this rank is at coordinate {coordinate} of that "
+                    f"mesh, where the shard has shape {list(sizes)} at offsets {list(offsets)}")
+        self._place[idx] = (mesh, placements, rec)
+        return None
+
+    def build(self, idx: int, local: torch.Tensor) -> Any:
+        """The DTensor for table entry ``idx`` whose restored local shard is ``local``."""
+        target = self._into.get(idx)
+        if target is not None:
+            return target
+        if self.local_shards:
+            return local
+        built = self._built.get(idx)
+        if built is not None:                          # tied: one DTensor reached twice
+            return built
+        mesh, placements, rec = self._place[idx]
+        cls = _dtensor_type()
+        if local.device.type != mesh.device_type:      # restored on the CPU, mesh on a GPU
+            local = local.to(mesh.device_type)
+        with torch.no_grad():
+            built = cls.from_local(local, mesh, placements, run_check=False,
+                                   shape=torch.Size(rec["shape"]), stride=tuple(rec["stride"]))
+        self._built[idx] = built
+        return built
 
 
 def _hashable(key: Any) -> Any:

@@ -31,6 +31,10 @@ Example (runs as is, without a daemon: the state is captured and loaded in memor
     >>> train_step(); torch.equal(model.weight, expected)   # same data, same update, same bits
     True
 
+The same works unchanged when the model is sharded with FSDP2 (``fully_shard``), tensor
+parallelism, FSDP x TP or HSDP: parameters and optimizer moments are ``DTensor`` objects, and
+each rank stores and restores its own shards (see ``examples/train_fsdp.py``).
+
 With a daemon, in a training loop (``client = SnapshotClient(job="gpt")``)::
 
     state = TrainingState(model, optimizer, scheduler, data=sampler)
@@ -52,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from ._client import agree_step
+from ._flatten import is_dtensor
 
 if TYPE_CHECKING:
     from ._client import SnapshotClient
@@ -61,10 +66,16 @@ try:  # numpy is optional: its global RNG is captured only when it is installed
 except ImportError:  # pragma: no cover
     np = None  # type: ignore[assignment]
 
-__all__ = ["TrainingState", "Stateful", "FORMAT", "agree_step", "capture_rng", "restore_rng"]
+__all__ = ["TrainingState", "Stateful", "FORMAT", "STATE_DICTS", "agree_step", "capture_rng",
+           "restore_rng"]
 
 #: Version of the dict layout written by :meth:`TrainingState.state_dict`.
 FORMAT = 1
+#: ``state_dicts=`` of :class:`TrainingState`: ``"module"`` takes ``model.state_dict()`` and
+#: ``optimizer.state_dict()`` as they are (FSDP2 and tensor parallelism return DTensors there);
+#: ``"dcp"`` goes through ``torch.distributed.checkpoint.state_dict``'s ``get_state_dict`` /
+#: ``set_state_dict`` (optimizer state keyed by parameter name; FSDP1 and other wrappers).
+STATE_DICTS = ("module", "dcp")
 
 
 class Stateful(Protocol):
@@ -87,7 +98,8 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class TrainingState:
-    """Capture and restore model, optimizer, scheduler, RNGs, data position and step.
+    """Capture and restore model, optimizer, scheduler, RNGs, data position, step and any other
+    object with ``state_dict()`` / ``load_state_dict()``.
 
     Args:
         model: the model (a ``DistributedDataParallel`` wrapper is looked through, so the keys
@@ -104,6 +116,21 @@ class TrainingState:
             ``DataLoader`` shuffles with) whose states are captured too.
         rng: capture and restore the global RNGs (torch CPU, CUDA when available, numpy,
             Python ``random``). Default True.
+        extra: other objects the script keeps, by name, each with ``state_dict()`` and
+            ``load_state_dict()``: a ``torch.amp.GradScaler`` (fp16 training resumes with the
+            same loss scale), EMA weights, a stateful data loader, a second optimizer, ...
+            Their state dicts may hold tensors (DTensors too), numpy arrays and plain values;
+            EMA tensors and anything else not guarded by ``protect()`` are copied at ``save()``.
+        state_dicts: ``"module"`` (default): the model's and optimizer's own ``state_dict()``
+            and ``load_state_dict()``, as DDP, FSDP2 (``fully_shard``) and tensor parallelism
+            return them (DTensors for sharded parameters and moments). ``"dcp"``: through
+            ``torch.distributed.checkpoint.state_dict.get_state_dict`` / ``set_state_dict``
+            (optimizer state keyed by parameter name, as DCP checkpoints hold it).
+
+    **Sharded state.** With FSDP2, tensor parallelism, 2-D meshes (FSDP x TP) and HSDP the
+    model's and optimizer's tensors are DTensors; each rank stores its local shards with
+    their place in the global tensors, and :meth:`restore` (same world size and meshes) fills
+    the model's shards in place and rebuilds the optimizer's on the model's meshes, bit for bit.
 
     The dict returned by :meth:`state_dict` holds references to live tensors (parameters,
     optimizer moments). :meth:`save` hands it to the client after ``client.protect(optimizer,
@@ -117,25 +144,49 @@ class TrainingState:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                  scheduler: Any | None = None, data: DataPosition | None = None, *,
                  generators: Mapping[str, torch.Generator] | None = None,
-                 rng: bool = True) -> None:
+                 rng: bool = True, extra: Mapping[str, Stateful] | None = None,
+                 state_dicts: str = "module") -> None:
+        if state_dicts not in STATE_DICTS:
+            raise ValueError(f"state_dicts={state_dicts!r}: choose one of {STATE_DICTS}")
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.data = data
         self.generators = dict(generators or {})
         self.rng = rng
+        self.state_dicts = state_dicts
+        self.extra: dict[str, Stateful] = dict(extra or {})
+        for name, obj in self.extra.items():
+            if not isinstance(name, str):
+                raise TypeError(f"extra: names must be strings, got {name!r}")
+            missing = [m for m in ("state_dict", "load_state_dict")
+                       if not callable(getattr(obj, m, None))]
+            if missing:
+                methods = " or ".join(m + "()" for m in missing)
+                raise TypeError(f"extra[{name!r}]: a {type(obj).__name__} has no {methods}; "
+                                "pass objects with both (wrap anything else in a small class "
+                                "that has them)")
 
     # ------------------------------------------------------------------ capture
 
     def state_dict(self, step: int) -> dict[str, Any]:
         """Everything needed to resume right after ``step``, as a snapshot-able nested dict."""
-        state: dict[str, Any] = {
-            "format": FORMAT,
-            "step": int(step),
-            "model": _unwrap(self.model).state_dict(),
-        }
-        if self.optimizer is not None:
-            state["optimizer"] = self.optimizer.state_dict()
+        state: dict[str, Any] = {"format": FORMAT, "step": int(step)}
+        if self.state_dicts == "dcp":
+            from torch.distributed.checkpoint.state_dict import (
+                get_model_state_dict,
+                get_state_dict,
+            )
+
+            if self.optimizer is not None:
+                state["model"], state["optimizer"] = get_state_dict(_unwrap(self.model),
+                                                                    self.optimizer)
+            else:
+                state["model"] = get_model_state_dict(_unwrap(self.model))
+        else:
+            state["model"] = _unwrap(self.model).state_dict()
+            if self.optimizer is not None:
+                state["optimizer"] = self.optimizer.state_dict()
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
         if self.data is not None:
@@ -144,6 +195,8 @@ class TrainingState:
             state["rng"] = capture_rng()
         if self.generators:
             state["generators"] = {name: g.get_state() for name, g in self.generators.items()}
+        if self.extra:
+            state["extra"] = {name: obj.state_dict() for name, obj in self.extra.items()}
         return state
 
     def _data_state(self) -> dict[str, Any]:
@@ -162,11 +215,22 @@ class TrainingState:
         copies them into the live model (on whatever device it is) and the optimizer.
         """
         self.check(state)
-        _unwrap(self.model).load_state_dict(state["model"])
-        if self.optimizer is not None:
-            if "optimizer" not in state:
-                raise KeyError("the snapshot holds no optimizer state")
-            self.optimizer.load_state_dict(state["optimizer"])
+        if self.state_dicts == "dcp":
+            from torch.distributed.checkpoint.state_dict import (
+                set_model_state_dict,
+                set_state_dict,
+            )
+
+            if self.optimizer is not None:
+                set_state_dict(_unwrap(self.model), self.optimizer,
+                               model_state_dict=state["model"],
+                               optim_state_dict=state["optimizer"])
+            else:
+                set_model_state_dict(_unwrap(self.model), state["model"])
+        else:
+            _unwrap(self.model).load_state_dict(state["model"])
+            if self.optimizer is not None:
+                self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             if "scheduler" not in state:
                 raise KeyError("the snapshot holds no scheduler state")
@@ -179,6 +243,8 @@ class TrainingState:
             restore_rng(state["rng"])
         for name, gen in self.generators.items():
             gen.set_state(state["generators"][name])
+        for name, obj in self.extra.items():
+            obj.load_state_dict(state["extra"][name])
         return int(state["step"])
 
     def _load_data(self, value: Mapping[str, Any]) -> None:
@@ -201,6 +267,27 @@ class TrainingState:
                               and m.max_norm is not None]
         return client.save(step, self.state_dict(step), copy_now=changed_by_forward)
 
+    def _model_state(self) -> dict[str, Any]:
+        if self.state_dicts == "dcp":
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+            return get_model_state_dict(_unwrap(self.model))
+        return _unwrap(self.model).state_dict()
+
+    def meshes(self) -> list[Any]:
+        """The ``DeviceMesh`` of every DTensor parameter and buffer of the model and optimizer:
+        where :meth:`restore` rebuilds the optimizer's sharded moments in a fresh process."""
+        seen: dict[int, Any] = {}
+        tensors: list[Any] = list(_unwrap(self.model).parameters())
+        tensors += list(_unwrap(self.model).buffers())
+        if self.optimizer is not None:
+            tensors += [p for g in self.optimizer.param_groups for p in g["params"]]
+        for t in tensors:
+            mesh = getattr(t, "device_mesh", None) if is_dtensor(t) else None
+            if mesh is not None:
+                seen.setdefault(id(mesh), mesh)
+        return list(seen.values())
+
     def check(self, state: Mapping[str, Any]) -> None:
         """Raise ``ValueError`` naming every way ``state`` does not fit what :meth:`load` would
         put it into; change nothing. ``state`` may hold ``meta`` tensors (shapes only)."""
@@ -210,7 +297,7 @@ class TrainingState:
             raise ValueError(f"not a TrainingState snapshot (format {got!r}, expected {FORMAT})")
         if not isinstance(state.get("step"), int):
             problems.append("no integer 'step'")
-        model = _unwrap(self.model).state_dict()
+        model = self._model_state()
         saved = state.get("model")
         if not isinstance(saved, Mapping):
             problems.append("no model state")
@@ -242,6 +329,11 @@ class TrainingState:
         missing_gens = [n for n in self.generators if n not in state.get("generators", {})]
         if missing_gens:
             problems.append(f"generators missing from the snapshot: {missing_gens}")
+        held = state.get("extra", {})
+        missing_extra = [n for n in self.extra if not isinstance(held, Mapping) or n not in held]
+        if missing_extra:
+            problems.append(f"extra objects missing from the snapshot: {missing_extra} (it "
+                            f"holds {sorted(held) if isinstance(held, Mapping) else []})")
         if self.rng and "rng" in state and not {"torch", "python"} <= set(state["rng"]):
             problems.append("RNG state without torch/python entries")
         if problems:
@@ -263,8 +355,8 @@ class TrainingState:
                 return None
         # The model exists already: fill its tensors in place (no fresh memory to fault in),
         # once the whole snapshot is known to fit (checked before any byte is written).
-        restored = client.restore(step, into={"model": _unwrap(self.model).state_dict()},
-                                  check=self.check)
+        restored = client.restore(step, into={"model": self._model_state()},
+                                  check=self.check, meshes=self.meshes())
         if restored is None:
             return None
         step_restored, state = restored

@@ -1,0 +1,92 @@
+"""Sharded training state against a real daemon (issue 13): FSDP2 x TP and HSDP on 2x2 meshes
+(4 real processes over gloo), and values that cannot be stored refused loudly at save().
+
+The torchrun jobs with a rank SIGKILLed are in test_torchrun_sharded.py.
+"""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.testing._internal.two_tensor import TwoTensor
+
+from snapshotd._export import export
+from snapshotd.localcluster import free_ports
+from snapshotd_client import SnapshotClient, SnapshotError
+
+WORKER = os.path.join(os.path.dirname(__file__), "sharded_worker.py")
+
+
+@pytest.mark.timeout(180)
+def test_fsdp_tp_and_hsdp_on_2x2_meshes_snapshot_and_restore_in_place(node, tmp_path):
+    """Each of 4 ranks: background copies never torn and never eager for guarded DTensors,
+    offsets that reassemble the global tensors, a restore into a fresh model and optimizer bit
+    for bit with the same placements, another layout refused (see sharded_worker.py)."""
+    port = free_ports(1)[0]
+    job = f"sh-{uuid.uuid4().hex[:6]}"
+    procs = []
+    for rank in range(4):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="4", LOCAL_RANK=str(rank),
+                   LOCAL_WORLD_SIZE="4", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+        procs.append(subprocess.Popen(
+            [sys.executable, WORKER, "--endpoint", node.specs[0].control, "--job", job,
+             "--out", str(tmp_path)], env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=150)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    failed = [(r, p.returncode, outputs[r][-3000:]) for r, p in enumerate(procs)
+              if p.returncode != 0]
+    assert not failed, failed
+    for rank in range(4):
+        results = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert [r["layout"] for r in results] == ["fsdp-tp", "hsdp"]
+        tp, hsdp = results
+        assert tp["strided"] > 0 and tp["reassembled"] > 0 and hsdp["reassembled"] == 8
+        assert all(r["eager_bytes"] == 0 and "issue 14" in r["refused"] for r in results)
+
+    # snapshotctl export, outside the job: every rank's local shards, as plain tensors.
+    out = tmp_path / "export"
+    result = export(node.specs[0].control, f"{job}-hsdp", None, str(out), progress=False)
+    assert result["ranks"] == [0, 1, 2, 3]
+    dcp_to_torch_save(out, tmp_path / "export.pt")
+    exported = torch.load(tmp_path / "export.pt", weights_only=True)
+    # HSDP shards the 15 rows of inp.weight over 2 ranks: 8 on shard coordinate 0, 7 on 1.
+    assert [exported[f"rank{r}"]["model"]["inp.weight"].shape[0] for r in range(4)] == [8, 7,
+                                                                                          8, 7]
+
+
+@pytest.mark.timeout(60)
+def test_a_value_that_cannot_be_stored_fails_loudly_at_the_first_save(node, caplog):
+    caplog.set_level(logging.ERROR, logger="snapshotd_client")
+    bad = {"model": {"w": torch.zeros(3)}, "opt": {"x": TwoTensor(torch.zeros(2),
+                                                                  torch.zeros(2))}}
+    with SnapshotClient(node.specs[0].control, job=f"bad-{uuid.uuid4().hex[:6]}",
+                        rank=0) as client, pytest.warns(RuntimeWarning, match="/opt/x"):
+        future = client.save(0, bad)
+        # Refused at save(), before any copy: the future has failed when save() returns.
+        assert future.done()
+        with pytest.raises(SnapshotError, match="/opt/x: a tensor of subclass TwoTensor"):
+            future.result()
+        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1 and "UNPROTECTED" in errors[0].getMessage()
+        assert "/opt/x" in errors[0].getMessage()
+        client.save(1, bad)
+        stats = client.stats()
+        assert (stats.rejected, stats.failed, stats.committed) == (2, 2, 0)
+        assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 1
+        assert client.save(2, {"model": {"w": torch.zeros(3)}}).result() == 2
+        assert client.steps() == [2]
