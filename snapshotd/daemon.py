@@ -51,7 +51,9 @@ class Daemon:
 
     def start(self) -> None:
         self._take_lock()
-        report = self.store.open(adopt=self.config.adopt)
+        # Retention of what is adopted waits for the job-wide steps the cluster kept (the
+        # floors file): evicting first would drop the step a lagging node relies on.
+        report = self.store.open(adopt=self.config.adopt, retain=False)
         log.info("segments in %s: adopted %d committed versions, removed %d leftovers (%d bytes)",
                  self.config.shm_dir, report["adopted"], report["removed"], report["bytes_removed"])
         if self.config.persist_dir:
@@ -60,6 +62,7 @@ class Daemon:
                                        keep=self.config.persist_keep,
                                        rate=self.config.persist_rate, metrics=self.metrics).start()
         self.cluster = start_cluster(self.config, self.store, self.context, self.metrics)
+        self.store.retain_all()
         self.registry.register(StoreCollector(
             self.store, peers=self.cluster.heartbeats.status if self.cluster else None,
             insecure=bool(self.cluster and self.cluster.security.insecure)))

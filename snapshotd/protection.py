@@ -214,9 +214,16 @@ class Protector:
         return pp.manifest_id(nv.manifest(self.me, self.store.owner(nv.job)))
 
     def on_commit(self, version: Version) -> None:
-        """Called after every local commit: start encoding once the node version is complete."""
+        """Called after every local commit: start encoding once the node version is complete.
+
+        A re-commit of a step makes the parity of the version it replaced wrong for this node:
+        the group is told at once, like a drop of the older version (kept and told again to a
+        holder that is down), so that a loss of this node before the new version is encoded
+        never rebuilds the replaced bytes."""
         if self.group.m == 0:
             return
+        if version.replaces:
+            self._tell_dropped(version.job, {version.step}, version.committed_at - 1e-6)
         key = (version.job, version.step)
         nv = self.node_version(*key)              # outside our lock: the store calls back in
         if nv is None:
@@ -529,7 +536,12 @@ class Protector:
         with self._lock:
             for key in [k for k in self._sent if k[0] == job and k[1] in steps]:
                 del self._sent[key]
-        msg = pp.Dropped(job, self.me, tuple(sorted(steps)), time.time())
+        self._tell_dropped(job, steps, time.time())
+
+    def _tell_dropped(self, job: str, steps: set[int], at: float) -> None:
+        """Tell the group's other nodes that this node's versions of ``steps`` committed up
+        to ``at`` are gone (now, or once a node that is down is up again)."""
+        msg = pp.Dropped(job, self.me, tuple(sorted(steps)), at)
         for slot in self.group.slots:
             if slot == self.me:
                 continue

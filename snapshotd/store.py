@@ -128,6 +128,8 @@ class Version:
     protected: bool = False
     leases: int = 0
     doomed: bool = False
+    #: The commit time of the version of this step it replaced (a re-commit), else 0.
+    replaces: float = 0.0
 
     @property
     def state(self) -> str:
@@ -191,10 +193,12 @@ class Store:
 
     # ------------------------------------------------------------------ start and stop
 
-    def open(self, adopt: bool = True) -> dict[str, int]:
+    def open(self, adopt: bool = True, retain: bool = True) -> dict[str, int]:
         """Prepare the directory and deal with what a crashed daemon left behind.
 
         Committed segments (with a manifest) are adopted when ``adopt``; everything else is removed.
+        Retention runs on the adopted versions unless ``retain`` is False (then the caller runs
+        :meth:`retain_all` once it knows the job-wide steps: see ``Protector``'s floors).
         Returns counts: ``adopted``, ``removed``, ``bytes_removed``.
         """
         self.dir.prepare()
@@ -223,9 +227,15 @@ class Store:
             if left.manifest and left.manifest.get("owner"):
                 self._owners.setdefault(version.job, left.manifest["owner"])
             report["adopted"] += 1
-        for key in list(self._versions):
-            self._retain(key)
+        if retain:
+            self.retain_all()
         return report
+
+    def retain_all(self) -> None:
+        """Apply retention to every (job, rank) held (after adoption)."""
+        with self._lock:
+            for key in list(self._versions):
+                self._retain(key)
 
     def _adoptable(self, number: int, size: int, m: dict | None) -> Version | None:
         if m is None or m.get("format") != 1:
@@ -355,6 +365,7 @@ class Store:
             old = self._versions.setdefault((slot.job, slot.rank), {}).get(slot.step)
             self._versions[(slot.job, slot.rank)][slot.step] = version
             if old is not None:
+                version.replaces = old.committed_at
                 self._evict(old)
             self._retain((slot.job, slot.rank))
         return version

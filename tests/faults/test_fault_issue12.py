@@ -139,6 +139,7 @@ def test_regression_adoption_discards_newest_protected_step(clusters, zygote):
     cluster.start()
     save_on(zygote, cluster, "job", 1, 3, 1)
     wait_for(lambda: all_protected(cluster, "job", 3), RESUME_S, "step 3 protected")
+    time.sleep(1.0)                          # node 3 reports its floor, 3 (else 2 stays pinned)
     lose(cluster, 3)                         # not replaced yet
     save_on(zygote, cluster, "job", 4, 5, 1, slots=[0, 1, 2])
     time.sleep(1.0)
@@ -564,3 +565,55 @@ def test_regression_job_wide_step_not_lowered_by_a_new_timeline(clusters, zygote
     for s in range(4):
         ok, out = restore_check(zygote, cluster.specs[s], "job", s, 1, 3, step=3)
         assert ok, (s, out)
+
+
+def test_regression_restart_evicts_the_job_wide_step_at_adoption(clusters, zygote):
+    """A routine daemon restart (memory kept) ran retention on what it adopted before it knew
+    the job-wide step (its floors file): node 1 dropped step 3, the step node 3 relies on."""
+    cluster = clusters(4, k=2, m=2, args=[*FAST, "--keep", "2"])
+    cluster.start()
+    save_on(zygote, cluster, "job", 1, 3, 1)
+    wait_for(lambda: all_protected(cluster, "job", 3), RESUME_S, "step 3 protected")
+    time.sleep(1.0)                          # a round of floor reports: the job-wide step is 3
+    save_on(zygote, cluster, "job", 4, 5, 1, slots=[0, 1, 2])      # node 3 misses 4 and 5
+    wait_for(lambda: all_protected(cluster, "job", 5, slots=[1]), RESUME_S,
+             "node 1's step 5 protected", explain=lambda: cluster_state(cluster, "job"))
+    assert 3 in held_steps(cluster.specs[1], "job", 1)
+    cluster.kill(1)
+    cluster.restart(1)
+    per_rank = {s: held_steps(cluster.specs[s], "job", s) for s in range(4)}
+    assert all(3 in held for held in per_rank.values()), \
+        f"step 3 gone: {per_rank}\n{cluster_state(cluster, 'job')}"
+
+
+def test_regression_recommit_with_the_first_holder_down_rebuilds_the_old_bytes(clusters, zygote):
+    """Node 0 commits step 3 again (new bytes) while the first parity holder of its first
+    stripe is down, and is lost before its retry: the other holders still had the replaced
+    version's parity, and the replacement served the OLD bytes of step 3 as if they were it.
+    Now a re-commit tells the group like a drop: step 2 comes back (the newest version that is
+    still protected)."""
+    from snapshotd.placement import data_stripes, group_of, make_groups
+
+    cluster = clusters(4, k=2, m=2, args=[*FAST, "--keep", "2"])
+    cluster.start()
+    save_on(zygote, cluster, "job", 1, 3, 1)
+    wait_for(lambda: all_protected(cluster, "job", 3), RESUME_S, "step 3 protected")
+    group = group_of(0, make_groups(4, 2, 2))
+    holder = data_stripes(0, group)[0][0].parity[0]
+    cluster.kill(holder)                     # a crash: its memory stays
+    time.sleep(2.0)                          # the heartbeats say it is down
+    spec = cluster.specs[0]
+    t = zygote.spawn("save", spec.control, "--job", "job", "--rank", 0, "--mib", 1,
+                     "--steps", 3, 3, "--salt", 1, env={"LOCAL_WORLD_SIZE": "1"})
+    assert t.wait(120) == 0, t.text()
+    time.sleep(0.3)
+    lose(cluster, 0)
+    cluster.restart(holder)
+    time.sleep(1.0)
+    cluster.replace(0)
+    new = restored(zygote, spec, 0, 1)
+    old = restored(zygote, spec, 0, 0)
+    assert not (old.get("step") == 3 and old.get("exact") is True), \
+        f"the replaced bytes of step 3 came back: {old}"
+    assert (new.get("step") == 3 and new.get("exact") is True) or (
+        old.get("step") == 2 and old.get("exact") is True), (new, old)
