@@ -5,7 +5,8 @@ snapshot it restores is exactly the state at that step's ``save()``.
 Training is deterministic (fixed seeds, data drawn from the step number, one thread), so the
 state after step ``s`` can be recomputed from scratch by a fresh process::
 
-    python bntrainer.py train --endpoint E --job J [--steps N]   {"saved": s} per save()
+    python bntrainer.py train --endpoint E --job J [--steps N]   {"saved": s} per save(),
+                                                                 {"committed": s} once done
     python bntrainer.py check --endpoint E --job J               {"step": s, "exact": true}
 
 ``train`` saves after every step through ``TrainingState`` (which protects the optimizer and
@@ -82,8 +83,11 @@ def main(argv: list[str]) -> int:
             opt.step()
             opt.zero_grad()
             position["next"] = step + 1
-            state.save(client, step)
+            future = state.save(client, step)
             print(json.dumps({"saved": step}), flush=True)
+            future.add_done_callback(
+                lambda f, s=step: f.exception() is None and print(
+                    json.dumps({"committed": s}), flush=True))
             forward_backward(model, step + 1)
         client.close()
         return 0

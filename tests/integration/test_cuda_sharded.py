@@ -2,8 +2,8 @@
 through the side-stream copy, and a restore fills the CUDA shards in place and rebuilds the
 moments on the GPU mesh. A world of one (NCCL), a real daemon.
 
-Runs where a GPU is present (skipped, with the reason, elsewhere). Written without a GPU at hand
-(issue 13): it has not run on one yet."""
+Runs where a GPU is present (skipped, with the reason, elsewhere). Passed on an NVIDIA H200
+(torch 2.11, CUDA 13) on 2026-11-27, with tests/integration/test_cuda.py."""
 
 import pytest
 import torch
