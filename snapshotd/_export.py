@@ -65,7 +65,10 @@ def export(control: str, job: str, step: int | None, out: str,
     _progress(0, len(chosen), 0, progress)
     for i, rank in enumerate(chosen):
         with SnapshotClient(control, job=job, rank=rank, token=token) as client:
-            _, states[rank] = client.restore(step, local_shards=True)
+            got = client.restore(step, local_shards=True)
+            if got is None:
+                raise SystemExit(f"job {job!r} rank {rank}: step {step} is gone; export again")
+            _, states[rank] = got
             nbytes += client.last_restore.nbytes if client.last_restore else 0
         _progress(i + 1, len(chosen), nbytes, progress)
     state = states[chosen[0]] if len(chosen) == 1 else {f"rank{r}": s for r, s in states.items()}

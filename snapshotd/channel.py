@@ -20,7 +20,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 try:
-    from . import protocol as p
+    from . import protocol as p  # type: ignore[attr-defined,unused-ignore]
 except ImportError:  # inside snapshotd_client, where the same module is named _protocol
     from . import _protocol as p  # type: ignore[no-redef,attr-defined]
 
