@@ -21,6 +21,21 @@ _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 _SEG_RE = re.compile(r"seg-(\d+)\.(bin|json|json\.tmp)")
 
 
+def numbered_files(path: str, pattern: re.Pattern[str]) -> list[int]:
+    """The numbers of the files in ``path`` that ``pattern`` names (group 1: the number,
+    group 2: the suffix), in order; stray ``json.tmp`` files (a write cut short) are removed."""
+    numbers: set[int] = set()
+    for name in os.listdir(path):
+        match = pattern.fullmatch(name)
+        if not match:
+            continue
+        if match.group(2) == "json.tmp":
+            os.unlink(os.path.join(path, name))
+        else:
+            numbers.add(int(match.group(1)))
+    return sorted(numbers)
+
+
 @dataclass
 class Leftover:
     """What a previous daemon left in the directory."""
@@ -115,16 +130,7 @@ class SegmentDir:
 
     def scan(self) -> Iterator[Leftover]:
         """Yield leftover segments; remove stray temp manifests and orphan manifests."""
-        numbers: set[int] = set()
-        for name in os.listdir(self.path):
-            match = _SEG_RE.fullmatch(name)
-            if not match:
-                continue
-            if match.group(2) == "json.tmp":
-                os.unlink(os.path.join(self.path, name))
-            else:
-                numbers.add(int(match.group(1)))
-        for number in sorted(numbers):
+        for number in numbered_files(self.path, _SEG_RE):
             try:
                 size = os.stat(self.seg_path(number)).st_size
             except FileNotFoundError:

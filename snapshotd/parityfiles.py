@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import peerproto as pp
+from ._shm import numbered_files
 
 __all__ = ["ParityFiles"]
 
@@ -99,16 +100,7 @@ class ParityFiles:
     def scan(self) -> Iterator[tuple[int, dict[str, Any], Any]]:
         """Yield (number, description, mapping) of every whole parity file left behind;
         remove the rest (no description, a size that does not match, temp files)."""
-        numbers: set[int] = set()
-        for name in os.listdir(self.path):
-            match = _PAR_RE.fullmatch(name)
-            if not match:
-                continue
-            if match.group(2) == "json.tmp":
-                os.unlink(os.path.join(self.path, name))
-            else:
-                numbers.add(int(match.group(1)))
-        for number in sorted(numbers):
+        for number in numbered_files(self.path, _PAR_RE):
             self._next = max(self._next, number + 1)
             meta = self._read(number)
             try:
