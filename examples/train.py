@@ -276,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.save(model.state_dict(), os.path.join(args.out, "final.pt"))
         log_line(os.path.join(args.out, "events.jsonl"),
                  {"event": "done", "rank": rank, "steps": args.steps, "time": time.time()})
+    # Every rank leaves together, and DDP's reducer (which holds the process group and its
+    # hook) goes before the group: a rank that tore down gloo while DDP still held it was
+    # seen aborting at exit ("terminate called without an active exception") now and then.
+    dist.barrier()
+    del ddp
     dist.destroy_process_group()
     return 0
 

@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.save(final, os.path.join(args.out, "final.pt"))
         log_line(os.path.join(args.out, "events.jsonl"),
                  {"event": "done", "rank": rank, "steps": args.steps, "time": time.time()})
+    dist.barrier()                                       # every rank leaves together
     dist.destroy_process_group()
     return 0
 

@@ -132,6 +132,14 @@ class JobFloor:
 
     job: str
     floor: int
+    #: The steps of ``job`` every local rank of the sending node holds (oldest first): the
+    #: job-wide step is the newest step every node holds (empty from a daemon that predates
+    #: this field: then the lowest floor is kept, as before).
+    held: tuple[int, ...] = ()
+    #: The ranks of ``job`` the sending node holds, and how many the job has (0: not said):
+    #: until every rank is reported, nodes keep the steps a node not heard yet may hold.
+    ranks: tuple[int, ...] = ()
+    world: int = 0
 
 
 @dataclass(frozen=True)

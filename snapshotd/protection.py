@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import xxhash
 
@@ -28,7 +28,7 @@ from . import peerproto as pp
 from .codec import Codec
 from .parityfiles import ParityFiles, frag_infos
 from .placement import Group, Stripe, data_stripes, stripes
-from .store import Store, StoreError, Version
+from .store import Store, StoreError, Version, spare_steps
 
 __all__ = ["Protector", "ParityRecord", "NodeVersion", "frames_checksum", "contiguous"]
 
@@ -144,9 +144,11 @@ class Protector:
         #: Bytes of data fragments and parity buffers held by stripes being assembled or
         #: encoded: inside the budget, like the parity kept.
         self._inflight = 0
-        #: Job-wide retention: node -> {job: its floor}, from Held reports (this node's too),
-        #: kept in floors.json (see _load_floors); the nodes heard from since this start.
+        #: Job-wide retention: node -> {job: its floor}, and node -> {job: the steps it holds},
+        #: from Held reports (this node's too), kept in floors.json (see _load_floors); the
+        #: nodes heard from since this start.
         self._floors: dict[int, dict[str, int]] = {}
+        self._held: dict[int, dict[str, NodeView]] = {}
         self._heard: set[int] = set()
         #: Where a lowered floor is reported at once (every other node), and how long to wait.
         self.report_to: list[int] = []
@@ -331,6 +333,17 @@ class Protector:
             got = newest.get(v.rank, (-1, -1))
             newest[v.rank] = (max(got[0], v.step if v.protected else -1), max(got[1], v.step))
         return min((p if p >= 0 else h for p, h in newest.values()), default=-1)
+
+    def node_view(self, job: str) -> NodeView:
+        """This node's report of ``job``: its floor, the steps every local rank holds, its
+        ranks, and the job's number of ranks (as its writers said)."""
+        per: dict[int, set[int]] = {}
+        world = 0
+        for v in self.store.versions(job):
+            per.setdefault(v.rank, set()).add(v.step)
+            world = max(world, v.world_size)
+        held = tuple(sorted(set.intersection(*per.values()))) if per else ()
+        return NodeView(self.job_floor(job), held, tuple(sorted(per)), world)
 
     def on_protected(self, msg: pp.Protected) -> None:
         stripe = self._stripe(msg.stripe)
@@ -670,6 +683,8 @@ class Protector:
         pinned = self.store.pins.get(job)
         if pinned is not None:
             keep.add(pinned)
+        keep |= spare_steps([r.step for r in records],
+                             self.store.spare.get(job, self.store.unheard), self.keep)
         for r in records:
             if r.step not in keep:
                 self._forget((job, stripe, r.step))
@@ -682,7 +697,7 @@ class Protector:
         if not self.ready():
             return pp.Held(self.me, (), recovering=True)
         jobs = sorted({v.job for v in self.store.versions()})
-        held = pp.Held(self.me, tuple(pp.JobFloor(job, self.job_floor(job)) for job in jobs))
+        held = pp.Held(self.me, tuple(pp.JobFloor(job, *self.node_view(job)) for job in jobs))
         self._learn(held)
         return held
 
@@ -702,22 +717,44 @@ class Protector:
     def _learn(self, msg: pp.Held) -> None:
         with self._lock:
             floors = {j.job: j.floor for j in msg.jobs}
+            held = {j.job: NodeView(j.floor, tuple(j.held), tuple(j.ranks), j.world)
+                    for j in msg.jobs}
             self._heard.add(msg.src)
-            if msg.recovering or self._floors.get(msg.src) == floors:
+            if msg.recovering or (self._floors.get(msg.src) == floors
+                                  and self._held.get(msg.src) == held):
                 return
             self._floors[msg.src] = floors
+            self._held[msg.src] = held
             self._save_floors()
+            before = (dict(self.store.pins), dict(self.store.spare))
             self._set_pins()
+            jobs = {*before[0], *before[1], *self.store.pins, *self.store.spare}
+            changed = {job for job in jobs
+                       if (before[0].get(job), before[1].get(job))
+                       != (self.store.pins.get(job), self.store.spare.get(job))}
+        for job in changed:                      # what the new job-wide steps let go
+            self.store.retain_job(job)
+            with self._lock:
+                for stripe in self.stripes:
+                    self._retain_parity(job, stripe)
+
+    def _views(self, job: str, skip: int | None = None) -> dict[int, NodeView]:
+        """slot -> what it reported of ``job``, for every node that did (lock held)."""
+        return {slot: self._held.get(slot, {}).get(job, NodeView(f[job]))
+                for slot, f in self._floors.items() if job in f and slot != skip}
 
     def _set_pins(self) -> None:
-        """The job-wide steps: per job, the lowest floor any node reported (lock held)."""
+        """The job-wide step of every job, and the steps kept for slower nodes (lock held):
+        see :func:`job_wide`."""
         jobs = {job for floors in self._floors.values() for job in floors}
-        pins = {}
+        pins, spare = {}, {}
         for job in jobs:
-            floor = min(f[job] for f in self._floors.values() if job in f)
-            if floor >= 0:
-                pins[job] = floor
-        self.store.pins = pins
+            pin, kept = job_wide(self._views(job), self.keep)
+            if pin >= 0:
+                pins[job] = pin
+            if kept is not None:
+                spare[job] = kept
+        self.store.pins, self.store.spare = pins, spare
 
     # The floors are kept in a file next to the segments, so that a daemon restarted on its
     # memory goes on from what it knew: with only its own floor it would let the job-wide step
@@ -730,8 +767,14 @@ class Protector:
         try:
             with open(self._floors_path()) as fh:
                 saved = json.load(fh)
+            if "floors" not in saved:                       # written before "held"
+                saved = {"floors": saved, "held": {}}
             self._floors = {int(slot): {str(job): int(floor) for job, floor in jobs.items()}
-                            for slot, jobs in saved.items()}
+                            for slot, jobs in saved["floors"].items()}
+            self._held = {int(slot): {str(job): NodeView(int(v[0]), tuple(v[1]), tuple(v[2]),
+                                                         int(v[3]))
+                                      for job, v in jobs.items()}
+                          for slot, jobs in saved["held"].items()}
         except FileNotFoundError:
             return
         except (OSError, ValueError, TypeError, AttributeError) as exc:
@@ -744,7 +787,8 @@ class Protector:
         path = self._floors_path()
         try:
             with open(path + ".tmp", "w") as fh:
-                json.dump({str(s): f for s, f in self._floors.items()}, fh)
+                json.dump({"floors": {str(s): f for s, f in self._floors.items()},
+                           "held": {str(s): h for s, h in self._held.items()}}, fh)
             os.replace(path + ".tmp", path)
         except OSError as exc:
             log.warning("could not keep the job-wide steps in %s: %s", path, exc)
@@ -755,11 +799,11 @@ class Protector:
             return slot in self._heard
 
     def others_floor(self, job: str) -> int | None:
-        """The lowest floor of ``job`` the other nodes reported (None: none protected)."""
+        """The job-wide step of ``job`` by the other nodes' reports (None: none)."""
         with self._lock:
-            floors = [f[job] for slot, f in self._floors.items() if slot != self.me and job in f]
-        low = min(floors, default=-1)
-        return low if low >= 0 else None
+            views = self._views(job, skip=self.me)
+        pin = job_wide(views, self.keep)[0] if views else -1
+        return pin if pin >= 0 else None
 
     def pin(self, job: str) -> int | None:
         """The job-wide step: the lowest newest-protected step of all nodes holding ``job``."""
@@ -884,6 +928,60 @@ class Protector:
 
 #: Drop notices kept per unreachable peer (the oldest go first beyond that).
 _MAX_UNDELIVERED = 1024
+
+
+class NodeView(NamedTuple):
+    """What one node reported of one job (a :class:`~snapshotd.peerproto.JobFloor`)."""
+
+    floor: int
+    held: tuple[int, ...] = ()
+    ranks: tuple[int, ...] = ()
+    world: int = 0
+
+
+#: The bound of the steps kept for a node not heard yet (see job_wide).
+UNBOUNDED = 1 << 62
+
+
+def job_wide(views: dict[int, NodeView], keep: int) -> tuple[int, tuple[int, int, bool] | None]:
+    """The job-wide step of one job, and which steps above it to keep for slower nodes, from
+    every node's report.
+
+    The job-wide step (the *pin*) is the newest step every node holds, among those no newer
+    than every node's floor (its newest protected step) when there are such; no node evicts
+    it. A node that is slower (it saves later, or its reports lag) has not reported the steps
+    it is about to hold, so every node also keeps up to ``keep + 1`` of its steps above the
+    pin (the *spare* ones, :func:`~snapshotd.store.spare_steps`): the newest ones up to
+    ``keep`` past the newest step the slowest node reported (the steps that node holds next,
+    which become the next pin once it reports them); or, while some rank of the job (by the
+    number of ranks its writers gave) has not been reported by any node, the oldest ones above
+    the pin. Without these, nodes that save faster than a heartbeat round evict the step a
+    slower node then reports, and the job is left without a common step.
+
+    Returns ``(pin, (pin, bound, oldest))``; without the steps held (a daemon that predates
+    them), the lowest floor is the pin and nothing more is kept.
+
+    >>> V = NodeView
+    >>> job_wide({0: V(5, (2, 3, 4, 5)), 1: V(5, (2, 4, 5)), 2: V(3, (2, 3))}, keep=2)
+    (2, (2, 5, False))
+    >>> job_wide({0: V(5, (4, 5)), 1: V(3, (2, 3))}, keep=2)       # none common: lowest floor
+    (3, (3, 5, False))
+    >>> job_wide({0: V(5, (3, 4, 5), (0,), 3), 1: V(3, (2, 3), (1,), 3)}, keep=2)  # rank 2?
+    (3, (3, 4611686018427387904, True))
+    """
+    if not views:
+        return -1, None
+    low = min(v.floor for v in views.values())
+    helds = [set(v.held) for v in views.values()]
+    if not all(helds):
+        return low, None
+    common = set.intersection(*helds)
+    pin = max([s for s in common if s <= low] or common or [low])
+    world = max(v.world for v in views.values())
+    heard = {r for v in views.values() for r in v.ranks}
+    if world and len(heard) < world:
+        return pin, (pin, UNBOUNDED, True)
+    return pin, (pin, min(max(h) for h in helds) + keep, False)
 
 
 def _committed_at(manifest: str) -> float:

@@ -127,6 +127,9 @@ class Alloc:
     local_world_size: int = 1
     #: The job's access token (``--job-isolation``; from ``SNAPSHOTD_JOB_TOKEN``); never logged.
     token: str = ""
+    #: How many ranks the whole job has (``WORLD_SIZE``; 0: not said). Until every rank has
+    #: been heard of, daemons keep the steps a slower node may still report (retention).
+    world_size: int = 0
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,8 @@ class ControlServer(RouterLoop):
         self._authorize(m, bind=True)
         if self.stopping:
             raise StoreError("shutting_down", "the daemon is shutting down; retry on restart")
-        slot = self.store.alloc(m.job, m.rank, m.step, m.nbytes, m.pid, m.local_world_size)
+        slot = self.store.alloc(m.job, m.rank, m.step, m.nbytes, m.pid, m.local_world_size,
+                                world_size=m.world_size)
         return p.AllocReply(slot.handle, self.store.dir.seg_path(slot.number), slot.nbytes)
 
     def _on_commit(self, m: p.Commit, _: Any = None) -> p.CommitReply:

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,8 @@ import xxhash
 
 from ._shm import SegmentDir
 from .protocol import ProtocolError, TensorEntry, check_job, check_table
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Store", "StoreError", "Slot", "Version", "Lease", "process_identity"]
 
@@ -107,6 +110,8 @@ class Slot:
     created: float
     local_world_size: int = 1
     committing: bool = False
+    #: How many ranks the whole job has (``WORLD_SIZE``; 0: not said).
+    world_size: int = 0
     #: What the client gets and names the slot by: an unguessable capability, not the segment
     #: number (which the segment's path shows), so one client cannot abort another's write.
     handle: int = 0
@@ -130,6 +135,8 @@ class Version:
     doomed: bool = False
     #: The commit time of the version of this step it replaced (a re-commit), else 0.
     replaces: float = 0.0
+    #: How many ranks the whole job has (0: not said): see Protector.job_wide.
+    world_size: int = 0
 
     @property
     def state(self) -> str:
@@ -190,6 +197,11 @@ class Store:
         #: job -> the job-wide step every rank can restore (set by the protection layer from
         #: all nodes' reports): retention never evicts it.
         self.pins: dict[str, int] = {}
+        self._retaining = True
+        #: job -> (pin, bound, oldest): steps above the pin kept for slower nodes
+        #: (spare_steps); ``unheard`` for a job no report names yet (None: keep nothing more).
+        self.spare: dict[str, tuple[int, int, bool]] = {}
+        self.unheard: tuple[int, int, bool] | None = None
 
     # ------------------------------------------------------------------ start and stop
 
@@ -202,6 +214,7 @@ class Store:
         Returns counts: ``adopted``, ``removed``, ``bytes_removed``.
         """
         self.dir.prepare()
+        self._retaining = retain
         report = {"adopted": 0, "removed": 0, "bytes_removed": 0}
         for left in self.dir.scan():
             self._next = max(self._next, left.number + 1)
@@ -234,8 +247,17 @@ class Store:
     def retain_all(self) -> None:
         """Apply retention to every (job, rank) held (after adoption)."""
         with self._lock:
+            self._retaining = True
             for key in list(self._versions):
                 self._retain(key)
+
+    def retain_job(self, job: str) -> None:
+        """Apply retention to every rank of ``job`` (the job-wide steps changed); nothing
+        before :meth:`retain_all` when the adoption deferred it."""
+        with self._lock:
+            if self._retaining:
+                for key in [key for key in self._versions if key[0] == job]:
+                    self._retain(key)
 
     def _adoptable(self, number: int, size: int, m: dict | None) -> Version | None:
         if m is None or m.get("format") != 1:
@@ -246,7 +268,8 @@ class Store:
             check_table(tensors, size)
             return Version(number, m["job"], m["rank"], m["step"], m["nbytes"], size, tensors,
                            m["meta"], m["committed_at"], _VERSION_OVERHEAD + len(m["meta"]),
-                           m.get("local_world_size", 1), m.get("protected", False))
+                           m.get("local_world_size", 1), m.get("protected", False),
+                           world_size=int(m.get("world_size", 0)))
         except (KeyError, TypeError, ProtocolError):
             return None
 
@@ -266,7 +289,7 @@ class Store:
     # ------------------------------------------------------------------ writing
 
     def alloc(self, job: str, rank: int, step: int, nbytes: int, pid: int,
-              local_world_size: int = 1, *, older: bool = False) -> Slot:
+              local_world_size: int = 1, *, older: bool = False, world_size: int = 0) -> Slot:
         """Reserve a write slot of ``nbytes``; refuse over the memory limit.
 
         A step older than the newest one held for (job, rank) is refused (``stale_step``):
@@ -301,7 +324,8 @@ class Store:
             else:
                 number, size = reused
             slot = Slot(number, job, rank, step, nbytes, size, pid, pid_start, self._clock(),
-                        max(1, local_world_size), handle=self._new_handle(self._handles))
+                        max(1, local_world_size), handle=self._new_handle(self._handles),
+                        world_size=max(0, world_size))
             self._slots[number] = slot
             self._handles[slot.handle] = number
         if fresh:
@@ -320,6 +344,8 @@ class Store:
             victim = next(iter(self._pool.free))
             del self._pool.free[victim]
             self.dir.unlink(victim)
+        if self._used() + nbytes > self.memory_limit:
+            self._shed(nbytes)
         used = self._used()
         if used + nbytes > self.memory_limit:
             raise StoreError(
@@ -380,7 +406,8 @@ class Store:
             view.release()
         now = self._clock() if committed_at is None else committed_at
         version = Version(slot.number, slot.job, slot.rank, slot.step, slot.nbytes, slot.size,
-                          summed, meta, now, 0, slot.local_world_size, protected)
+                          summed, meta, now, 0, slot.local_world_size, protected,
+                          world_size=slot.world_size)
         version.book = self._write_manifest(version) + _VERSION_OVERHEAD
         return version
 
@@ -390,6 +417,7 @@ class Store:
         manifest = {"format": 1, "job": v.job, "rank": v.rank, "step": v.step,
                     "nbytes": v.nbytes, "meta": v.meta, "committed_at": v.committed_at,
                     "local_world_size": v.local_world_size, "protected": v.protected,
+                    "world_size": v.world_size,
                     "owner": self._owners.get(v.job, ""),
                     "tensors": [t.__dict__ | {"shape": list(t.shape)} for t in v.tensors]}
         return self.dir.write_manifest(v.number, manifest)
@@ -612,17 +640,44 @@ class Store:
         return data + self.extra_usage()
 
     def _retain(self, key: tuple[str, int]) -> None:
-        held = self._versions.get(key, {})
-        live = sorted((v for v in held.values() if not v.doomed), key=lambda v: -v.step)
-        protected = [v for v in live if v.protected]
-        keep = set(id(v) for v in live[:self.keep])
-        if protected:
-            keep.add(id(protected[0]))
-        pinned = self.pins.get(key[0])
-        keep |= {id(v) for v in live if v.step == pinned}
-        for version in live:
-            if id(version) not in keep:
+        core, spare = self._kept(key)
+        for version in self._live(key):
+            if id(version) not in core and id(version) not in spare:
                 self._evict(version)
+
+    def _live(self, key: tuple[str, int]) -> list[Version]:
+        held = self._versions.get(key, {})
+        return sorted((v for v in held.values() if not v.doomed), key=lambda v: -v.step)
+
+    def _kept(self, key: tuple[str, int]) -> tuple[set[int], set[int]]:
+        """The versions of (job, rank) retention keeps (as ids): the newest ``keep``, the
+        newest protected one and the job-wide step; and, apart, the spare ones kept for
+        slower nodes while memory allows (see spare_steps)."""
+        live = self._live(key)
+        protected = [v for v in live if v.protected]
+        core = set(id(v) for v in live[:self.keep])
+        if protected:
+            core.add(id(protected[0]))
+        pinned = self.pins.get(key[0])
+        core |= {id(v) for v in live if v.step == pinned}
+        steps = spare_steps([v.step for v in live], self.spare.get(key[0], self.unheard),
+                            self.keep)
+        return core, {id(v) for v in live if v.step in steps and id(v) not in core}
+
+    def _shed(self, nbytes: int) -> None:
+        """Evict spare versions, newest first, until ``nbytes`` more fit (lock held): they
+        are kept for slower nodes only while memory allows."""
+        spare = []
+        for key in list(self._versions):
+            ids = self._kept(key)[1]
+            spare += [v for v in self._live(key) if id(v) in ids and v.leases == 0]
+        for version in sorted(spare, key=lambda v: -v.step):
+            if self._used() + nbytes <= self.memory_limit:
+                return
+            log.warning("memory limit: job %r rank %d step %d evicted (it was kept for a "
+                        "slower node; raise --memory-limit to keep it)", version.job,
+                        version.rank, version.step)
+            self._evict(version)
 
     def _evict(self, version: Version) -> None:
         version.doomed = True
@@ -649,3 +704,21 @@ class Store:
             self.dir.unlink(number)
             return
         self._pool.free[number] = (size, self._clock())
+
+
+def spare_steps(steps: Iterable[int], spare: tuple[int, int, bool] | None,
+                keep: int) -> set[int]:
+    """Of ``steps``, those kept for slower nodes, by ``spare = (pin, bound, oldest)`` (see
+    :func:`snapshotd.protection.job_wide`): ``keep + 1`` of those above the pin and no newer
+    than the bound, the oldest ones if ``oldest`` else the newest.
+
+    >>> sorted(spare_steps(range(10), (2, 7, False), keep=2))
+    [5, 6, 7]
+    >>> sorted(spare_steps(range(10), (2, 99, True), keep=2))
+    [3, 4, 5]
+    """
+    if spare is None:
+        return set()
+    lo, hi, oldest = spare
+    above = sorted(s for s in steps if lo < s <= hi)
+    return set(above[:keep + 1] if oldest else above[-(keep + 1):])

@@ -57,6 +57,21 @@ class SaveStats:
     eager_bytes: int = 0    #: bytes copied on the calling thread at save() (unguarded tensors)
 
 
+def _world_size() -> int:
+    """The job's number of ranks: torch.distributed's, else ``$WORLD_SIZE``, else 0."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return int(dist.get_world_size())
+    except (ImportError, RuntimeError):
+        pass
+    try:
+        return max(0, int(os.environ.get("WORLD_SIZE", "0")))
+    except ValueError:
+        return 0
+
+
 def _default_endpoint() -> str:
     base = os.environ.get("XDG_RUNTIME_DIR")
     return f"ipc://{os.path.join(base, 'snapshotd') if base else '/run/snapshotd'}/control.sock"
@@ -144,6 +159,9 @@ class SnapshotClient:
         self._token = os.environ.get(ENV_TOKEN, "") if token is None else token
         self.rank = int(os.environ.get("RANK", "0")) if rank is None else rank
         self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        #: How many ranks the job has (``WORLD_SIZE``, or torch.distributed's): the daemons
+        #: keep the steps a slower rank may still report until they heard of every rank.
+        self.world_size = _world_size()
         self._channel = Channel(self.endpoint, timeout, context)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="snapshotd-save")
         self._cuda = torch.cuda.is_available()
@@ -290,7 +308,7 @@ class SnapshotClient:
                                       "for snapshotd")
             reply = self._channel.call(p.Alloc(self.job, self.rank, job.step, job.layout.nbytes,
                                                os.getpid(), self.local_world_size,
-                                               token=self._token))
+                                               token=self._token, world_size=self.world_size))
             slot = reply.slot
             self._daemon_slow = False
             with self._handoff:

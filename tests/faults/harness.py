@@ -818,9 +818,11 @@ def cleanup_dirs(*paths: str) -> None:
 
 def save_on(zygote: Zygote, cluster: LocalCluster, job: str, first: int, last: int,
             mib: float, ranks: int = 1, slots: Iterable[int] | None = None,
-            extra: Sequence[Any] = (), wait: bool = True) -> dict[tuple[int, int], Trainer]:
+            extra: Sequence[Any] = (), wait: bool = True, world: int = 0
+            ) -> dict[tuple[int, int], Trainer]:
     """One trainer per (node, local rank) saving steps first..last; global rank is
-    ``slot * ranks + local``. Waits for all of them unless ``wait`` is False."""
+    ``slot * ranks + local``. Waits for all of them unless ``wait`` is False. ``world``: the
+    job's number of ranks the trainers tell the daemons (``WORLD_SIZE``; 0: not said)."""
     chosen = range(len(cluster.specs)) if slots is None else slots
     trainers = {}
     for slot in chosen:
@@ -828,7 +830,8 @@ def save_on(zygote: Zygote, cluster: LocalCluster, job: str, first: int, last: i
             rank = slot * ranks + local
             trainers[(slot, rank)] = zygote.spawn(
                 "save", cluster.specs[slot].control, "--job", job, "--rank", rank, "--mib",
-                mib, "--steps", first, last, *extra, env={"LOCAL_WORLD_SIZE": str(ranks)})
+                mib, "--steps", first, last, *extra,
+                env={"LOCAL_WORLD_SIZE": str(ranks), "WORLD_SIZE": str(world)})
     if wait:
         for (slot, rank), t in trainers.items():
             rc = t.wait(180)

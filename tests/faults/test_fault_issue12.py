@@ -617,3 +617,34 @@ def test_regression_recommit_with_the_first_holder_down_rebuilds_the_old_bytes(c
         f"the replaced bytes of step 3 came back: {old}"
     assert (new.get("step") == 3 and new.get("exact") is True) or (
         old.get("step") == 2 and old.get("exact") is True), (new, old)
+
+
+# --------------------------------------------------------------------------- third review, F3
+
+
+@pytest.mark.parametrize("last", [5, 12])
+def test_regression_nodes_saving_faster_than_a_report_round_evict_the_common_step(
+        clusters, zygote, last):
+    """Nodes 0-2 save 1..last as fast as they can while node 3 saves only 1-3, all at once: the
+    fast nodes must not evict the step node 3 reports last (before: each evicted with the
+    job-wide step it knew then, and the job was left with no common step)."""
+    cluster = clusters(4, k=2, m=2, args=[*FAST, "--keep", "2"])
+    cluster.start()
+    fast = save_on(zygote, cluster, "job", 1, last, 1, slots=[0, 1, 2], wait=False, world=4)
+    save_on(zygote, cluster, "job", 1, 3, 1, slots=[3], world=4)
+    for (slot, _), t in fast.items():
+        assert t.wait(180) == 0, f"trainer of node {slot} failed:\n{t.text()}"
+
+    def common():
+        per_rank = {s: held_steps(cluster.specs[s], "job", s) for s in range(4)}
+        return set.intersection(*per_rank.values()), per_rank
+
+    # Several report rounds (0.2 s each): the steps held settle.
+    wait_for(lambda: 3 in common()[0], RESUME_S, "every rank to hold step 3",
+             explain=lambda: cluster_state(cluster, "job"))
+    time.sleep(1.0)
+    both, per_rank = common()
+    assert max(both, default=None) == 3, per_rank
+    for s in range(4):                       # what agree_step() picks, restored everywhere
+        ok, out = restore_check(zygote, cluster.specs[s], "job", s, 1, 3, step=3)
+        assert ok, (s, out)
