@@ -57,6 +57,32 @@ class SaveStats:
     eager_bytes: int = 0    #: bytes copied on the calling thread at save() (unguarded tensors)
 
 
+_RDZV_WARNED = False
+_RDZV_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+
+def _check_torchrun_env() -> None:
+    """Warn once per process when a restarted torchrun worker runs without
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: torchrun shares its rendezvous store with the
+    workers across restarts without a per-attempt prefix, so a restarted worker can read the
+    previous attempt's addresses and hang or fail to connect (pytorch issue 135712), which
+    looks like a failed restore."""
+    global _RDZV_WARNED
+    try:
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    except ValueError:
+        restarted = False
+    if _RDZV_WARNED or not restarted or os.environ.get(_RDZV_ENV) == "1":
+        return
+    _RDZV_WARNED = True
+    message = (f"snapshotd: this torchrun worker was restarted and {_RDZV_ENV} is not set "
+               "to 1: restarted workers can read the previous attempt's rendezvous "
+               "keys and hang or fail to connect (pytorch issue 135712); export "
+               "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 where torchrun is launched")
+    log.warning(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def _world_size() -> int:
     """The job's number of ranks: torch.distributed's, else ``$WORLD_SIZE``, else 0."""
     try:
@@ -162,6 +188,7 @@ class SnapshotClient:
         #: How many ranks the job has (``WORLD_SIZE``, or torch.distributed's): the daemons
         #: keep the steps a slower rank may still report until they heard of every rank.
         self.world_size = _world_size()
+        _check_torchrun_env()
         self._channel = Channel(self.endpoint, timeout, context)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="snapshotd-save")
         self._cuda = torch.cuda.is_available()

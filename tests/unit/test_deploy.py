@@ -789,3 +789,19 @@ def test_kubernetes_daemon_settings_are_real(tmp_path):
                 assert config.keys in mounts and not config.insecure, name
             checked += 1
     assert checked >= 4
+
+
+@pytest.mark.timeout(60)
+def test_every_torchrun_trainer_manifest_sets_the_rendezvous_setting():
+    """pytorch issue 135712: restarted workers must not read the previous attempt's keys."""
+    seen = 0
+    for name, doc in _manifests():
+        spec = _pod_spec(doc)
+        for container in _containers(spec) if spec else []:
+            launch = " ".join(container.get("command", []) + container.get("args", []))
+            if "torchrun" not in launch:
+                continue
+            seen += 1
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert env.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") == "1", (name, container["name"])
+    assert seen == 3

@@ -1,5 +1,6 @@
 """TrainingState: everything an exact resume needs survives the snapshot format, bit for bit."""
 
+import warnings
 import copy
 import random
 
@@ -118,3 +119,24 @@ def test_agree_step_takes_the_newest_step_every_rank_holds(one_rank_group):
     assert agree_step(FakeClient([])) is None
     with pytest.raises(SnapshotError, match="rank 0: DaemonUnavailable"):
         agree_step(FakeClient(DaemonUnavailable("no daemon")))
+
+
+def test_a_restarted_torchrun_worker_without_the_rendezvous_setting_is_warned_once(monkeypatch):
+    from snapshotd_client import _client
+
+    monkeypatch.setattr(_client, "_RDZV_WARNED", False)
+    monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _client._check_torchrun_env()                # first attempt: nothing to say
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+        _client._check_torchrun_env()
+        _client._check_torchrun_env()                # once per process
+    assert len(seen) == 1 and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in str(seen[0].message)
+    monkeypatch.setattr(_client, "_RDZV_WARNED", False)
+    monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _client._check_torchrun_env()
+    assert not seen
