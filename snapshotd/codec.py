@@ -1,4 +1,4 @@
-"""Erasure codecs: k data fragments + m parity fragments over GF(2^8) (DESIGN section 4).
+"""Erasure codecs: k data fragments + m parity fragments over GF(2^8) (docs/design.md section 4).
 
 Two implementations behind one seam:
 

@@ -3,7 +3,7 @@
 Same framing as the control protocol (one JSON header frame, :data:`protocol.PROTOCOL_VERSION`),
 plus payload frames after the header for chunk bytes. See ``docs/protocol.md``.
 
-Encoding a version ``v`` of job ``J`` (DESIGN section 4)::
+Encoding a version ``v`` of job ``J`` (docs/design.md section 4)::
 
     data node x ──PutData(stripe s, frag f)──► first parity holder of s
     first holder, once it has all k fragments: encode, keep parity 0,

@@ -1,4 +1,4 @@
-"""Stripe placement across nodes (DESIGN section 4): groups, rotated stripes, replicas.
+"""Stripe placement across nodes (docs/design.md section 4): groups, rotated stripes, replicas.
 
 Nodes are split into groups of ``n = k + m`` consecutive slots; a last, smaller group of ``n'``
 nodes keeps ``m`` and uses ``k' = n' - m``. A group has ``n`` stripes: stripe ``s`` puts its ``m``

@@ -1,4 +1,4 @@
-"""Erasure-coded protection of node versions across a group (DESIGN section 4).
+"""Erasure-coded protection of node versions across a group (docs/design.md section 4).
 
 A *node version* is every rank's committed version of one (job, step) on this node, laid end to
 end in rank order (``S`` bytes) and cut into ``k`` chunks of ``ceil(S/k)`` bytes. Chunk ``c`` of

@@ -1,4 +1,4 @@
-"""Rebuilding a node's data and parity from its group (DESIGN section 5, node replacement).
+"""Rebuilding a node's data and parity from its group (docs/design.md section 5, node replacement).
 
 At start, a daemon asks every reachable group peer for its inventory. For each job, if the
 peers' parity records know a newer version of this node's data than it holds, it rebuilds the

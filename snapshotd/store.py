@@ -1,6 +1,6 @@
 """The node's snapshot store: write slots, committed versions, read leases, retention, budget.
 
-Lifecycle of one version (see DESIGN section 3)::
+Lifecycle of one version (see docs/design.md section 3)::
 
     alloc(job, rank, step, nbytes, pid) -> Slot      segment reserved, invisible
     (client writes the bytes through its own mapping)

@@ -311,7 +311,7 @@ def test_dashboard_uses_only_exported_metrics(exported):
     assert len(exprs) >= 20
     _check_exprs(exprs, exported)
     used = set().union(*(promql_metrics(e) for e in exprs))
-    # Every figure DESIGN section 7 names is on the dashboard.
+    # Every figure docs/design.md section 7 names is on the dashboard.
     for name in ("snapshotd_protected_snapshot_age_seconds", "snapshotd_snapshot_age_seconds",
                  "snapshotd_versions", "snapshotd_memory_used_bytes",
                  "snapshotd_memory_limit_bytes", "snapshotd_memory_headroom_bytes",
