@@ -13,18 +13,22 @@ SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 setup: $(STAMP)
 
+# promtool (Debian's prometheus package) checks the alert rules and runs the scrape test; the
+# tests that need it skip with a message where it cannot be installed. The CPU build of torch
+# is pinned: a bare "torch" would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml client/pyproject.toml
-	# promtool (Debian's prometheus package) checks the alert rules and runs the scrape test;
-	# the tests that need it skip with a message where it cannot be installed.
-	command -v promtool >/dev/null || { $(SUDO) apt-get update -qq && \
+	@echo "setup: creating $(VENV) (torch CPU build, both packages editable, test tools)"
+	@command -v promtool >/dev/null || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
 	  prometheus >/dev/null; } || echo "setup: promtool not installed; its checks will skip"
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	# The CPU build of torch, pinned: a bare "torch" would pull a multi-GB CUDA build.
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test,fallback,demo]' -e ./client
-	touch $@
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install --quiet --upgrade pip
+	@$(PY) -m pip install --quiet torch==2.13.0
+	@# setuptools' generic notice on every editable install ("be careful with folders named like
+	@# the package") is silenced: it is about this very layout and says nothing new.
+	@PYTHONWARNINGS=ignore $(PY) -m pip install --quiet -e '.[test,fallback,demo]' -e ./client
+	@touch $@
+	@echo "setup: done"
 
 demo: $(STAMP)
 	$(VENV)/bin/snapshotd demo

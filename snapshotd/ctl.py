@@ -115,7 +115,9 @@ def cmd_keygen(args: argparse.Namespace) -> tuple[Any, str]:
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="snapshotctl", description=__doc__.split("\n")[0])
     ap.add_argument("--control", default=os.environ.get("SNAPSHOTD_CONTROL") or
-                    os.environ.get("SNAPSHOTD_ENDPOINT") or default_control())
+                    os.environ.get("SNAPSHOTD_ENDPOINT") or default_control(),
+                    help="the daemon's control socket (default $SNAPSHOTD_CONTROL, "
+                    "$SNAPSHOTD_ENDPOINT, or the default socket)")
     ap.add_argument("--json", action="store_true", help="machine-readable output")
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon")
     ap.add_argument("--token", default=os.environ.get("SNAPSHOTD_JOB_TOKEN", ""),
@@ -124,14 +126,32 @@ def _parser() -> argparse.ArgumentParser:
                     help="use the daemon's admin token (<shm-dir>/admin.token) to reach any job "
                     "under --job-isolation")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("status", help="node, memory, peers and versions")
-    for name in ("ls", "verify", "drop", "persist", "export"):
-        sp = sub.add_parser(name)
-        sp.add_argument("--job", required=name != "ls")
-        sp.add_argument("--rank", type=int)
-        sp.add_argument("--step", type=int)
+    sub.add_parser("status", help="node, memory, peers and versions",
+                   description="This node's slot, memory by kind, peers up and down, and the "
+                   "versions it holds.")
+    what = {
+        "ls": ("versions held, per rank", "list the versions this node holds (every job, or "
+               "one job / one rank) with their state: local, protected, rebuilding"),
+        "verify": ("check checksums", "recompute the checksums of a job's versions on this "
+                   "node and name every tensor that differs (exit status 1 if any)"),
+        "drop": ("delete versions", "delete a job's versions on this node (one rank, one step, "
+                 "or every step newer than --newer-than); the group frees their parity"),
+        "persist": ("write to --persist-dir", "write a step of a job (default: the newest) "
+                    "to the daemon's --persist-dir"),
+        "export": ("write a DCP checkpoint", "write a step of a job (every rank this node holds, "
+                   "or --rank) as a torch.distributed.checkpoint directory that dcp.load reads"),
+    }
+    for name, (short, long) in what.items():
+        sp = sub.add_parser(name, help=short, description=long[0].upper() + long[1:] + ".")
+        sp.add_argument("--job", required=name != "ls",
+                        help="the job name" + (" (default: every job)" if name == "ls" else ""))
+        sp.add_argument("--rank", type=int, help="one rank only (default: every rank)")
+        if name != "ls":
+            sp.add_argument("--step", type=int, help="one step only (default: " + (
+                "the newest)" if name in ("persist", "export") else "every step)"))
         if name == "drop":
-            sp.add_argument("--newer-than", type=int)
+            sp.add_argument("--newer-than", type=int, metavar="STEP",
+                            help="drop every step newer than STEP (start a new timeline)")
         if name == "export":
             sp.add_argument("--out", required=True, help="directory to write")
     kg = sub.add_parser("keygen", help="write the cluster CURVE key pair into DIR")
