@@ -47,8 +47,9 @@ def _save(rows: list[dict]) -> list[str]:
                    f"{_s(dcp['save']) if 'save' in dcp else dcp.get('error', '-')} | "
                    f"{_s(dcp['async_save_blocking']) if 'async_save_blocking' in dcp else '-'} |")
     out += ["", "Ingest is `save()` until the bytes are in daemon memory (`wait_copied()`: the "
-            "Alloc round trip and the copy, what the design's ingest target measures); committed adds "
-            "the daemon's XXH3 checksums of every tensor and the manifest write.", "",
+            "Alloc round trip and the copy, what the design's ingest target measures); "
+            "committed adds the daemon's XXH3 checksums of every tensor and the manifest "
+            "write.", "",
             "| state | until copied | GB/s | numpy copyto 1 core | GB/s | ingest ratio (≥ 0.8x) "
             "| until committed | GB/s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:

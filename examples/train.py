@@ -181,6 +181,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default="train-out", help="directory for logs and final.pt")
     ap.add_argument("--snapshot", action=argparse.BooleanOptionalAction, default=True,
                     help="snapshot every step through snapshotd ($SNAPSHOTD_ENDPOINT)")
+    ap.add_argument("--whole-replicas", action="store_true",
+                    help="every rank stores the whole replicated state (default: each rank "
+                    "stores 1/world of it where the daemons code across nodes)")
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("--tiny", dest="size", action="store_const", const="tiny",
                     help="same as --size tiny")
@@ -232,12 +235,17 @@ def main(argv: list[str] | None = None) -> int:
     data = SyntheticCorpus(size["vocab"], size["seq"], size["batch"], rank, world,
                            seed=1234 + args.seed)
 
+    ddp = DDP(model)                                     # the same model on every rank
+    ddp.register_comm_hook(None, ordered_allreduce_hook)
+
     # --- snapshotd ---------------------------------------------------------------------
     started = time.time()
     last = None
     if args.snapshot:
         client = SnapshotClient(job=args.job)              # $SNAPSHOTD_ENDPOINT, rank $RANK
-        state = TrainingState(model, optimizer, scheduler, data=data)
+        # The DDP wrapper: each rank stores 1/world of the replicated state (coded daemons).
+        state = TrainingState(ddp, optimizer, scheduler, data=data,
+                              split_replicas=not args.whole_replicas)
         client.protect(optimizer)                          # step() waits for copies in flight
         last = state.restore(client)                       # same step on every rank, or None
     # -----------------------------------------------------------------------------------
@@ -249,8 +257,6 @@ def main(argv: list[str] | None = None) -> int:
         "daemon": client.endpoint if args.snapshot else None,
         "first_step": first, "restore_s": round(restore_s, 4), "time": time.time()})
 
-    ddp = DDP(model)                                     # broadcasts rank 0's (restored) state
-    ddp.register_comm_hook(None, ordered_allreduce_hook)
     for step in range(first, args.steps):
         x, y = data.next_batch()
         loss = F.cross_entropy(ddp(x).flatten(0, 1), y.flatten())

@@ -14,7 +14,7 @@ from .config import Config, ConfigError, peer_endpoints
 from .peers import Heartbeats, PeerLinks, Security, load_security
 from .peerserver import PeerServer
 from .placement import PlacementError, group_of, make_groups
-from .protection import UNBOUNDED, Protector
+from .protection import Protector
 from .rebuild import Recovery
 from .store import Store
 
@@ -78,9 +78,9 @@ def start_cluster(config: Config, store: Store, context: zmq.Context, metrics: A
     all_links = PeerLinks(endpoints, context, security,
                           on_bytes=lambda d, n: metrics.peer_bytes.labels(direction=d).inc(n))
     protector.all_links = all_links
-    # A job no report names yet (its first saves here): keep its oldest steps too, until the
-    # first round of reports says which steps the other nodes hold (see job_wide).
-    store.unheard = (-1, UNBOUNDED, True)
+    # A job without a job-wide step yet (its first saves, or a rank not reported yet) keeps
+    # every version until the reports say which steps every node holds (see job_wide).
+    store.hold_unpinned = True
     protector.ready = lambda: recovery.ready
     protector.report_to = [s for s in endpoints if s != me]
     protector.report_timeout = min(config.peer_timeout, 1.0)

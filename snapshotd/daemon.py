@@ -75,7 +75,9 @@ class Daemon:
             recovery=self.cluster.recovery if self.cluster else None,
             peers=self.cluster.heartbeats.status if self.cluster else None,
             persister=self.persister, job_isolation=self.config.job_isolation,
-            admin_token=self._admin_token() if self.config.job_isolation else "")
+            admin_token=self._admin_token() if self.config.job_isolation else "",
+            coding=(self.cluster.protector.group.k, self.cluster.protector.group.m)
+            if self.cluster else (0, 0))
         if self.config.metrics_port is not None:
             self.http = MetricsServer(self.registry, self.config.metrics_port,
                                       ready=self.readiness).start()

@@ -28,7 +28,7 @@ from . import peerproto as pp
 from .codec import Codec
 from .parityfiles import ParityFiles, frag_infos
 from .placement import Group, Stripe, data_stripes, stripes
-from .store import Store, StoreError, Version, spare_steps
+from .store import Store, StoreError, Version
 
 __all__ = ["Protector", "ParityRecord", "NodeVersion", "frames_checksum", "contiguous"]
 
@@ -149,9 +149,12 @@ class Protector:
         #: nodes heard from since this start.
         self._floors: dict[int, dict[str, int]] = {}
         self._held: dict[int, dict[str, NodeView]] = {}
+        #: job -> this node's job-wide step: it only moves up (see job_wide).
+        self._pin: dict[str, int] = {}
         self._heard: set[int] = set()
         #: Where a lowered floor is reported at once (every other node), and how long to wait.
-        self.report_to: list[int] = []
+        #: (None until the cluster sets it: no job-wide step is computed before.)
+        self.report_to: list[int] | None = None
         self.report_timeout = 1.0
         #: Links to every node of the cluster (all groups) for Held; set by the cluster.
         self.all_links: Any = None
@@ -511,6 +514,7 @@ class Protector:
 
     def _room(self, nbytes: int, what: str) -> None:
         """Refuse (``memory_full``) bytes that would take the daemon over its budget."""
+        self.store.make_room(nbytes)
         used = self.store.stats()["bytes_used"]
         if used + nbytes > self.store.memory_limit:
             raise StoreError("memory_full", f"no room for {what} ({nbytes} bytes): {used} of "
@@ -542,8 +546,11 @@ class Protector:
         commits a newer step could let the step this node now relies on go."""
         with self._lock:
             last = self._floors.get(self.me, {}).get(job)
+            if self._pin.get(job, -1) in steps:  # a new timeline: the pin was dropped
+                del self._pin[job]
+                self.store.pins = {j: p for j, p in self._pin.items() if p >= 0}
         if steps and (last is None or self.job_floor(job) < last):
-            self.broadcast(self.report_to, self.report_timeout)
+            self.broadcast(self.report_to or [], self.report_timeout)
         if self.group.m == 0 or not steps:
             return
         with self._lock:
@@ -637,6 +644,7 @@ class Protector:
                                 msg.frags, bytearray(buf), msg.checksum))
 
     def _keep(self, record: ParityRecord) -> None:
+        self.store.make_room(record.length)
         used = self.store.stats()["bytes_used"]
         with self._lock:                # a record it replaces is freed
             old = self._parity.get((record.job, record.stripe, record.step))
@@ -683,8 +691,9 @@ class Protector:
         pinned = self.store.pins.get(job)
         if pinned is not None:
             keep.add(pinned)
-        keep |= spare_steps([r.step for r in records],
-                             self.store.spare.get(job, self.store.unheard), self.keep)
+        if pinned is not None or self.store.hold_unpinned:
+            low = -1 if pinned is None else pinned
+            keep |= {r.step for r in records if r.step > low}
         for r in records:
             if r.step not in keep:
                 self._forget((job, stripe, r.step))
@@ -725,13 +734,11 @@ class Protector:
                 return
             self._floors[msg.src] = floors
             self._held[msg.src] = held
-            self._save_floors()
-            before = (dict(self.store.pins), dict(self.store.spare))
+            before = dict(self.store.pins)
             self._set_pins()
-            jobs = {*before[0], *before[1], *self.store.pins, *self.store.spare}
-            changed = {job for job in jobs
-                       if (before[0].get(job), before[1].get(job))
-                       != (self.store.pins.get(job), self.store.spare.get(job))}
+            self._save_floors()
+            changed = {job for job in {*before, *self.store.pins}
+                       if before.get(job) != self.store.pins.get(job)}
         for job in changed:                      # what the new job-wide steps let go
             self.store.retain_job(job)
             with self._lock:
@@ -744,17 +751,21 @@ class Protector:
                 for slot, f in self._floors.items() if job in f and slot != skip}
 
     def _set_pins(self) -> None:
-        """The job-wide step of every job, and the steps kept for slower nodes (lock held):
-        see :func:`job_wide`."""
+        """The job-wide step of every job (lock held): the newest :func:`job_wide` gave, never
+        lower, and only one this node's own report says it holds."""
         jobs = {job for floors in self._floors.values() for job in floors}
-        pins, spare = {}, {}
+        for job in set(self._pin) - jobs:        # a job no node holds any more
+            del self._pin[job]
+        # Only once every node of the cluster has reported (now or before a restart): a node
+        # not heard yet may hold the job's older steps only.
+        everyone = self.report_to is not None and set(self._floors) >= {self.me,
+                                                                         *self.report_to}
         for job in jobs:
-            pin, kept = job_wide(self._views(job), self.keep)
-            if pin >= 0:
-                pins[job] = pin
-            if kept is not None:
-                spare[job] = kept
-        self.store.pins, self.store.spare = pins, spare
+            views = self._views(job)
+            step = job_wide(views) if everyone and self.me in views else -1
+            if step > self._pin.get(job, -1):
+                self._pin[job] = step
+        self.store.pins = {job: pin for job, pin in self._pin.items() if pin >= 0}
 
     # The floors are kept in a file next to the segments, so that a daemon restarted on its
     # memory goes on from what it knew: with only its own floor it would let the job-wide step
@@ -775,6 +786,7 @@ class Protector:
                                                          int(v[3]))
                                       for job, v in jobs.items()}
                           for slot, jobs in saved["held"].items()}
+            self._pin = {str(job): int(pin) for job, pin in saved.get("pins", {}).items()}
         except FileNotFoundError:
             return
         except (OSError, ValueError, TypeError, AttributeError) as exc:
@@ -788,7 +800,8 @@ class Protector:
         try:
             with open(path + ".tmp", "w") as fh:
                 json.dump({"floors": {str(s): f for s, f in self._floors.items()},
-                           "held": {str(s): h for s, h in self._held.items()}}, fh)
+                           "held": {str(s): h for s, h in self._held.items()},
+                           "pins": self._pin}, fh)
             os.replace(path + ".tmp", path)
         except OSError as exc:
             log.warning("could not keep the job-wide steps in %s: %s", path, exc)
@@ -802,7 +815,7 @@ class Protector:
         """The job-wide step of ``job`` by the other nodes' reports (None: none)."""
         with self._lock:
             views = self._views(job, skip=self.me)
-        pin = job_wide(views, self.keep)[0] if views else -1
+        pin = job_wide(views, every_rank=False)     # this node's own ranks are being rebuilt
         return pin if pin >= 0 else None
 
     def pin(self, job: str) -> int | None:
@@ -939,49 +952,39 @@ class NodeView(NamedTuple):
     world: int = 0
 
 
-#: The bound of the steps kept for a node not heard yet (see job_wide).
-UNBOUNDED = 1 << 62
+def job_wide(views: dict[int, NodeView], every_rank: bool = True) -> int:
+    """The step every node of one job can agree to keep, from every node's last report: the
+    newest step in every node's ``held`` that is no newer than every node's ``floor`` (its
+    newest protected step), or -1 when there is none, or while some rank of the job (by
+    ``world``) is in no report (unless not ``every_rank``: a replacement asks what the
+    others agree on). From a daemon whose reports have no ``held``: the lowest floor.
 
-
-def job_wide(views: dict[int, NodeView], keep: int) -> tuple[int, tuple[int, int, bool] | None]:
-    """The job-wide step of one job, and which steps above it to keep for slower nodes, from
-    every node's report.
-
-    The job-wide step (the *pin*) is the newest step every node holds, among those no newer
-    than every node's floor (its newest protected step) when there are such; no node evicts
-    it. A node that is slower (it saves later, or its reports lag) has not reported the steps
-    it is about to hold, so every node also keeps up to ``keep + 1`` of its steps above the
-    pin (the *spare* ones, :func:`~snapshotd.store.spare_steps`): the newest ones up to
-    ``keep`` past the newest step the slowest node reported (the steps that node holds next,
-    which become the next pin once it reports them); or, while some rank of the job (by the
-    number of ranks its writers gave) has not been reported by any node, the oldest ones above
-    the pin. Without these, nodes that save faster than a heartbeat round evict the step a
-    slower node then reports, and the job is left without a common step.
-
-    Returns ``(pin, (pin, bound, oldest))``; without the steps held (a daemon that predates
-    them), the lowest floor is the pin and nothing more is kept.
+    A node's *pin* (the job-wide step) is the highest this ever gave it; it never evicts its
+    pin nor any step newer than it (newer ones give way only when memory is needed). That
+    makes the newest pin of any node a step every node still holds: the node that adopted it
+    saw every node report it, and a node evicts a step only below its own pin, which is no
+    higher. Without the second rule, nodes saving faster than a heartbeat round evicted the
+    step a slower node reported next, and the job was left without a common step.
 
     >>> V = NodeView
-    >>> job_wide({0: V(5, (2, 3, 4, 5)), 1: V(5, (2, 4, 5)), 2: V(3, (2, 3))}, keep=2)
-    (2, (2, 5, False))
-    >>> job_wide({0: V(5, (4, 5)), 1: V(3, (2, 3))}, keep=2)       # none common: lowest floor
-    (3, (3, 5, False))
-    >>> job_wide({0: V(5, (3, 4, 5), (0,), 3), 1: V(3, (2, 3), (1,), 3)}, keep=2)  # rank 2?
-    (3, (3, 4611686018427387904, True))
+    >>> job_wide({0: V(5, (2, 3, 4, 5)), 1: V(5, (2, 4, 5)), 2: V(3, (2, 3))})
+    2
+    >>> job_wide({0: V(2, (2, 3, 4, 5)), 1: V(5, (3, 4, 5))})     # 3-5: not protected on 0
+    -1
+    >>> job_wide({0: V(5, (3, 4, 5), (0,), 3), 1: V(3, (2, 3), (1,), 3)})   # rank 2 unheard
+    -1
     """
     if not views:
-        return -1, None
+        return -1
     low = min(v.floor for v in views.values())
     helds = [set(v.held) for v in views.values()]
     if not all(helds):
-        return low, None
-    common = set.intersection(*helds)
-    pin = max([s for s in common if s <= low] or common or [low])
+        return low
     world = max(v.world for v in views.values())
     heard = {r for v in views.values() for r in v.ranks}
-    if world and len(heard) < world:
-        return pin, (pin, UNBOUNDED, True)
-    return pin, (pin, min(max(h) for h in helds) + keep, False)
+    if every_rank and world and len(heard) < world:
+        return -1
+    return max((s for s in set.intersection(*helds) if s <= low), default=-1)
 
 
 def _committed_at(manifest: str) -> float:

@@ -320,6 +320,10 @@ class StatusReply:
     peers_up: tuple[int, ...] = ()
     peers_down: tuple[int, ...] = ()
     rebuilding: bool = False
+    #: The erasure coding of this node's group (k data, m parity nodes; m = 0: not coded, a
+    #: node loss loses its data): clients split replicated state only where m > 0.
+    group_k: int = 0
+    group_m: int = 0
 
 
 _MESSAGES: dict[str, type] = {

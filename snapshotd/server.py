@@ -45,7 +45,8 @@ class ControlServer(RouterLoop):
                  recovery: Any = None,
                  peers: Callable[[], dict[int, bool]] | None = None,
                  persister: Any = None, job_isolation: bool = False,
-                 admin_token: str = "") -> None:
+                 admin_token: str = "", coding: tuple[int, int] = (0, 0)) -> None:
+        self.coding = coding
         self.job_isolation = job_isolation
         self._admin = token_digest(admin_token) if admin_token else ""
         self.peers = peers
@@ -249,7 +250,8 @@ class ControlServer(RouterLoop):
                              stats["open_leases"], tuple(_info(v) for v in self.store.versions()),
                              tuple(sorted(s for s, up in peers.items() if up)),
                              tuple(sorted(s for s, up in peers.items() if not up)),
-                             self.recovery is not None and not self.recovery.ready)
+                             self.recovery is not None and not self.recovery.ready,
+                             *self.coding)
 
     # ------------------------------------------------------------------ shutdown
 

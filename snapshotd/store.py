@@ -31,7 +31,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,10 +198,10 @@ class Store:
         #: all nodes' reports): retention never evicts it.
         self.pins: dict[str, int] = {}
         self._retaining = True
-        #: job -> (pin, bound, oldest): steps above the pin kept for slower nodes
-        #: (spare_steps); ``unheard`` for a job no report names yet (None: keep nothing more).
-        self.spare: dict[str, tuple[int, int, bool]] = {}
-        self.unheard: tuple[int, int, bool] | None = None
+        #: Whether a job without a pin yet keeps every version (a daemon with peers: the
+        #: first round of reports has not said which steps the other nodes hold).
+        self.hold_unpinned = False
+        self._shed_jobs: set[str] = set()
 
     # ------------------------------------------------------------------ start and stop
 
@@ -640,19 +640,21 @@ class Store:
         return data + self.extra_usage()
 
     def _retain(self, key: tuple[str, int]) -> None:
-        core, spare = self._kept(key)
+        core, held = self._kept(key)
         for version in self._live(key):
-            if id(version) not in core and id(version) not in spare:
+            if id(version) not in core and id(version) not in held:
                 self._evict(version)
 
     def _live(self, key: tuple[str, int]) -> list[Version]:
-        held = self._versions.get(key, {})
-        return sorted((v for v in held.values() if not v.doomed), key=lambda v: -v.step)
+        versions = self._versions.get(key, {})
+        return sorted((v for v in versions.values() if not v.doomed), key=lambda v: -v.step)
 
     def _kept(self, key: tuple[str, int]) -> tuple[set[int], set[int]]:
         """The versions of (job, rank) retention keeps (as ids): the newest ``keep``, the
-        newest protected one and the job-wide step; and, apart, the spare ones kept for
-        slower nodes while memory allows (see spare_steps)."""
+        newest protected one and the job-wide step (the *pin*); and, apart, the versions newer
+        than the pin (every one, or every one while no pin is known on a daemon with peers),
+        which a node keeps so that the pin only moves to a step every node still holds
+        (docs/protocol.md, job-wide retention). Those give way when memory is needed."""
         live = self._live(key)
         protected = [v for v in live if v.protected]
         core = set(id(v) for v in live[:self.keep])
@@ -660,23 +662,36 @@ class Store:
             core.add(id(protected[0]))
         pinned = self.pins.get(key[0])
         core |= {id(v) for v in live if v.step == pinned}
-        steps = spare_steps([v.step for v in live], self.spare.get(key[0], self.unheard),
-                            self.keep)
-        return core, {id(v) for v in live if v.step in steps and id(v) not in core}
+        if pinned is None and not self.hold_unpinned:
+            return core, set()
+        low = -1 if pinned is None else pinned
+        return core, {id(v) for v in live if v.step > low and id(v) not in core}
+
+    def make_room(self, nbytes: int) -> None:
+        """Evict versions kept above the job-wide step, newest first, until ``nbytes`` more
+        fit in the budget (for parity and fragments being encoded; Alloc does it itself)."""
+        with self._lock:
+            if self._used() + nbytes > self.memory_limit:
+                self._shed(nbytes)
 
     def _shed(self, nbytes: int) -> None:
-        """Evict spare versions, newest first, until ``nbytes`` more fit (lock held): they
-        are kept for slower nodes only while memory allows."""
-        spare = []
+        """Evict versions kept above the job-wide step, newest first, until ``nbytes`` more
+        fit (lock held): they are kept only while memory allows."""
+        extra = []
         for key in list(self._versions):
             ids = self._kept(key)[1]
-            spare += [v for v in self._live(key) if id(v) in ids and v.leases == 0]
-        for version in sorted(spare, key=lambda v: -v.step):
+            extra += [v for v in self._live(key) if id(v) in ids and v.leases == 0]
+        for version in sorted(extra, key=lambda v: -v.step):
             if self._used() + nbytes <= self.memory_limit:
                 return
-            log.warning("memory limit: job %r rank %d step %d evicted (it was kept for a "
-                        "slower node; raise --memory-limit to keep it)", version.job,
-                        version.rank, version.step)
+            if version.job not in self._shed_jobs:
+                self._shed_jobs.add(version.job)
+                log.warning("memory limit: job %r: versions newer than the job-wide step are "
+                            "evicted to make room (the nodes' steps differ by more than the "
+                            "budget holds: saves faster than a heartbeat round, or a peer "
+                            "down); raise --memory-limit to keep them", version.job)
+            log.debug("memory limit: job %r rank %d step %d evicted", version.job,
+                      version.rank, version.step)
             self._evict(version)
 
     def _evict(self, version: Version) -> None:
@@ -704,21 +719,3 @@ class Store:
             self.dir.unlink(number)
             return
         self._pool.free[number] = (size, self._clock())
-
-
-def spare_steps(steps: Iterable[int], spare: tuple[int, int, bool] | None,
-                keep: int) -> set[int]:
-    """Of ``steps``, those kept for slower nodes, by ``spare = (pin, bound, oldest)`` (see
-    :func:`snapshotd.protection.job_wide`): ``keep + 1`` of those above the pin and no newer
-    than the bound, the oldest ones if ``oldest`` else the newest.
-
-    >>> sorted(spare_steps(range(10), (2, 7, False), keep=2))
-    [5, 6, 7]
-    >>> sorted(spare_steps(range(10), (2, 99, True), keep=2))
-    [3, 4, 5]
-    """
-    if spare is None:
-        return set()
-    lo, hi, oldest = spare
-    above = sorted(s for s in steps if lo < s <= hi)
-    return set(above[:keep + 1] if oldest else above[-(keep + 1):])

@@ -470,6 +470,13 @@ class SnapshotClient:
 
     # ------------------------------------------------------------------ restoring
 
+    def coding(self) -> tuple[int, int]:
+        """The erasure coding ``(k, m)`` of the daemon's group: ``m`` nodes of a group of
+        ``k + m`` can be lost without losing data; ``m = 0``: a node loss loses this node's
+        snapshots (no peers, or replication off). ``(0, 0)`` from a daemon that does not say."""
+        reply = self._channel.call(p.Status())
+        return reply.group_k, reply.group_m
+
     def steps(self) -> list[int]:
         """Committed steps of this rank held by the daemon, oldest first."""
         reply = self._channel.call(p.ListVersions(self.job, self.rank, token=self._token))

@@ -55,7 +55,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from ._client import agree_step
+from . import _replicas
+from ._client import agree_step, log
 from ._flatten import is_dtensor
 
 if TYPE_CHECKING:
@@ -121,6 +122,14 @@ class TrainingState:
             same loss scale), EMA weights, a stateful data loader, a second optimizer, ...
             Their state dicts may hold tensors (DTensors too), numpy arrays and plain values;
             EMA tensors and anything else not guarded by ``protect()`` are copied at ``save()``.
+        split_replicas: with ``model`` a ``DistributedDataParallel`` and every rank's daemon
+            coding its data across nodes (``m > 0``), store each replicated tensor (parameters,
+            buffers, optimizer state) on one rank of the replica group only: each of the ``d``
+            ranks stores about ``1/d`` (default True; False: every rank stores everything).
+            Decided once, at the first save, with one ``all_reduce`` over the group; a restore
+            gathers the shares with one broadcast per rank. Where a node loss would lose the
+            only copy of a share (a daemon with ``m = 0``) every rank stores everything, and
+            that is logged. Pass the DDP wrapper as ``model`` for this.
         state_dicts: ``"module"`` (default): the model's and optimizer's own ``state_dict()``
             and ``load_state_dict()``, as DDP, FSDP2 (``fully_shard``) and tensor parallelism
             return them (DTensors for sharded parameters and moments). ``"dcp"``: through
@@ -145,9 +154,11 @@ class TrainingState:
                  scheduler: Any | None = None, data: DataPosition | None = None, *,
                  generators: Mapping[str, torch.Generator] | None = None,
                  rng: bool = True, extra: Mapping[str, Stateful] | None = None,
-                 state_dicts: str = "module") -> None:
+                 state_dicts: str = "module", split_replicas: bool = True) -> None:
         if state_dicts not in STATE_DICTS:
             raise ValueError(f"state_dicts={state_dicts!r}: choose one of {STATE_DICTS}")
+        self.split_replicas = split_replicas
+        self._split: Any = False          # False: not decided yet; None: whole; else a group
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -265,7 +276,76 @@ class TrainingState:
         changed_by_forward = [m.weight for m in _unwrap(self.model).modules()
                               if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
                               and m.max_norm is not None]
-        return client.save(step, self.state_dict(step), copy_now=changed_by_forward)
+        state = self.state_dict(step)
+        group = self._split_group(client)
+        if group is not None:
+            import torch.distributed as dist
+
+            size = dist.get_world_size(group)
+            shared = {"model": state["model"], "optimizer": state.get("optimizer")}
+            owners = _replicas.plan(_replicas.entries(shared), size)
+            shared = _replicas.split(shared, owners, dist.get_rank(group))
+            state["model"] = shared["model"]
+            if self.optimizer is not None:
+                state["optimizer"] = shared["optimizer"]
+            state["replicas"] = {"size": size}
+        return client.save(step, state, copy_now=changed_by_forward)
+
+    def _replica_group(self) -> Any:
+        """The DDP replica group of ``model`` (None: not a DDP job of several ranks)."""
+        if not self.split_replicas or not _distributed() or not isinstance(
+                self.model, torch.nn.parallel.DistributedDataParallel):
+            return None
+        import torch.distributed as dist
+
+        group = self.model.process_group
+        return group if dist.get_world_size(group) > 1 else None
+
+    def _split_group(self, client: SnapshotClient) -> Any:
+        """The group to split replicated state over, decided once (collectively) at the first
+        save: only where every rank's daemon codes its data across nodes."""
+        if self._split is not False:
+            return self._split
+        group = self._replica_group()
+        if group is not None:
+            import torch.distributed as dist
+
+            from ._client import SnapshotError
+
+            try:
+                coded = client.coding()[1] > 0
+            except SnapshotError:
+                coded = False
+            flag = torch.tensor([1 if coded else 0])
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+            if not flag.item():
+                log.warning("replicated state is stored whole on every rank: a daemon of the "
+                            "job does not code its data across nodes (m = 0), so a node loss "
+                            "would lose the only copy of a share")
+                group = None
+        self._split = group
+        return group
+
+    def _gather(self, state: dict[str, Any], group: Any) -> dict[str, Any]:
+        """Fill the shares other replicas stored (every rank restores the same step)."""
+        size = int(state["replicas"]["size"])
+        if group is None:
+            raise ValueError(f"this snapshot is split across {size} data-parallel replicas: "
+                             "restore it inside the job (torch.distributed initialised, the "
+                             "DDP-wrapped model passed to TrainingState, split_replicas=True)")
+        import torch.distributed as dist
+
+        if dist.get_world_size(group) != size:
+            raise ValueError(f"this snapshot is split across {size} replicas and the job's "
+                             f"replica group has {dist.get_world_size(group)} ranks: restoring "
+                             "at another world size is not supported yet (issue 14)")
+        shared = _replicas.reassemble({"model": state["model"],
+                                       "optimizer": state.get("optimizer")}, group, size)
+        state = dict(state, model=shared["model"])
+        if shared["optimizer"] is not None:
+            state["optimizer"] = shared["optimizer"]
+        del state["replicas"]
+        return state
 
     def _model_state(self) -> dict[str, Any]:
         if self.state_dicts == "dcp":
@@ -353,13 +433,17 @@ class TrainingState:
             if step is None:
                 client._start_over()
                 return None
+        group = self._replica_group()
         # The model exists already: fill its tensors in place (no fresh memory to fault in),
-        # once the whole snapshot is known to fit (checked before any byte is written).
-        restored = client.restore(step, into={"model": self._model_state()},
-                                  check=self.check, meshes=self.meshes())
+        # once the whole snapshot is known to fit (checked before any byte is written); a
+        # snapshot that may be split across replicas is gathered first.
+        into = None if group is not None else {"model": self._model_state()}
+        restored = client.restore(step, into=into, check=self.check, meshes=self.meshes())
         if restored is None:
             return None
         step_restored, state = restored
+        if "replicas" in state:
+            state = self._gather(state, group)
         loaded = self.load(state)
         if loaded != step_restored:
             raise ValueError(f"snapshot of step {step_restored} says it was taken at {loaded}")

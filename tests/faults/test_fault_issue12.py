@@ -648,3 +648,62 @@ def test_regression_nodes_saving_faster_than_a_report_round_evict_the_common_ste
     for s in range(4):                       # what agree_step() picks, restored everywhere
         ok, out = restore_check(zygote, cluster.specs[s], "job", s, 1, 3, step=3)
         assert ok, (s, out)
+
+
+# --------------------------------------------------------------------------- fourth review
+
+
+def per_rank_steps(cluster, ranks):
+    return {s: held_steps(cluster.specs[s], "job", s) for s in ranks}
+
+
+def restore_everywhere(zygote, cluster, step):
+    for s in range(len(cluster.specs)):       # what agree_step() picks, restored everywhere
+        ok, out = restore_check(zygote, cluster.specs[s], "job", s, 1, step, step=step)
+        assert ok, (s, out)
+
+
+def test_regression_a_rank_not_reported_yet_loses_its_steps(clusters, zygote):
+    """Nodes 0-2 save 1-5 before node 3 (its rank not heard of yet) saves 1-3: with the job's
+    world size known, nodes 0-2 must keep steps until every rank is reported (before: the pin
+    came from nodes 0-2 alone, their newest step, and steps 1-3 went)."""
+    cluster = clusters(4, k=2, m=2, args=[*FAST, "--keep", "2"])
+    cluster.start()
+    save_on(zygote, cluster, "job", 1, 5, 1, slots=[0, 1, 2], world=4)
+    time.sleep(1.0)                          # several report rounds without rank 3
+    save_on(zygote, cluster, "job", 1, 3, 1, slots=[3], world=4)
+    wait_for(lambda: 3 in set.intersection(*per_rank_steps(cluster, range(4)).values()),
+             RESUME_S, "every rank to hold step 3",
+             explain=lambda: cluster_state(cluster, "job"))
+    time.sleep(1.0)
+    both = set.intersection(*per_rank_steps(cluster, range(4)).values())
+    assert max(both) == 3, per_rank_steps(cluster, range(4))
+    restore_everywhere(zygote, cluster, 3)
+
+
+def test_regression_job_wide_step_moves_back_and_a_node_loss_leaves_no_common_step(
+        clusters, zygote):
+    """All save 1; then nodes 0-2 save 2-12 while node 3 saves 2-6, at once. Before: the pin
+    could move forward and back (it fell back to the newest common step when none was
+    protected everywhere), nodes evicted by different pins and the job had no common step; and
+    a replacement did not rebuild the job-wide step when the job's world size was known."""
+    cluster = clusters(4, k=2, m=2, args=[*FAST, "--keep", "2"])
+    cluster.start()
+    save_on(zygote, cluster, "job", 1, 1, 1, world=4)
+    time.sleep(1.0)
+    fast = save_on(zygote, cluster, "job", 2, 12, 1, slots=[0, 1, 2], wait=False, world=4)
+    save_on(zygote, cluster, "job", 2, 6, 1, slots=[3], world=4)
+    for (slot, _), t in fast.items():
+        assert t.wait(180) == 0, f"trainer of node {slot} failed:\n{t.text()}"
+    wait_for(lambda: 6 in set.intersection(*per_rank_steps(cluster, range(4)).values()),
+             RESUME_S, "every rank to hold step 6",
+             explain=lambda: cluster_state(cluster, "job"))
+    time.sleep(1.0)
+    assert max(set.intersection(*per_rank_steps(cluster, range(4)).values())) == 6
+    # Node 1 holds step 12 protected (its stripes with node 3 never complete after 6 for the
+    # others): its replacement rebuilds 12 and the job-wide step 6.
+    lose(cluster, 1)
+    cluster.replace(1)
+    both = set.intersection(*per_rank_steps(cluster, range(4)).values())
+    assert 6 in both, per_rank_steps(cluster, range(4))
+    restore_everywhere(zygote, cluster, 6)

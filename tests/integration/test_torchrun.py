@@ -21,6 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch
 
 from snapshotd import protocol as p
 from snapshotd.channel import Channel
@@ -79,6 +80,19 @@ def assert_same_params(reference_pt, run_pt):
     assert same, detail
 
 
+def list_versions(spec, job):
+    ch = Channel(spec.control, timedelta(seconds=30))
+    try:
+        return ch.call(p.ListVersions(job)).versions
+    finally:
+        ch.close()
+
+
+def newest_bytes(spec, job):
+    """The size of the newest version the daemon holds for the job (its one rank)."""
+    return max(list_versions(spec, job), key=lambda v: v.step).nbytes
+
+
 def versions(spec, job):
     ch = Channel(spec.control, timedelta(seconds=30))
     try:
@@ -91,7 +105,8 @@ def versions(spec, job):
 
 
 @pytest.mark.timeout(240)
-def test_rank_killed_at_random_step_resumes_bit_exact(cluster_factory, tmp_path):
+@pytest.mark.parametrize("replicas", ["whole", "split"])
+def test_rank_killed_at_random_step_resumes_bit_exact(cluster_factory, tmp_path, replicas):
     steps = 40
     rng = random.Random(os.environ.get("SNAPSHOTD_TEST_SEED") or time.time_ns())
     rank, step = rng.randrange(2), rng.randrange(4, steps - 2)
@@ -99,7 +114,12 @@ def test_rank_killed_at_random_step_resumes_bit_exact(cluster_factory, tmp_path)
     # asynchronous: when a rank dies in step s the others may have committed s while its own
     # newest is s-2 or s-3. With the default keep=2 the ranks may then share no version and
     # the job starts over (deterministic, but nothing restored).
-    cluster = cluster_factory(1, args=["--keep", "4"])
+    # "split": a second node codes node 0's data (k=1, m=1), so the two ranks (both on node 0)
+    # split their replicated state; "whole": one node without peers (m = 0) keeps it whole.
+    if replicas == "whole":
+        cluster = cluster_factory(1, args=["--keep", "4"])
+    else:
+        cluster = cluster_factory(2, k=1, m=1, args=["--keep", "4", "--insecure"])
     cluster.start()
     job, out = f"a-{uuid.uuid4().hex[:6]}", tmp_path / "faulted"
     torchrun_standalone(2, cluster.specs[0].control, out, "--steps", str(steps), "--job", job,
@@ -118,6 +138,14 @@ def test_rank_killed_at_random_step_resumes_bit_exact(cluster_factory, tmp_path)
     assert restored is not None and step - 3 <= restored <= step - 1, (why, restored)
     losses = read_jsonl(out / "loss.jsonl")
     assert [r["step"] for r in losses if r["attempt"] == 1][0] == restored + 1
+    held = list_versions(cluster.specs[0], job)
+    stored = [v.nbytes for v in held if v.step == max(h.step for h in held)]
+    model_bytes = sum(t.numel() * t.element_size()
+                      for t in torch.load(out / "final.pt").values())
+    share = 0.5 if replicas == "split" else 1.0   # of the parameters and both Adam moments
+    assert len(stored) == 2 and all(
+        0.9 * share * 3 * model_bytes < n < (share * 3 + 0.2) * model_bytes for n in stored), (
+        stored, model_bytes)
     assert_same_params(reference(tmp_path, 2, steps), out / "final.pt")
 
 
@@ -180,6 +208,13 @@ def test_node_killed_whole_and_replaced_resumes_bit_exact(cluster_factory, tmp_p
         codes = job.wait(180)
         assert codes == {0: 0, 1: 0, 2: 0}, (codes, [a.log_path for a in job.agents.values()])
         rebuilt = rebuilt_bytes(cluster.specs[lost].metrics_port)
+        stored = {s.slot: newest_bytes(s, job_name) for s in cluster.specs}
+    # Replica splitting (the daemons code, m = 1): each of the 3 ranks stored about a third of
+    # the parameters and Adam moments (3 x the model's bytes), the node rebuilt its third.
+    model_bytes = sum(t.numel() * t.element_size()
+                      for t in torch.load(out / "final.pt").values())
+    assert all(n < 1.6 * model_bytes for n in stored.values()), (stored, model_bytes)
+    assert sum(stored.values()) > 2.7 * model_bytes, (stored, model_bytes)
     after = [e for e in starts(out) if e["time"] > killed_at]
     latest = {e["rank"]: e for e in after}               # the round that trained
     assert sorted(latest) == [0, 1, 2], after

@@ -1,4 +1,6 @@
-"""Stripe placement (docs/design.md section 4); run: python -m pytest -q tests/unit/test_placement.py"""
+"""Stripe placement (docs/design.md section 4).
+
+Run: python -m pytest -q tests/unit/test_placement.py"""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """TrainingState: everything an exact resume needs survives the snapshot format, bit for bit."""
 
-import warnings
 import copy
 import random
+import warnings
 
 import numpy as np
 import pytest

@@ -1,0 +1,160 @@
+"""Replicated state stored once per replica group (design section 3).
+
+Under data parallelism (DDP) every rank of a replica group holds the same parameters and
+optimizer state. Instead of ``d`` full copies, each rank stores only the tensors it *owns*: the
+tensors are dealt out to the ``d`` ranks by size (largest first, each to the least loaded rank,
+ties by name), the same way on every rank, and a rank's snapshot holds a small marker (owner,
+dtype, shape) in place of every tensor another rank owns. Bytes copied per rank, daemon memory
+and bytes coded across the nodes all fall by about ``d``. A restore (every rank restores the
+same step) reads its own tensors from its daemon and receives the others from their owners
+with one broadcast per owner over the replica group.
+
+Tensors smaller than :data:`MIN_SPLIT_BYTES` stay whole on every rank (they cost more to
+route than to keep). A split snapshot is only as safe as the coding behind it: one rank's
+share exists on one node, so :class:`~snapshotd_client.TrainingState` splits only where every
+rank's daemon codes its data across nodes (``m > 0``).
+
+    >>> import torch
+    >>> state = {"w": torch.zeros(1024), "b": torch.zeros(512), "s": torch.zeros(2)}
+    >>> owners = plan(entries(state), size=2)
+    >>> sorted((path[0], owner) for path, owner in owners.items())
+    [('b', 1), ('w', 0)]
+    >>> mine = split(state, owners, me=1)
+    >>> mine["w"]["__snapshotd_replica__"], type(mine["b"]).__name__, type(mine["s"]).__name__
+    (0, 'Tensor', 'Tensor')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ._flatten import is_dtensor
+
+#: Tensors smaller than this stay whole on every replica.
+MIN_SPLIT_BYTES = 1024
+#: The key of the marker that stands for a tensor another replica stores.
+MARK = "__snapshotd_replica__"
+
+Path = tuple[Any, ...]
+
+
+def is_marker(value: Any) -> bool:
+    return isinstance(value, dict) and MARK in value
+
+
+def _walk(obj: Any, path: Path = ()) -> Iterator[tuple[Path, Any]]:
+    """(path, leaf) for every plain tensor and marker in nested dicts, lists and tuples."""
+    if is_marker(obj) or (isinstance(obj, torch.Tensor) and not is_dtensor(obj)):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _walk(value, (*path, key))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from _walk(value, (*path, i))
+
+
+def _describe(leaf: Any) -> tuple[str, tuple[int, ...]]:
+    if is_marker(leaf):
+        return str(leaf["dtype"]), tuple(int(n) for n in leaf["shape"])
+    return str(leaf.dtype).removeprefix("torch."), tuple(leaf.shape)
+
+
+def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    numel = 1
+    for n in shape:
+        numel *= n
+    return numel * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+
+
+def entries(state: Any) -> list[tuple[Path, str, tuple[int, ...], int]]:
+    """(path, dtype, shape, bytes) of every tensor or marker in ``state``."""
+    out = []
+    for path, leaf in _walk(state):
+        dtype, shape = _describe(leaf)
+        out.append((path, dtype, shape, _nbytes(dtype, shape)))
+    return out
+
+
+def plan(items: list[tuple[Path, str, tuple[int, ...], int]], size: int) -> dict[Path, int]:
+    """Which replica (0..size-1) stores each tensor of at least :data:`MIN_SPLIT_BYTES`:
+    largest first, each to the least loaded replica (ties: the lowest). The same on every
+    replica, since it depends only on names, dtypes and shapes."""
+    loads = [0] * size
+    owners: dict[Path, int] = {}
+    big = [e for e in items if e[3] >= MIN_SPLIT_BYTES]
+    for path, _, _, nbytes in sorted(big, key=lambda e: (-e[3], repr(e[0]))):
+        owner = loads.index(min(loads))
+        owners[path] = owner
+        loads[owner] += nbytes
+    return owners
+
+
+def _rebuild(obj: Any, path: Path, fn: Any) -> Any:
+    """A copy of the containers of ``obj`` with every leaf replaced by ``fn(path, leaf)``
+    (the live state's own dicts, e.g. an optimizer's per-parameter state, are not touched)."""
+    if is_marker(obj) or (isinstance(obj, torch.Tensor) and not is_dtensor(obj)):
+        return fn(path, obj)
+    if isinstance(obj, dict):
+        return {key: _rebuild(value, (*path, key), fn) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [_rebuild(value, (*path, i), fn) for i, value in enumerate(obj)]
+    if isinstance(obj, tuple):
+        return tuple(_rebuild(value, (*path, i), fn) for i, value in enumerate(obj))
+    return obj
+
+
+def split(state: Any, owners: dict[Path, int], me: int) -> Any:
+    """``state`` with a marker in place of every tensor another replica owns."""
+    def keep_or_mark(path: Path, leaf: Any) -> Any:
+        owner = owners.get(path)
+        if owner is None or owner == me:
+            return leaf
+        dtype, shape = _describe(leaf)
+        return {MARK: owner, "dtype": dtype, "shape": list(shape)}
+    return _rebuild(state, (), keep_or_mark)
+
+
+def reassemble(state: Any, group: Any, size: int) -> Any:
+    """Fill every marker of ``state`` with the tensor its owner restored: one broadcast per
+    owner over ``group`` (every replica calls this with the same step). Raises ValueError if
+    the markers do not match the plan (snapshots of different layouts)."""
+    import torch.distributed as dist
+
+    me = dist.get_rank(group)
+    items = entries(state)
+    owners = plan(items, size)
+    marked = {path: leaf[MARK] for path, leaf in _walk(state) if is_marker(leaf)}
+    wrong = [path for path, owner in marked.items() if owners.get(path) != owner]
+    mine_marked = [path for path, owner in marked.items() if owner == me]
+    if wrong or mine_marked:
+        raise ValueError(f"replica {me}: the snapshot's split does not match its layout "
+                         f"(tensors {[p for p in wrong + mine_marked][:4]}); were the ranks' "
+                         "snapshots taken with different models?")
+    leaves = dict(_walk(state))
+    shapes = {path: (dtype, shape, nbytes) for path, dtype, shape, nbytes in items}
+    received: dict[Path, torch.Tensor] = {}
+    for owner in range(size):
+        paths = sorted((p for p, o in owners.items() if o == owner), key=repr)
+        total = sum(shapes[p][2] for p in paths)
+        if not paths or total == 0:
+            continue
+        if owner == me:
+            buf = torch.cat([leaves[p].detach().contiguous().reshape(-1).view(torch.uint8)
+                             for p in paths])
+        else:
+            buf = torch.empty(total, dtype=torch.uint8)
+        dist.broadcast(buf, src=dist.get_global_rank(group, owner), group=group)
+        if owner == me:
+            continue
+        offset = 0
+        for p in paths:
+            dtype, shape, nbytes = shapes[p]
+            # A copy of the slice: its own (aligned) memory for the dtype's view.
+            received[p] = buf[offset:offset + nbytes].clone().view(
+                getattr(torch, dtype)).reshape(shape)
+            offset += nbytes
+    return _rebuild(state, (), lambda path, leaf: received.get(path, leaf))
