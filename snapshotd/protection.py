@@ -133,6 +133,7 @@ class Protector:
         self.metrics = metrics
         self._clock = clock
         self._lock = threading.Lock()
+        self._closed = False
         self._parity: dict[tuple[str, int, int], ParityRecord] = {}  # (job, stripe, step)
         self._assembling: dict[tuple[str, int, int], _Assembly] = {}  # (job, step, stripe)
         self._protected: dict[tuple[str, int, str], set[int]] = {}  # (job, step, vid)
@@ -652,6 +653,8 @@ class Protector:
             raise StoreError("memory_full", f"no room for {record.length} parity bytes: "
                              f"{used} of {self.store.memory_limit} in use")
         with self._lock:
+            if self._closed:
+                raise StoreError("shutting_down", "the daemon is shutting down; retry on restart")
             key = (record.job, record.stripe, record.step)
             try:
                 self.files.write(record)
@@ -751,8 +754,9 @@ class Protector:
                 for slot, f in self._floors.items() if job in f and slot != skip}
 
     def _set_pins(self) -> None:
-        """The job-wide step of every job (lock held): the newest :func:`job_wide` gave, never
-        lower, and only one this node's own report says it holds."""
+        """The job-wide step of every job (lock held): the newest :func:`job_wide` gave, and
+        only one this node's own report says it holds; lower only once a node reports that it
+        no longer holds it (a lower pin keeps more)."""
         jobs = {job for floors in self._floors.values() for job in floors}
         for job in set(self._pin) - jobs:        # a job no node holds any more
             del self._pin[job]
@@ -763,7 +767,12 @@ class Protector:
         for job in jobs:
             views = self._views(job)
             step = job_wide(views) if everyone and self.me in views else -1
-            if step > self._pin.get(job, -1):
+            pin = self._pin.get(job, -1)
+            if pin >= 0 and any(v.held and pin not in v.held for v in views.values()):
+                # A node no longer holds the pin (it restored an older step: a new timeline;
+                # or it was replaced): the pin goes to what is common now, which keeps more.
+                self._pin[job] = step
+            elif step > pin:
                 self._pin[job] = step
         self.store.pins = {job: pin for job, pin in self._pin.items() if pin >= 0}
 
@@ -796,6 +805,8 @@ class Protector:
         self._set_pins()
 
     def _save_floors(self) -> None:
+        if self._closed:
+            return
         path = self._floors_path()
         try:
             with open(path + ".tmp", "w") as fh:
@@ -931,6 +942,7 @@ class Protector:
         """Stop (a graceful stop also removes the parity files, like the segments)."""
         self._pool.shutdown(wait=True)
         with self._lock:
+            self._closed = True                  # nothing is written after this
             for key in list(self._parity):
                 self._forget(key)
             try:

@@ -153,9 +153,15 @@ def test_the_pin_only_moves_up_and_steps_above_it_are_kept(tmp_path):
     prot.on_held(pp.Held(1, (pp.JobFloor("j", 4, (3, 4), (1,), 2),)))
     assert prot.pin("j") == 4
     assert sorted(v.step for v in store.versions("j")) == [4, 5, 6]
-    # A stale report that would give an older step does not move it back.
-    prot.on_held(pp.Held(1, (pp.JobFloor("j", 3, (2, 3), (1,), 2),)))
+    # A report that gives an older candidate while still holding the pin does not move it.
+    prot.on_held(pp.Held(1, (pp.JobFloor("j", 3, (3, 4), (1,), 2),)))
     assert prot.pin("j") == 4
+    # The other node restored step 3 (a new timeline: it dropped 4): the pin goes down to what
+    # is common now, and this node keeps everything from there.
+    prot.on_held(pp.Held(1, (pp.JobFloor("j", 3, (2, 3), (1,), 2),)))
+    assert prot.pin("j") is None              # nothing common now: keep every version
+    commit_step(store, 7)
+    assert sorted(v.step for v in store.versions("j")) == [4, 5, 6, 7]
     store.close()
 
 
