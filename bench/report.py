@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 __all__ = ["render", "write"]
@@ -248,5 +249,16 @@ def write(results: dict[str, Any], doc: str, out_dir: str) -> None:
              "section 8; a missed target is marked **missed**, with the reason in the notes.\n\n")
     notes_path = os.path.join(os.path.dirname(doc), "benchmarks-notes.md")
     notes = open(notes_path).read() if os.path.exists(notes_path) else ""
+    kept = standalone_sections(open(doc).read() if os.path.exists(doc) else "")
     with open(doc, "w") as fh:
-        fh.write(intro + render(merged) + "\n" + notes)
+        fh.write(intro + render(merged) + "\n" + kept + notes)
+
+
+def standalone_sections(text: str) -> str:
+    """The sections of ``text`` written from standalone benchmarks (their heading names the
+    command, ``python -m bench.<name>``): kept as they are when the suite rewrites the page."""
+    out = []
+    for part in re.split(r"(?m)^(?=## )", text):
+        if part.startswith("## ") and "`python -m bench." in part.split("\n", 1)[0]:
+            out.append(part.rstrip("\n") + "\n\n")
+    return "".join(out)
