@@ -18,8 +18,8 @@ import torch
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
-from snapshotd.ctl import main as ctl
-from snapshotd.localcluster import LocalCluster, free_ports
+from snapshotd.ops.ctl import main as ctl
+from snapshotd.tools.localcluster import LocalCluster, free_ports
 from snapshotd_client import SnapshotClient
 
 from .node import make_state, stats

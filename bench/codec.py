@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Any
 
 try:
-    from snapshotd.codec import UNIT, Codec, make_codec
+    from snapshotd.cluster.codec import UNIT, Codec, make_codec
 except ImportError:  # a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from snapshotd.codec import UNIT, Codec, make_codec
+    from snapshotd.cluster.codec import UNIT, Codec, make_codec
 
 __all__ = ["CONFIGS", "format_table", "main", "run"]
 

@@ -20,7 +20,7 @@ import numpy as np
 import psutil
 import torch
 
-from snapshotd.localcluster import LocalCluster
+from snapshotd.tools.localcluster import LocalCluster
 from snapshotd_client import SnapshotClient
 
 __all__ = ["make_state", "save_case", "restore_case", "memory_case", "scaling_case", "stats"]

@@ -24,9 +24,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from snapshotd import protocol as p
-from snapshotd.channel import Channel
-from snapshotd.localcluster import LocalCluster, free_ports
+from snapshotd.common import protocol as p
+from snapshotd.common.channel import Channel
+from snapshotd.tools.localcluster import LocalCluster, free_ports
 
 MIB = 1 << 20
 

@@ -19,7 +19,7 @@ import uuid
 
 import torch
 
-from snapshotd.localcluster import LocalCluster
+from snapshotd.tools.localcluster import LocalCluster
 from snapshotd_client import SnapshotClient, TrainingState
 
 

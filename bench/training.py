@@ -13,7 +13,7 @@ import sys
 import tempfile
 from typing import Any
 
-from snapshotd.localcluster import LocalCluster, free_ports
+from snapshotd.tools.localcluster import LocalCluster, free_ports
 
 from .node import stats
 

@@ -11,7 +11,7 @@ __all__ = ["main"]
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["demo"]:
-        from .demo import main as demo_main
+        from .tools.demo import main as demo_main
 
         return demo_main(args[1:])
     from .daemon import main as daemon_main

@@ -20,13 +20,13 @@ from collections.abc import Sequence
 import zmq
 from prometheus_client import CollectorRegistry
 
-from ._http import MetricsServer
-from .cluster import ClusterNode, start_cluster
-from .config import Config, ConfigError, add_arguments, build_config
-from .metrics import Metrics, StoreCollector
-from .persist import Persister
-from .server import ControlServer
-from .store import Store, Version
+from .cluster.start import ClusterNode, start_cluster
+from .common.config import Config, ConfigError, add_arguments, build_config
+from .common.metrics import Metrics, StoreCollector
+from .node.server import ControlServer
+from .node.store import Store, Version
+from .ops.http import MetricsServer
+from .ops.persist import Persister
 
 __all__ = ["Daemon", "main"]
 

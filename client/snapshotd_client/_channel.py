@@ -1,1 +1,1 @@
-../../snapshotd/channel.py
+../../snapshotd/common/channel.py

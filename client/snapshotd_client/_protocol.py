@@ -1,1 +1,1 @@
-../../snapshotd/protocol.py
+../../snapshotd/common/protocol.py

@@ -36,7 +36,7 @@ def clusters(tmp_path_factory):
 @pytest.fixture(scope="session")
 def cluster_keys(tmp_path_factory):
     """A cluster CURVE key pair written by ``snapshotctl keygen``."""
-    from snapshotd.ctl import main as ctl
+    from snapshotd.ops.ctl import main as ctl
 
     path = str(tmp_path_factory.mktemp("keys") / "cluster")
     assert ctl(["keygen", path]) == 0

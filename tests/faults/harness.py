@@ -48,9 +48,9 @@ from typing import Any
 import psutil
 import pytest
 
-from snapshotd import protocol as p
-from snapshotd.channel import Channel, SnapshotError
-from snapshotd.localcluster import LocalCluster
+from snapshotd.common import protocol as p
+from snapshotd.common.channel import Channel, SnapshotError
+from snapshotd.tools.localcluster import LocalCluster
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -873,7 +873,7 @@ def peer_socket(endpoint: str, keys: str | None = None, context: Any = None,
     """A raw DEALER to a daemon's peer port: plain, with the cluster keys, or with any keys."""
     import zmq
 
-    from snapshotd.peers import load_security
+    from snapshotd.cluster.peers import load_security
 
     ctx = context or zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
@@ -891,7 +891,7 @@ def peer_socket(endpoint: str, keys: str | None = None, context: Any = None,
 def peer_call(spec: Any, msg: Any, frames: Sequence[Any] = (), keys: str | None = None,
               timeout: float = 10.0) -> tuple[Any, list[bytes]]:
     """One request on the peer protocol; returns (reply, payload frames)."""
-    from snapshotd import peerproto as pp
+    from snapshotd.cluster import peerproto as pp
 
     sock = peer_socket(spec.listen, keys)
     try:

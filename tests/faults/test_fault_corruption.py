@@ -24,9 +24,9 @@ from harness import (
     wait_for,
 )
 
-from snapshotd import peerproto as pp
-from snapshotd import protocol as p
-from snapshotd.placement import make_groups, stripes
+from snapshotd.cluster import peerproto as pp
+from snapshotd.cluster.placement import make_groups, stripes
+from snapshotd.common import protocol as p
 
 pytest_plugins = ["faultfixtures"]
 

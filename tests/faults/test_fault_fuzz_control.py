@@ -35,7 +35,7 @@ from harness import (
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from snapshotd import protocol as p
+from snapshotd.common import protocol as p
 
 pytest_plugins = ["faultfixtures"]
 

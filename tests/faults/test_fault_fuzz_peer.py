@@ -37,9 +37,9 @@ from harness import (
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from snapshotd import peerproto as pp
-from snapshotd import protocol as p
-from snapshotd.protection import frames_checksum
+from snapshotd.cluster import peerproto as pp
+from snapshotd.cluster.protection import frames_checksum
+from snapshotd.common import protocol as p
 
 pytest_plugins = ["faultfixtures"]
 

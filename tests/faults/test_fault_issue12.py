@@ -26,9 +26,9 @@ from harness import (
     wait_for,
 )
 
-from snapshotd import peerproto as pp
-from snapshotd import protocol as p
-from snapshotd.channel import DaemonError
+from snapshotd.cluster import peerproto as pp
+from snapshotd.common import protocol as p
+from snapshotd.common.channel import DaemonError
 
 pytest_plugins = ["faultfixtures"]
 
@@ -297,7 +297,7 @@ def test_regression_recommitted_step_rebuilt_with_old_bytes(clusters, zygote, ho
 def test_regression_lease_of_restore_that_gave_up_leaks(clusters, zygote):
     from datetime import timedelta
 
-    from snapshotd.channel import Channel, DaemonUnavailable
+    from snapshotd.common.channel import Channel, DaemonUnavailable
 
     cluster = clusters(4, k=2, m=2, args=FAST)
     cluster.start()
@@ -481,7 +481,7 @@ def test_regression_replacement_without_the_job_wide_step(clusters, zygote):
 def test_regression_guessable_handles_let_another_job_abort_and_release(clusters, zygote):
     from datetime import timedelta
 
-    from snapshotd.channel import Channel
+    from snapshotd.common.channel import Channel
 
     cluster = clusters(1, args=["--memory-limit", "256MiB", "--job-isolation"])
     cluster.start()
@@ -592,7 +592,7 @@ def test_regression_recommit_with_the_first_holder_down_rebuilds_the_old_bytes(c
     version's parity, and the replacement served the OLD bytes of step 3 as if they were it.
     Now a re-commit tells the group like a drop: step 2 comes back (the newest version that is
     still protected)."""
-    from snapshotd.placement import data_stripes, group_of, make_groups
+    from snapshotd.cluster.placement import data_stripes, group_of, make_groups
 
     cluster = clusters(4, k=2, m=2, args=[*FAST, "--keep", "2"])
     cluster.start()

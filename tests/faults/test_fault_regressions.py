@@ -21,7 +21,7 @@ from harness import (
     wait_for,
 )
 
-from snapshotd import protocol as p
+from snapshotd.common import protocol as p
 
 pytest_plugins = ["faultfixtures"]
 
@@ -124,7 +124,7 @@ def test_regression_unrepairable_checksum_error_reported_as_unknown_lease(cluste
 
     from harness import flip_segment_bits
 
-    from snapshotd.channel import DaemonError
+    from snapshotd.common.channel import DaemonError
 
     cluster = clusters(1, args=["--memory-limit", "256MiB"])
     cluster.start()
@@ -144,7 +144,7 @@ def test_regression_bad_fragment_aborts_rebuild(clusters, zygote, where):
 
     from harness import flip_process_memory, flip_segment_bits, peer_call
 
-    from snapshotd import peerproto as pp
+    from snapshotd.cluster import peerproto as pp
 
     cluster = clusters(4, k=2, m=2, args=FAST)
     cluster.start()
@@ -187,7 +187,7 @@ def _evicted_and_freed(zygote, spec):
 
 
 def test_regression_open_with_negative_pid_pins_version(clusters, zygote):
-    from snapshotd.channel import DaemonError
+    from snapshotd.common.channel import DaemonError
 
     cluster, spec = _save_two_jobs_keep_one(clusters, zygote)
     with pytest.raises(DaemonError) as err:
@@ -210,8 +210,8 @@ def test_regression_lease_of_dead_pid_never_reaped(clusters, zygote):
 def test_regression_put_parity_declared_length_allocated_before_check(clusters):
     from harness import peer_call, proc_stats
 
-    from snapshotd import peerproto as pp
-    from snapshotd.placement import make_groups, stripes
+    from snapshotd.cluster import peerproto as pp
+    from snapshotd.cluster.placement import make_groups, stripes
 
     cluster = clusters(4, k=2, m=2, args=["--insecure", "--memory-limit", "256MiB"])
     cluster.start()
@@ -250,7 +250,7 @@ def test_regression_parity_recreated_from_corrupt_peer_data(clusters, zygote):
 
     from harness import flip_segment_bits, peer_call
 
-    from snapshotd import peerproto as pp
+    from snapshotd.cluster import peerproto as pp
 
     cluster = clusters(4, k=2, m=2, args=FAST)
     cluster.start()

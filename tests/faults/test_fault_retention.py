@@ -27,7 +27,7 @@ from harness import (
     wait_for,
 )
 
-from snapshotd import protocol as p
+from snapshotd.common import protocol as p
 
 pytest_plugins = ["faultfixtures"]
 

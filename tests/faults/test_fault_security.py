@@ -36,10 +36,10 @@ from harness import (
     wait_for,
 )
 
-from snapshotd import peerproto as pp
-from snapshotd import protocol as p
-from snapshotd.ctl import main as ctl
-from snapshotd.protection import frames_checksum
+from snapshotd.cluster import peerproto as pp
+from snapshotd.cluster.protection import frames_checksum
+from snapshotd.common import protocol as p
+from snapshotd.ops.ctl import main as ctl
 
 pytest_plugins = ["faultfixtures"]
 
@@ -299,7 +299,7 @@ TOKEN_ENV = "SNAPSHOTD_JOB_TOKEN"
 
 
 def test_client_of_job_a_cannot_read_or_drop_job_b(clusters, zygote):
-    from snapshotd.channel import DaemonError
+    from snapshotd.common.channel import DaemonError
 
     cluster = clusters(1, args=["--memory-limit", "128MiB", *ISOLATION_ARGS])
     cluster.start()
@@ -330,12 +330,12 @@ def test_client_of_job_a_cannot_read_or_drop_job_b(clusters, zygote):
     # Nothing of b's was lost to the refused requests; the operator's admin token reaches it.
     admin = os.path.join(spec.shm_dir, "admin.token")
     assert os.stat(admin).st_mode & 0o777 == 0o600
-    ls = subprocess.run([sys.executable, "-m", "snapshotd.ctl", "--control", spec.control,
+    ls = subprocess.run([sys.executable, "-m", "snapshotd.ops.ctl", "--control", spec.control,
                          "--json", "--admin-token-file", admin, "ls", "--job", "b"],
                         capture_output=True, text=True, timeout=60)
     assert ls.returncode == 0, ls.stderr
     assert sorted(v["step"] for v in json.loads(ls.stdout)["versions"]) == [1, 2]
-    denied = subprocess.run([sys.executable, "-m", "snapshotd.ctl", "--control", spec.control,
+    denied = subprocess.run([sys.executable, "-m", "snapshotd.ops.ctl", "--control", spec.control,
                              "drop", "--job", "b"], capture_output=True, text=True, timeout=60,
                             env={k: v for k, v in os.environ.items() if k != TOKEN_ENV})
     assert denied.returncode == 2 and "forbidden" in denied.stderr, denied.stderr

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from harness import LONG, Fault, Outcome, campaign
 
-from snapshotd.demo import JsonlTail, TorchrunJob, compare_params, read_jsonl, reference_run
+from snapshotd.tools.demo import JsonlTail, TorchrunJob, compare_params, read_jsonl, reference_run
 
 pytest_plugins = ["faultfixtures"]
 

@@ -10,9 +10,9 @@ from datetime import timedelta
 
 import pytest
 
-from snapshotd import protocol as p
-from snapshotd.channel import Channel
-from snapshotd.localcluster import LocalCluster
+from snapshotd.common import protocol as p
+from snapshotd.common.channel import Channel
+from snapshotd.tools.localcluster import LocalCluster
 
 TRAINER = os.path.join(os.path.dirname(__file__), "trainer.py")
 

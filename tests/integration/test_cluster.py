@@ -12,8 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import TRAINER, status, wait_for
-from snapshotd.ctl import main as ctl
-from snapshotd.localcluster import LocalCluster
+from snapshotd.ops.ctl import main as ctl
+from snapshotd.tools.localcluster import LocalCluster
 
 pytestmark = pytest.mark.timeout(300)
 MIB = "32"

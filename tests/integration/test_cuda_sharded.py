@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from snapshotd.localcluster import free_ports
+from snapshotd.tools.localcluster import free_ports
 from snapshotd_client import SnapshotClient, TrainingState
 
 pytestmark = [pytest.mark.timeout(180),

@@ -10,9 +10,9 @@ import torch
 import zmq
 
 from conftest import spawn_trainer, status, trainer, wait_for
-from snapshotd import channel
-from snapshotd import protocol as p
-from snapshotd.channel import Channel
+from snapshotd.common import channel
+from snapshotd.common import protocol as p
+from snapshotd.common.channel import Channel
 from snapshotd_client import DaemonError, DaemonUnavailable, SnapshotClient
 
 pytestmark = pytest.mark.timeout(180)

@@ -14,8 +14,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from conftest import trainer
-from snapshotd.ctl import main as ctl
-from snapshotd.localcluster import free_ports
+from snapshotd.ops.ctl import main as ctl
+from snapshotd.tools.localcluster import free_ports
 from snapshotd_client import SnapshotClient
 
 pytestmark = pytest.mark.timeout(240)

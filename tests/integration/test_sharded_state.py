@@ -16,8 +16,8 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.testing._internal.two_tensor import TwoTensor
 
-from snapshotd._export import export
-from snapshotd.localcluster import free_ports
+from snapshotd.ops.export import export
+from snapshotd.tools.localcluster import free_ports
 from snapshotd_client import SnapshotClient, SnapshotError
 
 WORKER = os.path.join(os.path.dirname(__file__), "sharded_worker.py")

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from snapshotd import protocol as p
-from snapshotd.channel import Channel
-from snapshotd.demo import (
+from snapshotd.common import protocol as p
+from snapshotd.common.channel import Channel
+from snapshotd.tools.demo import (
     JsonlTail,
     TorchrunJob,
     compare_params,

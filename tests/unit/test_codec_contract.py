@@ -1,4 +1,4 @@
-"""One contract suite for every codec in snapshotd.codec.CODECS.
+"""One contract suite for every codec in snapshotd.cluster.codec.CODECS.
 
 Run with ``python -m pytest -q tests/unit/test_codec_contract.py``.
 """
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from snapshotd.codec import CODECS, UNIT, Codec, CodecError, make_codec
+from snapshotd.cluster.codec import CODECS, UNIT, Codec, CodecError, make_codec
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from snapshotd.config import ConfigError, build_config, parse_size
+from snapshotd.common.config import ConfigError, build_config, parse_size
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -61,9 +61,9 @@ def test_peers_without_keys_refuse_to_start(tmp_path):
     import zmq
     from prometheus_client import CollectorRegistry
 
-    from snapshotd.cluster import start_cluster
-    from snapshotd.metrics import Metrics
-    from snapshotd.store import Store
+    from snapshotd.cluster.start import start_cluster
+    from snapshotd.common.metrics import Metrics
+    from snapshotd.node.store import Store
 
     cfg = build_config(["--peers", "0=127.0.0.1:1,1=127.0.0.1:2", "--k", "1", "--m", "1"],
                        environ={})
@@ -83,9 +83,9 @@ def test_bad_peer_settings_are_named(tmp_path, argv, needle):
     import zmq
     from prometheus_client import CollectorRegistry
 
-    from snapshotd.cluster import start_cluster
-    from snapshotd.metrics import Metrics
-    from snapshotd.store import Store
+    from snapshotd.cluster.start import start_cluster
+    from snapshotd.common.metrics import Metrics
+    from snapshotd.node.store import Store
 
     with pytest.raises(ConfigError, match=needle):
         start_cluster(build_config(argv, environ={}), Store(str(tmp_path / "s"), 1 << 20),

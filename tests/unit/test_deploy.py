@@ -10,7 +10,7 @@
 * ``systemd-analyze verify`` accepts the unit (where systemd-analyze exists).
 * The Dockerfile installs the daemon without torch and runs ``snapshotd``.
 * Every flag, environment variable and TOML key given to the daemon anywhere in deploy/ is a real
-  setting: it goes through ``snapshotd.config.build_config``.
+  setting: it goes through ``snapshotd.common.config.build_config``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from snapshotd.config import Config, ConfigError, build_config, peer_endpoints
+from snapshotd.common.config import Config, ConfigError, build_config, peer_endpoints
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -197,7 +197,7 @@ def exported(tmp_path_factory) -> dict[str, Any]:
     One stand-alone node, and a three-node RS(2,1) cluster (peer metrics exist only with peers),
     where every node saves one rank and the version gets protected."""
     torch = pytest.importorskip("torch")
-    from snapshotd.localcluster import LocalCluster
+    from snapshotd.tools.localcluster import LocalCluster
     from snapshotd_client import SnapshotClient
 
     names: dict[str, set[str]] = {}
@@ -709,7 +709,7 @@ def test_dockerfile_builds_a_torch_free_daemon_image():
 def _flag_names() -> set[str]:
     import argparse
 
-    from snapshotd.config import add_arguments
+    from snapshotd.common.config import add_arguments
 
     parser = argparse.ArgumentParser(add_help=False)
     add_arguments(parser)

@@ -16,7 +16,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.testing._internal.two_tensor import TwoTensor
 
-from snapshotd.localcluster import free_ports
+from snapshotd.tools.localcluster import free_ports
 from snapshotd_client import TrainingState
 from snapshotd_client._flatten import Placer, ShardingMismatch, flatten, unflatten
 

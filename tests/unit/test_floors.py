@@ -4,12 +4,12 @@ recovering does not wipe what was heard from it. A real Store on a tmp directory
 
 import pytest
 
-from snapshotd import peerproto as pp
-from snapshotd.codec import make_codec
-from snapshotd.placement import make_groups
-from snapshotd.protection import NodeView, Protector, job_wide
-from snapshotd.protocol import TensorEntry
-from snapshotd.store import Store
+from snapshotd.cluster import peerproto as pp
+from snapshotd.cluster.codec import make_codec
+from snapshotd.cluster.placement import make_groups
+from snapshotd.cluster.protection import NodeView, Protector, job_wide
+from snapshotd.common.protocol import TensorEntry
+from snapshotd.node.store import Store
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from snapshotd.placement import (
+from snapshotd.cluster.placement import (
     Group,
     PlacementError,
     Stripe,

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from snapshotd import protocol as p
+from snapshotd.common import protocol as p
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from snapshotd.protocol import ProtocolError, TensorEntry
-from snapshotd.store import Store, StoreError
+from snapshotd.common.protocol import ProtocolError, TensorEntry
+from snapshotd.node.store import Store, StoreError
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -261,7 +261,7 @@ def test_process_identity_does_not_move_with_the_wall_clock(monkeypatch):
 
     import psutil
 
-    from snapshotd.store import process_identity
+    from snapshotd.node.store import process_identity
 
     proc = subprocess.Popen(["sleep", "30"])
     try:

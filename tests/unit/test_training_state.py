@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from snapshotd.localcluster import free_ports
+from snapshotd.tools.localcluster import free_ports
 from snapshotd_client import DaemonUnavailable, SnapshotError, TrainingState
 from snapshotd_client._flatten import flatten, unflatten
 from snapshotd_client._training import agree_step

@@ -25,7 +25,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from . import protocol as p
+from ..common import protocol as p
 from .peerproto import Ping, Pong, decode
 
 __all__ = ["Security", "PeerLinks", "PeerError", "Heartbeats", "load_security"]

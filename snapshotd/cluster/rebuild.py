@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from ..common.protocol import TensorEntry
+from ..node.store import Store, StoreError
 from . import peerproto as pp
 from .codec import Codec
 from .placement import Group, Stripe, data_stripes, parity_stripes
 from .protection import ParityRecord, Protector, contiguous, frames_checksum
-from .protocol import TensorEntry
-from .store import Store, StoreError
 
 __all__ = ["Recovery", "RebuildError"]
 

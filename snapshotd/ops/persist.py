@@ -30,8 +30,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .protocol import TensorEntry
-from .store import Store, StoreError, Version
+from ..common.protocol import TensorEntry
+from ..node.store import Store, StoreError, Version
 
 __all__ = ["Persister"]
 

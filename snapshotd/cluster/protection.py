@@ -6,7 +6,7 @@ node ``x`` is the data fragment of ``x`` in the ``c``-th stripe where ``x`` is a
 
 This module holds the policy and the state: which chunks to send where, the stripes being
 assembled, the parity this node holds, which versions are protected. Bytes move through
-:class:`~snapshotd.peers.PeerLinks`; the peer server calls the ``on_*`` handlers.
+:class:`~snapshotd.cluster.peers.PeerLinks`; the peer server calls the ``on_*`` handlers.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from typing import Any, NamedTuple
 
 import xxhash
 
+from ..node.store import Store, StoreError, Version
 from . import peerproto as pp
 from .codec import Codec
 from .parityfiles import ParityFiles, frag_infos
 from .placement import Group, Stripe, data_stripes, stripes
-from .store import Store, StoreError, Version
 
 __all__ = ["Protector", "ParityRecord", "NodeVersion", "frames_checksum", "contiguous"]
 
@@ -956,7 +956,7 @@ _MAX_UNDELIVERED = 1024
 
 
 class NodeView(NamedTuple):
-    """What one node reported of one job (a :class:`~snapshotd.peerproto.JobFloor`)."""
+    """What one node reported of one job (a :class:`~snapshotd.cluster.peerproto.JobFloor`)."""
 
     floor: int
     held: tuple[int, ...] = ()

@@ -4,7 +4,7 @@ What it does, all on loopback (``make demo`` runs it):
 
 1. Trains ``examples/train.py`` (a small GPT, DDP over gloo) once without interruption, as the
    reference.
-2. Starts a :class:`~snapshotd.localcluster.LocalCluster` (one snapshotd per "node", erasure
+2. Starts a :class:`~snapshotd.tools.localcluster.LocalCluster` (one snapshotd per "node", erasure
    coded across the nodes) and one ``torchrun`` agent per node, joined through torchrun's c10d
    rendezvous, and trains the same job again, snapshotting every step.
 3. While it trains: SIGKILLs one trainer process (torchrun restarts the workers, which restore
@@ -59,7 +59,7 @@ _FAILED = re.compile(r"Worker group (FAILED|UNHEALTHY)|failed \(exitcode|ChildFa
 
 def find_script() -> Path:
     """``examples/train.py`` of this source tree."""
-    for base in (Path(__file__).resolve().parent.parent, Path.cwd()):
+    for base in (Path(__file__).resolve().parents[2], Path.cwd()):
         candidate = base / "examples" / "train.py"
         if candidate.is_file():
             return candidate
@@ -368,7 +368,7 @@ def make_keys(path: str | Path) -> str:
     import contextlib
     import io
 
-    from .ctl import main as ctl
+    from ..ops.ctl import main as ctl
 
     path = Path(path)
     shutil.rmtree(path, ignore_errors=True)

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from . import protocol as p
-from .channel import Channel, SnapshotError
+from ..common import protocol as p
+from ..common.channel import Channel, SnapshotError
 
 __all__ = ["NodeSpec", "DaemonProcess", "LocalCluster", "free_ports"]
 

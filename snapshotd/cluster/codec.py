@@ -44,7 +44,7 @@ else:
 
 __all__ = ["CODECS", "Buffer", "Codec", "CodecError", "IsalCodec", "ReedsoloCodec", "make_codec"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("snapshotd.codec")
 
 UNIT = 1 << 20  # bytes of each fragment processed per pass, so the working set stays in cache
 

@@ -15,7 +15,7 @@ Rebuilding node ``j``: ``Inventory`` from every reachable group peer, then ``Get
 
 Example::
 
-    >>> from snapshotd.protocol import encode
+    >>> from snapshotd.common.protocol import encode
     >>> _, msg = decode(encode(Ping(slot=2, cluster="c1")))
     >>> msg.slot
     2
@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from . import protocol as p
+from ..common import protocol as p
 
 __all__ = ["FragInfo", "Ping", "Pong", "PutData", "PutParity", "Protected", "Dropped", "Held",
            "JobFloor", "Inventory",
@@ -243,5 +243,5 @@ def manifest_id(manifest: str) -> str:
 
 
 def decode(frame: bytes) -> tuple[int, Any]:
-    """Parse one peer header frame (see :func:`snapshotd.protocol.decode`)."""
+    """Parse one peer header frame (see :func:`snapshotd.common.protocol.decode`)."""
     return p.decode(frame, messages=_PEER_MESSAGES)

@@ -17,8 +17,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import protocol as p
-from .channel import Channel
+from ..common import protocol as p
+from ..common.channel import Channel
 
 __all__ = ["export"]
 

@@ -1,7 +1,7 @@
 """The peer server: answers group peers over ZeroMQ TCP (CURVE), on its own thread.
 
 Handlers only check and route; the protection and rebuild logic live in
-:mod:`snapshotd.protection` and :mod:`snapshotd.rebuild`.
+:mod:`snapshotd.cluster.protection` and :mod:`snapshotd.cluster.rebuild`.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any
 
 import zmq
 
+from ..common import protocol as p
+from ..common._loop import RouterLoop
 from . import peerproto as pp
-from . import protocol as p
-from ._loop import RouterLoop
 from .peers import Security
 from .protection import Protector
 
@@ -24,7 +24,7 @@ log = logging.getLogger("snapshotd.peerserver")
 
 
 class PeerServer(RouterLoop):
-    """Serves :mod:`snapshotd.peerproto` for one node."""
+    """Serves :mod:`snapshotd.cluster.peerproto` for one node."""
 
     SLOW = frozenset({"put_data", "put_parity", "inventory", "get_data", "get_parity"})
     MAX_PAYLOAD_FRAMES = 1 << 16

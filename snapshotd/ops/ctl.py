@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from . import protocol as p
-from .channel import Channel, SnapshotError
-from .config import default_control
+from ..common import protocol as p
+from ..common.channel import Channel, SnapshotError
+from ..common.config import default_control
 
 __all__ = ["main"]
 
@@ -91,7 +91,7 @@ def cmd_persist(ch: Channel, args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def cmd_export(ch: Channel, args: argparse.Namespace) -> tuple[Any, str]:
-    from ._export import export
+    from .export import export
 
     result = export(args.control, args.job, args.step, args.out,
                     None if args.rank is None else [args.rank],

@@ -38,10 +38,10 @@ from typing import Any
 import psutil
 import xxhash
 
+from ..common.protocol import ProtocolError, TensorEntry, check_job, check_table
 from ._shm import SegmentDir
-from .protocol import ProtocolError, TensorEntry, check_job, check_table
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("snapshotd.store")
 
 __all__ = ["Store", "StoreError", "Slot", "Version", "Lease", "process_identity"]
 

@@ -9,14 +9,14 @@ from typing import Any
 
 import zmq
 
+from ..common.config import Config, ConfigError, peer_endpoints
+from ..node.store import Store
 from .codec import make_codec
-from .config import Config, ConfigError, peer_endpoints
 from .peers import Heartbeats, PeerLinks, Security, load_security
 from .peerserver import PeerServer
 from .placement import PlacementError, group_of, make_groups
 from .protection import Protector
 from .rebuild import Recovery
-from .store import Store
 
 __all__ = ["ClusterNode", "start_cluster"]
 

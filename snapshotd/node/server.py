@@ -1,6 +1,6 @@
 """The local control server: answers trainer clients over ZeroMQ ``ipc://``.
 
-The loop itself is :class:`snapshotd._loop.RouterLoop`; this module holds the handlers. Slow
+The loop itself is :class:`snapshotd.common._loop.RouterLoop`; this module holds the handlers. Slow
 requests (reserving memory, checksumming) run on worker threads; dead writers and readers are
 reaped between passes.
 """
@@ -17,9 +17,9 @@ from typing import Any
 
 import zmq
 
-from . import protocol as p
-from ._loop import RouterLoop
-from .metrics import Metrics
+from ..common import protocol as p
+from ..common._loop import RouterLoop
+from ..common.metrics import Metrics
 from .store import Store, StoreError
 
 __all__ = ["ControlServer"]
@@ -28,7 +28,7 @@ log = logging.getLogger("snapshotd.server")
 
 
 class ControlServer(RouterLoop):
-    """Serves :mod:`snapshotd.protocol` for one :class:`Store`.
+    """Serves :mod:`snapshotd.common.protocol` for one :class:`Store`.
 
     ``on_commit(version)`` is called after each commit (the protection pipeline hooks in there);
     ``recovery`` (optional) is asked before versions are listed or opened, so a replacement

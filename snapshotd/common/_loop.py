@@ -4,7 +4,7 @@
 hands slow ones to a worker pool, and forwards the replies the workers finished. Workers send
 their replies through an inproc PUSH socket of their own thread, because ZeroMQ sockets are not
 thread-safe. Every request is handled inside its own ``try``: a failing request gets an
-:class:`~snapshotd.protocol.Error` reply, is counted, and the loop goes on.
+:class:`~snapshotd.common.protocol.Error` reply, is counted, and the loop goes on.
 
 A handler is a method ``_on_<op>(msg, payload) -> reply`` where ``payload`` is the list of frames
 after the header, and ``reply`` is a message or a ``(message, frames)`` pair.

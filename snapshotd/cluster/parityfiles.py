@@ -22,8 +22,8 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from ..node._shm import numbered_files
 from . import peerproto as pp
-from ._shm import numbered_files
 
 __all__ = ["ParityFiles"]
 
