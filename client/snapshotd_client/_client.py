@@ -523,9 +523,27 @@ class SnapshotClient:
             self.wait()
             return self._restore(step, into, check, tuple(meshes), local_shards)
 
+    def read(self, step: int | None = None, *, local_shards: bool = True
+             ) -> tuple[int, Any] | None:
+        """Return ``(step, state)`` of this rank's version ``step`` (newest when None), or
+        None: a copy for inspection or export, not a restore. It starts no new timeline (the
+        rank's newer versions stay) and agrees with no other rank. DTensors come back as this
+        rank's local shards unless ``local_shards=False`` (then the job's meshes must exist).
+
+        Example::
+
+            with SnapshotClient(job="gpt", rank=3) as client:
+                got = client.read(120)             # rank 3's step 120, newer steps untouched
+        """
+        step = None if step is None else _step(step)
+        with self._lock:
+            self.wait()
+            return self._restore(step, None, None, (), local_shards, timeline=False)
+
     def _restore(self, step: int | None, into: Any, check: Callable[[Any], None] | None,
-                 meshes: tuple = (), local_shards: bool = False) -> tuple[int, Any] | None:
-        if step is None and _distributed():
+                 meshes: tuple = (), local_shards: bool = False,
+                 timeline: bool = True) -> tuple[int, Any] | None:
+        if step is None and timeline and _distributed():
             step = self._agree()
             if step is None:
                 self._start_over()
@@ -553,8 +571,9 @@ class SnapshotClient:
             # The restored step is where this rank's timeline continues: what was saved after
             # it is abandoned and must never be served again (here, in parity, after a crash).
             # Dropped before anything is written, so a failure here leaves the live state as is.
-            self._channel.call(p.Drop(self.job, self.rank, newer_than=lease.step,
-                                      token=self._token))
+            if timeline:
+                self._channel.call(p.Drop(self.job, self.rank, newer_than=lease.step,
+                                          token=self._token))
             tensors = self._copy_out(lease, targets)
         finally:
             try:
@@ -562,10 +581,11 @@ class SnapshotClient:
             except SnapshotError as exc:
                 log.warning("could not release restore lease %d: %s (the daemon frees it "
                             "when this process exits)", lease.lease, exc)
-        self.last_restore = RestoreInfo(lease.step, lease.tier, lease.nbytes,
-                                        time.perf_counter() - started)
-        log.info("restored job %r rank %d step %d from %s (%d bytes)", self.job, self.rank,
-                 lease.step, lease.tier, lease.nbytes)
+        if timeline:
+            self.last_restore = RestoreInfo(lease.step, lease.tier, lease.nbytes,
+                                            time.perf_counter() - started)
+            log.info("restored job %r rank %d step %d from %s (%d bytes)", self.job,
+                     self.rank, lease.step, lease.tier, lease.nbytes)
         return lease.step, unflatten(lease.meta, tensors, placer)
 
     def _start_over(self) -> None:

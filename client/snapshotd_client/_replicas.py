@@ -118,6 +118,16 @@ def split(state: Any, owners: dict[Path, int], me: int) -> Any:
     return _rebuild(state, (), keep_or_mark)
 
 
+def collective_device(group: Any) -> torch.device:
+    """Where tensors for collectives over ``group`` must live: the current CUDA device for
+    NCCL, the CPU otherwise (gloo)."""
+    import torch.distributed as dist
+
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def reassemble(state: Any, group: Any, size: int) -> Any:
     """Fill every marker of ``state`` with the tensor its owner restored: one broadcast per
     owner over ``group`` (every replica calls this with the same step). Raises ValueError if
@@ -137,6 +147,7 @@ def reassemble(state: Any, group: Any, size: int) -> Any:
     leaves = dict(_walk(state))
     shapes = {path: (dtype, shape, nbytes) for path, dtype, shape, nbytes in items}
     received: dict[Path, torch.Tensor] = {}
+    device = collective_device(group)
     for owner in range(size):
         paths = sorted((p for p, o in owners.items() if o == owner), key=repr)
         total = sum(shapes[p][2] for p in paths)
@@ -144,12 +155,13 @@ def reassemble(state: Any, group: Any, size: int) -> Any:
             continue
         if owner == me:
             buf = torch.cat([leaves[p].detach().contiguous().reshape(-1).view(torch.uint8)
-                             for p in paths])
+                             for p in paths]).to(device)
         else:
-            buf = torch.empty(total, dtype=torch.uint8)
+            buf = torch.empty(total, dtype=torch.uint8, device=device)
         dist.broadcast(buf, src=dist.get_global_rank(group, owner), group=group)
         if owner == me:
             continue
+        buf = buf.cpu()
         offset = 0
         for p in paths:
             dtype, shape, nbytes = shapes[p]

@@ -316,7 +316,8 @@ class TrainingState:
                 coded = client.coding()[1] > 0
             except SnapshotError:
                 coded = False
-            flag = torch.tensor([1 if coded else 0])
+            flag = torch.tensor([1 if coded else 0],
+                                device=_replicas.collective_device(group))
             dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
             if not flag.item():
                 log.warning("replicated state is stored whole on every rank: a daemon of the "

@@ -23,6 +23,18 @@ from ..common.channel import Channel
 __all__ = ["export"]
 
 
+def _tensor_bytes(obj: Any) -> int:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
 def _progress(done: int, total: int, nbytes: int, enabled: bool) -> None:
     if not enabled:
         return
@@ -65,11 +77,13 @@ def export(control: str, job: str, step: int | None, out: str,
     _progress(0, len(chosen), 0, progress)
     for i, rank in enumerate(chosen):
         with SnapshotClient(control, job=job, rank=rank, token=token) as client:
-            got = client.restore(step, local_shards=True)
+            # A read, not a restore: the rank's newer versions stay (a restore of an older
+            # step would start a new timeline and drop them).
+            got = client.read(step, local_shards=True)
             if got is None:
                 raise SystemExit(f"job {job!r} rank {rank}: step {step} is gone; export again")
             _, states[rank] = got
-            nbytes += client.last_restore.nbytes if client.last_restore else 0
+            nbytes += _tensor_bytes(states[rank])
         _progress(i + 1, len(chosen), nbytes, progress)
     state = states[chosen[0]] if len(chosen) == 1 else {f"rank{r}": s for r, s in states.items()}
     dcp.save(state, checkpoint_id=out, no_dist=True)

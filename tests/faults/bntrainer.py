@@ -19,10 +19,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 
 import torch
 
 from snapshotd_client import SnapshotClient, TrainingState
+
+_SAY = threading.Lock()
+
+
+def say(record: dict) -> None:
+    """One JSON line, written whole: the save worker's callback prints from another thread
+    (two prints could interleave into one line the test cannot parse)."""
+    with _SAY:
+        sys.stdout.write(json.dumps(record) + "\n")
+        sys.stdout.flush()
 
 WIDTH = 512
 
@@ -84,10 +95,9 @@ def main(argv: list[str]) -> int:
             opt.zero_grad()
             position["next"] = step + 1
             future = state.save(client, step)
-            print(json.dumps({"saved": step}), flush=True)
+            say({"saved": step})
             future.add_done_callback(
-                lambda f, s=step: f.exception() is None and print(
-                    json.dumps({"committed": s}), flush=True))
+                lambda f, s=step: f.exception() is None and say({"committed": s}))
             forward_backward(model, step + 1)
         client.close()
         return 0

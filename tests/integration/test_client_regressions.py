@@ -476,3 +476,24 @@ def test_regression_unicode_names_pass_size_check(keep3):
         with pytest.raises(SnapshotError, match="limit"):
             future.result()
         assert c.steps() == []
+
+
+def test_regression_export_of_an_older_step_drops_the_newer_ones(keep3, tmp_path):
+    """snapshotctl export read each rank through restore(), which starts a new timeline: an
+    export of the newest common step dropped a rank's newer versions. read() and export leave
+    every version where it was."""
+    from snapshotd._export import export
+
+    job = "j" + uuid.uuid4().hex[:8]
+    with SnapshotClient(keep3.control, job=job, rank=0) as c0, \
+            SnapshotClient(keep3.control, job=job, rank=1) as c1:
+        for s in (1, 2):
+            c0.save(s, {"w": torch.full((4,), float(s))}).result()
+            c1.save(s, {"w": torch.full((4,), float(10 + s))}).result()
+        c0.save(3, {"w": torch.full((4,), 3.0)}).result()       # rank 0 is one step ahead
+        step, st = c0.read(2)
+        assert step == 2 and torch.equal(st["w"], torch.full((4,), 2.0))
+        assert c0.steps() == [1, 2, 3]
+        result = export(keep3.control, job, None, str(tmp_path / "out"), progress=False)
+        assert result["step"] == 2 and result["bytes"] == 2 * 16
+        assert c0.steps() == [1, 2, 3] and c1.steps() == [1, 2]
