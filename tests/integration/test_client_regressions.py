@@ -482,7 +482,7 @@ def test_regression_export_of_an_older_step_drops_the_newer_ones(keep3, tmp_path
     """snapshotctl export read each rank through restore(), which starts a new timeline: an
     export of the newest common step dropped a rank's newer versions. read() and export leave
     every version where it was."""
-    from snapshotd._export import export
+    from snapshotd.ops.export import export
 
     job = "j" + uuid.uuid4().hex[:8]
     with SnapshotClient(keep3.control, job=job, rank=0) as c0, \
