@@ -19,7 +19,13 @@ from pathlib import Path
 import pytest
 from harness import LONG, Fault, Outcome, campaign
 
-from snapshotd.tools.demo import JsonlTail, TorchrunJob, compare_params, read_jsonl, reference_run
+from snapshotd.tools.torchrun import (
+    JsonlTail,
+    TorchrunJob,
+    compare_params,
+    read_jsonl,
+    reference_run,
+)
 
 pytest_plugins = ["faultfixtures"]
 

@@ -25,7 +25,7 @@ import torch
 
 from snapshotd.common import protocol as p
 from snapshotd.common.channel import Channel
-from snapshotd.tools.demo import (
+from snapshotd.tools.torchrun import (
     JsonlTail,
     TorchrunJob,
     compare_params,

@@ -26,7 +26,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from snapshotd.tools.demo import compare_params, kill_tree, read_jsonl, reference_run, torchrun_env
+from snapshotd.tools.torchrun import (
+    compare_params,
+    kill_tree,
+    read_jsonl,
+    reference_run,
+    torchrun_env,
+)
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "train_fsdp.py"
 TINY = ["--size", "tiny"]
