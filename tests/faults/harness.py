@@ -816,6 +816,19 @@ def cleanup_dirs(*paths: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+#: Daemon flags of the retention and regression scenarios: fast heartbeats, short timeouts.
+FAST = ["--insecure", "--memory-limit", "512MiB", "--heartbeat-interval", "0.2",
+        "--peer-timeout", "1.5", "--encode-timeout", "2", "--reap-interval", "0.2"]
+#: How long those scenarios wait for protection or a rebuild to settle with FAST (seconds).
+FAST_SETTLE_S = 1.5 + 2 + 10
+
+
+def lose(cluster: LocalCluster, slot: int) -> None:
+    """A node loss: its daemon SIGKILLed and its memory (the shm directory) gone."""
+    cluster.kill(slot)
+    shutil.rmtree(cluster.specs[slot].shm_dir, ignore_errors=True)
+
+
 def save_on(zygote: Zygote, cluster: LocalCluster, job: str, first: int, last: int,
             mib: float, ranks: int = 1, slots: Iterable[int] | None = None,
             extra: Sequence[Any] = (), wait: bool = True, world: int = 0

@@ -6,15 +6,17 @@ real SIGKILLs; a node loss is its daemon SIGKILLed and its shared-memory directo
 
 import json
 import os
-import shutil
 import time
 
 import pytest
 from harness import (
+    FAST,
+    FAST_SETTLE_S,
     all_protected,
     call,
     cluster_state,
     log_tail,
+    lose,
     peer_call,
     protected,
     restore_all,
@@ -34,15 +36,7 @@ pytest_plugins = ["faultfixtures"]
 
 pytestmark = pytest.mark.timeout(180)
 
-FAST = ["--insecure", "--memory-limit", "512MiB", "--heartbeat-interval", "0.2",
-        "--peer-timeout", "1.5", "--encode-timeout", "2", "--reap-interval", "0.2"]
-RESUME_S = 1.5 + 2 + 10
-
-
-def lose(cluster, slot):
-    """A node loss: its daemon SIGKILLed and its memory (the shm directory) gone."""
-    cluster.kill(slot)
-    shutil.rmtree(cluster.specs[slot].shm_dir, ignore_errors=True)
+RESUME_S = FAST_SETTLE_S
 
 
 def held_steps(spec, job, rank):

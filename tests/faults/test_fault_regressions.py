@@ -11,6 +11,8 @@ import time
 
 import pytest
 from harness import (
+    FAST,
+    FAST_SETTLE_S,
     all_protected,
     call,
     log_tail,
@@ -27,9 +29,7 @@ pytest_plugins = ["faultfixtures"]
 
 pytestmark = pytest.mark.timeout(120)
 
-FAST = ["--insecure", "--memory-limit", "512MiB", "--heartbeat-interval", "0.2",
-        "--peer-timeout", "1.5", "--encode-timeout", "2", "--reap-interval", "0.2"]
-RESUME_S = 1.5 + 2 + 10
+RESUME_S = FAST_SETTLE_S
 
 
 def hard_stop(cluster):

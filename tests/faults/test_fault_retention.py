@@ -9,11 +9,12 @@ and saw protected), and the job keeps a step every rank holds.
 The quick suite runs each sequence once, fixed, as a regression test
 (test_fault_issue12.py); these rows run in the long campaign (``make faults``)."""
 
-import shutil
 import time
 
 import pytest
 from harness import (
+    FAST,
+    FAST_SETTLE_S,
     LONG,
     Fault,
     Outcome,
@@ -21,6 +22,7 @@ from harness import (
     call,
     campaign,
     cluster_state,
+    lose,
     protected,
     save_on,
     versions,
@@ -35,19 +37,12 @@ pytestmark = [pytest.mark.timeout(1800),
               pytest.mark.skipif(not LONG, reason="long campaign only (make faults); the "
                                  "quick suite runs these sequences in test_fault_issue12.py")]
 
-FAST = ["--insecure", "--memory-limit", "512MiB", "--heartbeat-interval", "0.2",
-        "--peer-timeout", "1.5", "--encode-timeout", "2", "--reap-interval", "0.2"]
-RESUME_S = 1.5 + 2 + 20
+RESUME_S = FAST_SETTLE_S + 10      # the long campaign draws bigger states
 
 
 @pytest.fixture(scope="module")
 def env(clusters, zygote):
     return {"clusters": clusters, "zygote": zygote}
-
-
-def lose(cluster, slot):
-    cluster.kill(slot)
-    shutil.rmtree(cluster.specs[slot].shm_dir, ignore_errors=True)
 
 
 def restore(env, cluster, slot, salt=0, step=None):
