@@ -247,7 +247,7 @@ def zygote() -> int:
     torch.set_num_threads(1)
     make_state("warm", 0, 0, 0.01)       # load torch's lazy modules once, before forking
     out = sys.stdout
-    children: set[int] = set()
+    children: dict[int, int] = {}         # pid -> the request's id
     buf = b""
     while True:
         ready, _, _ = select.select([0], [], [], 0.02)
@@ -262,7 +262,7 @@ def zygote() -> int:
                 pid = os.fork()
                 if pid == 0:
                     child(request)
-                children.add(pid)
+                children[pid] = request["id"]
                 out.write(json.dumps({"id": request["id"], "pid": pid}) + "\n")
                 out.flush()
         while children:
@@ -272,9 +272,11 @@ def zygote() -> int:
                 break
             if pid == 0:
                 break
-            children.discard(pid)
+            rid = children.pop(pid, None)
             rc = os.waitstatus_to_exitcode(status)
-            out.write(json.dumps({"exit": pid, "rc": rc}) + "\n")
+            # By request id: over a long campaign pids are reused, and an exit recorded by pid
+            # made a later trainer with the same pid look finished before it ran.
+            out.write(json.dumps({"exit": pid, "id": rid, "rc": rc}) + "\n")
             out.flush()
     for pid in children:
         try:

@@ -277,6 +277,7 @@ class Zygote:
                                      cwd=HERE, start_new_session=True)
         self._cond = threading.Condition()
         self._pids: dict[int, int] = {}
+        #: Exit codes by request id (not pid: pids are reused over a long campaign).
         self.exits: dict[int, int] = {}
         self._ids = iter(range(1, 1 << 30))
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -290,7 +291,7 @@ class Zygote:
                 if "pid" in msg:
                     self._pids[msg["id"]] = msg["pid"]
                 else:
-                    self.exits[msg["exit"]] = msg["rc"]
+                    self.exits[msg["id"]] = msg["rc"]
                 self._cond.notify_all()
 
     def spawn(self, mode: str, endpoint: str, *args: Any, env: dict | None = None,
@@ -305,7 +306,7 @@ class Zygote:
             self.proc.stdin.flush()
             if not self._cond.wait_for(lambda: rid in self._pids, timeout):
                 raise TimeoutError(f"zygote did not fork a trainer in {timeout}s")
-            return Trainer(self, self._pids.pop(rid), out, argv)
+            return Trainer(self, self._pids.pop(rid), out, argv, rid)
 
     def run(self, mode: str, endpoint: str, *args: Any, env: dict | None = None,
             timeout: float = 120.0) -> dict:
@@ -332,6 +333,7 @@ class Trainer:
     pid: int
     out: str
     argv: list[str]
+    rid: int = 0
 
     def lines(self) -> list[dict]:
         try:
@@ -358,17 +360,17 @@ class Trainer:
     @property
     def rc(self) -> int | None:
         with self.zygote._cond:
-            return self.zygote.exits.get(self.pid)
+            return self.zygote.exits.get(self.rid)
 
     def alive(self) -> bool:
         return self.rc is None
 
     def wait(self, timeout: float = 120.0) -> int:
         with self.zygote._cond:
-            if not self.zygote._cond.wait_for(lambda: self.pid in self.zygote.exits, timeout):
+            if not self.zygote._cond.wait_for(lambda: self.rid in self.zygote.exits, timeout):
                 raise TimeoutError(f"trainer {self.argv} (pid {self.pid}) still running after "
                                    f"{timeout}s:\n{self.text()}")
-            return self.zygote.exits[self.pid]
+            return self.zygote.exits[self.rid]
 
     def kill(self, sig: int = signal.SIGKILL) -> int:
         try:
