@@ -40,7 +40,8 @@ bench: $(STAMP)
 	$(PY) -m bench all
 
 faults: $(STAMP)
-	SNAPSHOTD_FAULT_RUNS=long $(PY) -m pytest -q tests/faults tests/integration/test_torchrun_sharded.py
+	SNAPSHOTD_FAULT_RUNS=long $(PY) -m pytest -q tests/faults tests/integration/test_torchrun_sharded.py \
+	  tests/integration/test_torchrun.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check snapshotd client tests bench
