@@ -47,7 +47,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from ._client import SnapshotClient, SnapshotError
+from ._client import SnapshotClient, SnapshotError, log
 
 __all__ = ["SnapshotdWriter", "SnapshotdReader", "META_SUFFIX"]
 
@@ -82,6 +82,13 @@ def _step(checkpoint_id: Any, default: int | None) -> int:
         raise ValueError(f"checkpoint_id {checkpoint_id!r}: snapshotd storage names a "
                          "checkpoint by its step (an int, or a path ending in one)")
     return int(text)
+
+
+def _loud(exc: SnapshotError) -> SnapshotError:
+    """Log the storage's error too: some torch versions replace it with their own message
+    ("metadata is None") when it comes from read_metadata."""
+    log.error("%s", exc)
+    return exc
 
 
 def _done(value: Any) -> Future:
@@ -191,9 +198,10 @@ class SnapshotdReader(StorageReader):
                     raise
                 got = None
         if got is None:
-            raise SnapshotError(f"no DCP checkpoint of job {self.job!r} "
-                                f"{'' if self.step is None else f'at step {self.step} '}on this "
-                                "node's daemon (its metadata is kept with rank 0's node)")
+            raise _loud(SnapshotError(
+                f"no DCP checkpoint of job {self.job!r} "
+                f"{'' if self.step is None else f'at step {self.step} '}on this node's daemon "
+                "(its metadata is kept with rank 0's node)"))
         self.step, state = got
         metadata = pickle.loads(state["metadata"].numpy().tobytes())  # noqa: S301 - the job's own
         if not isinstance(metadata, Metadata):
@@ -243,10 +251,10 @@ class SnapshotdReader(StorageReader):
             else:
                 why = ""
         if got is None or got[0] != self.step:
-            raise SnapshotError(
+            raise _loud(SnapshotError(
                 f"job {self.job!r} step {self.step}: rank {rank}'s items are not on this "
                 f"node's daemon{f' ({why})' if why else ''}; a load reads the ranks it needs "
-                "from its own node (reading another node's ranks is not supported yet)")
+                "from its own node (reading another node's ranks is not supported yet)"))
         return got[1]["items"]
 
     @classmethod

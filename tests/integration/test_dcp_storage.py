@@ -20,7 +20,8 @@ BIAS = torch.linspace(0, 1, 7)
 
 
 def message(exc):
-    """The storage's own message (DCP wraps it in a CheckpointException per rank)."""
+    """The storage's own message (DCP wraps it in a CheckpointException per rank; some torch
+    versions drop it from read_metadata, so the storage logs it too)."""
     return str(exc) + " ".join(str(e) for e in getattr(exc, "failures", {}).values())
 
 
@@ -31,7 +32,7 @@ def daemon(cluster_factory):
     return cluster.specs[0].control
 
 
-def test_one_process_round_trip_by_step_and_by_checkpoint_id(daemon):
+def test_one_process_round_trip_by_step_and_by_checkpoint_id(daemon, caplog):
     state = {"w": torch.randn(6, 3), "extra": {"epoch": 3, "name": "x"}}
     dcp.save(state, storage_writer=SnapshotdWriter("d1", step=4, endpoint=daemon), no_dist=True)
     state2 = {"w": state["w"] * 2, "extra": {"epoch": 4, "name": "y"}}
@@ -45,7 +46,7 @@ def test_one_process_round_trip_by_step_and_by_checkpoint_id(daemon):
     assert torch.equal(newest["w"], state2["w"]) and newest["extra"]["epoch"] == 4
     with pytest.raises(BaseException) as err:       # DCP wraps it: CheckpointException
         dcp.load(back, storage_reader=SnapshotdReader("nothing", endpoint=daemon), no_dist=True)
-    assert "no DCP checkpoint of job 'nothing'" in message(err.value), message(err.value)
+    assert "no DCP checkpoint of job 'nothing'" in message(err.value) + caplog.text
 
 
 def _port():
@@ -105,7 +106,7 @@ def test_saved_by_two_ranks_loaded_at_one_and_three(daemon):
     assert _spawn(3, daemon, "load") == [(0, True), (1, True), (2, True)]
 
 
-def test_items_of_a_rank_on_another_node_are_named_in_the_error(cluster_factory):
+def test_items_of_a_rank_on_another_node_are_named_in_the_error(cluster_factory, caplog):
     cluster = cluster_factory(2, k=1, m=1, args=["--insecure"])
     cluster.start()
     a, b = (s.control for s in cluster.specs)
@@ -120,4 +121,4 @@ def test_items_of_a_rank_on_another_node_are_named_in_the_error(cluster_factory)
         dcp.load({"x": torch.zeros(3)}, storage_reader=SnapshotdReader("far", step=1,
                                                                         endpoint=a),
                  no_dist=True)
-    assert "no DCP checkpoint of job 'far' at step 1" in message(err.value), message(err.value)
+    assert "no DCP checkpoint of job 'far' at step 1" in message(err.value) + caplog.text
