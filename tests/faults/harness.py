@@ -561,12 +561,19 @@ class FaultCluster(LocalCluster):
     def __init__(self, nodes: int, workdir: str, *, proxied: bool = False, **kw: Any) -> None:
         super().__init__(nodes, workdir, **kw)
         self.proxy: Proxy | None = None
-        if proxied:
+        for _ in range(5 if proxied else 0):
             self.proxy = Proxy()
             for src in self.specs:
                 for dst in self.specs:
                     if src.slot != dst.slot:
                         self.proxy.add(src.slot, dst.slot, dst.port)
+            # The daemons' ports were free a moment ago and are not bound yet: the OS may
+            # have given one of them to a proxy route ("Address already in use" at start).
+            taken = {s.port for s in self.specs} | {s.metrics_port for s in self.specs}
+            if not taken & {r.port for r in self.proxy.routes.values()}:
+                break
+            self.proxy.close()
+            super().__init__(nodes, workdir, **kw)
 
     def slot_peer_args(self, slot: int) -> list[str]:
         entries = []
