@@ -71,3 +71,31 @@ def wait_for(predicate, timeout=60.0, what="condition"):
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def torchrun_standalone(script, nproc, endpoint, out, *args, timeout=180):
+    """Run one ``torchrun --standalone`` job of ``script --size tiny`` on one node against the
+    daemon at ``endpoint`` to the end (c10d rendezvous, up to 2 restarts); return its output."""
+    from pathlib import Path
+
+    from snapshotd.tools.torchrun import kill_tree, torchrun_env
+
+    env = torchrun_env(SNAPSHOTD_ENDPOINT=endpoint)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "--max-restarts=2", "--monitor-interval=0.2",
+           f"--log-dir={Path(out) / 'torchelastic'}", str(script), "--size", "tiny", "--out",
+           str(out), *args]
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with open(Path(out) / "torchrun.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:
+            kill_tree(proc.pid)          # the workers run in sessions of their own
+            proc.wait()
+    text = (Path(out) / "torchrun.log").read_text()
+    assert rc == 0, f"torchrun exited with {rc} (None: timed out):\n{text[-6000:]}"
+    return text

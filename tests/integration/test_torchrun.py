@@ -13,8 +13,6 @@ of the same script, bit for bit:
 
 import os
 import random
-import subprocess
-import sys
 import time
 import uuid
 from datetime import timedelta
@@ -23,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import torchrun_standalone
 from snapshotd.common import protocol as p
 from snapshotd.common.channel import Channel
 from snapshotd.tools.torchrun import (
@@ -30,38 +29,13 @@ from snapshotd.tools.torchrun import (
     TorchrunJob,
     compare_params,
     find_script,
-    kill_tree,
     read_jsonl,
     rebuilt_bytes,
     reference_run,
-    torchrun_env,
 )
 
 SCRIPT = find_script()
 TINY = ["--size", "tiny"]
-
-
-def torchrun_standalone(nproc, endpoint, out, *args, timeout=180):
-    """Run one ``torchrun --standalone`` job on one node to the end; return its output."""
-    env = torchrun_env(SNAPSHOTD_ENDPOINT=endpoint)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "--max-restarts=2", "--monitor-interval=0.2",
-           f"--log-dir={Path(out) / 'torchelastic'}", str(SCRIPT), *TINY, "--out", str(out),
-           *args]
-    Path(out).mkdir(parents=True, exist_ok=True)
-    with open(Path(out) / "torchrun.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-        try:
-            rc = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            rc = None
-        finally:
-            kill_tree(proc.pid)          # the workers run in sessions of their own
-            proc.wait()
-    text = (Path(out) / "torchrun.log").read_text()
-    assert rc == 0, f"torchrun exited with {rc} (None: timed out):\n{text[-6000:]}"
-    return text
 
 
 def reference(tmp_path, nproc, steps, *args):
@@ -129,7 +103,8 @@ def test_rank_killed_at_random_step_resumes_bit_exact(cluster_factory, tmp_path,
         cluster = cluster_factory(2, k=1, m=1, args=["--keep", "4", "--insecure"])
     cluster.start()
     job, out = f"a-{uuid.uuid4().hex[:6]}", tmp_path / "faulted"
-    torchrun_standalone(2, cluster.specs[0].control, out, "--steps", str(steps), "--job", job,
+    torchrun_standalone(SCRIPT, 2, cluster.specs[0].control, out, "--steps", str(steps),
+                        "--job", job,
                         "--fail-at", f"{rank}:{step}")
     why = f"(rank {rank} killed at step {step})"
     events = starts(out)
@@ -168,7 +143,7 @@ def test_ranks_with_different_newest_versions_restore_the_same_older_step(cluste
     spec = cluster.specs[0]
     job = f"c-{uuid.uuid4().hex[:6]}"
     first, second = tmp_path / "first", tmp_path / "second"
-    torchrun_standalone(2, spec.control, first, "--steps", str(steps), "--job", job)
+    torchrun_standalone(SCRIPT, 2, spec.control, first, "--steps", str(steps), "--job", job)
     held = versions(spec, job)
     assert {(0, steps - 1), (1, steps - 1), (0, steps - 2), (1, steps - 2)} <= held, held
     # Rank 1 "died before committing" the newest step: drop it from its daemon.
@@ -179,7 +154,7 @@ def test_ranks_with_different_newest_versions_restore_the_same_older_step(cluste
         ch.close()
     assert (1, steps - 1) not in versions(spec, job) and (0, steps - 1) in versions(spec, job)
     # A new job restores: the newest step both ranks hold is steps-2, not rank 0's steps-1.
-    torchrun_standalone(2, spec.control, second, "--steps", str(steps), "--job", job)
+    torchrun_standalone(SCRIPT, 2, spec.control, second, "--steps", str(steps), "--job", job)
     events = starts(second)
     assert sorted(e["rank"] for e in events) == [0, 1], events
     assert {e["restored"] for e in events} == {steps - 2}, events

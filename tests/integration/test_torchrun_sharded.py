@@ -17,8 +17,6 @@ kills one rank at a random step with SIGKILL, and compares the full parameters a
 
 import os
 import random
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -26,39 +24,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import torchrun_standalone
 from snapshotd.tools.torchrun import (
     compare_params,
-    kill_tree,
     read_jsonl,
     reference_run,
-    torchrun_env,
 )
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "train_fsdp.py"
 TINY = ["--size", "tiny"]
 LONG = os.environ.get("SNAPSHOTD_FAULT_RUNS", "quick").strip().lower() == "long"
-
-
-def torchrun(nproc, endpoint, out, *args, timeout=200):
-    """Run one ``torchrun --standalone`` job of the FSDP example to the end."""
-    env = torchrun_env(SNAPSHOTD_ENDPOINT=endpoint)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "--max-restarts=2", "--monitor-interval=0.2",
-           f"--log-dir={Path(out) / 'torchelastic'}", str(SCRIPT), *TINY, "--out", str(out),
-           *args]
-    Path(out).mkdir(parents=True, exist_ok=True)
-    with open(Path(out) / "torchrun.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-        try:
-            rc = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            rc = None
-        finally:
-            kill_tree(proc.pid)          # the workers run in sessions of their own
-            proc.wait()
-    text = (Path(out) / "torchrun.log").read_text()
-    assert rc == 0, f"torchrun exited with {rc} (None: timed out):\n{text[-6000:]}"
 
 
 def killed_rank_resumes_bit_exact(cluster_factory, tmp_path, nproc, *args, steps=24):
@@ -70,7 +45,8 @@ def killed_rank_resumes_bit_exact(cluster_factory, tmp_path, nproc, *args, steps
     cluster = cluster_factory(1, args=["--keep", "4"])
     cluster.start()
     out = tmp_path / "faulted"
-    torchrun(nproc, cluster.specs[0].control, out, "--steps", str(steps), "--job",
+    torchrun_standalone(SCRIPT, nproc, cluster.specs[0].control, out, "--steps", str(steps),
+                        "--job",
              f"s-{uuid.uuid4().hex[:6]}", "--fail-at", f"{rank}:{step}", *args)
     events = read_jsonl(out / "events.jsonl")
     starts = [e for e in events if e["event"] == "start"]
