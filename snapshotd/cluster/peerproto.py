@@ -140,6 +140,12 @@ class JobFloor:
     #: until every rank is reported, nodes keep the steps a node not heard yet may hold.
     ranks: tuple[int, ...] = ()
     world: int = 0
+    #: The sending node's *pin* of ``job`` (its job-wide step, which it keeps with everything
+    #: newer; -1: none yet): a replacement rebuilds the newest pin the others report.
+    pin: int = -1
+    #: The steps of ``held`` that every local rank of the sending node holds *protected*:
+    #: the job-wide step is one of these where one exists (a single loss cannot take it).
+    protected: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -150,8 +156,9 @@ class Held:
     evicts it. A job missing from the list is one ``src`` no longer holds.
 
     ``recovering``: ``src`` is still rebuilding (it holds too little to speak for its ranks):
-    the receiver keeps the floors it last heard from ``src``, and only learns that ``src``
-    answers (a node that starts waits for every peer to answer, not for their recoveries)."""
+    the receiver keeps the floors it last heard from ``src``, learns that ``src`` answers (a
+    node that starts waits for every peer to answer, not for their recoveries), and raises no
+    job-wide step while ``src`` recovers (it may still be rebuilding the current one)."""
 
     OP: ClassVar[str] = "held"
     src: int

@@ -153,6 +153,13 @@ class Protector:
         #: job -> this node's job-wide step: it only moves up (see job_wide).
         self._pin: dict[str, int] = {}
         self._heard: set[int] = set()
+        #: Reports received per node (a recovery waits for a round sent after it started), and
+        #: the nodes that last said they are recovering, with when (see _set_pins).
+        self._reports: dict[int, int] = {}
+        self._recovering: dict[int, float] = {}
+        #: How long a node's last "recovering" report holds the job-wide steps where they are
+        #: (it reports every heartbeat interval while it recovers; the cluster sets this).
+        self.recovering_hold = 5.0
         #: Where a lowered floor is reported at once (every other node), and how long to wait.
         #: (None until the cluster sets it: no job-wide step is computed before.)
         self.report_to: list[int] | None = None
@@ -243,11 +250,14 @@ class Protector:
         self._pool.submit(self._send_data, version.job, version.step)
 
     def retry(self) -> int:
-        """Send again the newest node version of each job that is still not protected.
+        """Send again the newest node version of each job that is still not protected, and
+        the job-wide step (the pin) if this node's version of it is not protected.
 
         A version whose chunks could not go out (a parity holder was down or not connected
         yet), or whose protection did not come back within ``encode_timeout``, is retried;
-        older versions are left alone: the newest protected one is what recovery needs.
+        other older versions are left alone: recovery needs the newest protected one, and
+        the job the step every rank holds (a new timeline's step, or the step a lagging node
+        holds, can be one whose first encode was given up when a newer step came).
         """
         started = 0
         present = {(v.job, v.step) for v in self.store.versions()}
@@ -256,24 +266,28 @@ class Protector:
                 del self._sent[key]
         for job in sorted({job for job, _ in present}):
             held = self.store.versions(job)
-            newest = max(v.step for v in held)
-            nv = self.node_version(job, newest)
-            if nv is None or all(v.protected for v in nv.versions):
-                continue
-            key = (job, newest)
-            with self._lock:
-                sent = self._sent.get(key)
-                if sent is not None and self._clock() - sent[0] < self.encode_timeout:
+            steps = {max(v.step for v in held)}
+            pin = self.store.pins.get(job)
+            if pin is not None and any(v.step == pin for v in held):
+                steps.add(pin)
+            for step in sorted(steps, reverse=True):
+                nv = self.node_version(job, step)
+                if nv is None or all(v.protected for v in nv.versions):
                     continue
-                self._sent[key] = (self._clock(), self.vid(nv))
-            self._pool.submit(self._send_data, job, newest)
-            started += 1
+                key = (job, step)
+                with self._lock:
+                    sent = self._sent.get(key)
+                    if sent is not None and self._clock() - sent[0] < self.encode_timeout:
+                        continue
+                    self._sent[key] = (self._clock(), self.vid(nv))
+                self._pool.submit(self._send_data, job, step)
+                started += 1
         return started
 
     def _send_data(self, job: str, step: int) -> None:
         started = time.perf_counter()
         held = [v.step for v in self.store.versions(job)]
-        if held and step < max(held):
+        if held and step < max(held) and step != self.store.pins.get(job):
             # A newer step was committed while this one waited: that one is sent (or retried)
             # instead, and queued sends cannot pile up behind a slow peer.
             log.debug("job %r step %d not sent: step %d is newer", job, step, max(held))
@@ -342,12 +356,19 @@ class Protector:
         """This node's report of ``job``: its floor, the steps every local rank holds, its
         ranks, and the job's number of ranks (as its writers said)."""
         per: dict[int, set[int]] = {}
+        safe: dict[int, set[int]] = {}
         world = 0
         for v in self.store.versions(job):
             per.setdefault(v.rank, set()).add(v.step)
+            safe.setdefault(v.rank, set())
+            if v.protected:
+                safe[v.rank].add(v.step)
             world = max(world, v.world_size)
         held = tuple(sorted(set.intersection(*per.values()))) if per else ()
-        return NodeView(self.job_floor(job), held, tuple(sorted(per)), world)
+        protected = tuple(sorted(set.intersection(*safe.values()))) if safe else ()
+        with self._lock:
+            pin = self._pin.get(job, -1)
+        return NodeView(self.job_floor(job), held, tuple(sorted(per)), world, pin, protected)
 
     def on_protected(self, msg: pp.Protected) -> None:
         stripe = self._stripe(msg.stripe)
@@ -729,11 +750,17 @@ class Protector:
     def _learn(self, msg: pp.Held) -> None:
         with self._lock:
             floors = {j.job: j.floor for j in msg.jobs}
-            held = {j.job: NodeView(j.floor, tuple(j.held), tuple(j.ranks), j.world)
+            held = {j.job: NodeView(j.floor, tuple(j.held), tuple(j.ranks), j.world, j.pin,
+                                    tuple(j.protected))
                     for j in msg.jobs}
             self._heard.add(msg.src)
-            if msg.recovering or (self._floors.get(msg.src) == floors
-                                  and self._held.get(msg.src) == held):
+            self._reports[msg.src] = self._reports.get(msg.src, 0) + 1
+            if msg.recovering:
+                self._recovering[msg.src] = self._clock()
+                return
+            back = self._recovering.pop(msg.src, None) is not None
+            if not back and (self._floors.get(msg.src) == floors
+                             and self._held.get(msg.src) == held):
                 return
             self._floors[msg.src] = floors
             self._held[msg.src] = held
@@ -764,16 +791,27 @@ class Protector:
         # not heard yet may hold the job's older steps only.
         everyone = self.report_to is not None and set(self._floors) >= {self.me,
                                                                          *self.report_to}
+        # While a node recovers, no pin goes up: its last report (from before it was lost or
+        # restarted) may list steps it is not rebuilding, and it rebuilds the pins it hears
+        # of (Recovery.catch_up); a higher pin now could let go the step it is rebuilding.
+        now = self._clock()
+        hold = any(now - t < self.recovering_hold for t in self._recovering.values())
         for job in jobs:
             views = self._views(job)
             step = job_wide(views) if everyone and self.me in views else -1
-            pin = self._pin.get(job, -1)
+            pin = new = self._pin.get(job, -1)
             if pin >= 0 and any(v.held and pin not in v.held for v in views.values()):
                 # A node no longer holds the pin (it restored an older step: a new timeline;
-                # or it was replaced): the pin goes to what is common now, which keeps more.
-                self._pin[job] = step
-            elif step > pin:
-                self._pin[job] = step
+                # or it was replaced): the pin goes to what is common now, which keeps more
+                # (not higher while a node recovers).
+                new = min(step, pin) if hold else step
+            elif step > pin and not hold:
+                new = step
+            if new != pin:
+                self._pin[job] = new
+                log.log(logging.DEBUG if new > pin else logging.INFO,
+                        "job %r: job-wide step %d -> %d (reports: %s)", job, pin, new,
+                        {slot: (v.floor, v.held, v.pin) for slot, v in sorted(views.items())})
         self.store.pins = {job: pin for job, pin in self._pin.items() if pin >= 0}
 
     # The floors are kept in a file next to the segments, so that a daemon restarted on its
@@ -792,7 +830,9 @@ class Protector:
             self._floors = {int(slot): {str(job): int(floor) for job, floor in jobs.items()}
                             for slot, jobs in saved["floors"].items()}
             self._held = {int(slot): {str(job): NodeView(int(v[0]), tuple(v[1]), tuple(v[2]),
-                                                         int(v[3]))
+                                                         int(v[3]),
+                                                         int(v[4]) if len(v) > 4 else -1,
+                                                         tuple(v[5]) if len(v) > 5 else ())
                                       for job, v in jobs.items()}
                           for slot, jobs in saved["held"].items()}
             self._pin = {str(job): int(pin) for job, pin in saved.get("pins", {}).items()}
@@ -823,11 +863,21 @@ class Protector:
             return slot in self._heard
 
     def others_floor(self, job: str) -> int | None:
-        """The job-wide step of ``job`` by the other nodes' reports (None: none)."""
+        """The job-wide step of ``job`` by the other nodes' reports (None: none): the newest
+        pin one of them reports (a step every node held when it was adopted, which its node
+        keeps), else the step their reports have in common."""
         with self._lock:
             views = self._views(job, skip=self.me)
+        pins = [v.pin for v in views.values() if v.pin >= 0]
+        if pins:
+            return max(pins)
         pin = job_wide(views, every_rank=False)     # this node's own ranks are being rebuilt
         return pin if pin >= 0 else None
+
+    def report_counts(self) -> dict[int, int]:
+        """Reports received so far, per node (see Recovery: it waits for a fresh round)."""
+        with self._lock:
+            return dict(self._reports)
 
     def pin(self, job: str) -> int | None:
         """The job-wide step: the lowest newest-protected step of all nodes holding ``job``."""
@@ -962,14 +1012,19 @@ class NodeView(NamedTuple):
     held: tuple[int, ...] = ()
     ranks: tuple[int, ...] = ()
     world: int = 0
+    pin: int = -1
+    protected: tuple[int, ...] = ()
 
 
 def job_wide(views: dict[int, NodeView], every_rank: bool = True) -> int:
     """The step every node of one job can agree to keep, from every node's last report: the
     newest step in every node's ``held`` that is no newer than every node's ``floor`` (its
-    newest protected step), or -1 when there is none, or while some rank of the job (by
-    ``world``) is in no report (unless not ``every_rank``: a replacement asks what the
-    others agree on). From a daemon whose reports have no ``held``: the lowest floor.
+    newest protected step), preferring the newest such step every node holds *protected*
+    (a single node loss cannot take that one; a step held but not protected somewhere, whose
+    first encode was given up, is the answer only when no step is protected everywhere), or
+    -1 when there is none, or while some rank of the job (by ``world``) is in no report
+    (unless not ``every_rank``: a replacement asks what the others agree on). From a daemon
+    whose reports have no ``held``: the lowest floor.
 
     A node's *pin* (the job-wide step) is the highest this ever gave it; it never evicts its
     pin nor any step newer than it (newer ones give way only when memory is needed). That
@@ -985,6 +1040,13 @@ def job_wide(views: dict[int, NodeView], every_rank: bool = True) -> int:
     -1
     >>> job_wide({0: V(5, (3, 4, 5), (0,), 3), 1: V(3, (2, 3), (1,), 3)})   # rank 2 unheard
     -1
+    >>> job_wide({0: V(4, (3, 4), protected=(4,)), 1: V(4, (3, 4), protected=(3, 4)),
+    ...           2: V(3, (3,), protected=(3,))})   # 3 is not protected on node 0: no such step
+    3
+    >>> job_wide({0: V(5, (3, 4, 5), protected=(3, 5)), 1: V(4, (3, 4), protected=(3, 4))})
+    3
+    >>> job_wide({0: V(5, (3, 4, 5)), 1: V(4, (3, 4))})       # reports without protected
+    4
     """
     if not views:
         return -1
@@ -996,7 +1058,9 @@ def job_wide(views: dict[int, NodeView], every_rank: bool = True) -> int:
     heard = {r for v in views.values() for r in v.ranks}
     if every_rank and world and len(heard) < world:
         return -1
-    return max((s for s in set.intersection(*helds) if s <= low), default=-1)
+    candidates = {s for s in set.intersection(*helds) if s <= low}
+    safe = candidates.intersection(*(set(v.protected) for v in views.values()))
+    return max(safe or candidates, default=-1)
 
 
 def _committed_at(manifest: str) -> float:

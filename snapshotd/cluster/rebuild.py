@@ -166,21 +166,61 @@ class Recovery:
 
     def _rebuild_common(self, job: str, rebuilt: int, inv: dict[int, pp.InventoryReply],
                         mine: dict[int, str]) -> None:
-        """Rebuild the job-wide step too (the lowest protected floor the other nodes report),
-        when it is older than the step just rebuilt: the other nodes keep that one, so after
-        this loss every rank of the job still holds a common step."""
-        common = self.protector.others_floor(job)
-        if common is None or common >= rebuilt or common not in mine:
-            return
-        plan = self._plan(job, common, inv, mine[common])
+        """Rebuild the job-wide step too, when it is older than the step just rebuilt: the
+        newest pin the other nodes report (they keep it, with every newer step), else the
+        step their reports have in common. So after this loss every rank of the job still
+        holds a common step.
+
+        The others may raise their pins on this node's last report from before it was lost
+        until they hear that it recovers (then they hold them): so once a step is rebuilt,
+        this waits for a round of reports sent since, and rebuilds the pin again if it moved.
+        """
+        done: set[int] = set()
+        for _ in range(4):
+            common = self.protector.others_floor(job)
+            if common is None or common >= rebuilt or common in done:
+                return                  # none older, or the same after a fresh round
+            done.add(common)
+            if not self._rebuild_if_missing(job, common, inv, mine):
+                return                  # held already: the others can only agree on it
+            self._fresh_reports()
+
+    def _rebuild_if_missing(self, job: str, step: int, inv: dict[int, pp.InventoryReply],
+                            mine: dict[int, str]) -> bool:
+        """Rebuild this node's version of (job, step) unless it holds it (then False);
+        failures are logged."""
+        if step not in mine:
+            inv = self._inventories()
+            mine = _my_manifests(inv, job, self.me)
+            if step not in mine:
+                log.warning("job %r: the job-wide step %d is in no parity record of slot %d; "
+                            "it is not rebuilt", job, step, self.me)
+                return True
+        held = {v.rank for v in self.store.versions(job) if v.step == step}
+        if {r["rank"] for r in json.loads(mine[step])["ranks"]} <= held:
+            return False
+        plan = self._plan(job, step, inv, mine[step])
         if plan is None:
             log.warning("job %r: the job-wide step %d cannot be rebuilt for slot %d (%s)", job,
-                        common, self.me, self._shortfall(job, common, inv))
-            return
+                        step, self.me, self._shortfall(job, step, inv))
+            return True
         try:
-            self.rebuild(job, common, mine[common], plan, keep_held=True)
+            self.rebuild(job, step, mine[step], plan, keep_held=True)
         except Exception as exc:  # noqa: BLE001 - the newest step is rebuilt; logged
-            log.warning("job %r: the job-wide step %d not rebuilt: %s", job, common, exc)
+            log.warning("job %r: the job-wide step %d not rebuilt: %s", job, step, exc)
+        return True
+
+    def _fresh_reports(self) -> None:
+        """Wait (at most ``settle``) for a report from every group peer that is up, sent after
+        this call began, so that the pins they report are the ones they hold now."""
+        before = self.protector.report_counts()
+        deadline = time.monotonic() + self.settle
+        while time.monotonic() < deadline:
+            now = self.protector.report_counts()
+            if all(now.get(s, 0) > before.get(s, 0) + 1
+                   for s in self.group.slots if s != self.me and self.up(s)):
+                return
+            time.sleep(0.05)
 
     def _plan(self, job: str, step: int, inv: dict[int, pp.InventoryReply],
               manifest: str) -> _Plan | None:

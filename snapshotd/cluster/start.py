@@ -84,6 +84,7 @@ def start_cluster(config: Config, store: Store, context: zmq.Context, metrics: A
     protector.ready = lambda: recovery.ready
     protector.report_to = [s for s in endpoints if s != me]
     protector.report_timeout = min(config.peer_timeout, 1.0)
+    protector.recovering_hold = max(3 * config.heartbeat_interval, config.peer_timeout)
     reporter = FloorReporter(protector, protector.report_to, config.heartbeat_interval,
                              protector.report_timeout)
     listen = config.listen or "tcp://*:" + endpoints[me].rsplit(":", 1)[1]

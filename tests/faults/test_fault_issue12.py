@@ -551,7 +551,11 @@ def test_regression_job_wide_step_not_lowered_by_a_new_timeline(clusters, zygote
     cluster.kill(1)
     save_on(zygote, cluster, "job", 5, 6, 1, slots=[2, 3])
     cluster.restart(1)
-    time.sleep(1.0)
+    # Step 3 must be protected on every node before one is lost: a node's step 3 whose first
+    # encode was given up (a newer step came, or node 1 was down) is sent again because it is
+    # the job-wide step (before, only a node's newest step was ever retried).
+    wait_for(lambda: all_protected(cluster, "job", 3), RESUME_S,
+             "step 3 protected on every node", explain=lambda: cluster_state(cluster, "job"))
     lose(cluster, 2)
     cluster.replace(2)
     per_rank = {s: held_steps(cluster.specs[s], "job", s) for s in range(4)}
@@ -581,10 +585,6 @@ def test_regression_restart_evicts_the_job_wide_step_at_adoption(clusters, zygot
         f"step 3 gone: {per_rank}\n{cluster_state(cluster, 'job')}"
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "flaky under load (issue 12, open): the replacement sometimes answers cannot_rebuild (too "
-    "few sources for every step) although the restarted holder is up; the wrong bytes never "
-    "come back (the assertion that matters), and the long campaign's re-commit row passes 8/8"))
 def test_regression_recommit_with_the_first_holder_down_rebuilds_the_old_bytes(clusters, zygote):
     """Node 0 commits step 3 again (new bytes) while the first parity holder of its first
     stripe is down, and is lost before its retry: the other holders still had the replaced
@@ -621,7 +621,8 @@ def test_regression_recommit_with_the_first_holder_down_rebuilds_the_old_bytes(c
     assert not (old.get("step") == 3 and old.get("exact") is True), \
         f"the replaced bytes of step 3 came back: {old}"
     assert (new.get("step") == 3 and new.get("exact") is True) or (
-        old.get("step") == 2 and old.get("exact") is True), (new, old)
+        old.get("step") == 2 and old.get("exact") is True), \
+        f"{new} {old}\n{cluster_state(cluster, 'job', 40)}"
 
 
 # --------------------------------------------------------------------------- third review, F3
@@ -688,10 +689,6 @@ def test_regression_a_rank_not_reported_yet_loses_its_steps(clusters, zygote):
     restore_everywhere(zygote, cluster, 3)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open race (issue 12): after fast saves with a lagging node, a replacement sometimes "
-    "rebuilds an older job-wide step (4) than the one the others kept (6): seen 2 in 3 full "
-    "suite runs, passes alone; the part before the loss always holds"))
 def test_regression_job_wide_step_moves_back_and_a_node_loss_leaves_no_common_step(
         clusters, zygote):
     """All save 1; then nodes 0-2 save 2-12 while node 3 saves 2-6, at once. Before: the pin
@@ -717,5 +714,5 @@ def test_regression_job_wide_step_moves_back_and_a_node_loss_leaves_no_common_st
     lose(cluster, 1)
     cluster.replace(1)
     both = set.intersection(*per_rank_steps(cluster, range(4)).values())
-    assert both, per_rank_steps(cluster, range(4))
+    assert both, f"{per_rank_steps(cluster, range(4))}\n{cluster_state(cluster, 'job', 40)}"
     restore_everywhere(zygote, cluster, max(both))

@@ -165,6 +165,55 @@ def test_the_pin_only_moves_up_and_steps_above_it_are_kept(tmp_path):
     store.close()
 
 
+def test_no_pin_goes_up_while_a_node_recovers_and_reports_carry_the_pin(tmp_path):
+    """A replacement rebuilds the newest pin the others report (Recovery._rebuild_common):
+    while it recovers they must not raise their pins on its last report from before the loss,
+    which lists steps the replacement may not be rebuilding (issue 12, fourth review B)."""
+    clock = [100.0]
+    store = open_store(tmp_path)
+    store.hold_unpinned = True
+    group = make_groups(4, 2, 2)[0]
+    prot = Protector(0, group, make_codec("isal", 2, 2), store, links=None,
+                     up=lambda slot: True, clock=lambda: clock[0])
+    prot.report_to = [1]
+    prot.recovering_hold = 3.0
+    prot.on_held(pp.Held(1, (pp.JobFloor("j", 2, (1, 2), (1,), 2),)))
+    for step in range(1, 5):
+        commit_step(store, step)
+        prot.report()
+    assert prot.pin("j") == 2
+    assert prot.report().jobs[0].pin == 2           # the pin travels in the report
+    prot.on_held(pp.Held(1, (pp.JobFloor("j", 6, (2, 3, 4, 5, 6), (1,), 2),)))
+    assert prot.pin("j") == 4                       # this node holds up to 4
+    prot.on_held(pp.Held(1, (), recovering=True))   # node 1 lost and replaced: rebuilding
+    assert prot.report_counts()[1] == 3
+    for step in (5, 6):                             # by node 1's last report, 6 is common
+        commit_step(store, step)
+        prot.report()
+    assert prot.pin("j") == 4                       # held while node 1 recovers
+    # A node that said "recovering" and then went silent holds the pins only for a while.
+    clock[0] += 5.0
+    commit_step(store, 7)
+    prot.report()
+    assert prot.pin("j") == 6
+    # Its first report once recovered counts at once (even if nothing else changed).
+    prot.on_held(pp.Held(1, (), recovering=True))
+    prot.on_held(pp.Held(1, (pp.JobFloor("j", 6, (2, 3, 4, 5, 6), (1,), 2),)))
+    assert prot.pin("j") == 6
+    store.close()
+
+
+def test_others_floor_is_the_newest_pin_reported_else_the_common_step(tmp_path):
+    prot = protector(open_store(tmp_path))
+    prot.on_held(pp.Held(1, (pp.JobFloor("j", 6, (4, 6), (1,), 4),)))
+    prot.on_held(pp.Held(2, (pp.JobFloor("j", 6, (4, 5, 6), (2,), 4),)))
+    assert prot.others_floor("j") == 6              # no pins yet: the common step
+    prot.on_held(pp.Held(3, (pp.JobFloor("j", 4, (4,), (3,), 4, 4),)))
+    assert prot.others_floor("j") == 4
+    prot.on_held(pp.Held(2, (pp.JobFloor("j", 6, (4, 5, 6), (2,), 4, 6),)))
+    assert prot.others_floor("j") == 6              # the newest pin any node reports
+
+
 def test_before_any_report_a_daemon_with_peers_keeps_every_version(tmp_path):
     store = open_store(tmp_path)
     store.hold_unpinned = True
