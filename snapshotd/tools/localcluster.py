@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -58,8 +59,11 @@ class NodeSpec:
 
     @property
     def shm_dir(self) -> str:
+        # The work directory's name and a hash of its path: two clusters (two test sessions)
+        # whose directories share a name must not share memory.
+        tag = hashlib.sha1(os.path.abspath(self.workdir).encode()).hexdigest()[:6]
         return os.path.join(self.shm_root, f"snapshotd-{os.path.basename(self.workdir)}-"
-                            f"{self.slot}")
+                            f"{tag}-{self.slot}")
 
     @property
     def listen(self) -> str:
