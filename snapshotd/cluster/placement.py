@@ -152,13 +152,15 @@ def make_groups(nodes: int, k: int, m: int,
     for slot, label in enumerate(domains):
         members.setdefault(label, []).append(slot)
     taken = {label: 0 for label in members}
+    # One heap of (-slots unplaced, label) for all domains; a domain at the cap waits aside
+    # until the next group.
+    heap = [(-len(slots), label) for label, slots in members.items()]
+    heapq.heapify(heap)
     groups = []
     for index, size in enumerate(sizes):
-        heap = [(-(len(slots) - taken[label]), label) for label, slots in members.items()
-                if len(slots) > taken[label]]
-        heapq.heapify(heap)
         per: Counter[str] = Counter()
         chosen: list[int] = []
+        full: list[tuple[int, str]] = []
         while len(chosen) < size:
             if not heap:   # cannot happen when min_spread's condition holds (tested)
                 raise PlacementError(f"cannot fill group {index} with at most {cap} nodes per "
@@ -167,8 +169,11 @@ def make_groups(nodes: int, k: int, m: int,
             chosen.append(members[label][taken[label]])
             taken[label] += 1
             per[label] += 1
-            if left + 1 < 0 and per[label] < cap:
-                heapq.heappush(heap, (left + 1, label))
+            if left + 1 < 0:
+                (heapq.heappush(heap, (left + 1, label)) if per[label] < cap
+                 else full.append((left + 1, label)))
+        for item in full:
+            heapq.heappush(heap, item)
         groups.append(Group(index, tuple(sorted(chosen)), size - m, m))
     return groups
 
@@ -188,11 +193,12 @@ def min_spread(sizes: Sequence[int], domains: Sequence[str]) -> int:
     if sum(supply) != sum(sizes):
         raise PlacementError(f"{sum(supply)} labelled slots for groups of {sum(sizes)} nodes")
     t = max(math.ceil(supply[0] / len(sizes)), math.ceil(max(sizes) / len(supply)))
+    by_size = Counter(sizes).items()
     while True:
         total, ok = 0, True
         for a, s in enumerate(supply, 1):
             total += s
-            if total > sum(min(size, a * t) for size in sizes):
+            if total > sum(count * min(size, a * t) for size, count in by_size):
                 ok = False
                 break
         if ok:
