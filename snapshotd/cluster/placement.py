@@ -4,11 +4,14 @@ Nodes are split into groups of ``n = k + m`` consecutive slots; a last, smaller 
 nodes keeps ``m`` and uses ``k' = n' - m``. With failure domains (a label per slot: rack, switch,
 zone; :func:`make_groups` ``domains=``), groups of the same sizes are drawn across domains so that
 no group has more nodes in one domain than the domains force (:func:`domain_spread`), which is at
-most ``m`` whenever the domains allow it: then losing any one whole domain loses nothing. A group has ``n`` stripes: stripe ``s`` puts its ``m``
-parity chunks on group positions ``s, s+1, ..., s+m-1 (mod n)`` and takes one data chunk from each
-of the other ``k`` nodes, ordered by position ``s+m, s+m+1, ... (mod n)``. Each node is then a data
-node in ``k`` stripes and a parity holder in ``m``, and any ``m`` lost nodes of a group leave every
-stripe at least ``k`` chunks. With ``m = 0`` stripes are all data and nothing is protected.
+most ``m`` whenever the domains allow it: then losing any one whole domain loses nothing.
+
+A group has ``n`` stripes: stripe ``s`` puts its ``m`` parity chunks on group positions
+``s, s+1, ..., s+m-1 (mod n)`` and takes one data chunk from each of the other ``k`` nodes,
+ordered by position ``s+m, s+m+1, ... (mod n)``. Each node is then a data node in ``k`` stripes
+and a parity holder in ``m``, and any ``m`` lost nodes of a group leave every stripe at least
+``k`` chunks (every stripe uses every node of its group once, so only how many of a group's
+nodes are lost matters). With ``m = 0`` stripes are all data and nothing is protected.
 
 Example::
 
@@ -27,8 +30,10 @@ Across failure domains (here 3 racks of 4 nodes, RS(4, 2)): each group has 2 nod
     >>> racks = ["a"] * 4 + ["b"] * 4 + ["c"] * 4
     >>> [g.slots for g in make_groups(12, 4, 2, racks)]
     [(0, 1, 4, 5, 8, 9), (2, 3, 6, 7, 10, 11)]
-    >>> domain_spread(make_groups(12, 4, 2, racks), racks), domain_spread(make_groups(12, 4, 2), racks)
-    (2, 4)
+    >>> domain_spread(make_groups(12, 4, 2, racks), racks)
+    2
+    >>> domain_spread(make_groups(12, 4, 2), racks)    # consecutive: a rack is most of a group
+    4
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ Run: python -m pytest -q tests/unit/test_placement_domains.py"""
 from __future__ import annotations
 
 import doctest
+import re
 from collections import Counter, deque
 
 import pytest
@@ -194,3 +195,59 @@ def test_too_few_domains_is_reported_by_the_spread() -> None:
 def test_wrong_number_of_labels_is_an_error() -> None:
     with pytest.raises(PlacementError, match="3 failure domain labels for 4 node slots"):
         make_groups(4, 1, 1, ["a", "b", "a"])
+
+
+# --------------------------------------------------------------------------- the daemon's side
+
+
+def test_domains_setting_names_every_slot() -> None:
+    from snapshotd.common.config import build_config, slot_domains
+
+    cfg = build_config(["--domains", "0-2=rack-a,3=rack-b\n4-5=rack-b", "--domain", "rack-a"],
+                       environ={})
+    assert slot_domains(cfg, 6) == ["rack-a"] * 3 + ["rack-b"] * 3
+    assert cfg.domain == "rack-a"
+    assert slot_domains(build_config([], environ={}), 6) is None
+    env = build_config([], environ={"SNAPSHOTD_DOMAINS": "0=z1,1=z2"})
+    assert slot_domains(env, 2) == ["z1", "z2"]
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("0-2=a", "no failure domain for slot(s) 3"),
+    ("0-3=a,3=b", "names slot 3 twice"),
+    ("0-4=a", "outside 0..3"),
+    ("0-3", "is not SLOT=LABEL"),
+    ("x=a", "is not SLOT=LABEL"),
+    ("0-3=", "is not SLOT=LABEL"),
+])
+def test_bad_domains_are_named(spec: str, needle: str) -> None:
+    from snapshotd.common.config import ConfigError, build_config, slot_domains
+
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        slot_domains(build_config(["--domains", spec], environ={}), 4)
+
+
+def _place(argv: list[str]) -> placement.Group:
+    from snapshotd.cluster.start import place
+    from snapshotd.common.config import build_config
+
+    return place(build_config(argv, environ={}), 12)
+
+
+def test_the_daemon_places_by_the_map_and_warns_when_domains_cannot_hold_m(caplog) -> None:
+    caplog.set_level("INFO", logger="snapshotd.cluster")
+    three = "0-3=a,4-7=b,8-11=c"
+    group = _place(["--node-slot", "4", "--k", "4", "--m", "2", "--domains", three,
+                    "--domain", "b"])
+    assert group.slots == (0, 1, 4, 5, 8, 9)
+    assert "WARNING" not in caplog.text and "group 0 has {'a': 2, 'b': 2, 'c': 2}" in caplog.text
+    caplog.clear()
+    _place(["--node-slot", "4", "--k", "4", "--m", "2", "--domains", "0-5=a,6-11=b"])
+    assert "cannot keep every group to m=2 nodes per domain: some group has 3" in caplog.text
+    caplog.clear()
+    _place(["--node-slot", "4", "--k", "4", "--m", "2", "--domains", three, "--domain", "c"])
+    assert "says it is in failure domain 'c' but --domains puts slot 4 in 'b'" in caplog.text
+    caplog.clear()
+    assert _place(["--node-slot", "4", "--k", "4", "--m", "2", "--domain", "c"]).slots == \
+        (0, 1, 2, 3, 4, 5)
+    assert "there is no --domains map" in caplog.text
