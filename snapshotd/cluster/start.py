@@ -9,12 +9,12 @@ from typing import Any
 
 import zmq
 
-from ..common.config import Config, ConfigError, peer_endpoints
+from ..common.config import Config, ConfigError, peer_endpoints, slot_domains
 from ..node.store import Store
 from .codec import make_codec
 from .peers import Heartbeats, PeerLinks, Security, load_security
 from .peerserver import PeerServer
-from .placement import PlacementError, group_of, make_groups
+from .placement import Group, PlacementError, domain_counts, domain_spread, group_of, make_groups
 from .protection import Protector
 from .rebuild import Recovery
 
@@ -56,7 +56,7 @@ def start_cluster(config: Config, store: Store, context: zmq.Context, metrics: A
         raise ConfigError(f"--peers must list slots 0..N-1, got {sorted(endpoints)}")
     try:
         security = load_security(config.keys, config.insecure)
-        group = group_of(me, make_groups(len(endpoints), config.k, config.m))
+        group = place(config, len(endpoints))
     except (ValueError, PlacementError) as exc:
         raise ConfigError(str(exc)) from None
     if security.insecure:
@@ -97,6 +97,38 @@ def start_cluster(config: Config, store: Store, context: zmq.Context, metrics: A
              group.index, list(group.slots), group.k, group.m, config.codec, server.endpoint)
     return ClusterNode(security, links, heartbeats, protector, recovery, server, auth, reporter,
                        all_links)
+
+
+def place(config: Config, nodes: int) -> Group:
+    """This node's group, from the membership (``nodes`` slots) and ``--domains``; logs a
+    warning when the domains cannot keep every group to ``m`` nodes per domain, or when this
+    node's own ``--domain`` is not the one the map gives its slot."""
+    me = config.node_slot
+    domains = slot_domains(config, nodes)
+    groups = make_groups(nodes, config.k, config.m, domains)
+    group = group_of(me, groups)
+    if domains is None:
+        if config.domain:
+            log.warning("this node says it is in failure domain %r, but there is no --domains "
+                        "map: groups are consecutive slots and ignore domains (give every node "
+                        "the same --domains)", config.domain)
+        return group
+    spread = domain_spread(groups, domains)
+    if spread > config.m and config.m > 0:
+        worst = sorted({d for g in groups for d, c in domain_counts(g, domains).items()
+                        if c > config.m})
+        log.warning("the failure domains cannot keep every group to m=%d nodes per domain: "
+                    "some group has %d nodes in one domain, so losing one of %s loses data "
+                    "(add domains, or use a larger m or a smaller k)", config.m, spread,
+                    ", ".join(worst[:8]) + (" ..." if len(worst) > 8 else ""))
+    if config.domain and config.domain != domains[me]:
+        log.warning("this node says it is in failure domain %r but --domains puts slot %d in "
+                    "%r: the groups follow the map; fix the map (or the node) so that a "
+                    "domain failure is what the placement expects", config.domain, me,
+                    domains[me])
+    log.info("node %d in failure domain %s; its group %d has %s", me, domains[me],
+             group.index, dict(sorted(domain_counts(group, domains).items())))
+    return group
 
 
 class FloorReporter:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["Config", "ConfigError", "build_config", "parse_size", "add_arguments",
-           "peer_endpoints",
+           "peer_endpoints", "slot_domains",
            "default_control", "ENV_PREFIX", "ENV_CONFIG"]
 
 ENV_PREFIX = "SNAPSHOTD_"
@@ -98,6 +98,11 @@ class Config:
     peers: str = _opt("", str, "peer daemons: '0=host:port,1=host:port' or a template "
                       "'snapshotd-{slot}.snapshotd:7600' with --nodes")
     nodes: int = _opt(0, int, "number of node slots (with a --peers template)")
+    domains: str = _opt("", str, "failure domain (rack, switch, zone) of every slot, the same "
+                        "map on every node: '0-15=rack-a,16-31=rack-b' (slots or ranges); "
+                        "groups are then drawn across domains (docs/scale.md)")
+    domain: str = _opt("", str, "this node's failure domain as it sees it (e.g. its node's "
+                       "topology label); checked against --domains, a mismatch is logged")
     k: int = _opt(4, int, "data chunks per stripe (group size is k+m)")
     m: int = _opt(2, int, "parity chunks per stripe: node losses a group survives")
     codec: str = _opt("isal", str, "isal (ISA-L Reed-Solomon), reedsolo (slow pure-Python "
@@ -206,3 +211,42 @@ def peer_endpoints(config: Config) -> dict[int, str]:
         raise ConfigError(f"--peers lists slots {sorted(out)} but not this node's slot "
                           f"{config.node_slot}")
     return out
+
+
+def slot_domains(config: Config, nodes: int) -> list[str] | None:
+    """The failure domain of every slot 0..nodes-1 from ``--domains``, or None without one.
+
+    Entries are ``SLOT=LABEL`` or ``FIRST-LAST=LABEL`` (inclusive), separated by commas or
+    newlines; every slot must be named exactly once.
+
+    >>> slot_domains(Config(domains="0-1=rack-a, 2=rack-b,3=rack-b"), 4)
+    ['rack-a', 'rack-a', 'rack-b', 'rack-b']
+    """
+    spec = config.domains.strip()
+    if not spec:
+        return None
+    out: list[str | None] = [None] * nodes
+    for item in re.split(r"[,\n]", spec):
+        item = item.strip()
+        if not item:
+            continue
+        slots, sep, label = item.partition("=")
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", slots)
+        label = label.strip()
+        if not sep or not match or not label:
+            raise ConfigError(f"domains entry {item!r} is not SLOT=LABEL or FIRST-LAST=LABEL")
+        first = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) else first
+        if not 0 <= first <= last < nodes:
+            raise ConfigError(f"domains entry {item!r} names slots outside 0..{nodes - 1}")
+        for slot in range(first, last + 1):
+            if out[slot] is not None:
+                raise ConfigError(f"domains names slot {slot} twice ({out[slot]!r} and "
+                                  f"{label!r})")
+            out[slot] = label
+    missing = [slot for slot, label in enumerate(out) if label is None]
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        raise ConfigError(f"domains names no failure domain for slot(s) {shown}: label every "
+                          f"slot of --peers, or none")
+    return [label for label in out if label is not None]

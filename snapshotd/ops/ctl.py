@@ -7,8 +7,19 @@
     snapshotctl persist --job J [--step S]  write to the persistence tier now
     snapshotctl export --job J [--step S] [--rank R] --out DIR   torch.distributed.checkpoint
     snapshotctl keygen DIR                  write the cluster CURVE key pair
+    snapshotctl plan --nodes N [--domain-size R | --domains MAP] [--schemes 4+2,r3 ...]
+                                            survival of failure bursts, per scheme (offline)
 
-Every command takes ``--control ENDPOINT`` (default: the daemon's default socket) and ``--json``.
+Every command takes ``--control ENDPOINT`` (default: the daemon's default socket) and ``--json``
+(``keygen`` and ``plan`` need no daemon).
+
+Example (the planner; docs/scale.md)::
+
+    >>> main(["plan", "--nodes", "16", "--schemes", "r2", "--bursts", "2"])   # doctest: +ELLIPSIS
+    16 nodes, no failure domains...
+    scheme    groups  f=2     ...
+    2 copies  8       93.33%  ...
+    0
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ from typing import Any
 
 from ..common import protocol as p
 from ..common.channel import Channel, SnapshotError
-from ..common.config import default_control
+from ..common.config import Config, ConfigError, default_control, parse_size, slot_domains
 
 __all__ = ["main"]
 
@@ -112,6 +123,59 @@ def cmd_keygen(args: argparse.Namespace) -> tuple[Any, str]:
         f"start each daemon with --keys {args.dir}")
 
 
+def cmd_plan(args: argparse.Namespace) -> tuple[Any, str]:
+    from ..cluster import planner
+
+    schemes = [planner.Scheme.parse(x) for x in args.schemes.split(",")]
+    bursts = [int(x) for x in args.bursts.split(",")]
+    state = parse_size(args.state) if args.state else 0
+    results, text = [], []
+    for nodes in [int(x) for x in args.nodes.split(",")]:
+        if args.domains:
+            domains = slot_domains(Config(domains=args.domains), nodes)
+        elif args.domain_size:
+            domains = [f"d{s // args.domain_size}" for s in range(nodes)]
+        else:
+            domains = None
+        ways = [True, False] if domains and not args.ignore_domains else [not args.ignore_domains]
+        for aware in ways:
+            where = ("no failure domains" if domains is None else
+                     f"{len(set(domains))} failure domains, groups "
+                     + ("placed across them (--domains)" if aware else
+                        "of consecutive slots (no --domains)"))
+            plans = planner.plan(nodes, schemes, domains=domains, aware=aware, bursts=bursts,
+                                 node_rate=args.node_failures_per_day,
+                                 domain_rate=args.domain_failures_per_day,
+                                 repair_hours=args.repair_hours, state=state)
+            text.append(f"{nodes} nodes, {where}; node failures {args.node_failures_per_day}/"
+                        f"node/day, domain failures {args.domain_failures_per_day}/domain/day, "
+                        f"down {args.repair_hours} h each"
+                        + (f", {_size(state)} of state per node" if state else
+                           " (S: state per node)"))
+            text.append(planner.render(plans, markdown=args.markdown))
+            for sp in plans:
+                row: dict[str, Any] = {
+                    "nodes": nodes, "aware": aware, "scheme": sp.scheme.name,
+                    "error": sp.error, "groups": len(sp.groups), "bursts": sp.bursts,
+                    "domain_lost": sp.domain, "max_per_domain": sp.spread,
+                    "losses_per_day": sp.per_day, "memory": sp.memory,
+                    "network": sp.network, "rebuild": sp.rebuild}
+                if args.monte_carlo and not sp.error:
+                    row["monte_carlo"] = {}
+                    for f in sp.bursts:
+                        est = planner.monte_carlo_burst(sp.groups, f, args.monte_carlo,
+                                                        seed=f)
+                        row["monte_carlo"][f] = dataclasses.asdict(est)
+                        agree = est.lo <= sp.bursts[f] <= est.hi
+                        text.append(f"  {sp.scheme.name} f={f}: exact {sp.bursts[f]:.6f}, "
+                                    f"Monte Carlo {est.p:.6f} [{est.lo:.6f}, {est.hi:.6f}] "
+                                    f"({est.trials} bursts): "
+                                    + ("agree" if agree else "DISAGREE"))
+                results.append(row)
+            text.append("")
+    return results, "\n".join(text).rstrip()
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="snapshotctl", description=__doc__.split("\n")[0])
     ap.add_argument("--control", default=os.environ.get("SNAPSHOTD_CONTROL") or
@@ -156,6 +220,36 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--out", required=True, help="directory to write")
     kg = sub.add_parser("keygen", help="write the cluster CURVE key pair into DIR")
     kg.add_argument("dir")
+    pl = sub.add_parser(
+        "plan", help="survival of failure bursts per coding scheme (offline)",
+        description="For a cluster of N nodes, with the groups the daemons would build: the "
+        "probability that f simultaneous node failures lose nothing, the share of failure "
+        "domains whose loss loses nothing, expected unrecoverable events per day, and memory "
+        "and network per node per version, for several schemes side by side (docs/scale.md).")
+    pl.add_argument("--nodes", required=True, help="node count(s), comma-separated")
+    pl.add_argument("--schemes", default="4+2,6+2,8+2,6+3,r2,r3",
+                    help="K+M (Reed-Solomon) or rN (N copies), comma-separated")
+    pl.add_argument("--domains", default="", help="failure domain of every slot, as the "
+                    "daemon's --domains ('0-31=rack-a,32-63=rack-b')")
+    pl.add_argument("--domain-size", type=int, default=0, metavar="R",
+                    help="or: failure domains of R consecutive slots (racks of neighbours)")
+    pl.add_argument("--ignore-domains", action="store_true", help="only the consecutive "
+                    "groups of a cluster without --domains (default: both)")
+    pl.add_argument("--bursts", default="2,4,8,16",
+                    help="simultaneous node failures f, comma-separated")
+    pl.add_argument("--node-failures-per-day", type=float, default=0.004,
+                    help="failures per node per day (default 0.004: about one a day per 256 "
+                    "nodes)")
+    pl.add_argument("--domain-failures-per-day", type=float, default=0.001,
+                    help="whole-domain failures per domain per day")
+    pl.add_argument("--repair-hours", type=float, default=1.0,
+                    help="hours a failed node stays down (until its replacement rebuilt)")
+    pl.add_argument("--state", default="", help="snapshot bytes per node per version "
+                    "(e.g. 64GiB); without it sizes are in units of S")
+    pl.add_argument("--monte-carlo", type=int, default=0, metavar="TRIALS",
+                    help="also sample TRIALS bursts per f on the real placement and check the "
+                    "exact probability lies in their 99.9%% interval")
+    pl.add_argument("--markdown", action="store_true", help="markdown tables")
     return ap
 
 
@@ -177,6 +271,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.cmd == "keygen":
             result, text = cmd_keygen(args)
+        elif args.cmd == "plan":
+            try:
+                result, text = cmd_plan(args)
+            except (ValueError, ConfigError) as exc:
+                print(f"snapshotctl plan: {exc}", file=sys.stderr)
+                return 2
         else:
             ch = Channel(args.control, timedelta(seconds=args.timeout))
             try:
@@ -188,6 +288,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(json.dumps(_jsonable(result), indent=2, default=str) if args.json else text)
     if args.cmd == "verify" and any(r.bad for r in result.results):
+        return 1
+    if args.cmd == "plan" and any(not est["lo"] <= row["bursts"][f] <= est["hi"]
+                                  for row in result
+                                  for f, est in row.get("monte_carlo", {}).items()):
         return 1
     return 0
 
