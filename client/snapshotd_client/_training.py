@@ -49,6 +49,7 @@ With a daemon, in a training loop (``client = SnapshotClient(job="gpt")``)::
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Mapping, MutableMapping
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Protocol
@@ -166,6 +167,10 @@ class TrainingState:
         self.generators = dict(generators or {})
         self.rng = rng
         self.state_dicts = state_dicts
+        #: Seconds the last :meth:`restore` spent: ``wait`` (saves in flight), ``agree`` (the
+        #: ranks agreeing on a step), ``load`` (reading, checking, gathering split replicas
+        #: and loading into the objects); the time-to-resume breakdown of the demo uses them.
+        self.last_restore_seconds: dict[str, float] = {}
         self.extra: dict[str, Stateful] = dict(extra or {})
         for name, obj in self.extra.items():
             if not isinstance(name, str):
@@ -428,12 +433,17 @@ class TrainingState:
         means nothing to restore: start from scratch. Raises ``SnapshotError`` if a daemon
         cannot list or serve the snapshot (on every rank alike when listing fails).
         """
+        t0 = time.perf_counter()
         client.wait()              # a save in flight may be the newest common step
+        t1 = time.perf_counter()
+        self.last_restore_seconds = {"wait": t1 - t0, "agree": 0.0, "load": 0.0}
         if step is None and _distributed():
             step = agree_step(client)
+            self.last_restore_seconds["agree"] = time.perf_counter() - t1
             if step is None:
                 client._start_over()
                 return None
+        t2 = time.perf_counter()
         group = self._replica_group()
         # The model exists already: fill its tensors in place (no fresh memory to fault in),
         # once the whole snapshot is known to fit (checked before any byte is written); a
@@ -448,6 +458,7 @@ class TrainingState:
         loaded = self.load(state)
         if loaded != step_restored:
             raise ValueError(f"snapshot of step {step_restored} says it was taken at {loaded}")
+        self.last_restore_seconds["load"] = time.perf_counter() - t2
         return loaded
 
 

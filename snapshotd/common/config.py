@@ -219,7 +219,8 @@ def slot_domains(config: Config, nodes: int) -> list[str] | None:
     Entries are ``SLOT=LABEL`` or ``FIRST-LAST=LABEL`` (inclusive), separated by commas or
     newlines; every slot must be named exactly once.
 
-    >>> slot_domains(Config(domains="0-1=rack-a, 2=rack-b,3=rack-b"), 4)
+    >>> config = build_config(["--domains", "0-1=rack-a, 2=rack-b,3=rack-b"], environ={})
+    >>> slot_domains(config, 4)
     ['rack-a', 'rack-a', 'rack-b', 'rack-b']
     """
     spec = config.domains.strip()

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .localcluster import LocalCluster
-from .report import Failure, Progress, plot_loss, summary_table
+from .report import Failure, Progress, breakdown_line, plot_loss, summary_table
 from .torchrun import (
     JsonlTail,
     TorchrunJob,
@@ -187,6 +187,9 @@ def main(argv: Sequence[str] = ()) -> int:
     say("  injected: wall time since the job started / newest step logged at the kill; "
         "detected: first agent report of the failure; steps lost: steps trained again; "
         "s to resume: kill to the first step completed after the restore")
+    say("  time to resume, by phase (each ends when the last rank is through it):")
+    for f in failures:
+        say(breakdown_line(f))
     try:
         plot_loss(out / "loss.png", read_jsonl(ref_dir / "loss.jsonl"), losses, failures, t0)
         say(f"  loss curve: {out / 'loss.png'}")

@@ -29,6 +29,8 @@ class Failure:
     rebuilt: float | None = None
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Where the time to resume went (see resume_breakdown); None without the trainer's times.
+    breakdown: dict[str, float] | None = None
 
     @property
     def restored_step(self) -> int | None:
@@ -59,6 +61,63 @@ class Failure:
                 if self.injected_at < ev["time"] <= self.resumed_at:
                     latest[ev["rank"]] = ev["restored"]
             self.restored = [latest[r] for r in sorted(latest)]
+            new = [ev for ev in starts if self.injected_at < ev["time"] <= self.resumed_at]
+            self.breakdown = resume_breakdown(self.injected_at, self.detected_at, new,
+                                              self.resumed_at)
+
+
+#: The phases of a restart, in order (what each ends with; see resume_breakdown).
+PHASES = ("detection", "torchrun restart", "process start + imports", "process group",
+          "model set-up", "restore agreement", "restore", "first step")
+#: The phases that are snapshotd's own.
+OURS = ("restore agreement", "restore")
+
+
+def resume_breakdown(killed: float, detected: float | None, starts: list[dict[str, Any]],
+                     resumed: float) -> dict[str, float] | None:
+    """Seconds per phase from a kill to the first step completed after the restore.
+
+    ``starts`` are the ``start`` events of the restarted ranks (examples/train.py logs the wall
+    times its process started, had imported, had its process group and had built the model,
+    and the seconds its restore waited, agreed and loaded). A phase ends when the *last* rank
+    finishes it (the job steps only then), so the phases add up to the whole time.
+
+    >>> ev = {"t_process": 12.0, "t_imported": 14.0, "t_group": 15.0, "t_built": 15.5,
+    ...       "restore_parts": {"wait": 0.0, "agree": 0.1, "load": 0.2}, "time": 15.8}
+    >>> resume_breakdown(10.0, 11.0, [ev], 16.0)["process start + imports"]
+    2.0
+    """
+    if detected is None or not starts or any(ev.get("t_process") is None for ev in starts):
+        return None
+    try:
+        ends = [detected,
+                max(ev["t_process"] for ev in starts),
+                max(ev["t_imported"] for ev in starts),
+                max(ev["t_group"] for ev in starts),
+                max(ev["t_built"] for ev in starts),
+                max(ev["t_built"] + ev["restore_parts"].get("wait", 0.0)
+                    + ev["restore_parts"].get("agree", 0.0) for ev in starts),
+                max(ev["time"] for ev in starts),
+                resumed]
+    except (KeyError, TypeError, AttributeError):
+        return None
+    out, last = {}, killed
+    for phase, end in zip(PHASES, ends):
+        end = max(end, last)       # clocks of one machine; a phase never ends before the last
+        out[phase] = round(end - last, 3)
+        last = end
+    return out
+
+
+def breakdown_line(f: Failure) -> str:
+    """One line: the phases of ``f``'s restart and snapshotd's share of the whole."""
+    if not f.breakdown:
+        return f"  {f.kind}: no breakdown (the trainer logged no start times)"
+    total = sum(f.breakdown.values())
+    ours = sum(f.breakdown[p] for p in OURS)
+    parts = ", ".join(f"{p} {s:.2f}s" for p, s in f.breakdown.items())
+    return (f"  {f.kind}: {parts}; total {total:.1f}s, snapshotd's part (agreement + restore) "
+            f"{ours:.2f}s = {100 * ours / total if total else 0:.1f}%")
 
 
 def _fmt_bytes(n: float | None) -> str:
