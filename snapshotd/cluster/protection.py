@@ -156,6 +156,7 @@ class Protector:
         #: Reports received per node (a recovery waits for a round sent after it started), and
         #: the nodes that last said they are recovering, with when (see _set_pins).
         self._reports: dict[int, int] = {}
+        self._report_at: dict[int, float] = {}
         self._recovering: dict[int, float] = {}
         #: How long a node's last "recovering" report holds the job-wide steps where they are
         #: (it reports every heartbeat interval while it recovers; the cluster sets this).
@@ -291,6 +292,8 @@ class Protector:
             # A newer step was committed while this one waited: that one is sent (or retried)
             # instead, and queued sends cannot pile up behind a slow peer.
             log.debug("job %r step %d not sent: step %d is newer", job, step, max(held))
+            with self._lock:          # not on its way: a retry (it may become the pin) may go
+                self._sent.pop((job, step), None)
             return
         try:
             self._send_data_chunks(job, step)
@@ -755,6 +758,7 @@ class Protector:
                     for j in msg.jobs}
             self._heard.add(msg.src)
             self._reports[msg.src] = self._reports.get(msg.src, 0) + 1
+            self._report_at[msg.src] = self._clock()
             if msg.recovering:
                 self._recovering[msg.src] = self._clock()
                 return
@@ -878,6 +882,13 @@ class Protector:
         """Reports received so far, per node (see Recovery: it waits for a fresh round)."""
         with self._lock:
             return dict(self._reports)
+
+    def reporting(self) -> set[int]:
+        """The other nodes (all groups) heard from lately: within ``recovering_hold``."""
+        now = self._clock()
+        with self._lock:
+            return {slot for slot, at in self._report_at.items()
+                    if slot != self.me and now - at < self.recovering_hold}
 
     def pin(self, job: str) -> int | None:
         """The job-wide step: the lowest newest-protected step of all nodes holding ``job``."""
@@ -1047,16 +1058,20 @@ def job_wide(views: dict[int, NodeView], every_rank: bool = True) -> int:
     3
     >>> job_wide({0: V(5, (3, 4, 5)), 1: V(4, (3, 4))})       # reports without protected
     4
+    >>> job_wide({0: V(5, (3, 4, 5)), 1: V(4, ())})     # node 1's ranks share no step
+    -1
     """
     if not views:
         return -1
     low = min(v.floor for v in views.values())
     helds = [set(v.held) for v in views.values()]
-    if not all(helds):
-        return low
     world = max(v.world for v in views.values())
     heard = {r for v in views.values() for r in v.ranks}
     if every_rank and world and len(heard) < world:
+        return -1
+    if not any(helds):                  # daemons that predate ``held``
+        return low
+    if not all(helds):                  # a node whose ranks hold no step in common
         return -1
     candidates = {s for s in set.intersection(*helds) if s <= low}
     safe = candidates.intersection(*(set(v.protected) for v in views.values()))

@@ -211,14 +211,16 @@ class Recovery:
         return True
 
     def _fresh_reports(self) -> None:
-        """Wait (at most ``settle``) for a report from every group peer that is up, sent after
-        this call began, so that the pins they report are the ones they hold now."""
+        """Wait (at most ``settle``) for two more reports from every group peer that is up and
+        every other node heard from lately (all groups: the pin is job-wide), so that the pins
+        they report are ones set after they heard that this node recovers."""
         before = self.protector.report_counts()
+        nodes = {s for s in self.group.slots if s != self.me and self.up(s)}
+        nodes |= self.protector.reporting()
         deadline = time.monotonic() + self.settle
         while time.monotonic() < deadline:
             now = self.protector.report_counts()
-            if all(now.get(s, 0) > before.get(s, 0) + 1
-                   for s in self.group.slots if s != self.me and self.up(s)):
+            if all(now.get(s, 0) > before.get(s, 0) + 1 for s in nodes):
                 return
             time.sleep(0.05)
 

@@ -716,3 +716,43 @@ def test_regression_job_wide_step_moves_back_and_a_node_loss_leaves_no_common_st
     both = set.intersection(*per_rank_steps(cluster, range(4)).values())
     assert both, f"{per_rank_steps(cluster, range(4))}\n{cluster_state(cluster, 'job', 40)}"
     restore_everywhere(zygote, cluster, max(both))
+
+
+# --------------------------------------------------------------------------- fifth review, F1
+
+
+def test_regression_an_unprotected_job_wide_step_waits_an_encode_timeout_to_be_sent(
+        clusters, zygote):
+    """Two ranks per node; nodes 0-2 save 1-10 as fast as they can while node 3 saves 1-3, with
+    the default-like 60 s encode timeout. Steps 3-9 of the fast nodes are skipped at commit
+    (a newer step is already there), so no step is protected everywhere and the job-wide step
+    is 3, unprotected on nodes 0-2; its send waited a whole encode timeout from the commit (the
+    skipped send still counted as on its way), and a node lost meanwhile left the job without
+    a common step (fifth review, F1: 5 of 5 runs). Now a skipped send does not count, and the
+    pin is sent at once."""
+    args = list(FAST)
+    args[args.index("--encode-timeout") + 1] = "60"
+    cluster = clusters(4, k=2, m=2, args=[*args, "--keep", "2"])
+    cluster.start()
+    ranks = {slot * 2 + local: slot for slot in range(4) for local in range(2)}
+    fast = save_on(zygote, cluster, "job", 1, 10, 0.5, ranks=2, slots=[0, 1, 2], wait=False,
+                   world=8)
+    save_on(zygote, cluster, "job", 1, 3, 0.5, ranks=2, slots=[3], world=8)
+    for t in fast.values():
+        assert t.wait(180) == 0, t.text()
+
+    def common():
+        return set.intersection(*(held_steps(cluster.specs[s], "job", r)
+                                  for r, s in ranks.items()))
+    wait_for(lambda: 3 in common(), RESUME_S, "every rank to hold step 3",
+             explain=lambda: cluster_state(cluster, "job"))
+    # Within a few seconds (not the 60 s encode timeout) step 3 is protected everywhere.
+    wait_for(lambda: all_protected(cluster, "job", 3), 15, "step 3 protected on every node",
+             explain=lambda: cluster_state(cluster, "job"))
+    lose(cluster, 1)
+    cluster.replace(1)
+    both = common()
+    assert 3 in both, f"{both}\n{cluster_state(cluster, 'job', 40)}"
+    for r, s in ranks.items():
+        ok, out = restore_check(zygote, cluster.specs[s], "job", r, 0.5, 3, step=3)
+        assert ok, (r, out)

@@ -127,7 +127,10 @@ def test_no_candidate_until_every_rank_is_reported_and_old_reports_fall_back():
     assert job_wide(views) == -1
     views[2] = V(3, (1, 2, 3), (3,), 4)
     assert job_wide(views) == 3
-    assert job_wide({0: V(5, (4, 5)), 1: V(3)}) == 3    # a daemon without held: lowest floor
+    assert job_wide({0: V(5), 1: V(3)}) == 3            # daemons without held: lowest floor
+    # A node whose ranks hold no step in common (or one without held beside one with it):
+    # no step is common, whatever the floors say.
+    assert job_wide({0: V(5, (4, 5)), 1: V(3)}) == -1
     assert job_wide({}) == -1
 
 
