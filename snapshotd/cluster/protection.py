@@ -105,6 +105,7 @@ class _Assembly:
     started: float
     frags: dict[int, tuple[pp.FragInfo, list[Any]]] = field(default_factory=dict)
     pulling: bool = False       # the missing fragments are being fetched (a re-encode)
+    pulled: float = 0.0         # when the last fetch gave up (asked again a moment later)
 
     @property
     def nbytes(self) -> int:
@@ -276,9 +277,13 @@ class Protector:
                 if nv is None or all(v.protected for v in nv.versions):
                     continue
                 key = (job, step)
+                # The pin is what the job falls back to: asked again after a few seconds (a
+                # holder whose stripe is complete confirms a re-sent fragment at once, and one
+                # whose confirmation went to a peer it thought down is asked again).
+                wait = self.encode_timeout if step != pin else min(self.encode_timeout, 3.0)
                 with self._lock:
                     sent = self._sent.get(key)
-                    if sent is not None and self._clock() - sent[0] < self.encode_timeout:
+                    if sent is not None and self._clock() - sent[0] < wait:
                         continue
                     self._sent[key] = (self._clock(), self.vid(nv))
                 self._pool.submit(self._send_data, job, step)
@@ -480,10 +485,16 @@ class Protector:
                         return
                     self._add_fragment(stripe, job, step, info, bufs)
         except Exception as exc:  # noqa: BLE001 - the stripe expires like any other
-            # (a data node that has not committed the step yet answers not_found: the stripe
-            # waits for its PutData as usual)
-            log.info("stripe %d of job %r step %d still lacks fragments: %s",
-                     stripe.index, job, step, exc)
+            # (a data node that has not committed the step yet answers not_found; it may
+            # never send it either, a newer step being there first: asked again in a moment)
+            with self._lock:
+                assembly = self._assembling.get((job, step, stripe.index))
+                first = assembly is None or not assembly.pulled
+                if assembly is not None:
+                    assembly.pulling, assembly.pulled = False, self._clock()
+            log.log(logging.INFO if first else logging.DEBUG,
+                    "stripe %d of job %r step %d still lacks fragments: %s", stripe.index, job,
+                    step, exc)
         finally:
             self.links.close_thread()
 
@@ -910,7 +921,7 @@ class Protector:
             for key in old:
                 self._inflight -= self._assembling.pop(key).nbytes
             waiting = [key for key, a in self._assembling.items() if not a.pulling
-                       and now - a.started > min(1.0, self.encode_timeout / 2)]
+                       and now - max(a.started, a.pulled) > min(1.0, self.encode_timeout / 2)]
             for key in waiting:
                 self._assembling[key].pulling = True
         for job, step, stripe in waiting:
