@@ -140,6 +140,8 @@ class Protector:
         self._protected: dict[tuple[str, int, str], set[int]] = {}  # (job, step, vid)
         #: (job, step) -> (when its chunks went out, the version id sent)
         self._sent: dict[tuple[str, int], tuple[float, str]] = {}
+        #: (job, step) whose send failed already (its next failures are logged at DEBUG).
+        self._unprotected: set[tuple[str, int]] = set()
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="snapshotd-encode")
         #: Drop notices a peer could not be given yet: slot -> messages (see resend_drops).
         self._undelivered: dict[int, list[pp.Dropped]] = {}
@@ -303,9 +305,15 @@ class Protector:
         try:
             self._send_data_chunks(job, step)
         except Exception as exc:  # noqa: BLE001 - a failed encode leaves the version local
-            log.warning("job %r step %d stays unprotected: %s", job, step, exc)
             with self._lock:  # try again in a couple of seconds
                 self._sent[(job, step)] = (self._clock() - self.encode_timeout + 2.0, "")
+                again = (job, step) in self._unprotected
+                self._unprotected.add((job, step))
+                if len(self._unprotected) > 4096:          # a bound: forget the oldest
+                    self._unprotected = set(sorted(self._unprotected)[-1024:])
+            # Once per step at WARNING (retries say it again at DEBUG).
+            log.log(logging.DEBUG if again else logging.WARNING,
+                    "job %r step %d stays unprotected: %s", job, step, exc)
         finally:
             self.links.close_thread()
         if self.metrics is not None:
@@ -467,6 +475,7 @@ class Protector:
                 assembly = self._assembling.get((job, step, stripe.index))
                 have = set(assembly.frags) if assembly is not None else set(
                     range(self.group.k))
+            started = assembly
             for pos, slot in enumerate(stripe.data):
                 if pos in have or not self.up(slot):
                     continue
@@ -481,7 +490,12 @@ class Protector:
                                      "checksum on the way")
                 info = pp.FragInfo(slot, chunk, reply.length, reply.manifest, reply.floor)
                 with self._lock:
-                    if (job, step, stripe.index) not in self._assembling:
+                    # Only into the assembly this pull was for, and only where nothing came
+                    # meanwhile: a node that re-committed the step (its drop notice ended that
+                    # assembly) sends its new fragment itself, and a late reply carrying the
+                    # old bytes must not take its place.
+                    now = self._assembling.get((job, step, stripe.index))
+                    if now is None or now is not started or pos in now.frags:
                         return
                     self._add_fragment(stripe, job, step, info, bufs)
         except Exception as exc:  # noqa: BLE001 - the stripe expires like any other

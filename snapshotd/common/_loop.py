@@ -155,7 +155,10 @@ class RouterLoop:
 
     def _error(self, exc: Exception) -> p.Error:
         if isinstance(exc, p.ProtocolError):
-            log.warning("rejected request: %s", exc)
+            # not_found is an answer, not a fault (a restore with nothing to restore yet, a
+            # parity holder asking a data node again for a step it never got): kept quiet.
+            log.log(logging.DEBUG if exc.code == "not_found" else logging.WARNING,
+                    "rejected request: %s", exc)
             self._on_reject(exc.code)
             return p.Error(exc.code, exc.message)
         log.exception("request failed")

@@ -654,7 +654,8 @@ class Store:
         newest protected one and the job-wide step (the *pin*); and, apart, the versions newer
         than the pin (every one, or every one while no pin is known on a daemon with peers),
         which a node keeps so that the pin only moves to a step every node still holds
-        (docs/protocol.md, job-wide retention). Those give way when memory is needed."""
+        (docs/protocol.md, job-wide retention). Those give way when memory is needed, once
+        the job has a pin (before, a save that needs room is refused)."""
         live = self._live(key)
         protected = [v for v in live if v.protected]
         core = set(id(v) for v in live[:self.keep])
@@ -679,6 +680,11 @@ class Store:
         fit (lock held): they are kept only while memory allows."""
         extra = []
         for key in list(self._versions):
+            if key[0] not in self.pins:
+                # No job-wide step known yet: any version may be the one the job falls back
+                # to (a node that shed down to its oldest step lost the step the others were
+                # about to agree on): keep them all; the save that needs room is refused.
+                continue
             ids = self._kept(key)[1]
             extra += [v for v in self._live(key) if id(v) in ids and v.leases == 0]
         for version in sorted(extra, key=lambda v: -v.step):
