@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import json
 import logging
 import mmap
@@ -10,6 +12,7 @@ import os
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,7 +24,7 @@ import torch
 from . import _protocol as p
 from ._channel import Channel, DaemonError, SnapshotError
 from ._cuda import DeviceCopier, mark_ready
-from ._flatten import Layout, Placer, ShardingMismatch, flatten, local_tensor, unflatten, view_of
+from ._flatten import Layout, LayoutCache, Placer, ShardingMismatch, flatten, local_tensor, unflatten, view_of
 
 __all__ = ["SnapshotClient", "SnapshotSkipped", "RestoreInfo", "SaveStats", "ENV_ENDPOINT",
            "ENV_TOKEN", "COPY_MODES", "MAX_META_BYTES", "agree_step"]
@@ -210,6 +213,9 @@ class SnapshotClient:
         self._daemon_slow = False
         #: Set by every successful :meth:`restore`.
         self.last_restore: RestoreInfo | None = None
+        self._releaser = _Releaser(self._channel)
+        self._layouts = LayoutCache()
+        self._layout_lock = threading.Lock()
 
     # ------------------------------------------------------------------ saving
 
@@ -229,7 +235,8 @@ class SnapshotClient:
         except SnapshotError as exc:
             return self._failed(-1, exc)
         try:
-            layout = flatten(state)
+            with self._layout_lock:
+                layout = self._layouts.flatten(state)
             _check_size(layout)
         except (TypeError, ValueError, OverflowError, SnapshotError) as exc:
             return self._rejected(step, exc if isinstance(exc, SnapshotError) else SnapshotError(
@@ -346,9 +353,7 @@ class SnapshotClient:
             self._copy_in(reply.path, reply.nbytes, job.layout, job.events)
             job.copied.set()
             job.layout.tensors.clear()            # release eager copies early
-            tensors = tuple(p.TensorEntry(e["name"], e["dtype"], tuple(e["shape"]), e["offset"],
-                                          e["nbytes"]) for e in job.layout.entries)
-            self._channel.call(p.Commit(slot, tensors, job.layout.meta))
+            self._commit(slot, job.layout)
             slot = None
             with self._stats_lock:
                 self._stats.committed += 1
@@ -361,19 +366,41 @@ class SnapshotClient:
             self._record(exc)
             job.future.set_exception(exc)
 
+    def _commit(self, slot: int, layout: Layout) -> None:
+        """Commit with the table, or, for a layout the daemon has seen, only its digest."""
+        plan = layout.plan
+        table = plan.get("table")
+        if table is None:
+            table = tuple(p.TensorEntry(e["name"], e["dtype"], tuple(e["shape"]), e["offset"],
+                                        e["nbytes"]) for e in layout.entries)
+            digest = hashlib.blake2b(p.encode(p.Commit(0, table, "")), digest_size=16)
+            plan["table"], plan["digest"] = table, digest.hexdigest()
+        if not table:
+            self._channel.call(p.Commit(slot, (), layout.meta))
+            return
+        if plan.get("known") is self._channel:
+            try:
+                self._channel.call(p.Commit(slot, (), layout.meta, plan["digest"]))
+                return
+            except DaemonError as exc:
+                if exc.code != "unknown_layout":
+                    raise
+        self._channel.call(p.Commit(slot, table, layout.meta, plan["digest"]))
+        plan["known"] = self._channel
+
     def _copy_in(self, path: str, nbytes: int, layout: Layout, events: dict) -> None:
         if nbytes == 0:
             return
-        mm = self._maps.get(path, nbytes)
+        mm, views = self._maps.views(path, nbytes, layout)
         on_device = []
         with torch.no_grad():
-            for tensor, entry in zip(layout.tensors, layout.entries):
-                if not entry["nbytes"]:
+            for tensor, view in zip(layout.tensors, views):
+                if view is None:
                     continue
                 if tensor.is_cuda:
-                    on_device.append((view_of(mm, entry), tensor))
+                    on_device.append((view, tensor))
                 else:
-                    view_of(mm, entry).copy_(tensor)
+                    view.copy_(tensor)
             if on_device:
                 self._device.copy(on_device, events, mm)
 
@@ -489,8 +516,8 @@ class SnapshotClient:
 
     def restore(self, step: int | None = None, into: Any = None,
                 check: Callable[[Any], None] | None = None, *,
-                meshes: Sequence[Any] = (), local_shards: bool = False
-                ) -> tuple[int, Any] | None:
+                meshes: Sequence[Any] = (), local_shards: bool = False,
+                zero_copy: bool = True) -> tuple[int, Any] | None:
         """Return ``(step, state)`` of the newest version (or of ``step``), or None if none.
 
         Inside a job with ``torch.distributed`` initialised and ``step`` None, every rank
@@ -517,18 +544,28 @@ class SnapshotClient:
         ``SnapshotError`` names every mismatch (resharding is not supported yet). With
         ``local_shards=True`` a DTensor not in ``into`` comes back as this rank's local shard,
         a plain tensor (outside the job: no mesh needed).
+
+        ``zero_copy`` (default): the tensors that come back fresh (not in ``into``) are
+        copy-on-write mappings of the daemon's memory: nothing is copied, a page is copied
+        privately only when it is first written, and the daemon's copy is never changed. The
+        version stays leased (held by the daemon, in its memory budget) until the last of those
+        tensors is freed; keep them briefly (``load_state_dict`` into a model, ``.to(device)``)
+        or ``clone()`` them. ``zero_copy=False`` copies them into fresh memory instead and
+        returns the lease at once. Checksums are verified before either way.
         """
         step = None if step is None else _step(step)
         with self._lock:
             self.wait()
-            return self._restore(step, into, check, tuple(meshes), local_shards)
+            return self._restore(step, into, check, tuple(meshes), local_shards,
+                                 zero_copy=zero_copy)
 
-    def read(self, step: int | None = None, *, local_shards: bool = True
-             ) -> tuple[int, Any] | None:
+    def read(self, step: int | None = None, *, local_shards: bool = True,
+             zero_copy: bool = True) -> tuple[int, Any] | None:
         """Return ``(step, state)`` of this rank's version ``step`` (newest when None), or
         None: a copy for inspection or export, not a restore. It starts no new timeline (the
         rank's newer versions stay) and agrees with no other rank. DTensors come back as this
         rank's local shards unless ``local_shards=False`` (then the job's meshes must exist).
+        ``zero_copy``: as in :meth:`restore` (the tensors map the version, leased until freed).
 
         Example::
 
@@ -538,11 +575,12 @@ class SnapshotClient:
         step = None if step is None else _step(step)
         with self._lock:
             self.wait()
-            return self._restore(step, None, None, (), local_shards, timeline=False)
+            return self._restore(step, None, None, (), local_shards, timeline=False,
+                                 zero_copy=zero_copy)
 
     def _restore(self, step: int | None, into: Any, check: Callable[[Any], None] | None,
                  meshes: tuple = (), local_shards: bool = False,
-                 timeline: bool = True) -> tuple[int, Any] | None:
+                 timeline: bool = True, zero_copy: bool = True) -> tuple[int, Any] | None:
         if step is None and timeline and _distributed():
             step = self._agree()
             if step is None:
@@ -550,12 +588,13 @@ class SnapshotClient:
                 return None
         try:
             lease = self._channel.call(p.Open(self.job, self.rank, os.getpid(), step,
-                                              token=self._token))
+                                              token=self._token, map=zero_copy))
         except DaemonError as exc:
             if exc.code == "not_found" and step is None:
                 return None
             raise
         started = time.perf_counter()
+        mapped = False                  # the lease went to the tensors that map the version
         try:
             try:
                 targets, placer = _targets(into, lease, meshes, local_shards)
@@ -574,13 +613,10 @@ class SnapshotClient:
             if timeline:
                 self._channel.call(p.Drop(self.job, self.rank, newer_than=lease.step,
                                           token=self._token))
-            tensors = self._copy_out(lease, targets)
+            tensors, mapped = self._copy_out(lease, targets, zero_copy)
         finally:
-            try:
-                self._channel.call(p.Release(lease.lease), timeout=timedelta(seconds=10))
-            except SnapshotError as exc:
-                log.warning("could not release restore lease %d: %s (the daemon frees it "
-                            "when this process exits)", lease.lease, exc)
+            if not mapped:
+                self._release(lease.lease)
         if timeline:
             self.last_restore = RestoreInfo(lease.step, lease.tier, lease.nbytes,
                                             time.perf_counter() - started)
@@ -597,28 +633,47 @@ class SnapshotClient:
     def _agree(self) -> int | None:
         return agree_step(self)
 
-    def _copy_out(self, lease: p.OpenReply,
-                  targets: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def _release(self, lease: int) -> None:
+        try:
+            self._channel.call(p.Release(lease), timeout=timedelta(seconds=10))
+        except SnapshotError as exc:
+            log.warning("could not release restore lease %d: %s (the daemon frees it "
+                        "when this process exits)", lease, exc)
+
+    def _copy_out(self, lease: p.OpenReply, targets: dict[str, torch.Tensor],
+                  zero_copy: bool = True) -> tuple[list[torch.Tensor], bool]:
+        """The restored tensors in table order, and whether they map the version (then the
+        lease is returned when the last of them is freed, not now).
+
+        The segment is mapped privately (copy-on-write): tensors of ``targets`` are filled
+        from it, and with ``zero_copy`` every other tensor is a view of it (a page is copied
+        when first written, never the daemon's copy); without, they are copied out."""
         if lease.nbytes == 0:
-            return [view_of(b"", e.__dict__) for e in lease.tensors]
+            return [view_of(b"", e.__dict__) for e in lease.tensors], False
+        fresh = [e for e in lease.tensors if e.nbytes and e.name not in targets]
         fd = os.open(lease.path, os.O_RDONLY)
         try:
-            mm = mmap.mmap(fd, lease.nbytes, mmap.MAP_SHARED | _POPULATE, mmap.PROT_READ)
+            mm = mmap.mmap(fd, lease.nbytes, mmap.MAP_PRIVATE,
+                           mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
         out = []
-        with warnings.catch_warnings():  # the mapping is read-only on purpose
-            warnings.filterwarnings("ignore", "The given buffer is not writable")
+        with torch.no_grad():
             for entry in lease.tensors:
                 src = view_of(mm, entry.__dict__)
                 dst = targets.get(entry.name)
-                if dst is None:
-                    dst = torch.empty_like(src)
-                with torch.no_grad():
+                if dst is not None:
                     out.append(dst.copy_(src))
+                elif zero_copy or not entry.nbytes:
+                    out.append(src)
+                else:
+                    out.append(torch.empty_like(src).copy_(src))
                 del src
+        if zero_copy and fresh:
+            self._releaser.watch(mm, lease.lease)
+            return out, True
         _close(mm)
-        return out
+        return out, False
 
     # ------------------------------------------------------------------ lifetime
 
@@ -645,23 +700,91 @@ class SnapshotClient:
         self.close()
 
 
+class _Releaser:
+    """Returns the leases of restored versions whose tensors map them, once the mapping is gone.
+
+    ``watch(mm, lease)`` ties a lease to a mapping; when the mapping object is freed (after
+    ``munmap``: every tensor viewing it is gone) the lease id is queued, and a background
+    thread sends ``Release``. The callback only appends to a deque and writes a byte to a pipe
+    (no lock), because it runs wherever the last tensor happens to be freed, possibly inside a
+    lock of the client or of ZeroMQ. A lease that is never returned (the process exits with
+    the tensors alive) is reclaimed by the daemon when the process is gone.
+    """
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+        self._queue: collections.deque[int] = collections.deque()
+        self._pipe: tuple[int, int] | None = None
+        self._start = threading.Lock()
+        #: Leases currently held by live mappings (ids), for tests and stats.
+        self.held: set[int] = set()
+
+    def watch(self, mm: mmap.mmap, lease: int) -> None:
+        with self._start:
+            if self._pipe is None:
+                self._pipe = os.pipe()
+                threading.Thread(target=self._run, args=(self._pipe[0],), daemon=True,
+                                 name="snapshotd-release").start()
+        self.held.add(lease)
+        finalizer = weakref.finalize(mm, _queue_release, self._queue, self._pipe[1], lease)
+        finalizer.atexit = False
+
+    def _run(self, fd: int) -> None:
+        while True:
+            try:
+                os.read(fd, 4096)
+            except OSError:      # pragma: no cover - the pipe is never closed
+                return
+            while self._queue:
+                lease = self._queue.popleft()
+                self.held.discard(lease)
+                try:
+                    self._channel.call(p.Release(lease), timeout=timedelta(seconds=10))
+                except SnapshotError as exc:
+                    log.warning("could not release restore lease %d: %s (the daemon frees it "
+                                "when this process exits)", lease, exc)
+
+
+def _queue_release(queue: collections.deque[int], fd: int, lease: int) -> None:
+    queue.append(lease)
+    try:
+        os.write(fd, b"x")
+    except OSError:              # pragma: no cover - a full pipe: the reader drains it anyway
+        pass
+
+
 class _MapCache:
     """Write mappings of recently used slots, kept so a recycled segment is not re-faulted.
 
     The daemon recycles a rank's segments, so the same few come back save after save. A mapping
     whose file was replaced or removed is dropped at the next lookup; at most ``size`` are kept.
+    The tensor views of a layout into a mapping are kept with it (a state of the same
+    structure, saved again into the same segment, reuses them), and dropped before it.
     """
 
     def __init__(self, size: int = 4, on_close: Any | None = None) -> None:
         self._size = size
         self._on_close = on_close
         self._maps: dict[str, tuple[int, mmap.mmap]] = {}
+        self._views: dict[str, tuple[list, list[torch.Tensor | None]]] = {}
 
     def _drop(self, path: str) -> None:
+        self._views.pop(path, None)
         mm = self._maps.pop(path)[1]
         if self._on_close is not None:
             self._on_close(mm)
         _close(mm)
+
+    def views(self, path: str, nbytes: int, layout: Layout
+              ) -> tuple[mmap.mmap, list[torch.Tensor | None]]:
+        """The mapping of ``path`` and a view of it per table entry (None: an empty tensor)."""
+        mm = self.get(path, nbytes)
+        known = self._views.get(path)
+        if known is not None and known[0] is layout.entries:
+            return mm, known[1]
+        views = [view_of(mm, e) if e["nbytes"] else None for e in layout.entries]
+        self._views[path] = (layout.entries, views)
+        return mm, views
 
     def get(self, path: str, nbytes: int) -> mmap.mmap:
         for known, (inode, mm) in list(self._maps.items()):

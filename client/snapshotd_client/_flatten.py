@@ -29,6 +29,7 @@ import base64
 import json
 import math
 import re
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +45,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ._protocol import DTYPE_SIZES
 
-__all__ = ["Layout", "flatten", "unflatten", "dtype_name", "view_of", "key_name", "local_tensor",
+__all__ = ["Layout", "LayoutCache", "flatten", "unflatten", "dtype_name", "view_of", "key_name", "local_tensor",
            "is_dtensor", "sharding_of", "describe_mesh", "Placer", "ShardingMismatch"]
 
 _ALIGN = 64
@@ -235,6 +236,9 @@ class Layout:
     nbytes: int
     dtensors: dict[int, Any] = field(default_factory=dict)
     sharding: dict[int, dict[str, Any]] = field(default_factory=dict)
+    #: What the client derives from ``entries`` once (the protocol table, its digest, views
+    #: into recycled segments); shared by every layout :class:`LayoutCache` reuses.
+    plan: dict[str, Any] = field(default_factory=dict)
 
 
 def flatten(state: Any) -> Layout:
@@ -378,6 +382,166 @@ def flatten(state: Any) -> Layout:
                     "state": skeleton}
     return Layout(tensors, entries, json.dumps(skeleton, separators=(",", ":")), offset,
                   dtensors, sharding)
+
+
+class _Fallback(Exception):
+    """A value the fast scan does not handle: :func:`flatten` lays the state out instead."""
+
+
+_PLAIN_TOKEN = 0
+_FAST_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _scan(state: Any) -> tuple[list[Any], list[torch.Tensor], Any, list[dict[str, int]]]:
+    """Walk ``state`` the way :func:`flatten` does, for the common value types only (tensors,
+    numpy arrays of native byte order, dicts with str or int keys, lists, tuples, None, bool,
+    int, str, finite floats); raise :class:`_Fallback` on anything else.
+
+    Returns the structure's signature (container kinds, keys, each tensor's dtype, shape,
+    layout and device; a token per plain value), the tensors in walk order, the JSON skeleton
+    and its tensor nodes in walk order (their ``__tensor__`` index is filled in later)."""
+    sig: list[Any] = []
+    leaves: list[torch.Tensor] = []
+    holes: list[dict[str, int]] = []
+    append, leaf, hole = sig.append, leaves.append, holes.append
+
+    def walk(value: Any) -> Any:
+        kind = type(value)
+        if kind in _FAST_TENSORS:
+            append((value.dtype, value.shape, value.layout, value.device))
+            leaf(value)
+            node = {"__tensor__": -1}
+            hole(node)
+            return node
+        if kind is dict or kind is OrderedDict:
+            if len(value) > MAX_CONTAINER:
+                raise _Fallback
+            keys = tuple(value)
+            append(keys)
+            if all(type(k) is str and k not in _TAGS for k in keys):
+                return {k: walk(v) for k, v in value.items()}
+            if not all(type(k) is str or type(k) is int for k in keys):
+                raise _Fallback
+            append(tuple(type(k) is int for k in keys))    # 1 and "1" differ
+            return {"__dict__": [[k, walk(v)] for k, v in value.items()]}
+        if kind is list or kind is tuple:
+            if len(value) > MAX_CONTAINER:
+                raise _Fallback
+            if value and all(type(v) is int for v in value):   # e.g. Python's RNG state
+                append((kind, len(value), int))
+                items = list(value)
+                return items if kind is list else {"__tuple__": items}
+            append((kind, len(value)))
+            items = [walk(v) for v in value]
+            return items if kind is list else {"__tuple__": items}
+        if value is None or kind is bool or kind is int or kind is str:
+            append(_PLAIN_TOKEN)
+            return value
+        if kind is float:
+            if not math.isfinite(value):
+                raise _Fallback
+            append(_PLAIN_TOKEN)
+            return value
+        if np is not None and kind is np.ndarray:
+            if value.dtype.byteorder == ">" or (value.dtype.byteorder == "=" and
+                                                not np.little_endian):
+                raise _Fallback
+            if value.ndim and not value.flags.c_contiguous:
+                raise _Fallback
+            try:
+                tensor = torch.from_numpy(value)
+            except TypeError:
+                raise _Fallback from None
+            append(("nd", tensor.dtype, tensor.shape))
+            leaf(tensor)
+            node = {"__ndarray__": -1}
+            hole(node)
+            return node
+        raise _Fallback
+
+    try:
+        skeleton = walk(state)
+    except RecursionError:
+        raise _Fallback from None
+    return sig, leaves, skeleton, holes
+
+
+def _ident(t: torch.Tensor) -> tuple | None:
+    """What makes two tensors of a state one stored tensor (tied weights); see flatten."""
+    return (t.data_ptr(), t.device, t.dtype, tuple(t.shape), t.stride(), t.is_conj(),
+            t.is_neg()) if t.numel() else None
+
+
+@dataclass
+class _Cached:
+    sig: list[Any]
+    index: list[int]               # walk position -> table index
+    first: list[int]               # table index -> walk position of its tensor
+    entries: list[dict[str, Any]]
+    nbytes: int
+    plan: dict[str, Any]
+
+
+class LayoutCache:
+    """Lays out states of one structure once: a later state whose structure (containers, keys,
+    tensor dtypes, shapes, devices, which tensors are tied) is the same reuses the table,
+    and only the JSON skeleton of the plain values is rebuilt. Anything else (DTensors, numpy
+    scalars, tagged values, a changed structure) goes through :func:`flatten`, whose result is
+    kept for the next state. Not thread-safe: one per client, used under its lock."""
+
+    def __init__(self) -> None:
+        self._last: _Cached | None = None
+        self.hits = 0
+
+    def flatten(self, state: Any) -> Layout:
+        """Like :func:`flatten` (same table, skeleton and errors), faster for a state of the
+        structure of the previous one."""
+        try:
+            sig, leaves, skeleton, holes = _scan(state)
+        except _Fallback:
+            self._last = None
+            return flatten(state)
+        last = self._last
+        if last is not None and last.sig == sig and self._same_ties(leaves, last):
+            for node, idx in zip(holes, last.index):
+                node["__tensor__" if "__tensor__" in node else "__ndarray__"] = idx
+            self.hits += 1
+            return Layout([leaves[i] for i in last.first], last.entries,
+                          json.dumps(skeleton, separators=(",", ":")), last.nbytes,
+                          plan=last.plan)
+        layout = flatten(state)
+        if layout.dtensors:
+            self._last = None
+            return layout
+        index: list[int] = []
+        first: list[int] = []
+        seen: dict[tuple, int] = {}
+        for pos, t in enumerate(leaves):
+            ident = _ident(t)
+            if ident is not None and ident in seen:
+                index.append(seen[ident])
+                continue
+            if ident is not None:
+                seen[ident] = len(first)
+            index.append(len(first))
+            first.append(pos)
+        if len(first) != len(layout.entries):       # not the walk flatten took: no caching
+            self._last = None
+            return layout
+        self._last = _Cached(sig, index, first, layout.entries, layout.nbytes, layout.plan)
+        return layout
+
+    @staticmethod
+    def _same_ties(leaves: list[torch.Tensor], last: _Cached) -> bool:
+        """The same tensors are tied as in ``last`` (and no others)."""
+        firsts = [leaves[i] for i in last.first]
+        ptrs = {t.data_ptr() for t in firsts if t.numel()}
+        if len(ptrs) != sum(1 for t in firsts if t.numel()):
+            return False                              # a new tie, or two views at one address
+        for pos, idx in enumerate(last.index):
+            if last.first[idx] != pos and _ident(leaves[pos]) != _ident(firsts[idx]):
+                return False
+        return True
 
 
 def _envelope(meta: str) -> tuple[Any, list[dict[str, Any]]]:

@@ -117,7 +117,7 @@ class ControlServer(RouterLoop):
         started = time.perf_counter()
         number = self.store.slot_number(m.slot)
         age = self.store.slot_age(number)
-        version = self.store.commit(number, m.tensors, m.meta)
+        version = self.store.commit(number, m.tensors, m.meta, layout=m.layout)
         if age is not None:
             self.metrics.save_seconds.observe(age + time.perf_counter() - started)
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
@@ -169,7 +169,7 @@ class ControlServer(RouterLoop):
                       v.step, bad)
             held = False
             if self.recovery is not None and self.recovery.repair(v.job, v.step):
-                lease = self.store.lease(m.job, m.rank, m.pid, v.step)
+                lease = self.store.lease(m.job, m.rank, m.pid, v.step, mapped=m.map)
                 v, held = lease.version, True
                 bad = self.store.verify(v)
             if bad:
@@ -185,7 +185,8 @@ class ControlServer(RouterLoop):
     def _lease_any_tier(self, m: p.Open) -> tuple[Any, str]:
         """Lease from memory; if memory has nothing fitting, load from the persistence tier."""
         try:
-            return self.store.lease(m.job, m.rank, m.pid, m.step, m.max_step), "memory"
+            return self.store.lease(m.job, m.rank, m.pid, m.step, m.max_step,
+                                    mapped=m.map), "memory"
         except StoreError as exc:
             if exc.code != "not_found" or self.persister is None:
                 raise
@@ -199,7 +200,7 @@ class ControlServer(RouterLoop):
             self.persister.load(m.job, m.rank, on_disk[-1])
             log.warning("job %r rank %d step %d served from the persistence tier", m.job,
                         m.rank, on_disk[-1])
-            return self.store.lease(m.job, m.rank, m.pid, on_disk[-1]), "disk"
+            return self.store.lease(m.job, m.rank, m.pid, on_disk[-1], mapped=m.map), "disk"
 
     def _on_persist(self, m: p.Persist, _: Any = None) -> p.Ok:
         self._authorize(m)

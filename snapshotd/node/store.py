@@ -32,6 +32,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,8 @@ __all__ = ["Store", "StoreError", "Slot", "Version", "Lease", "process_identity"
 _VERSION_OVERHEAD = 4096
 #: Free segments kept for reuse; reuse avoids re-faulting pages on every save.
 _POOL_MAX = 64
+#: Tables kept per (job, rank) for commits that name their layout by digest.
+_LAYOUTS_KEPT = 4
 
 
 class StoreError(ProtocolError):
@@ -92,9 +95,44 @@ def checksum(buf: memoryview) -> str:
     return xxhash.xxh3_64_hexdigest(buf)
 
 
+#: Bytes from which checksums are computed by several threads (xxhash releases the GIL).
+_PARALLEL_BYTES = 32 << 20
+_HASHERS = max(1, min(4, os.cpu_count() or 1))
+_hash_pool: ThreadPoolExecutor | None = None
+_hash_pool_lock = threading.Lock()
+
+
+def _hash_span(view: memoryview, tensors: tuple[TensorEntry, ...] | list[TensorEntry]
+               ) -> list[str]:
+    digest = xxhash.xxh3_64_hexdigest
+    return [digest(view[t.offset:t.offset + t.nbytes]) for t in tensors]
+
+
 def _checksums(view: memoryview, tensors: tuple[TensorEntry, ...]) -> list[str]:
-    """The checksum of each tensor's bytes inside a slot, in table order."""
-    return [checksum(view[t.offset:t.offset + t.nbytes]) for t in tensors]
+    """The checksum of each tensor's bytes inside a slot, in table order.
+
+    Large tables are cut into runs of tensors of about equal bytes, hashed by a few threads at
+    once (a restore waits for these before it may read a byte)."""
+    total = sum(t.nbytes for t in tensors)
+    if _HASHERS == 1 or total < _PARALLEL_BYTES or len(tensors) < 2:
+        return _hash_span(view, tensors)
+    global _hash_pool
+    with _hash_pool_lock:
+        if _hash_pool is None:
+            _hash_pool = ThreadPoolExecutor(_HASHERS, thread_name_prefix="snapshotd-xxh3")
+        pool = _hash_pool
+    runs: list[list[TensorEntry]] = [[]]
+    share, acc = total / _HASHERS, 0
+    for t in tensors:
+        if acc >= share * len(runs) and len(runs) < _HASHERS:
+            runs.append([])
+        runs[-1].append(t)
+        acc += t.nbytes
+    futures = [pool.submit(_hash_span, view, run) for run in runs[1:]]
+    out = _hash_span(view, runs[0])          # this thread takes the first run itself
+    for future in futures:
+        out += future.result()
+    return out
 
 
 @dataclass
@@ -137,6 +175,11 @@ class Version:
     replaces: float = 0.0
     #: How many ranks the whole job has (0: not said): see Protector.job_wide.
     world_size: int = 0
+    #: A reader may map the segment privately (copy-on-write): its unwritten pages show the
+    #: file, so the file is never reused for another write once the version is freed (it is
+    #: unlinked instead; a mapping outlives the unlink). Adopted versions are treated so too:
+    #: their readers' leases did not survive the restart.
+    mapped: bool = False
 
     @property
     def state(self) -> str:
@@ -189,6 +232,8 @@ class Store:
         self._pool = _Pool()
         #: slot handle -> segment number (see Slot.handle)
         self._handles: dict[int, int] = {}
+        #: (job, rank) -> layout digest -> (table, slot bytes it was checked against)
+        self._layouts: dict[tuple[str, int], dict[str, tuple[tuple[TensorEntry, ...], int]]] = {}
         #: job -> hex SHA-256 of the token it is bound to (``--job-isolation``).
         self._owners: dict[str, str] = {}
         #: Bytes held outside the segments, by kind (``parity`` kept, ``encoding``: in flight
@@ -269,7 +314,7 @@ class Store:
             return Version(number, m["job"], m["rank"], m["step"], m["nbytes"], size, tensors,
                            m["meta"], m["committed_at"], _VERSION_OVERHEAD + len(m["meta"]),
                            m.get("local_world_size", 1), m.get("protected", False),
-                           world_size=int(m.get("world_size", 0)))
+                           world_size=int(m.get("world_size", 0)), mapped=True)
         except (KeyError, TypeError, ProtocolError):
             return None
 
@@ -363,21 +408,41 @@ class Store:
             return None if slot is None else self._clock() - slot.created
 
     def commit(self, number: int, tensors: tuple[TensorEntry, ...], meta: str,
-               committed_at: float | None = None, protected: bool = False) -> Version:
+               committed_at: float | None = None, protected: bool = False,
+               layout: str = "") -> Version:
         """Check the table, store checksums, write the manifest, and publish the version.
 
         ``committed_at`` (default: now) identifies the version across the group (a rebuilt
-        version keeps the original's, so it matches the parity holders' records)."""
+        version keeps the original's, so it matches the parity holders' records).
+        ``layout``: the client's digest of its table; with a table, the table is kept under it
+        for the slot's (job, rank) (checked once); without (``tensors`` empty), the kept one is
+        used, or ``unknown_layout`` is raised (the client then sends the table)."""
         with self._lock:
             slot = self._slots.get(number)
             if slot is None or slot.committing:
                 raise StoreError("unknown_slot", f"slot {number} is not open for writing "
                                  "(never allocated, already committed, aborted or reclaimed)")
+            known = self._layouts.get((slot.job, slot.rank), {})
+            if layout and not tensors:
+                kept = known.get(layout)
+                if kept is None or kept[1] > slot.nbytes:
+                    raise StoreError("unknown_layout", f"layout {layout!r} is not known for "
+                                     f"job {slot.job!r} rank {slot.rank}; send the table")
+                tensors = kept[0]
+                checked = kept[1] == slot.nbytes
+            else:
+                checked = False
             try:
-                check_table(tensors, slot.nbytes)
+                if not checked:
+                    check_table(tensors, slot.nbytes)
                 json.loads(meta)
             except ValueError as exc:
                 raise StoreError("bad_table", f"slot {number} meta is not JSON: {exc}") from None
+            if layout and tensors and layout not in known:
+                if len(known) >= _LAYOUTS_KEPT:
+                    known.pop(next(iter(known)))
+                known[layout] = (tensors, slot.nbytes)
+                self._layouts[(slot.job, slot.rank)] = known
             slot.committing = True
         try:
             version = self._seal(slot, tensors, meta, committed_at, protected)
@@ -419,7 +484,7 @@ class Store:
                     "local_world_size": v.local_world_size, "protected": v.protected,
                     "world_size": v.world_size,
                     "owner": self._owners.get(v.job, ""),
-                    "tensors": [t.__dict__ | {"shape": list(t.shape)} for t in v.tensors]}
+                    "tensors": [t.__dict__ for t in v.tensors]}      # shape: a JSON list
         return self.dir.write_manifest(v.number, manifest)
 
     def install(self, job: str, rank: int, step: int, nbytes: int,
@@ -474,8 +539,11 @@ class Store:
                           key=lambda v: (v.job, v.rank, v.step))
 
     def lease(self, job: str, rank: int, pid: int, step: int | None = None,
-              max_step: int | None = None) -> Lease:
-        """Pin a version for reading: ``step``, or the newest one not above ``max_step``."""
+              max_step: int | None = None, mapped: bool = False) -> Lease:
+        """Pin a version for reading: ``step``, or the newest one not above ``max_step``.
+
+        ``mapped``: the reader maps the segment privately and may keep the mapping as long as
+        it holds the lease; the segment's file is then never reused (see ``Version.mapped``)."""
         if pid <= 0:
             raise StoreError("bad_request", f"reader pid must be > 0, got {pid}")
         pid_start = self._identity(pid)
@@ -493,6 +561,7 @@ class Store:
                 raise StoreError("not_found", f"job {job!r} rank {rank} has no {want} here; "
                                  f"held steps: {sorted(held) or 'none'}")
             version.leases += 1
+            version.mapped = version.mapped or mapped
             lease = Lease(self._new_handle(self._leases), version, pid, pid_start,
                           time.monotonic())
             self._leases[lease.id] = lease
@@ -706,6 +775,10 @@ class Store:
             del held[version.step]
             if not held:
                 del self._versions[(version.job, version.rank)]
+                self._layouts.pop((version.job, version.rank), None)
+        if version.mapped:
+            self.dir.unlink(version.number)
+            return
         self._to_pool(version.number, version.size)
 
     def _unpin(self, version: Version) -> None:

@@ -368,6 +368,12 @@ def test_regression_into_mismatch_silently_fresh_tensors(keep3):
         target = torch.zeros(3)
         _, back = c.restore(into={"a": target})
         assert back["a"].data_ptr() == target.data_ptr() and torch.equal(target, torch.ones(3))
+        # "b" came back fresh: a copy-on-write view of the version, leased while it lives
+        assert status(keep3).open_leases == 1
+        del back
+        deadline = time.monotonic() + 10
+        while status(keep3).open_leases and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert status(keep3).open_leases == 0
 
 
