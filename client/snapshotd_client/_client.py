@@ -479,9 +479,11 @@ class SnapshotClient:
         in ``optimizer.step()`` (frozen ones never), so they may be too; their buffers are
         always copied at ``save()``. Calling it again with the same objects does nothing.
         """
+        added = False
         for guard in ((optimizer,) if optimizer is not None else ()) + modules:
             if any(g is guard for g in self._guards):
                 continue
+            added = True
             if isinstance(guard, torch.optim.Optimizer):
                 guard.register_step_pre_hook(lambda *_: self._before_step())
                 guard.register_load_state_dict_post_hook(_count_load)
@@ -489,7 +491,8 @@ class SnapshotClient:
                 raise TypeError(f"protect() takes an optimizer and modules, got "
                                 f"{type(guard).__name__}")
             self._guards.append(guard)
-        self._guarded = None
+        if added:
+            self._guarded = None
 
     def last_error(self) -> BaseException | None:
         """The newest error of a save, or None."""
@@ -909,8 +912,11 @@ def _check_size(layout: Layout) -> None:
         raise SnapshotError(f"the non-tensor part of the state is {meta} bytes of JSON, over "
                             f"the {MAX_META_BYTES}-byte limit; keep large data (lists of "
                             "numbers, permutations) in tensors, e.g. torch.tensor(values)")
-    names = sum(len(n) if n.isascii() else len(json.dumps(n))
-                for n in (e["name"] for e in layout.entries))
+    names = layout.plan.get("name_bytes")
+    if names is None:
+        names = layout.plan["name_bytes"] = sum(
+            len(n) if n.isascii() else len(json.dumps(n)) for n in (e["name"] for e in
+                                                                   layout.entries))
     reply = meta * 2 + names * 2 + _ROW_BYTES * len(layout.entries) + _REPLY_BYTES
     if reply > p.MAX_MESSAGE_BYTES:
         raise SnapshotError(f"the state's table ({len(layout.entries)} tensors) and non-tensor "

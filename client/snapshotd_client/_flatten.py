@@ -535,9 +535,13 @@ class LayoutCache:
     def _same_ties(leaves: list[torch.Tensor], last: _Cached) -> bool:
         """The same tensors are tied as in ``last`` (and no others)."""
         firsts = [leaves[i] for i in last.first]
-        ptrs = {t.data_ptr() for t in firsts if t.numel()}
-        if len(ptrs) != sum(1 for t in firsts if t.numel()):
-            return False                              # a new tie, or two views at one address
+        ptrs = [t.data_ptr() for t in firsts]
+        if len(set(ptrs)) != len(ptrs):
+            # Some tensors share an address: empty ones (address 0 or anything), a new tie, or
+            # two views at one address. Only the non-empty ones decide.
+            full = [p for p, t in zip(ptrs, firsts) if t.numel()]
+            if len(set(full)) != len(full):
+                return False
         for pos, idx in enumerate(last.index):
             if last.first[idx] != pos and _ident(leaves[pos]) != _ident(firsts[idx]):
                 return False

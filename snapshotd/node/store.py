@@ -135,6 +135,35 @@ def _checksums(view: memoryview, tensors: tuple[TensorEntry, ...]) -> list[str]:
     return out
 
 
+#: id(table) -> (table, JSON of each row up to its checksum's opening quote): a table that
+#: commits of one layout share is encoded once.
+_ROW_PREFIXES: dict[int, tuple[tuple[TensorEntry, ...], list[str]]] = {}
+
+
+def _tensors_json(table: tuple[TensorEntry, ...], checksums: list[str]) -> str:
+    """The manifest's ``tensors`` array: ``table``'s rows with ``checksums`` (hex digits)."""
+    hit = _ROW_PREFIXES.get(id(table))
+    if hit is not None and hit[0] is table:
+        prefixes = hit[1]
+    else:
+        prefixes = [json.dumps(t.__dict__ | {"checksum": ""}, separators=(",", ":"))[:-2]
+                    for t in table]                # ends with "checksum":"
+        if len(_ROW_PREFIXES) >= 64:
+            _ROW_PREFIXES.clear()
+        _ROW_PREFIXES[id(table)] = (table, prefixes)
+    return "[" + ",".join([f'{pre}{c}"}}' for pre, c in zip(prefixes, checksums)]) + "]"
+
+
+def _with_checksum(t: TensorEntry, checksum: str) -> TensorEntry:
+    """``t`` with its checksum: ``TensorEntry(t.name, ..., checksum)``, built without the
+    frozen dataclass's ``__init__`` (a microsecond or two per field, per tensor, per commit)."""
+    out = object.__new__(TensorEntry)
+    fields = out.__dict__
+    fields.update(t.__dict__)
+    fields["checksum"] = checksum
+    return out
+
+
 @dataclass
 class Slot:
     number: int
@@ -180,6 +209,8 @@ class Version:
     #: unlinked instead; a mapping outlives the unlink). Adopted versions are treated so too:
     #: their readers' leases did not survive the restart.
     mapped: bool = False
+    #: The manifest's ``tensors`` array as JSON text (written once, reused by rewrites).
+    tensors_json: str = field(default="", repr=False, compare=False)
 
     @property
     def state(self) -> str:
@@ -465,27 +496,31 @@ class Store:
               committed_at: float | None, protected: bool) -> Version:
         view = self.dir.view(slot.number, slot.size)
         try:
-            summed = tuple(TensorEntry(t.name, t.dtype, t.shape, t.offset, t.nbytes, c)
-                           for t, c in zip(tensors, _checksums(view, tensors)))
+            summed = tuple(map(_with_checksum, tensors, _checksums(view, tensors)))
         finally:
             view.release()
         now = self._clock() if committed_at is None else committed_at
         version = Version(slot.number, slot.job, slot.rank, slot.step, slot.nbytes, slot.size,
                           summed, meta, now, 0, slot.local_world_size, protected,
                           world_size=slot.world_size)
-        version.book = self._write_manifest(version) + _VERSION_OVERHEAD
+        version.book = self._write_manifest(version, tensors) + _VERSION_OVERHEAD
         return version
 
-    def _write_manifest(self, v: Version) -> int:
+    def _write_manifest(self, v: Version, table: tuple[TensorEntry, ...] | None = None) -> int:
         """Write a version's manifest (atomically); return its size. ``protected`` is in it,
-        so a daemon restarted on its memory keeps the newest protected step (retention)."""
+        so a daemon restarted on its memory keeps the newest protected step (retention).
+        ``table``: the table ``v.tensors`` were checksummed from (its JSON is cached)."""
         manifest = {"format": 1, "job": v.job, "rank": v.rank, "step": v.step,
                     "nbytes": v.nbytes, "meta": v.meta, "committed_at": v.committed_at,
                     "local_world_size": v.local_world_size, "protected": v.protected,
                     "world_size": v.world_size,
-                    "owner": self._owners.get(v.job, ""),
-                    "tensors": [t.__dict__ for t in v.tensors]}      # shape: a JSON list
-        return self.dir.write_manifest(v.number, manifest)
+                    "owner": self._owners.get(v.job, "")}
+        if not v.tensors_json:
+            v.tensors_json = _tensors_json(table if table is not None else v.tensors,
+                                           [t.checksum for t in v.tensors])
+        text = json.dumps(manifest, separators=(",", ":"))[:-1] + ',"tensors":' + \
+            v.tensors_json + "}"
+        return self.dir.write_manifest_text(v.number, text)
 
     def install(self, job: str, rank: int, step: int, nbytes: int,
                 tensors: tuple[TensorEntry, ...], meta: str, local_world_size: int,
@@ -530,6 +565,14 @@ class Store:
             held = {r for (j, r), vs in self._versions.items()
                     if j == job and any(not v.doomed for v in vs.values())}
             return held | {s.rank for s in self._slots.values() if s.job == job}
+
+    def at_step(self, job: str, step: int) -> list[Version]:
+        """The live versions of ``job`` at ``step``, one per rank holding it, by rank (what a
+        commit's follow-up needs, without sorting every version held)."""
+        with self._lock:
+            found = [vs[step] for (j, _), vs in self._versions.items()
+                     if j == job and step in vs and not vs[step].doomed]
+        return sorted(found, key=lambda v: v.rank)
 
     def versions(self, job: str | None = None, rank: int | None = None) -> list[Version]:
         with self._lock:
