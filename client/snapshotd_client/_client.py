@@ -613,7 +613,7 @@ class SnapshotClient:
             # The restored step is where this rank's timeline continues: what was saved after
             # it is abandoned and must never be served again (here, in parity, after a crash).
             # Dropped before anything is written, so a failure here leaves the live state as is.
-            if timeline:
+            if timeline and lease.newer != 0:      # -1: a daemon that does not say
                 self._channel.call(p.Drop(self.job, self.rank, newer_than=lease.step,
                                           token=self._token))
             tensors, mapped = self._copy_out(lease, targets, zero_copy)

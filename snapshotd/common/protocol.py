@@ -295,6 +295,9 @@ class OpenReply:
     tensors: tuple[TensorEntry, ...]
     meta: str
     tier: str
+    #: How many versions of (job, rank) newer than this one the daemon holds (-1: not said),
+    #: so a restore starts its new timeline without a ``Drop`` when there are none.
+    newer: int = -1
 
 
 @dataclass(frozen=True)

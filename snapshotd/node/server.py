@@ -180,7 +180,7 @@ class ControlServer(RouterLoop):
                                  "checksums, and the group could not rebuild them")
         self.metrics.open_seconds.observe(time.perf_counter() - started)
         return p.OpenReply(lease.id, v.job, v.rank, v.step, self.store.dir.seg_path(v.number),
-                           v.nbytes, v.tensors, v.meta, tier)
+                           v.nbytes, v.tensors, v.meta, tier, lease.newer)
 
     def _lease_any_tier(self, m: p.Open) -> tuple[Any, str]:
         """Lease from memory; if memory has nothing fitting, load from the persistence tier."""

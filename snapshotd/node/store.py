@@ -224,6 +224,8 @@ class Lease:
     pid: int
     pid_start: float | None
     opened: float = 0.0
+    #: Live versions of the same (job, rank) newer than the leased one, when it was leased.
+    newer: int = 0
 
 
 @dataclass
@@ -606,7 +608,7 @@ class Store:
             version.leases += 1
             version.mapped = version.mapped or mapped
             lease = Lease(self._new_handle(self._leases), version, pid, pid_start,
-                          time.monotonic())
+                          time.monotonic(), sum(1 for s in held if s > version.step))
             self._leases[lease.id] = lease
             return lease
 
