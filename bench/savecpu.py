@@ -7,7 +7,8 @@ The trainer saves through :class:`TrainingState` (model, AdamW, scheduler, RNGs,
 every "step" without training in between (so only the save is measured), waiting for each to
 commit; CPU is process CPU time (every thread) of the trainer, and of the daemon read from
 ``/proc`` through psutil, over the same saves. The baseline copies every tensor of the same
-state once into preallocated memory (``copy_``), measured in the same run.
+state once into preallocated memory (``copy_``), measured in the same run, with one torch
+thread.
 
     python -m bench.savecpu [--saves 40] [--profile DIR]
 """
@@ -90,7 +91,20 @@ def _copy_cpu(tensors: list[torch.Tensor], repeats: int) -> list[float]:
 
 def savecpu_case(saves: int = 40, repeats: int = 3, layers: int = 9, d: int = 128,
                  profile: str | None = None) -> dict[str, Any]:
-    """Median CPU per save (trainer, daemon, total) over ``repeats`` runs of ``saves`` saves."""
+    """Median CPU per save (trainer, daemon, total) over ``repeats`` runs of ``saves`` saves.
+
+    Runs with one torch thread (what torchrun gives each worker by default): a copy spread
+    over OpenMP threads costs more CPU than the bytes (spinning threads), in both columns."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _savecpu(saves, repeats, layers, d, profile)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _savecpu(saves: int, repeats: int, layers: int, d: int, profile: str | None
+             ) -> dict[str, Any]:
     model, optimizer, scheduler = gpt_like(layers, d)
     position = {"epoch": 0, "offset": 0}
     state = TrainingState(model, optimizer, scheduler, data=position)

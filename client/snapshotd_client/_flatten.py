@@ -377,6 +377,10 @@ def flatten(state: Any) -> Layout:
     except RecursionError:
         raise TypeError("<state>: nested too deeply (or contains a reference cycle) to be "
                         "snapshotted") from None
+    finally:
+        # The recursive closures are a reference cycle holding the tensors (copies made at
+        # save(), restored mappings): break it so they are freed when the caller drops them.
+        del walk, add, array, dtensor
     if meshes:
         skeleton = {"__sharded__": {"format": SHARDED_FORMAT, "meshes": meshes},
                     "state": skeleton}
@@ -463,6 +467,8 @@ def _scan(state: Any) -> tuple[list[Any], list[torch.Tensor], Any, list[dict[str
         skeleton = walk(state)
     except RecursionError:
         raise _Fallback from None
+    finally:
+        del walk              # the recursive closure is a reference cycle holding the tensors
     return sig, leaves, skeleton, holes
 
 
@@ -620,7 +626,10 @@ def unflatten(meta: str, tensors: list[torch.Tensor], placer: Placer | None = No
             return {_hashable(build(k)): build(v) for k, v in node["__dict__"]}
         return {k: build(v) for k, v in node.items()}
 
-    return build(skeleton)
+    try:
+        return build(skeleton)
+    finally:
+        del build             # a reference cycle holding the tensors (mapped ones pin a lease)
 
 
 _RESHARD = ("restoring onto another mesh, placement or global shape (resharding, e.g. at "
