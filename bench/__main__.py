@@ -25,7 +25,8 @@ SIZES: dict[str, list[Any]] = {
     "save": [64 * MIB, 256 * MIB, 1024 * MIB], "restore": [64 * MIB, 256 * MIB, 1024 * MIB],
     "codec": [256 * MIB], "rebuild": [256 * MIB], "memory": [256 * MIB],
     "scaling": [[64 * MIB, 256 * MIB, 1024 * MIB, 2048 * MIB, 4096 * MIB]],
-    "training": [200], "dlrover": [[64 * MIB, 256 * MIB, 1024 * MIB]], "savecpu": [9]}
+    "training": [200], "training1": [200], "dlrover": [[64 * MIB, 256 * MIB, 1024 * MIB]],
+    "savecpu": [9]}
 #: ``--quick``: the issue-15 rows (restore, CPU per save) at sizes that run in about a minute.
 QUICK: dict[str, list[Any]] = {"restore": [64 * MIB, 256 * MIB], "savecpu": [9]}
 #: ``--full``: adds 4 GiB to the restore row where memory allows (state, its copy, the
@@ -33,7 +34,8 @@ QUICK: dict[str, list[Any]] = {"restore": [64 * MIB, 256 * MIB], "savecpu": [9]}
 FULL_EXTRA: dict[str, list[Any]] = {"restore": [4096 * MIB]}
 SMOKE: dict[str, list[Any]] = {
     "save": [4 * MIB], "restore": [4 * MIB], "codec": [8 * MIB], "rebuild": [4 * MIB],
-    "memory": [4 * MIB], "scaling": [[2 * MIB, 4 * MIB]], "training": [12], "savecpu": [1]}
+    "memory": [4 * MIB], "scaling": [[2 * MIB, 4 * MIB]], "training": [12], "training1": [12],
+    "savecpu": [1]}
 
 
 def machine() -> str:
@@ -65,6 +67,10 @@ def run_case(name: str, size: Any, repeats: int) -> Any:
         from .training import training_case
         return training_case(size, repeats=2 if size > 50 else 1,
                              size="small" if size > 50 else "tiny")
+    if name == "training1":       # one trainer on one core, the daemon on another
+        from .training import training_case
+        return training_case(size, repeats=2 if size > 50 else 1, nproc=1,
+                             size="small" if size > 50 else "tiny", daemon_core=True)
     if name == "savecpu":
         from .savecpu import savecpu_case
         return savecpu_case(saves=40 if size > 1 else 5, repeats=max(1, repeats),
