@@ -169,7 +169,7 @@ def restore_case(nbytes: int, repeats: int) -> dict[str, Any]:
             del got
     finally:
         cluster.stop()
-    del into
+    into.clear()
     out = {"bytes": nbytes, "restore": stats(times), "restore_into": stats(into_times),
            "bit_exact": exact} | memcpy_baselines(state, repeats)
     out["torch_load_shm"] = _torch_save_load(state, "/dev/shm", repeats)["load"]

@@ -24,7 +24,16 @@ import torch
 from . import _protocol as p
 from ._channel import Channel, DaemonError, SnapshotError
 from ._cuda import DeviceCopier, mark_ready
-from ._flatten import Layout, LayoutCache, Placer, ShardingMismatch, flatten, local_tensor, unflatten, view_of
+from ._flatten import (
+    Layout,
+    LayoutCache,
+    Placer,
+    ShardingMismatch,
+    flatten,
+    local_tensor,
+    unflatten,
+    view_of,
+)
 
 __all__ = ["SnapshotClient", "SnapshotSkipped", "RestoreInfo", "SaveStats", "ENV_ENDPOINT",
            "ENV_TOKEN", "COPY_MODES", "MAX_META_BYTES", "agree_step"]

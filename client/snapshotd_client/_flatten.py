@@ -45,8 +45,9 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ._protocol import DTYPE_SIZES
 
-__all__ = ["Layout", "LayoutCache", "flatten", "unflatten", "dtype_name", "view_of", "key_name", "local_tensor",
-           "is_dtensor", "sharding_of", "describe_mesh", "Placer", "ShardingMismatch"]
+__all__ = ["Layout", "LayoutCache", "flatten", "unflatten", "dtype_name", "view_of", "key_name",
+           "local_tensor", "is_dtensor", "sharding_of", "describe_mesh", "Placer",
+           "ShardingMismatch"]
 
 _ALIGN = 64
 _TAGS = ("__tensor__", "__tuple__", "__bytes__", "__float__", "__dict__", "__np__",
@@ -377,10 +378,6 @@ def flatten(state: Any) -> Layout:
     except RecursionError:
         raise TypeError("<state>: nested too deeply (or contains a reference cycle) to be "
                         "snapshotted") from None
-    finally:
-        # The recursive closures are a reference cycle holding the tensors (copies made at
-        # save(), restored mappings): break it so they are freed when the caller drops them.
-        del walk, add, array, dtensor
     if meshes:
         skeleton = {"__sharded__": {"format": SHARDED_FORMAT, "meshes": meshes},
                     "state": skeleton}
@@ -404,47 +401,59 @@ def _scan(state: Any) -> tuple[list[Any], list[torch.Tensor], Any, list[dict[str
     Returns the structure's signature (container kinds, keys, each tensor's dtype, shape,
     layout and device; a token per plain value), the tensors in walk order, the JSON skeleton
     and its tensor nodes in walk order (their ``__tensor__`` index is filled in later)."""
-    sig: list[Any] = []
-    leaves: list[torch.Tensor] = []
-    holes: list[dict[str, int]] = []
-    append, leaf, hole = sig.append, leaves.append, holes.append
+    scan = _Scan()
+    try:
+        skeleton = scan.walk(state)
+    except RecursionError:
+        raise _Fallback from None
+    return scan.sig, scan.leaves, skeleton, scan.holes
 
-    def walk(value: Any) -> Any:
+
+class _Scan:
+    """One walk of :func:`_scan` (a method, not a recursive closure: a closure that calls
+    itself is a reference cycle, and would keep the state's tensors until the next GC)."""
+
+    def __init__(self) -> None:
+        self.sig: list[Any] = []
+        self.leaves: list[torch.Tensor] = []
+        self.holes: list[dict[str, int]] = []
+
+    def walk(self, value: Any) -> Any:
         kind = type(value)
         if kind in _FAST_TENSORS:
-            append((value.dtype, value.shape, value.layout, value.device))
-            leaf(value)
+            self.sig.append((value.dtype, value.shape, value.layout, value.device))
+            self.leaves.append(value)
             node = {"__tensor__": -1}
-            hole(node)
+            self.holes.append(node)
             return node
         if kind is dict or kind is OrderedDict:
             if len(value) > MAX_CONTAINER:
                 raise _Fallback
             keys = tuple(value)
-            append(keys)
+            self.sig.append(keys)
             if all(type(k) is str and k not in _TAGS for k in keys):
-                return {k: walk(v) for k, v in value.items()}
+                return {k: self.walk(v) for k, v in value.items()}
             if not all(type(k) is str or type(k) is int for k in keys):
                 raise _Fallback
-            append(tuple(type(k) is int for k in keys))    # 1 and "1" differ
-            return {"__dict__": [[k, walk(v)] for k, v in value.items()]}
+            self.sig.append(tuple(type(k) is int for k in keys))    # 1 and "1" differ
+            return {"__dict__": [[k, self.walk(v)] for k, v in value.items()]}
         if kind is list or kind is tuple:
             if len(value) > MAX_CONTAINER:
                 raise _Fallback
             if value and all(type(v) is int for v in value):   # e.g. Python's RNG state
-                append((kind, len(value), int))
+                self.sig.append((kind, len(value), int))
                 items = list(value)
                 return items if kind is list else {"__tuple__": items}
-            append((kind, len(value)))
-            items = [walk(v) for v in value]
+            self.sig.append((kind, len(value)))
+            items = [self.walk(v) for v in value]
             return items if kind is list else {"__tuple__": items}
         if value is None or kind is bool or kind is int or kind is str:
-            append(_PLAIN_TOKEN)
+            self.sig.append(_PLAIN_TOKEN)
             return value
         if kind is float:
             if not math.isfinite(value):
                 raise _Fallback
-            append(_PLAIN_TOKEN)
+            self.sig.append(_PLAIN_TOKEN)
             return value
         if np is not None and kind is np.ndarray:
             if value.dtype.byteorder == ">" or (value.dtype.byteorder == "=" and
@@ -456,20 +465,12 @@ def _scan(state: Any) -> tuple[list[Any], list[torch.Tensor], Any, list[dict[str
                 tensor = torch.from_numpy(value)
             except TypeError:
                 raise _Fallback from None
-            append(("nd", tensor.dtype, tensor.shape))
-            leaf(tensor)
+            self.sig.append(("nd", tensor.dtype, tensor.shape))
+            self.leaves.append(tensor)
             node = {"__ndarray__": -1}
-            hole(node)
+            self.holes.append(node)
             return node
         raise _Fallback
-
-    try:
-        skeleton = walk(state)
-    except RecursionError:
-        raise _Fallback from None
-    finally:
-        del walk              # the recursive closure is a reference cycle holding the tensors
-    return sig, leaves, skeleton, holes
 
 
 def _ident(t: torch.Tensor) -> tuple | None:
@@ -592,44 +593,46 @@ def unflatten(meta: str, tensors: list[torch.Tensor], placer: Placer | None = No
     A DTensor comes back through ``placer`` (the live DTensor filled in place, or a new one on a
     live mesh). Without one, and for a structure-only restore (``meta`` tensors), it comes back
     as a ``meta`` tensor of its global shape."""
-    skeleton, meshes = _envelope(meta)
+    skeleton, _ = _envelope(meta)
+    # A module-level function, not a recursive closure: a closure that calls itself is a
+    # reference cycle, and restored tensors that map a leased version would stay (and keep
+    # the lease) until the next GC run.
+    return _build(skeleton, tensors, placer)
 
-    def build(node: Any) -> Any:
-        if isinstance(node, list):
-            return [build(v) for v in node]
-        if not isinstance(node, dict):
-            return node
-        if "__tensor__" in node:
-            return tensors[node["__tensor__"]]
-        if "__dtensor__" in node:
-            held = tensors[node["__dtensor__"]]
-            if held.is_meta or placer is None:
-                return torch.empty(node["shape"], dtype=held.dtype, device="meta")
-            return placer.build(node["__dtensor__"], held)
-        if "__ndarray__" in node:
-            held = tensors[node["__ndarray__"]]
-            if held.is_meta:          # a structure-only restore (shapes, no bytes)
-                return held
-            array = held.numpy()
-            return array.astype(node["dtype"]) if "dtype" in node else array
-        if "__tuple__" in node:
-            return tuple(build(v) for v in node["__tuple__"])
-        if "__bytes__" in node:
-            return base64.b64decode(node["__bytes__"])
-        if "__float__" in node:
-            return float(node["__float__"])
-        if "__np__" in node:
-            if "c" in node:
-                return np.dtype(node["__np__"]).type(complex(*map(build, node["c"])))  # type: ignore[arg-type]
-            return np.dtype(node["__np__"]).type(build(node["v"]))
-        if "__dict__" in node:
-            return {_hashable(build(k)): build(v) for k, v in node["__dict__"]}
-        return {k: build(v) for k, v in node.items()}
 
-    try:
-        return build(skeleton)
-    finally:
-        del build             # a reference cycle holding the tensors (mapped ones pin a lease)
+def _build(node: Any, tensors: list[torch.Tensor], placer: Placer | None) -> Any:
+    if isinstance(node, list):
+        return [_build(v, tensors, placer) for v in node]
+    if not isinstance(node, dict):
+        return node
+    if "__tensor__" in node:
+        return tensors[node["__tensor__"]]
+    if "__dtensor__" in node:
+        held = tensors[node["__dtensor__"]]
+        if held.is_meta or placer is None:
+            return torch.empty(node["shape"], dtype=held.dtype, device="meta")
+        return placer.build(node["__dtensor__"], held)
+    if "__ndarray__" in node:
+        held = tensors[node["__ndarray__"]]
+        if held.is_meta:          # a structure-only restore (shapes, no bytes)
+            return held
+        array = held.numpy()
+        return array.astype(node["dtype"]) if "dtype" in node else array
+    if "__tuple__" in node:
+        return tuple(_build(v, tensors, placer) for v in node["__tuple__"])
+    if "__bytes__" in node:
+        return base64.b64decode(node["__bytes__"])
+    if "__float__" in node:
+        return float(node["__float__"])
+    if "__np__" in node:
+        if "c" in node:
+            parts = [_build(v, tensors, placer) for v in node["c"]]
+            return np.dtype(node["__np__"]).type(complex(*parts))  # type: ignore[arg-type]
+        return np.dtype(node["__np__"]).type(_build(node["v"], tensors, placer))
+    if "__dict__" in node:
+        return {_hashable(_build(k, tensors, placer)): _build(v, tensors, placer)
+                for k, v in node["__dict__"]}
+    return {k: _build(v, tensors, placer) for k, v in node.items()}
 
 
 _RESHARD = ("restoring onto another mesh, placement or global shape (resharding, e.g. at "

@@ -358,7 +358,8 @@ def encode(msg: Message, req_id: int = 0) -> bytes:
 def _plain(obj: Any) -> dict[str, Any]:
     """A message's fields as JSON-ready values (what ``dataclasses.asdict`` gives, without its
     deep copies: a table of hundreds of tensors took milliseconds to encode through it)."""
-    nested = _nested(type(obj))
+    cls: type = type(obj)
+    nested = _nested(cls)
     if not nested:
         return obj.__dict__           # only read (by json.dumps), never changed
     out = dict(obj.__dict__)
