@@ -89,6 +89,25 @@ def _restore(rows: list[dict]) -> list[str]:
         else:
             line += f"- | {_s(r['memcpy_torch'])} | - | "
         out.append(line + f"{_s(r['torch_load_disk'])} | {r.get('bit_exact', '-')} |")
+    broken = [r for r in rows if r.get("breakdown")]
+    if broken:
+        out += ["", "Where a restore's time goes (medians over every restore of the row): `Open` "
+                "is the round trip in which the daemon verifies the checksum of every tensor "
+                "(by several threads) before handing out the lease; *map* maps the segment "
+                "and makes the tensor views (fresh tensors: nothing is copied); *map + copy* "
+                "fills the `into=` tensors from the mapping; `Release` returns the lease "
+                "(in the background for mapped tensors). Verification reads every byte once, "
+                "as fast as memory allows: it is the floor of a restore that verifies first.",
+                "", "| state | Open (verify) | verify GB/s | map | map + copy (into=) | Drop | "
+                "Release |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in broken:
+            b = r["breakdown"]
+
+            def ms(key: str, b: dict = b) -> str:
+                return f"{b[key] * 1e3:.1f} ms" if key in b else "-"
+            gbps = r["bytes"] / b["open"] / 1e9 if b.get("open") else 0
+            out.append(f"| {_mib(r['bytes'])} | {ms('open')} | {gbps:.1f} | {ms('map')} | "
+                       f"{ms('map_and_copy')} | {ms('drop')} | {ms('release')} |")
     return out
 
 

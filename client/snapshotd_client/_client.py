@@ -225,6 +225,11 @@ class SnapshotClient:
         self._releaser = _Releaser(self._channel)
         self._layouts = LayoutCache()
         self._layout_lock = threading.Lock()
+        #: Ask the daemon, at each commit, for a spare slot for the next save (one round trip
+        #: per save instead of two: Alloc + Commit).
+        self.spare_slots = True
+        self._spare: _Spare | None = None
+        self._last_step: int | None = None       # newest step committed or restored here
 
     # ------------------------------------------------------------------ saving
 
@@ -349,21 +354,26 @@ class SnapshotClient:
                 raise SnapshotSkipped(f"step {job.step} not saved: superseded (a newer save, or "
                                       "an optimizer step that could not wait) while it waited "
                                       "for snapshotd")
-            reply = self._channel.call(p.Alloc(self.job, self.rank, job.step, job.layout.nbytes,
-                                               os.getpid(), self.local_world_size,
-                                               token=self._token, world_size=self.world_size))
-            slot = reply.slot
+            spare = self._take_spare(job)
+            if spare is not None:                 # reserved at the last commit: no Alloc
+                slot, path, nbytes, mapping = spare.slot, spare.path, spare.nbytes, spare.mm
+            else:
+                reply = self._channel.call(p.Alloc(
+                    self.job, self.rank, job.step, job.layout.nbytes, os.getpid(),
+                    self.local_world_size, token=self._token, world_size=self.world_size))
+                slot, path, nbytes, mapping = reply.slot, reply.path, reply.nbytes, None
             self._daemon_slow = False
             with self._handoff:
                 if job.superseded:
                     raise SnapshotSkipped(f"step {job.step} not saved: a newer save superseded "
                                           "it while it waited for snapshotd")
                 job.copying.set()
-            self._copy_in(reply.path, reply.nbytes, job.layout, job.events)
+            self._copy_in(path, nbytes, job.layout, job.events, mapping)
             job.copied.set()
             job.layout.tensors.clear()            # release eager copies early
-            self._commit(slot, job.layout)
+            self._commit(slot, job.layout, job.step)
             slot = None
+            self._last_step = job.step
             with self._stats_lock:
                 self._stats.committed += 1
             job.future.set_result(job.step)
@@ -375,8 +385,34 @@ class SnapshotClient:
             self._record(exc)
             job.future.set_exception(exc)
 
-    def _commit(self, slot: int, layout: Layout) -> None:
-        """Commit with the table, or, for a layout the daemon has seen, only its digest."""
+    def _take_spare(self, job: _Job) -> _Spare | None:
+        """The spare slot the last commit reserved, if this save can use it: same size, a
+        newer step than this client's last (a re-save or an older step goes through
+        ``Alloc``, which refuses a stale step before any copy), and still the daemon's file
+        (a daemon restart removes it). One that cannot be used is given back."""
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        usable = (spare.nbytes == job.layout.nbytes and not spare.mm.closed
+                  and (self._last_step is None or job.step > self._last_step))
+        if usable:
+            try:
+                usable = os.stat(spare.path).st_ino == spare.inode
+            except FileNotFoundError:
+                return None                       # the daemon that reserved it is gone
+        if usable:
+            return spare
+        self._abort(spare.slot)
+        return None
+
+    def _drop_spare(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            self._abort(spare.slot)
+
+    def _commit(self, slot: int, layout: Layout, step: int) -> None:
+        """Commit with the table, or, for a layout the daemon has seen, only its digest; ask
+        for a spare slot for the next save of this size (kept in ``self._spare``)."""
         plan = layout.plan
         table = plan.get("table")
         if table is None:
@@ -384,24 +420,42 @@ class SnapshotClient:
                                         e["nbytes"]) for e in layout.entries)
             digest = hashlib.blake2b(p.encode(p.Commit(0, table, "")), digest_size=16)
             plan["table"], plan["digest"] = table, digest.hexdigest()
+        nbytes = layout.nbytes if self.spare_slots and layout.nbytes else 0
         if not table:
-            self._channel.call(p.Commit(slot, (), layout.meta))
+            self._spare_from(self._channel.call(p.Commit(slot, (), layout.meta, "", step,
+                                                         nbytes)))
             return
         if plan.get("known") is self._channel:
             try:
-                self._channel.call(p.Commit(slot, (), layout.meta, plan["digest"]))
+                self._spare_from(self._channel.call(
+                    p.Commit(slot, (), layout.meta, plan["digest"], step, nbytes)))
                 return
             except DaemonError as exc:
                 if exc.code != "unknown_layout":
                     raise
-        self._channel.call(p.Commit(slot, table, layout.meta, plan["digest"]))
+        self._spare_from(self._channel.call(
+            p.Commit(slot, table, layout.meta, plan["digest"], step, nbytes)))
         plan["known"] = self._channel
 
-    def _copy_in(self, path: str, nbytes: int, layout: Layout, events: dict) -> None:
+    def _spare_from(self, reply: p.CommitReply) -> None:
+        if not reply.next_slot:
+            return
+        try:
+            mm = self._maps.get(reply.next_path, reply.next_nbytes)
+            inode = self._maps.inode(reply.next_path)
+        except OSError:
+            self._abort(reply.next_slot)
+            return
+        self._spare = _Spare(reply.next_slot, reply.next_path, reply.next_nbytes, mm, inode)
+
+    def _copy_in(self, path: str, nbytes: int, layout: Layout, events: dict,
+                 mapping: mmap.mmap | None = None) -> None:
         if nbytes == 0:
             return
-        mm, views = self._maps.views(path, nbytes, layout)
+        mm, views = self._maps.views(path, nbytes, layout, mapping)
         on_device = []
+        dst: list[torch.Tensor] = []
+        src: list[torch.Tensor] = []
         with torch.no_grad():
             for tensor, view in zip(layout.tensors, views):
                 if view is None:
@@ -409,7 +463,9 @@ class SnapshotClient:
                 if tensor.is_cuda:
                     on_device.append((view, tensor))
                 else:
-                    view.copy_(tensor)
+                    dst.append(view)
+                    src.append(tensor)
+            _copy_all(dst, src)
             if on_device:
                 self._device.copy(on_device, events, mm)
 
@@ -630,6 +686,7 @@ class SnapshotClient:
             if not mapped:
                 self._release(lease.lease)
         if timeline:
+            self._last_step = lease.step          # the timeline continues from here
             self.last_restore = RestoreInfo(lease.step, lease.tier, lease.nbytes,
                                             time.perf_counter() - started)
             log.info("restored job %r rank %d step %d from %s (%d bytes)", self.job,
@@ -641,6 +698,7 @@ class SnapshotClient:
         this rank's older versions must not be served again (nor block its new saves)."""
         if self.steps():
             self._channel.call(p.Drop(self.job, self.rank, token=self._token))
+        self._last_step = None
 
     def _agree(self) -> int | None:
         return agree_step(self)
@@ -702,6 +760,7 @@ class SnapshotClient:
             log.warning("snapshotd client closed: the last save (step %d) was NOT committed: "
                         "%s", job.step, job.future.exception())
         self._worker.shutdown(wait=True)
+        self._drop_spare()
         self._maps.clear()
         self._channel.close()
 
@@ -710,6 +769,17 @@ class SnapshotClient:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+@dataclass
+class _Spare:
+    """A slot the daemon reserved at the last commit for the next save (no ``Alloc``)."""
+
+    slot: int
+    path: str
+    nbytes: int
+    mm: mmap.mmap
+    inode: int
 
 
 class _Releaser:
@@ -778,7 +848,7 @@ class _MapCache:
         self._size = size
         self._on_close = on_close
         self._maps: dict[str, tuple[int, mmap.mmap]] = {}
-        self._views: dict[str, tuple[list, list[torch.Tensor | None]]] = {}
+        self._views: dict[str, tuple[list, list[torch.Tensor | None], mmap.mmap]] = {}
 
     def _drop(self, path: str) -> None:
         self._views.pop(path, None)
@@ -787,16 +857,23 @@ class _MapCache:
             self._on_close(mm)
         _close(mm)
 
-    def views(self, path: str, nbytes: int, layout: Layout
+    def views(self, path: str, nbytes: int, layout: Layout, mapping: mmap.mmap | None = None
               ) -> tuple[mmap.mmap, list[torch.Tensor | None]]:
-        """The mapping of ``path`` and a view of it per table entry (None: an empty tensor)."""
-        mm = self.get(path, nbytes)
+        """The mapping of ``path`` (``mapping``, when the caller holds it already: a spare
+        slot mapped when it was reserved, never re-mapped by path) and a view of it per table
+        entry (None: an empty tensor)."""
+        mm = mapping if mapping is not None else self.get(path, nbytes)
         known = self._views.get(path)
-        if known is not None and known[0] is layout.entries:
+        if known is not None and known[0] is layout.entries and known[2] is mm:
             return mm, known[1]
         views = [view_of(mm, e) if e["nbytes"] else None for e in layout.entries]
-        self._views[path] = (layout.entries, views)
+        if self._maps.get(path, (0, None))[1] is mm:       # kept only with a cached mapping
+            self._views[path] = (layout.entries, views, mm)
         return mm, views
+
+    def inode(self, path: str) -> int:
+        """The inode of the cached mapping of ``path``."""
+        return self._maps[path][0]
 
     def get(self, path: str, nbytes: int) -> mmap.mmap:
         for known, (inode, mm) in list(self._maps.items()):
@@ -940,6 +1017,20 @@ def _count_load(optimizer: Any) -> None:
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """``d.copy_(s)`` for every pair, in one call where torch has it (hundreds of small tensors
+    cost a few microseconds each through Python)."""
+    foreach = getattr(torch, "_foreach_copy_", None)
+    if foreach is not None and dst:
+        try:
+            foreach(dst, src)
+            return
+        except (RuntimeError, TypeError):   # pragma: no cover - an older torch's limits
+            pass
+    for d, s in zip(dst, src):
+        d.copy_(s)
 
 
 def _close(mm: mmap.mmap) -> None:

@@ -144,6 +144,11 @@ class Commit:
     #: (job, rank); later commits of the same layout send only the digest and an empty
     #: ``tensors`` (refused ``unknown_layout`` when the daemon no longer has it: send both).
     layout: str = ""
+    #: The step, for a slot reserved without one (a spare: see ``next_nbytes``); -1 otherwise.
+    step: int = -1
+    #: Also reserve a spare slot of this size for the rank's next save (returned in the reply,
+    #: when it fits the budget without evicting anything): that save then needs no ``Alloc``.
+    next_nbytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -273,6 +278,11 @@ class CommitReply:
     rank: int
     step: int
     nbytes: int
+    #: The spare slot asked for with ``Commit.next_nbytes`` (0: none), its file and size: the
+    #: next save writes it and commits it naming its step (``Abort`` it if unused).
+    next_slot: int = 0
+    next_path: str = ""
+    next_nbytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,8 @@ class ControlServer(RouterLoop):
         elif isinstance(reply, p.AllocReply):
             self.store.abort(self.store.slot_number(reply.slot))
             log.warning("aborted slot %d: its client gave up waiting for it", reply.slot)
+        elif isinstance(reply, p.CommitReply) and reply.next_slot:
+            self.store.abort(self.store.slot_number(reply.next_slot))
 
     def _reap(self) -> None:
         reaped = self.store.reap()
@@ -116,8 +118,10 @@ class ControlServer(RouterLoop):
     def _on_commit(self, m: p.Commit, _: Any = None) -> p.CommitReply:
         started = time.perf_counter()
         number = self.store.slot_number(m.slot)
-        age = self.store.slot_age(number)
-        version = self.store.commit(number, m.tensors, m.meta, layout=m.layout)
+        writer = self.store.open_slot(number)
+        # A spare slot was reserved at the previous commit: its age is not this save's time.
+        age = self.store.slot_age(number) if writer is not None and writer.step >= 0 else None
+        version = self.store.commit(number, m.tensors, m.meta, layout=m.layout, step=m.step)
         if age is not None:
             self.metrics.save_seconds.observe(age + time.perf_counter() - started)
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
@@ -127,7 +131,13 @@ class ControlServer(RouterLoop):
         except Exception:  # noqa: BLE001 - protection problems never fail a local commit
             log.exception("protection of job %r step %d could not start", version.job,
                           version.step)
-        return p.CommitReply(version.job, version.rank, version.step, version.nbytes)
+        spare = None
+        if m.next_nbytes > 0 and writer is not None and not self.stopping:
+            spare = self.store.alloc_spare(writer, m.next_nbytes)
+        if spare is None:
+            return p.CommitReply(version.job, version.rank, version.step, version.nbytes)
+        return p.CommitReply(version.job, version.rank, version.step, version.nbytes,
+                             spare.handle, self.store.dir.seg_path(spare.number), spare.nbytes)
 
     def _on_abort(self, m: p.Abort, _: Any = None) -> p.Ok:
         self.store.abort(self.store.slot_number(m.slot))

@@ -417,6 +417,51 @@ class Store:
                                  "--memory-limit") from None
         return slot
 
+    def alloc_spare(self, like: Slot, nbytes: int) -> Slot | None:
+        """A slot of ``nbytes`` for the next save of ``like``'s writer (its job, rank, pid),
+        reserved without a step (it is named at commit, and checked then like ``alloc``
+        checks it); None when it does not fit the budget without evicting a version (the
+        writer then asks with ``Alloc``). The writer's death or ``Abort`` frees it as any slot.
+
+        A spare cannot be taken back (its writer may be filling it), so one is given only
+        while the budget keeps room for another slot of its size besides (an ``Alloc`` of
+        another rank, a rebuild): under a tight budget saves go through ``Alloc`` as before.
+        """
+        fresh = False
+        with self._lock:
+            if not self.accepting or nbytes <= 0:
+                return None
+            reused = self._pool.take(nbytes)
+            if reused is None:
+                if self._used() + 2 * nbytes > self.memory_limit:
+                    return None
+                number, size = self._next, nbytes
+                self._next += 1
+                fresh = True
+            else:
+                number, size = reused
+                if self._used() + nbytes > self.memory_limit:
+                    self._pool.free[number] = (size, self._clock())   # put back
+                    return None
+            slot = Slot(number, like.job, like.rank, -1, nbytes, size, like.pid, like.pid_start,
+                        self._clock(), like.local_world_size,
+                        handle=self._new_handle(self._handles), world_size=like.world_size)
+            self._slots[number] = slot
+            self._handles[slot.handle] = number
+        if fresh:
+            try:
+                self.dir.create(number, nbytes)
+            except OSError:
+                with self._lock:
+                    self._pop_slot(number)
+                return None
+        return slot
+
+    def open_slot(self, number: int) -> Slot | None:
+        """The open slot ``number`` (None when it is not open)."""
+        with self._lock:
+            return self._slots.get(number)
+
     def _reserve(self, nbytes: int, job: str, rank: int, step: int) -> int:
         while self._used() + nbytes > self.memory_limit and self._pool.free:
             victim = next(iter(self._pool.free))
@@ -442,19 +487,35 @@ class Store:
 
     def commit(self, number: int, tensors: tuple[TensorEntry, ...], meta: str,
                committed_at: float | None = None, protected: bool = False,
-               layout: str = "") -> Version:
+               layout: str = "", step: int = -1) -> Version:
         """Check the table, store checksums, write the manifest, and publish the version.
 
         ``committed_at`` (default: now) identifies the version across the group (a rebuilt
         version keeps the original's, so it matches the parity holders' records).
         ``layout``: the client's digest of its table; with a table, the table is kept under it
         for the slot's (job, rank) (checked once); without (``tensors`` empty), the kept one is
-        used, or ``unknown_layout`` is raised (the client then sends the table)."""
+        used, or ``unknown_layout`` is raised (the client then sends the table).
+        ``step``: the step of a spare slot (reserved without one, :meth:`alloc_spare`); it is
+        refused ``stale_step`` here as ``alloc`` would, and the slot stays open (to abort)."""
         with self._lock:
             slot = self._slots.get(number)
             if slot is None or slot.committing:
                 raise StoreError("unknown_slot", f"slot {number} is not open for writing "
                                  "(never allocated, already committed, aborted or reclaimed)")
+            if slot.step < 0:
+                if step < 0:
+                    raise StoreError("bad_request", f"slot {number} was reserved without a "
+                                     "step: its commit must name the step")
+                held = [s for s, v in self._versions.get((slot.job, slot.rank), {}).items()
+                        if not v.doomed]
+                if held and step < max(held):
+                    raise StoreError(
+                        "stale_step", f"job {slot.job!r} rank {slot.rank}: step {step} is "
+                        f"older than step {max(held)} already held; restore(step={step}) "
+                        "first to start a new timeline from it")
+            elif step >= 0 and step != slot.step:
+                raise StoreError("bad_request", f"slot {number} is for step {slot.step}, the "
+                                 f"commit names step {step}")
             known = self._layouts.get((slot.job, slot.rank), {})
             if layout and not tensors:
                 kept = known.get(layout)
@@ -476,6 +537,8 @@ class Store:
                     known.pop(next(iter(known)))
                 known[layout] = (tensors, slot.nbytes)
                 self._layouts[(slot.job, slot.rank)] = known
+            if slot.step < 0:
+                slot.step = step
             slot.committing = True
         try:
             version = self._seal(slot, tensors, meta, committed_at, protected)

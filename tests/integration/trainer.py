@@ -43,8 +43,8 @@ def hang_after_first_tensor(marker: str) -> None:
     cached per layout, so the hook is on the views handed to the copy, not on their making)."""
     real = snapshotd_client._client._MapCache.views
 
-    def views(self, path, nbytes, layout):
-        mm, got = real(self, path, nbytes, layout)
+    def views(self, path, nbytes, layout, mapping=None):
+        mm, got = real(self, path, nbytes, layout, mapping)
 
         def hanging():
             for i, view in enumerate(got):

@@ -371,3 +371,40 @@ def test_large_checksums_by_several_threads_match_one(tmp_path, procs, monkeypat
     version = s.commit(slot.number, table, "{}")
     want = [store_mod.checksum(memoryview(payload)[64 * i:64 * (i + 1)]) for i in range(40)]
     assert [t.checksum for t in version.tensors] == want
+
+
+def test_spare_slot_takes_its_step_at_commit(store):
+    first = write(store, 1)
+    entry = TensorEntry("t", "uint8", (64,), 0, 64)
+    store.commit(first.number, (entry,), "{}")
+    spare = store.alloc_spare(first, 64)
+    assert spare is not None and spare.step == -1 and spare.pid == first.pid
+    view = store.dir.view(spare.number, spare.size)
+    view[:64] = b"z" * 64
+    view.release()
+    with pytest.raises(StoreError) as err:                # the step must be named
+        store.commit(spare.number, (entry,), "{}")
+    assert err.value.code == "bad_request"
+    with pytest.raises(StoreError) as err:                # and is checked like Alloc's
+        store.commit(spare.number, (entry,), "{}", step=0)
+    assert err.value.code == "stale_step"
+    version = store.commit(spare.number, (entry,), "{}", step=2)
+    assert version.step == 2 and steps(store) == [1, 2] and store.verify(version) == []
+
+
+def test_spare_slot_only_with_room_for_another(tmp_path, procs):
+    s = Store(str(tmp_path / "shm"), memory_limit=64 * 1024, keep=1, identity=procs)
+    s.open()
+    slot = write(s, 1, b"x" * 20000)
+    s.commit(slot.number, (TensorEntry("t", "uint8", (20000,), 0, 20000),), "{}")
+    assert s.alloc_spare(slot, 20000) is not None          # 20k held + 20k spare + 20k room
+    assert s.alloc_spare(slot, 20000) is None              # no room left for another
+    assert s.stats()["open_slots"] == 1
+
+
+def test_spare_slot_of_a_dead_writer_is_reclaimed(store, procs):
+    slot = write(store, 1)
+    store.commit(slot.number, (TensorEntry("t", "uint8", (64,), 0, 64),), "{}")
+    assert store.alloc_spare(slot, 64) is not None
+    del procs.alive[100]
+    assert store.reap() == 1 and store.stats()["open_slots"] == 0
