@@ -420,7 +420,11 @@ class SnapshotClient:
                                         e["nbytes"]) for e in layout.entries)
             digest = hashlib.blake2b(p.encode(p.Commit(0, table, "")), digest_size=16)
             plan["table"], plan["digest"] = table, digest.hexdigest()
-        nbytes = layout.nbytes if self.spare_slots and layout.nbytes else 0
+        # A spare is asked for from this client's second commit on: a client that saves once
+        # (a DCP writer, export tools) would only have it made, mapped and given back.
+        with self._stats_lock:
+            again = self._stats.committed > 0
+        nbytes = layout.nbytes if self.spare_slots and again and layout.nbytes else 0
         if not table:
             self._spare_from(self._channel.call(p.Commit(slot, (), layout.meta, "", step,
                                                          nbytes)))
