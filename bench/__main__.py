@@ -25,7 +25,8 @@ SIZES: dict[str, list[Any]] = {
     "save": [64 * MIB, 256 * MIB, 1024 * MIB], "restore": [64 * MIB, 256 * MIB, 1024 * MIB],
     "codec": [256 * MIB], "rebuild": [256 * MIB], "memory": [256 * MIB],
     "scaling": [[64 * MIB, 256 * MIB, 1024 * MIB, 2048 * MIB, 4096 * MIB]],
-    "training": [200], "training1": [200], "dlrover": [[64 * MIB, 256 * MIB, 1024 * MIB]],
+    "training": [200], "training1": [200], "training1c": [200],
+    "dlrover": [[64 * MIB, 256 * MIB, 1024 * MIB]],
     "savecpu": [9]}
 #: ``--quick``: the issue-15 rows (restore, CPU per save) at sizes that run in about a minute.
 QUICK: dict[str, list[Any]] = {"restore": [64 * MIB, 256 * MIB], "savecpu": [9]}
@@ -71,6 +72,11 @@ def run_case(name: str, size: Any, repeats: int) -> Any:
         from .training import training_case
         return training_case(size, repeats=2 if size > 50 else 1, nproc=1,
                              size="small" if size > 50 else "tiny", daemon_core=True)
+    if name == "training1c":      # the same, the trainer's copy thread on the daemon's core
+        from .training import training_case
+        return training_case(size, repeats=2 if size > 50 else 1, nproc=1,
+                             size="small" if size > 50 else "tiny", daemon_core=True,
+                             copy_on_daemon_core=True)
     if name == "savecpu":
         from .savecpu import savecpu_case
         return savecpu_case(saves=40 if size > 1 else 5, repeats=max(1, repeats),

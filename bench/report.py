@@ -202,6 +202,8 @@ def _training(rows: list[dict]) -> list[str]:
         slow = 1 - a / b
         cores = (f"{r['nproc']} + 1 for the daemon" if r.get("daemon_core")
                  else "shared (2 cores)")
+        if r.get("copy_on_daemon_core"):
+            cores += " and the copy thread"
         out.append(f"| {r['steps']} steps | {r['nproc']} | {cores} | {r['size']} | "
                    f"{a:.2f} ({r['steps_per_s_snapshot']['min']:.2f}–"
                    f"{r['steps_per_s_snapshot']['max']:.2f}) | {b:.2f} "
@@ -277,7 +279,8 @@ def render(results: dict[str, Any]) -> str:
     cases = results["cases"]
     parts = [f"Machine: {results['machine']}. Measured {results['when']}; absolute times are "
              "specific to this machine, ratios are against baselines from the same run.", ""]
-    training = cases.get("training1", []) + cases.get("training", [])
+    training = cases.get("training1", []) + cases.get("training1c", []) + \
+        cases.get("training", [])
     for name, fn in (("save", _save), ("restore", _restore), ("savecpu", _savecpu),
                      ("codec", _codec),
                      ("rebuild", _rebuild), ("memory", _memory), ("scaling", _scaling),

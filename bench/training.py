@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(out: str, steps: int, snapshot: bool, endpoint: str, nproc: int, size: str,
-         cores: list[int] | None = None) -> float:
+         cores: list[int] | None = None, copy_cpus: list[int] | None = None) -> float:
     (port,) = free_ports(1)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", f"--master-port={port}",
@@ -31,7 +31,11 @@ def _run(out: str, steps: int, snapshot: bool, endpoint: str, nproc: int, size: 
            "--size", size, "--job", f"bench-{os.path.basename(out)}",
            "--snapshot" if snapshot else "--no-snapshot"]
     env = {**os.environ, "SNAPSHOTD_ENDPOINT": endpoint, "OMP_NUM_THREADS": "1"}
+    if copy_cpus:
+        env["SNAPSHOTD_COPY_CPUS"] = ",".join(map(str, copy_cpus))
     pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None   # inherited by workers
+    # The copy thread may leave the trainer's core for the daemon's (SNAPSHOTD_COPY_CPUS): a
+    # process pinned to {0} can still move one of its threads to {1}.
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                    timeout=900, preexec_fn=pin)
     with open(os.path.join(out, "loss.jsonl")) as fh:
@@ -41,12 +45,14 @@ def _run(out: str, steps: int, snapshot: bool, endpoint: str, nproc: int, size: 
 
 
 def training_case(steps: int, repeats: int = 2, nproc: int = 2, size: str = "small",
-                  daemon_core: bool = False) -> dict[str, Any]:
+                  daemon_core: bool = False, copy_on_daemon_core: bool = False
+                  ) -> dict[str, Any]:
     """Steps/s with and without a snapshot every step, alternating runs.
 
     ``daemon_core``: the shape of a real node (a core per trainer and one left to the
     daemon): the ``nproc`` trainers are pinned to cores ``0..nproc-1`` and the daemon to core
-    ``nproc`` (needs ``nproc + 1`` cores); else nothing is pinned."""
+    ``nproc`` (needs ``nproc + 1`` cores); else nothing is pinned. ``copy_on_daemon_core``:
+    the trainers' copy threads go to the daemon's core too (``SNAPSHOTD_COPY_CPUS``)."""
     workdir = tempfile.mkdtemp(prefix="snapbench-train-")
     cluster = LocalCluster(1, workdir, args=["--memory-limit", "4GiB", "--log-level", "WARNING"])
     cluster.start()
@@ -61,13 +67,15 @@ def training_case(steps: int, repeats: int = 2, nproc: int = 2, size: str = "sma
     try:
         with_snap, without = [], []
         for i in range(repeats):
+            copy = [daemon] if cores and copy_on_daemon_core else None
             without.append(_run(os.path.join(workdir, f"none{i}"), steps, False,
-                                cluster.specs[0].control, nproc, size, cores))
+                                cluster.specs[0].control, nproc, size, cores, copy))
             with_snap.append(_run(os.path.join(workdir, f"snap{i}"), steps, True,
-                                  cluster.specs[0].control, nproc, size, cores))
+                                  cluster.specs[0].control, nproc, size, cores, copy))
     finally:
         cluster.stop()
     return {"steps": steps, "nproc": nproc, "size": size, "daemon_core": daemon_core,
+            "copy_on_daemon_core": bool(cores and copy_on_daemon_core),
             "steps_per_s_snapshot": stats(with_snap), "steps_per_s_none": stats(without)}
 
 

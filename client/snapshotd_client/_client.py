@@ -36,11 +36,14 @@ from ._flatten import (
 )
 
 __all__ = ["SnapshotClient", "SnapshotSkipped", "RestoreInfo", "SaveStats", "ENV_ENDPOINT",
-           "ENV_TOKEN", "COPY_MODES", "MAX_META_BYTES", "agree_step"]
+           "ENV_TOKEN", "ENV_COPY_CPUS", "COPY_MODES", "MAX_META_BYTES", "agree_step"]
 
 log = logging.getLogger("snapshotd_client")
 ENV_ENDPOINT = "SNAPSHOTD_ENDPOINT"
 ENV_TOKEN = "SNAPSHOTD_JOB_TOKEN"
+#: CPUs (``0,2-3``) for the background copy thread: the cores a node leaves to snapshotting,
+#: so the copies of a save do not run on the training thread's core. Unset: no pinning.
+ENV_COPY_CPUS = "SNAPSHOTD_COPY_CPUS"
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 #: ``copy=`` modes of :class:`SnapshotClient` (see its docstring).
 COPY_MODES = ("auto", "lazy", "eager")
@@ -202,7 +205,8 @@ class SnapshotClient:
         self.world_size = _world_size()
         _check_torchrun_env()
         self._channel = Channel(self.endpoint, timeout, context)
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="snapshotd-save")
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="snapshotd-save",
+                                          initializer=_pin_copy_thread)
         self._cuda = torch.cuda.is_available()
         self._device = DeviceCopier()
         self._maps = _MapCache(on_close=self._device.unpin if self._cuda else None)
@@ -230,6 +234,8 @@ class SnapshotClient:
         self.spare_slots = True
         self._spare: _Spare | None = None
         self._last_step: int | None = None       # newest step committed or restored here
+        self._warned_pinned = False
+        self._pinned_from = 100                  # warn of mapped leases alive from this step
 
     # ------------------------------------------------------------------ saving
 
@@ -278,6 +284,12 @@ class SnapshotClient:
         if eager:
             with self._stats_lock:
                 self._stats.eager_bytes += eager
+        if self._releaser.held and not self._warned_pinned and job.step >= self._pinned_from:
+            self._warned_pinned = True
+            log.warning("snapshotd: %d restored version(s) stay leased in the daemon's memory "
+                        "because tensors that restore() returned (copy-on-write views) are "
+                        "still alive 100 saves later; clone() what you keep, or restore with "
+                        "zero_copy=False", len(self._releaser.held))
         return job.future
 
     def _eager_copies(self, layout: Layout, copy_now: Any = ()) -> int:
@@ -691,6 +703,7 @@ class SnapshotClient:
                 self._release(lease.lease)
         if timeline:
             self._last_step = lease.step          # the timeline continues from here
+            self._pinned_from = lease.step + 100
             self.last_restore = RestoreInfo(lease.step, lease.tier, lease.nbytes,
                                             time.perf_counter() - started)
             log.info("restored job %r rank %d step %d from %s (%d bytes)", self.job,
@@ -1021,6 +1034,21 @@ def _count_load(optimizer: Any) -> None:
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _pin_copy_thread() -> None:
+    """Pin the calling thread (the save worker) to ``$SNAPSHOTD_COPY_CPUS``, if set."""
+    spec = os.environ.get(ENV_COPY_CPUS, "").strip()
+    if not spec or not hasattr(os, "sched_setaffinity"):
+        return
+    try:
+        cpus: set[int] = set()
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+        os.sched_setaffinity(0, cpus)          # 0: this thread (Linux affinity is per thread)
+    except (ValueError, OSError) as exc:
+        log.warning("%s=%r not applied: %s", ENV_COPY_CPUS, spec, exc)
 
 
 def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
