@@ -25,10 +25,18 @@ SIZES: dict[str, list[Any]] = {
     "save": [64 * MIB, 256 * MIB, 1024 * MIB], "restore": [64 * MIB, 256 * MIB, 1024 * MIB],
     "codec": [256 * MIB], "rebuild": [256 * MIB], "memory": [256 * MIB],
     "scaling": [[64 * MIB, 256 * MIB, 1024 * MIB, 2048 * MIB, 4096 * MIB]],
-    "training": [200], "dlrover": [[64 * MIB, 256 * MIB, 1024 * MIB]]}
+    "training": [200], "training1": [200], "training1c": [200],
+    "dlrover": [[64 * MIB, 256 * MIB, 1024 * MIB]],
+    "savecpu": [9]}
+#: ``--quick``: the issue-15 rows (restore, CPU per save) at sizes that run in about a minute.
+QUICK: dict[str, list[Any]] = {"restore": [64 * MIB, 256 * MIB], "savecpu": [9]}
+#: ``--full``: adds 4 GiB to the restore row where memory allows (state, its copy, the
+#: daemon's version and torch.load's copy: about 5x the state).
+FULL_EXTRA: dict[str, list[Any]] = {"restore": [4096 * MIB]}
 SMOKE: dict[str, list[Any]] = {
     "save": [4 * MIB], "restore": [4 * MIB], "codec": [8 * MIB], "rebuild": [4 * MIB],
-    "memory": [4 * MIB], "scaling": [[2 * MIB, 4 * MIB]], "training": [12]}
+    "memory": [4 * MIB], "scaling": [[2 * MIB, 4 * MIB]], "training": [12], "training1": [12],
+    "savecpu": [1]}
 
 
 def machine() -> str:
@@ -60,6 +68,19 @@ def run_case(name: str, size: Any, repeats: int) -> Any:
         from .training import training_case
         return training_case(size, repeats=2 if size > 50 else 1,
                              size="small" if size > 50 else "tiny")
+    if name == "training1":       # one trainer on one core, the daemon on another
+        from .training import training_case
+        return training_case(size, repeats=2 if size > 50 else 1, nproc=1,
+                             size="small" if size > 50 else "tiny", daemon_core=True)
+    if name == "training1c":      # the same, the trainer's copy thread on the daemon's core
+        from .training import training_case
+        return training_case(size, repeats=2 if size > 50 else 1, nproc=1,
+                             size="small" if size > 50 else "tiny", daemon_core=True,
+                             copy_on_daemon_core=True)
+    if name == "savecpu":
+        from .savecpu import savecpu_case
+        return savecpu_case(saves=40 if size > 1 else 5, repeats=max(1, repeats),
+                            layers=size)
     if name == "dlrover":
         from .dlrover import run as dlrover_run
         return dlrover_run(size, repeats)
@@ -69,20 +90,34 @@ def run_case(name: str, size: Any, repeats: int) -> Any:
 def _label(size: Any) -> str:
     if isinstance(size, list):
         return ",".join(_label(s) for s in size)
-    return f"{size // MIB} MiB" if size >= MIB else f"{size} steps"
+    return f"{size // MIB} MiB" if size >= MIB else f"{size}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument("cases", nargs="+", help="save restore codec rebuild memory | all | smoke")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--quick", action="store_true",
+                    help="smaller sizes for the restore and CPU-per-save rows")
+    ap.add_argument("--full", action="store_true",
+                    help="also the 4 GiB restore (needs about 5x that in free memory)")
     ap.add_argument("--out", default="bench-out", help="directory for the JSON results")
     ap.add_argument("--doc", default="docs/benchmarks.md", help="markdown report ('' for none)")
     args = ap.parse_args(argv)
     smoke = args.cases == ["smoke"]
     names = (list(SMOKE) if smoke else list(SIZES)) if args.cases in (["all"], ["smoke"]) \
         else args.cases
-    sizes = SMOKE if smoke else SIZES
+    sizes = SMOKE if smoke else dict(SIZES)
+    if args.quick and not smoke:
+        sizes.update(QUICK)
+    if args.full and not smoke:
+        free = psutil.virtual_memory().available
+        for name, extra in FULL_EXTRA.items():
+            fits = [s for s in extra if 5 * s < free]
+            if len(fits) < len(extra):
+                print(f"bench: {name}: skipping {[_label(s) for s in extra if s not in fits]}"
+                      f" ({free >> 30} GiB available)", file=sys.stderr)
+            sizes[name] = sizes[name] + fits
     repeats = 2 if smoke else args.repeats
     results: dict[str, Any] = {"machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M"),
                                "cases": {}}

@@ -77,7 +77,7 @@ def _torch_save_load(state: dict[str, Any], directory: str, repeats: int) -> dic
     path = os.path.join(directory, "bench-state.pt")
     try:
         save = timed(lambda: torch.save(state, path), max(1, repeats // 2))
-        load = timed(lambda: torch.load(path, weights_only=True), max(1, repeats // 2))
+        load = timed(lambda: torch.load(path, weights_only=True), max(1, repeats))
     finally:
         if os.path.exists(path):
             os.unlink(path)
@@ -144,20 +144,91 @@ def save_case(nbytes: int, repeats: int, baselines: bool = True) -> dict[str, An
 
 
 def restore_case(nbytes: int, repeats: int) -> dict[str, Any]:
-    """restore() into fresh tensors against memcpy and torch.load from disk and /dev/shm."""
+    """restore() into fresh tensors and into existing ones (``into=``), against a memcpy into
+    fresh and into warm memory and ``torch.load`` from ``/dev/shm`` (the page cache) and disk.
+
+    Every timing includes the whole call (``Open``, whose checksums the daemon verifies, the
+    timeline's ``Drop`` when there is something newer, mapping, copying); the restored tensors
+    are dropped between repeats, so each restore finds the version unpinned, as after a crash.
+    Each repeat measures every candidate and baseline in turn (the machine's load drifts), and
+    a breakdown of the restores (time in ``Open``, in the copy) explains the ratios."""
     state = make_state(nbytes)
+    src = _flat(state)
+    into = {"model": {k: torch.empty_like(v) for k, v in state["model"].items()}}
+    warm = list(into["model"].values())
+    path = os.path.join("/dev/shm", f"bench-state-{os.getpid()}.pt")
+    torch.save(state, path)
     cluster = _cluster(nbytes)
+    parts: dict[str, list[float]] = {}
+    times: dict[str, list[float]] = {k: [] for k in (
+        "restore", "restore_into", "memcpy_fresh", "memcpy_torch", "torch_load_shm")}
+
+    def fresh() -> None:
+        for s in src:
+            torch.empty_like(s).copy_(s)
+
     try:
         with SnapshotClient(cluster.specs[0].control, job="bench", rank=0) as client:
             client.save(1, state).result()
             client.restore()                           # warm the daemon's mapping
-            times = timed(client.restore, repeats)
+            with _breakdown(client, parts):
+                for _ in range(repeats):
+                    times["restore"] += timed(client.restore, 1)
+                    times["memcpy_fresh"] += timed(fresh, 1)
+                    times["torch_load_shm"] += timed(
+                        lambda: torch.load(path, weights_only=True), 1)
+                    times["restore_into"] += timed(lambda: client.restore(into=into), 1)
+                    times["memcpy_torch"] += timed(
+                        lambda: [d.copy_(s) for d, s in zip(warm, src)], 1)
+            exact = all(torch.equal(a, b) for a, b in zip(warm, src))
+            got = client.restore()
+            assert got is not None
+            exact = exact and all(torch.equal(got[1]["model"][k], v)
+                                  for k, v in state["model"].items())
+            del got
     finally:
         cluster.stop()
-    out = {"bytes": nbytes, "restore": stats(times)} | memcpy_baselines(state, repeats)
-    out["torch_load_shm"] = _torch_save_load(state, "/dev/shm", repeats)["load"]
+        os.unlink(path)
+    into.clear()
+    out: dict[str, Any] = {"bytes": nbytes, "bit_exact": exact}
+    out |= {k: stats(v) for k, v in times.items()}
+    out["breakdown"] = {k: statistics.median(v) for k, v in parts.items()}
     out["torch_load_disk"] = _torch_save_load(state, tempfile.gettempdir(), repeats)["load"]
     return out
+
+
+class _breakdown:
+    """Times the client's round trips by operation and its copy-out while active (a bench
+    probe: wraps the client's channel and ``_copy_out``)."""
+
+    def __init__(self, client: SnapshotClient, parts: dict[str, list[float]]) -> None:
+        self.client, self.parts = client, parts
+
+    def __enter__(self) -> None:
+        client, parts = self.client, self.parts
+        channel = client._channel
+        call, copy_out = channel.call, client._copy_out
+
+        def timed_call(msg: Any, timeout: Any = None) -> Any:
+            started = time.perf_counter()
+            try:
+                return call(msg, timeout)
+            finally:
+                parts.setdefault(msg.OP, []).append(time.perf_counter() - started)
+
+        def timed_copy(*args: Any, **kw: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return copy_out(*args, **kw)
+            finally:
+                key = "map_and_copy" if args[1] else "map"
+                parts.setdefault(key, []).append(time.perf_counter() - started)
+
+        channel.call = timed_call                      # type: ignore[method-assign]
+        client._copy_out = timed_copy                  # type: ignore[method-assign]
+
+    def __exit__(self, *exc: Any) -> None:
+        del self.client._channel.call, self.client._copy_out
 
 
 def memory_case(nbytes: int, saves: int = 6) -> dict[str, Any]:

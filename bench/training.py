@@ -22,7 +22,8 @@ __all__ = ["training_case"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(out: str, steps: int, snapshot: bool, endpoint: str, nproc: int, size: str) -> float:
+def _run(out: str, steps: int, snapshot: bool, endpoint: str, nproc: int, size: str,
+         cores: list[int] | None = None, copy_cpus: list[int] | None = None) -> float:
     (port,) = free_ports(1)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", f"--master-port={port}",
@@ -30,27 +31,57 @@ def _run(out: str, steps: int, snapshot: bool, endpoint: str, nproc: int, size: 
            "--size", size, "--job", f"bench-{os.path.basename(out)}",
            "--snapshot" if snapshot else "--no-snapshot"]
     env = {**os.environ, "SNAPSHOTD_ENDPOINT": endpoint, "OMP_NUM_THREADS": "1"}
+    if copy_cpus:
+        env["SNAPSHOTD_COPY_CPUS"] = ",".join(map(str, copy_cpus))
+    pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None   # inherited by workers
+    # The copy thread may leave the trainer's core for the daemon's (SNAPSHOTD_COPY_CPUS): a
+    # process pinned to {0} can still move one of its threads to {1}.
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                   timeout=900)
+                   timeout=900, preexec_fn=pin)
     with open(os.path.join(out, "loss.jsonl")) as fh:
         times = [json.loads(line)["time"] for line in fh]
     warm = len(times) // 5
     return (len(times) - 1 - warm) / (times[-1] - times[warm])
 
 
-def training_case(steps: int, repeats: int = 2, nproc: int = 2,
-                  size: str = "small") -> dict[str, Any]:
+def training_case(steps: int, repeats: int = 2, nproc: int = 2, size: str = "small",
+                  daemon_core: bool = False, copy_on_daemon_core: bool = False
+                  ) -> dict[str, Any]:
+    """Steps/s with and without a snapshot every step, alternating runs.
+
+    ``daemon_core``: the shape of a real node (a core per trainer and one left to the
+    daemon): the ``nproc`` trainers are pinned to cores ``0..nproc-1`` and the daemon to core
+    ``nproc`` (needs ``nproc + 1`` cores); else nothing is pinned. ``copy_on_daemon_core``:
+    the trainers' copy threads go to the daemon's core too (``SNAPSHOTD_COPY_CPUS``)."""
     workdir = tempfile.mkdtemp(prefix="snapbench-train-")
     cluster = LocalCluster(1, workdir, args=["--memory-limit", "4GiB", "--log-level", "WARNING"])
     cluster.start()
+    cores = None
+    if daemon_core and len(os.sched_getaffinity(0)) < nproc + 1:
+        daemon_core = False                    # too few cores: nothing pinned (reported)
+    if daemon_core:
+        cores = sorted(os.sched_getaffinity(0))
+        cores, daemon = cores[:nproc], cores[nproc]
+        for pid in _tree(cluster.daemons[0].pid):
+            os.sched_setaffinity(pid, {daemon})
     try:
         with_snap, without = [], []
         for i in range(repeats):
+            copy = [daemon] if cores and copy_on_daemon_core else None
             without.append(_run(os.path.join(workdir, f"none{i}"), steps, False,
-                                cluster.specs[0].control, nproc, size))
+                                cluster.specs[0].control, nproc, size, cores, copy))
             with_snap.append(_run(os.path.join(workdir, f"snap{i}"), steps, True,
-                                  cluster.specs[0].control, nproc, size))
+                                  cluster.specs[0].control, nproc, size, cores, copy))
     finally:
         cluster.stop()
-    return {"steps": steps, "nproc": nproc, "size": size,
+    return {"steps": steps, "nproc": nproc, "size": size, "daemon_core": daemon_core,
+            "copy_on_daemon_core": bool(cores and copy_on_daemon_core),
             "steps_per_s_snapshot": stats(with_snap), "steps_per_s_none": stats(without)}
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its threads (affinity is per thread on Linux)."""
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:
+        return [pid]

@@ -100,9 +100,9 @@ class Daemon:
 
     def _on_commit(self, version: Version) -> None:
         """After a commit: erasure-code the node version, persist every Nth one."""
+        ranks = self.store.at_step(version.job, version.step)   # one listing per commit
         if self.cluster is not None:
-            self.cluster.protector.on_commit(version)
-        ranks = [v for v in self.store.versions(version.job) if v.step == version.step]
+            self.cluster.protector.on_commit(version, ranks)
         if self.persister is not None and len(ranks) >= version.local_world_size:
             self.persister.maybe(version.job, version.step)
 

@@ -6,7 +6,7 @@ A few lines in a training script::
 
     client = SnapshotClient(job="gpt")                 # rank from $RANK, daemon from env
     client.protect(optimizer)                          # optimizer.step() waits for copies
-    if (restored := client.restore()) is not None:     # all ranks agree on one step
+    if (restored := client.restore(zero_copy=False)) is not None:  # all ranks agree on a step
         start, state = restored
         model.load_state_dict(state["model"]); optimizer.load_state_dict(state["optim"])
     for step in range(start + 1, steps):
@@ -14,12 +14,15 @@ A few lines in a training script::
         client.save(step, {"model": model.state_dict(), "optim": optimizer.state_dict()})
 
 The daemon owns the memory, so a trainer that crashes loses nothing it had committed.
+``restore()`` returns copy-on-write views of the daemon's memory by default (no copy; the
+version stays leased while they live): the optimizer above would keep them for the whole run
+on the CPU, hence ``zero_copy=False`` (``TrainingState`` chooses for you).
 """
 
 from ._channel import DaemonError, DaemonUnavailable, SnapshotError
-from ._client import ENV_ENDPOINT, ENV_TOKEN, SnapshotClient, SnapshotSkipped
+from ._client import ENV_COPY_CPUS, ENV_ENDPOINT, ENV_TOKEN, SnapshotClient, SnapshotSkipped
 from ._training import TrainingState
 
 __all__ = ["SnapshotClient", "SnapshotError", "DaemonUnavailable", "DaemonError",
-           "SnapshotSkipped", "ENV_ENDPOINT", "ENV_TOKEN", "TrainingState"]
+           "SnapshotSkipped", "ENV_ENDPOINT", "ENV_TOKEN", "ENV_COPY_CPUS", "TrainingState"]
 __version__ = "0.1.0"

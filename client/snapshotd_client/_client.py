@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import json
 import logging
 import mmap
@@ -10,6 +12,7 @@ import os
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,14 +24,26 @@ import torch
 from . import _protocol as p
 from ._channel import Channel, DaemonError, SnapshotError
 from ._cuda import DeviceCopier, mark_ready
-from ._flatten import Layout, Placer, ShardingMismatch, flatten, local_tensor, unflatten, view_of
+from ._flatten import (
+    Layout,
+    LayoutCache,
+    Placer,
+    ShardingMismatch,
+    flatten,
+    local_tensor,
+    unflatten,
+    view_of,
+)
 
 __all__ = ["SnapshotClient", "SnapshotSkipped", "RestoreInfo", "SaveStats", "ENV_ENDPOINT",
-           "ENV_TOKEN", "COPY_MODES", "MAX_META_BYTES", "agree_step"]
+           "ENV_TOKEN", "ENV_COPY_CPUS", "COPY_MODES", "MAX_META_BYTES", "agree_step"]
 
 log = logging.getLogger("snapshotd_client")
 ENV_ENDPOINT = "SNAPSHOTD_ENDPOINT"
 ENV_TOKEN = "SNAPSHOTD_JOB_TOKEN"
+#: CPUs (``0,2-3``) for the background copy thread: the cores a node leaves to snapshotting,
+#: so the copies of a save do not run on the training thread's core. Unset: no pinning.
+ENV_COPY_CPUS = "SNAPSHOTD_COPY_CPUS"
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 #: ``copy=`` modes of :class:`SnapshotClient` (see its docstring).
 COPY_MODES = ("auto", "lazy", "eager")
@@ -190,7 +205,8 @@ class SnapshotClient:
         self.world_size = _world_size()
         _check_torchrun_env()
         self._channel = Channel(self.endpoint, timeout, context)
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="snapshotd-save")
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="snapshotd-save",
+                                          initializer=_pin_copy_thread)
         self._cuda = torch.cuda.is_available()
         self._device = DeviceCopier()
         self._maps = _MapCache(on_close=self._device.unpin if self._cuda else None)
@@ -210,6 +226,16 @@ class SnapshotClient:
         self._daemon_slow = False
         #: Set by every successful :meth:`restore`.
         self.last_restore: RestoreInfo | None = None
+        self._releaser = _Releaser(self._channel)
+        self._layouts = LayoutCache()
+        self._layout_lock = threading.Lock()
+        #: Ask the daemon, at each commit, for a spare slot for the next save (one round trip
+        #: per save instead of two: Alloc + Commit).
+        self.spare_slots = True
+        self._spare: _Spare | None = None
+        self._last_step: int | None = None       # newest step committed or restored here
+        self._warned_pinned = False
+        self._pinned_from = 100                  # warn of mapped leases alive from this step
 
     # ------------------------------------------------------------------ saving
 
@@ -229,7 +255,8 @@ class SnapshotClient:
         except SnapshotError as exc:
             return self._failed(-1, exc)
         try:
-            layout = flatten(state)
+            with self._layout_lock:
+                layout = self._layouts.flatten(state)
             _check_size(layout)
         except (TypeError, ValueError, OverflowError, SnapshotError) as exc:
             return self._rejected(step, exc if isinstance(exc, SnapshotError) else SnapshotError(
@@ -257,6 +284,12 @@ class SnapshotClient:
         if eager:
             with self._stats_lock:
                 self._stats.eager_bytes += eager
+        if self._releaser.held and not self._warned_pinned and job.step >= self._pinned_from:
+            self._warned_pinned = True
+            log.warning("snapshotd: %d restored version(s) stay leased in the daemon's memory "
+                        "because tensors that restore() returned (copy-on-write views) are "
+                        "still alive 100 saves later; clone() what you keep, or restore with "
+                        "zero_copy=False", len(self._releaser.held))
         return job.future
 
     def _eager_copies(self, layout: Layout, copy_now: Any = ()) -> int:
@@ -333,23 +366,26 @@ class SnapshotClient:
                 raise SnapshotSkipped(f"step {job.step} not saved: superseded (a newer save, or "
                                       "an optimizer step that could not wait) while it waited "
                                       "for snapshotd")
-            reply = self._channel.call(p.Alloc(self.job, self.rank, job.step, job.layout.nbytes,
-                                               os.getpid(), self.local_world_size,
-                                               token=self._token, world_size=self.world_size))
-            slot = reply.slot
+            spare = self._take_spare(job)
+            if spare is not None:                 # reserved at the last commit: no Alloc
+                slot, path, nbytes, mapping = spare.slot, spare.path, spare.nbytes, spare.mm
+            else:
+                reply = self._channel.call(p.Alloc(
+                    self.job, self.rank, job.step, job.layout.nbytes, os.getpid(),
+                    self.local_world_size, token=self._token, world_size=self.world_size))
+                slot, path, nbytes, mapping = reply.slot, reply.path, reply.nbytes, None
             self._daemon_slow = False
             with self._handoff:
                 if job.superseded:
                     raise SnapshotSkipped(f"step {job.step} not saved: a newer save superseded "
                                           "it while it waited for snapshotd")
                 job.copying.set()
-            self._copy_in(reply.path, reply.nbytes, job.layout, job.events)
+            self._copy_in(path, nbytes, job.layout, job.events, mapping)
             job.copied.set()
             job.layout.tensors.clear()            # release eager copies early
-            tensors = tuple(p.TensorEntry(e["name"], e["dtype"], tuple(e["shape"]), e["offset"],
-                                          e["nbytes"]) for e in job.layout.entries)
-            self._channel.call(p.Commit(slot, tensors, job.layout.meta))
+            self._commit(slot, job.layout, job.step)
             slot = None
+            self._last_step = job.step
             with self._stats_lock:
                 self._stats.committed += 1
             job.future.set_result(job.step)
@@ -361,19 +397,91 @@ class SnapshotClient:
             self._record(exc)
             job.future.set_exception(exc)
 
-    def _copy_in(self, path: str, nbytes: int, layout: Layout, events: dict) -> None:
+    def _take_spare(self, job: _Job) -> _Spare | None:
+        """The spare slot the last commit reserved, if this save can use it: same size, a
+        newer step than this client's last (a re-save or an older step goes through
+        ``Alloc``, which refuses a stale step before any copy), and still the daemon's file
+        (a daemon restart removes it). One that cannot be used is given back."""
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        usable = (spare.nbytes == job.layout.nbytes and not spare.mm.closed
+                  and (self._last_step is None or job.step > self._last_step))
+        if usable:
+            try:
+                usable = os.stat(spare.path).st_ino == spare.inode
+            except FileNotFoundError:
+                return None                       # the daemon that reserved it is gone
+        if usable:
+            return spare
+        self._abort(spare.slot)
+        return None
+
+    def _drop_spare(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            self._abort(spare.slot)
+
+    def _commit(self, slot: int, layout: Layout, step: int) -> None:
+        """Commit with the table, or, for a layout the daemon has seen, only its digest; ask
+        for a spare slot for the next save of this size (kept in ``self._spare``)."""
+        plan = layout.plan
+        table = plan.get("table")
+        if table is None:
+            table = tuple(p.TensorEntry(e["name"], e["dtype"], tuple(e["shape"]), e["offset"],
+                                        e["nbytes"]) for e in layout.entries)
+            digest = hashlib.blake2b(p.encode(p.Commit(0, table, "")), digest_size=16)
+            plan["table"], plan["digest"] = table, digest.hexdigest()
+        # A spare is asked for from this client's second commit on: a client that saves once
+        # (a DCP writer, export tools) would only have it made, mapped and given back.
+        with self._stats_lock:
+            again = self._stats.committed > 0
+        nbytes = layout.nbytes if self.spare_slots and again and layout.nbytes else 0
+        if not table:
+            self._spare_from(self._channel.call(p.Commit(slot, (), layout.meta, "", step,
+                                                         nbytes)))
+            return
+        if plan.get("known") is self._channel:
+            try:
+                self._spare_from(self._channel.call(
+                    p.Commit(slot, (), layout.meta, plan["digest"], step, nbytes)))
+                return
+            except DaemonError as exc:
+                if exc.code != "unknown_layout":
+                    raise
+        self._spare_from(self._channel.call(
+            p.Commit(slot, table, layout.meta, plan["digest"], step, nbytes)))
+        plan["known"] = self._channel
+
+    def _spare_from(self, reply: p.CommitReply) -> None:
+        if not reply.next_slot:
+            return
+        try:
+            mm = self._maps.get(reply.next_path, reply.next_nbytes)
+            inode = self._maps.inode(reply.next_path)
+        except OSError:
+            self._abort(reply.next_slot)
+            return
+        self._spare = _Spare(reply.next_slot, reply.next_path, reply.next_nbytes, mm, inode)
+
+    def _copy_in(self, path: str, nbytes: int, layout: Layout, events: dict,
+                 mapping: mmap.mmap | None = None) -> None:
         if nbytes == 0:
             return
-        mm = self._maps.get(path, nbytes)
+        mm, views = self._maps.views(path, nbytes, layout, mapping)
         on_device = []
+        dst: list[torch.Tensor] = []
+        src: list[torch.Tensor] = []
         with torch.no_grad():
-            for tensor, entry in zip(layout.tensors, layout.entries):
-                if not entry["nbytes"]:
+            for tensor, view in zip(layout.tensors, views):
+                if view is None:
                     continue
                 if tensor.is_cuda:
-                    on_device.append((view_of(mm, entry), tensor))
+                    on_device.append((view, tensor))
                 else:
-                    view_of(mm, entry).copy_(tensor)
+                    dst.append(view)
+                    src.append(tensor)
+            _copy_all(dst, src)
             if on_device:
                 self._device.copy(on_device, events, mm)
 
@@ -452,9 +560,11 @@ class SnapshotClient:
         in ``optimizer.step()`` (frozen ones never), so they may be too; their buffers are
         always copied at ``save()``. Calling it again with the same objects does nothing.
         """
+        added = False
         for guard in ((optimizer,) if optimizer is not None else ()) + modules:
             if any(g is guard for g in self._guards):
                 continue
+            added = True
             if isinstance(guard, torch.optim.Optimizer):
                 guard.register_step_pre_hook(lambda *_: self._before_step())
                 guard.register_load_state_dict_post_hook(_count_load)
@@ -462,7 +572,8 @@ class SnapshotClient:
                 raise TypeError(f"protect() takes an optimizer and modules, got "
                                 f"{type(guard).__name__}")
             self._guards.append(guard)
-        self._guarded = None
+        if added:
+            self._guarded = None
 
     def last_error(self) -> BaseException | None:
         """The newest error of a save, or None."""
@@ -489,8 +600,8 @@ class SnapshotClient:
 
     def restore(self, step: int | None = None, into: Any = None,
                 check: Callable[[Any], None] | None = None, *,
-                meshes: Sequence[Any] = (), local_shards: bool = False
-                ) -> tuple[int, Any] | None:
+                meshes: Sequence[Any] = (), local_shards: bool = False,
+                zero_copy: bool = True) -> tuple[int, Any] | None:
         """Return ``(step, state)`` of the newest version (or of ``step``), or None if none.
 
         Inside a job with ``torch.distributed`` initialised and ``step`` None, every rank
@@ -517,18 +628,28 @@ class SnapshotClient:
         ``SnapshotError`` names every mismatch (resharding is not supported yet). With
         ``local_shards=True`` a DTensor not in ``into`` comes back as this rank's local shard,
         a plain tensor (outside the job: no mesh needed).
+
+        ``zero_copy`` (default): the tensors that come back fresh (not in ``into``) are
+        copy-on-write mappings of the daemon's memory: nothing is copied, a page is copied
+        privately only when it is first written, and the daemon's copy is never changed. The
+        version stays leased (held by the daemon, in its memory budget) until the last of those
+        tensors is freed; keep them briefly (``load_state_dict`` into a model, ``.to(device)``)
+        or ``clone()`` them. ``zero_copy=False`` copies them into fresh memory instead and
+        returns the lease at once. Checksums are verified before either way.
         """
         step = None if step is None else _step(step)
         with self._lock:
             self.wait()
-            return self._restore(step, into, check, tuple(meshes), local_shards)
+            return self._restore(step, into, check, tuple(meshes), local_shards,
+                                 zero_copy=zero_copy)
 
-    def read(self, step: int | None = None, *, local_shards: bool = True
-             ) -> tuple[int, Any] | None:
+    def read(self, step: int | None = None, *, local_shards: bool = True,
+             zero_copy: bool = True) -> tuple[int, Any] | None:
         """Return ``(step, state)`` of this rank's version ``step`` (newest when None), or
         None: a copy for inspection or export, not a restore. It starts no new timeline (the
         rank's newer versions stay) and agrees with no other rank. DTensors come back as this
         rank's local shards unless ``local_shards=False`` (then the job's meshes must exist).
+        ``zero_copy``: as in :meth:`restore` (the tensors map the version, leased until freed).
 
         Example::
 
@@ -538,11 +659,12 @@ class SnapshotClient:
         step = None if step is None else _step(step)
         with self._lock:
             self.wait()
-            return self._restore(step, None, None, (), local_shards, timeline=False)
+            return self._restore(step, None, None, (), local_shards, timeline=False,
+                                 zero_copy=zero_copy)
 
     def _restore(self, step: int | None, into: Any, check: Callable[[Any], None] | None,
                  meshes: tuple = (), local_shards: bool = False,
-                 timeline: bool = True) -> tuple[int, Any] | None:
+                 timeline: bool = True, zero_copy: bool = True) -> tuple[int, Any] | None:
         if step is None and timeline and _distributed():
             step = self._agree()
             if step is None:
@@ -550,12 +672,13 @@ class SnapshotClient:
                 return None
         try:
             lease = self._channel.call(p.Open(self.job, self.rank, os.getpid(), step,
-                                              token=self._token))
+                                              token=self._token, map=zero_copy))
         except DaemonError as exc:
             if exc.code == "not_found" and step is None:
                 return None
             raise
         started = time.perf_counter()
+        mapped = False                  # the lease went to the tensors that map the version
         try:
             try:
                 targets, placer = _targets(into, lease, meshes, local_shards)
@@ -571,17 +694,16 @@ class SnapshotClient:
             # The restored step is where this rank's timeline continues: what was saved after
             # it is abandoned and must never be served again (here, in parity, after a crash).
             # Dropped before anything is written, so a failure here leaves the live state as is.
-            if timeline:
+            if timeline and lease.newer != 0:      # -1: a daemon that does not say
                 self._channel.call(p.Drop(self.job, self.rank, newer_than=lease.step,
                                           token=self._token))
-            tensors = self._copy_out(lease, targets)
+            tensors, mapped = self._copy_out(lease, targets, zero_copy)
         finally:
-            try:
-                self._channel.call(p.Release(lease.lease), timeout=timedelta(seconds=10))
-            except SnapshotError as exc:
-                log.warning("could not release restore lease %d: %s (the daemon frees it "
-                            "when this process exits)", lease.lease, exc)
+            if not mapped:
+                self._release(lease.lease)
         if timeline:
+            self._last_step = lease.step          # the timeline continues from here
+            self._pinned_from = lease.step + 100
             self.last_restore = RestoreInfo(lease.step, lease.tier, lease.nbytes,
                                             time.perf_counter() - started)
             log.info("restored job %r rank %d step %d from %s (%d bytes)", self.job,
@@ -593,32 +715,52 @@ class SnapshotClient:
         this rank's older versions must not be served again (nor block its new saves)."""
         if self.steps():
             self._channel.call(p.Drop(self.job, self.rank, token=self._token))
+        self._last_step = None
 
     def _agree(self) -> int | None:
         return agree_step(self)
 
-    def _copy_out(self, lease: p.OpenReply,
-                  targets: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def _release(self, lease: int) -> None:
+        try:
+            self._channel.call(p.Release(lease), timeout=timedelta(seconds=10))
+        except SnapshotError as exc:
+            log.warning("could not release restore lease %d: %s (the daemon frees it "
+                        "when this process exits)", lease, exc)
+
+    def _copy_out(self, lease: p.OpenReply, targets: dict[str, torch.Tensor],
+                  zero_copy: bool = True) -> tuple[list[torch.Tensor], bool]:
+        """The restored tensors in table order, and whether they map the version (then the
+        lease is returned when the last of them is freed, not now).
+
+        The segment is mapped privately (copy-on-write): tensors of ``targets`` are filled
+        from it, and with ``zero_copy`` every other tensor is a view of it (a page is copied
+        when first written, never the daemon's copy); without, they are copied out."""
         if lease.nbytes == 0:
-            return [view_of(b"", e.__dict__) for e in lease.tensors]
+            return [view_of(b"", e.__dict__) for e in lease.tensors], False
+        fresh = [e for e in lease.tensors if e.nbytes and e.name not in targets]
         fd = os.open(lease.path, os.O_RDONLY)
         try:
-            mm = mmap.mmap(fd, lease.nbytes, mmap.MAP_SHARED | _POPULATE, mmap.PROT_READ)
+            mm = mmap.mmap(fd, lease.nbytes, mmap.MAP_PRIVATE,
+                           mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
         out = []
-        with warnings.catch_warnings():  # the mapping is read-only on purpose
-            warnings.filterwarnings("ignore", "The given buffer is not writable")
+        with torch.no_grad():
             for entry in lease.tensors:
                 src = view_of(mm, entry.__dict__)
                 dst = targets.get(entry.name)
-                if dst is None:
-                    dst = torch.empty_like(src)
-                with torch.no_grad():
+                if dst is not None:
                     out.append(dst.copy_(src))
+                elif zero_copy or not entry.nbytes:
+                    out.append(src)
+                else:
+                    out.append(torch.empty_like(src).copy_(src))
                 del src
+        if zero_copy and fresh:
+            self._releaser.watch(mm, lease.lease)
+            return out, True
         _close(mm)
-        return out
+        return out, False
 
     # ------------------------------------------------------------------ lifetime
 
@@ -635,6 +777,7 @@ class SnapshotClient:
             log.warning("snapshotd client closed: the last save (step %d) was NOT committed: "
                         "%s", job.step, job.future.exception())
         self._worker.shutdown(wait=True)
+        self._drop_spare()
         self._maps.clear()
         self._channel.close()
 
@@ -645,23 +788,109 @@ class SnapshotClient:
         self.close()
 
 
+@dataclass
+class _Spare:
+    """A slot the daemon reserved at the last commit for the next save (no ``Alloc``)."""
+
+    slot: int
+    path: str
+    nbytes: int
+    mm: mmap.mmap
+    inode: int
+
+
+class _Releaser:
+    """Returns the leases of restored versions whose tensors map them, once the mapping is gone.
+
+    ``watch(mm, lease)`` ties a lease to a mapping; when the mapping object is freed (after
+    ``munmap``: every tensor viewing it is gone) the lease id is queued, and a background
+    thread sends ``Release``. The callback only appends to a deque and writes a byte to a pipe
+    (no lock), because it runs wherever the last tensor happens to be freed, possibly inside a
+    lock of the client or of ZeroMQ. A lease that is never returned (the process exits with
+    the tensors alive) is reclaimed by the daemon when the process is gone.
+    """
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+        self._queue: collections.deque[int] = collections.deque()
+        self._pipe: tuple[int, int] | None = None
+        self._start = threading.Lock()
+        #: Leases currently held by live mappings (ids), for tests and stats.
+        self.held: set[int] = set()
+
+    def watch(self, mm: mmap.mmap, lease: int) -> None:
+        with self._start:
+            if self._pipe is None:
+                self._pipe = os.pipe()
+                threading.Thread(target=self._run, args=(self._pipe[0],), daemon=True,
+                                 name="snapshotd-release").start()
+        self.held.add(lease)
+        finalizer = weakref.finalize(mm, _queue_release, self._queue, self._pipe[1], lease)
+        finalizer.atexit = False
+
+    def _run(self, fd: int) -> None:
+        while True:
+            try:
+                os.read(fd, 4096)
+            except OSError:      # pragma: no cover - the pipe is never closed
+                return
+            while self._queue:
+                lease = self._queue.popleft()
+                self.held.discard(lease)
+                try:
+                    self._channel.call(p.Release(lease), timeout=timedelta(seconds=10))
+                except SnapshotError as exc:
+                    log.warning("could not release restore lease %d: %s (the daemon frees it "
+                                "when this process exits)", lease, exc)
+
+
+def _queue_release(queue: collections.deque[int], fd: int, lease: int) -> None:
+    queue.append(lease)
+    try:
+        os.write(fd, b"x")
+    except OSError:              # pragma: no cover - a full pipe: the reader drains it anyway
+        pass
+
+
 class _MapCache:
     """Write mappings of recently used slots, kept so a recycled segment is not re-faulted.
 
     The daemon recycles a rank's segments, so the same few come back save after save. A mapping
     whose file was replaced or removed is dropped at the next lookup; at most ``size`` are kept.
+    The tensor views of a layout into a mapping are kept with it (a state of the same
+    structure, saved again into the same segment, reuses them), and dropped before it.
     """
 
     def __init__(self, size: int = 4, on_close: Any | None = None) -> None:
         self._size = size
         self._on_close = on_close
         self._maps: dict[str, tuple[int, mmap.mmap]] = {}
+        self._views: dict[str, tuple[list, list[torch.Tensor | None], mmap.mmap]] = {}
 
     def _drop(self, path: str) -> None:
+        self._views.pop(path, None)
         mm = self._maps.pop(path)[1]
         if self._on_close is not None:
             self._on_close(mm)
         _close(mm)
+
+    def views(self, path: str, nbytes: int, layout: Layout, mapping: mmap.mmap | None = None
+              ) -> tuple[mmap.mmap, list[torch.Tensor | None]]:
+        """The mapping of ``path`` (``mapping``, when the caller holds it already: a spare
+        slot mapped when it was reserved, never re-mapped by path) and a view of it per table
+        entry (None: an empty tensor)."""
+        mm = mapping if mapping is not None else self.get(path, nbytes)
+        known = self._views.get(path)
+        if known is not None and known[0] is layout.entries and known[2] is mm:
+            return mm, known[1]
+        views = [view_of(mm, e) if e["nbytes"] else None for e in layout.entries]
+        if self._maps.get(path, (0, None))[1] is mm:       # kept only with a cached mapping
+            self._views[path] = (layout.entries, views, mm)
+        return mm, views
+
+    def inode(self, path: str) -> int:
+        """The inode of the cached mapping of ``path``."""
+        return self._maps[path][0]
 
     def get(self, path: str, nbytes: int) -> mmap.mmap:
         for known, (inode, mm) in list(self._maps.items()):
@@ -786,8 +1015,11 @@ def _check_size(layout: Layout) -> None:
         raise SnapshotError(f"the non-tensor part of the state is {meta} bytes of JSON, over "
                             f"the {MAX_META_BYTES}-byte limit; keep large data (lists of "
                             "numbers, permutations) in tensors, e.g. torch.tensor(values)")
-    names = sum(len(n) if n.isascii() else len(json.dumps(n))
-                for n in (e["name"] for e in layout.entries))
+    names = layout.plan.get("name_bytes")
+    if names is None:
+        names = layout.plan["name_bytes"] = sum(
+            len(n) if n.isascii() else len(json.dumps(n)) for n in (e["name"] for e in
+                                                                   layout.entries))
     reply = meta * 2 + names * 2 + _ROW_BYTES * len(layout.entries) + _REPLY_BYTES
     if reply > p.MAX_MESSAGE_BYTES:
         raise SnapshotError(f"the state's table ({len(layout.entries)} tensors) and non-tensor "
@@ -802,6 +1034,35 @@ def _count_load(optimizer: Any) -> None:
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _pin_copy_thread() -> None:
+    """Pin the calling thread (the save worker) to ``$SNAPSHOTD_COPY_CPUS``, if set."""
+    spec = os.environ.get(ENV_COPY_CPUS, "").strip()
+    if not spec or not hasattr(os, "sched_setaffinity"):
+        return
+    try:
+        cpus: set[int] = set()
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+        os.sched_setaffinity(0, cpus)          # 0: this thread (Linux affinity is per thread)
+    except (ValueError, OSError) as exc:
+        log.warning("%s=%r not applied: %s", ENV_COPY_CPUS, spec, exc)
+
+
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """``d.copy_(s)`` for every pair, in one call where torch has it (hundreds of small tensors
+    cost a few microseconds each through Python)."""
+    foreach = getattr(torch, "_foreach_copy_", None)
+    if foreach is not None and dst:
+        try:
+            foreach(dst, src)
+            return
+        except (RuntimeError, TypeError):   # pragma: no cover - an older torch's limits
+            pass
+    for d, s in zip(dst, src):
+        d.copy_(s)
 
 
 def _close(mm: mmap.mmap) -> None:

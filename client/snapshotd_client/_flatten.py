@@ -29,6 +29,7 @@ import base64
 import json
 import math
 import re
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,8 +45,9 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ._protocol import DTYPE_SIZES
 
-__all__ = ["Layout", "flatten", "unflatten", "dtype_name", "view_of", "key_name", "local_tensor",
-           "is_dtensor", "sharding_of", "describe_mesh", "Placer", "ShardingMismatch"]
+__all__ = ["Layout", "LayoutCache", "flatten", "unflatten", "dtype_name", "view_of", "key_name",
+           "local_tensor", "is_dtensor", "sharding_of", "describe_mesh", "Placer",
+           "ShardingMismatch"]
 
 _ALIGN = 64
 _TAGS = ("__tensor__", "__tuple__", "__bytes__", "__float__", "__dict__", "__np__",
@@ -235,6 +237,9 @@ class Layout:
     nbytes: int
     dtensors: dict[int, Any] = field(default_factory=dict)
     sharding: dict[int, dict[str, Any]] = field(default_factory=dict)
+    #: What the client derives from ``entries`` once (the protocol table, its digest, views
+    #: into recycled segments); shared by every layout :class:`LayoutCache` reuses.
+    plan: dict[str, Any] = field(default_factory=dict)
 
 
 def flatten(state: Any) -> Layout:
@@ -380,6 +385,176 @@ def flatten(state: Any) -> Layout:
                   dtensors, sharding)
 
 
+class _Fallback(Exception):
+    """A value the fast scan does not handle: :func:`flatten` lays the state out instead."""
+
+
+_PLAIN_TOKEN = 0
+_FAST_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _scan(state: Any) -> tuple[list[Any], list[torch.Tensor], Any, list[dict[str, int]]]:
+    """Walk ``state`` the way :func:`flatten` does, for the common value types only (tensors,
+    numpy arrays of native byte order, dicts with str or int keys, lists, tuples, None, bool,
+    int, str, finite floats); raise :class:`_Fallback` on anything else.
+
+    Returns the structure's signature (container kinds, keys, each tensor's dtype, shape,
+    layout and device; a token per plain value), the tensors in walk order, the JSON skeleton
+    and its tensor nodes in walk order (their ``__tensor__`` index is filled in later)."""
+    scan = _Scan()
+    try:
+        skeleton = scan.walk(state)
+    except RecursionError:
+        raise _Fallback from None
+    return scan.sig, scan.leaves, skeleton, scan.holes
+
+
+class _Scan:
+    """One walk of :func:`_scan` (a method, not a recursive closure: a closure that calls
+    itself is a reference cycle, and would keep the state's tensors until the next GC)."""
+
+    def __init__(self) -> None:
+        self.sig: list[Any] = []
+        self.leaves: list[torch.Tensor] = []
+        self.holes: list[dict[str, int]] = []
+
+    def walk(self, value: Any) -> Any:
+        kind = type(value)
+        if kind in _FAST_TENSORS:
+            self.sig.append((value.dtype, value.shape, value.layout, value.device))
+            self.leaves.append(value)
+            node = {"__tensor__": -1}
+            self.holes.append(node)
+            return node
+        if kind is dict or kind is OrderedDict:
+            if len(value) > MAX_CONTAINER:
+                raise _Fallback
+            keys = tuple(value)
+            self.sig.append(keys)
+            if all(type(k) is str and k not in _TAGS for k in keys):
+                return {k: self.walk(v) for k, v in value.items()}
+            if not all(type(k) is str or type(k) is int for k in keys):
+                raise _Fallback
+            self.sig.append(tuple(type(k) is int for k in keys))    # 1 and "1" differ
+            return {"__dict__": [[k, self.walk(v)] for k, v in value.items()]}
+        if kind is list or kind is tuple:
+            if len(value) > MAX_CONTAINER:
+                raise _Fallback
+            if value and all(type(v) is int for v in value):   # e.g. Python's RNG state
+                self.sig.append((kind, len(value), int))
+                items = list(value)
+                return items if kind is list else {"__tuple__": items}
+            self.sig.append((kind, len(value)))
+            items = [self.walk(v) for v in value]
+            return items if kind is list else {"__tuple__": items}
+        if value is None or kind is bool or kind is int or kind is str:
+            self.sig.append(_PLAIN_TOKEN)
+            return value
+        if kind is float:
+            if not math.isfinite(value):
+                raise _Fallback
+            self.sig.append(_PLAIN_TOKEN)
+            return value
+        if np is not None and kind is np.ndarray:
+            if value.dtype.byteorder == ">" or (value.dtype.byteorder == "=" and
+                                                not np.little_endian):
+                raise _Fallback
+            if value.ndim and not value.flags.c_contiguous:
+                raise _Fallback
+            try:
+                tensor = torch.from_numpy(value)
+            except TypeError:
+                raise _Fallback from None
+            self.sig.append(("nd", tensor.dtype, tensor.shape))
+            self.leaves.append(tensor)
+            node = {"__ndarray__": -1}
+            self.holes.append(node)
+            return node
+        raise _Fallback
+
+
+def _ident(t: torch.Tensor) -> tuple | None:
+    """What makes two tensors of a state one stored tensor (tied weights); see flatten."""
+    return (t.data_ptr(), t.device, t.dtype, tuple(t.shape), t.stride(), t.is_conj(),
+            t.is_neg()) if t.numel() else None
+
+
+@dataclass
+class _Cached:
+    sig: list[Any]
+    index: list[int]               # walk position -> table index
+    first: list[int]               # table index -> walk position of its tensor
+    entries: list[dict[str, Any]]
+    nbytes: int
+    plan: dict[str, Any]
+
+
+class LayoutCache:
+    """Lays out states of one structure once: a later state whose structure (containers, keys,
+    tensor dtypes, shapes, devices, which tensors are tied) is the same reuses the table,
+    and only the JSON skeleton of the plain values is rebuilt. Anything else (DTensors, numpy
+    scalars, tagged values, a changed structure) goes through :func:`flatten`, whose result is
+    kept for the next state. Not thread-safe: one per client, used under its lock."""
+
+    def __init__(self) -> None:
+        self._last: _Cached | None = None
+        self.hits = 0
+
+    def flatten(self, state: Any) -> Layout:
+        """Like :func:`flatten` (same table, skeleton and errors), faster for a state of the
+        structure of the previous one."""
+        try:
+            sig, leaves, skeleton, holes = _scan(state)
+        except _Fallback:
+            self._last = None
+            return flatten(state)
+        last = self._last
+        if last is not None and last.sig == sig and self._same_ties(leaves, last):
+            for node, idx in zip(holes, last.index):
+                node["__tensor__" if "__tensor__" in node else "__ndarray__"] = idx
+            self.hits += 1
+            return Layout([leaves[i] for i in last.first], last.entries,
+                          json.dumps(skeleton, separators=(",", ":")), last.nbytes,
+                          plan=last.plan)
+        layout = flatten(state)
+        if layout.dtensors:
+            self._last = None
+            return layout
+        index: list[int] = []
+        first: list[int] = []
+        seen: dict[tuple, int] = {}
+        for pos, t in enumerate(leaves):
+            ident = _ident(t)
+            if ident is not None and ident in seen:
+                index.append(seen[ident])
+                continue
+            if ident is not None:
+                seen[ident] = len(first)
+            index.append(len(first))
+            first.append(pos)
+        if len(first) != len(layout.entries):       # not the walk flatten took: no caching
+            self._last = None
+            return layout
+        self._last = _Cached(sig, index, first, layout.entries, layout.nbytes, layout.plan)
+        return layout
+
+    @staticmethod
+    def _same_ties(leaves: list[torch.Tensor], last: _Cached) -> bool:
+        """The same tensors are tied as in ``last`` (and no others)."""
+        firsts = [leaves[i] for i in last.first]
+        ptrs = [t.data_ptr() for t in firsts]
+        if len(set(ptrs)) != len(ptrs):
+            # Some tensors share an address: empty ones (address 0 or anything), a new tie, or
+            # two views at one address. Only the non-empty ones decide.
+            full = [p for p, t in zip(ptrs, firsts) if t.numel()]
+            if len(set(full)) != len(full):
+                return False
+        for pos, idx in enumerate(last.index):
+            if last.first[idx] != pos and _ident(leaves[pos]) != _ident(firsts[idx]):
+                return False
+        return True
+
+
 def _envelope(meta: str) -> tuple[Any, list[dict[str, Any]]]:
     """The skeleton and the mesh table of a meta string."""
     root = json.loads(meta)
@@ -418,41 +593,46 @@ def unflatten(meta: str, tensors: list[torch.Tensor], placer: Placer | None = No
     A DTensor comes back through ``placer`` (the live DTensor filled in place, or a new one on a
     live mesh). Without one, and for a structure-only restore (``meta`` tensors), it comes back
     as a ``meta`` tensor of its global shape."""
-    skeleton, meshes = _envelope(meta)
+    skeleton, _ = _envelope(meta)
+    # A module-level function, not a recursive closure: a closure that calls itself is a
+    # reference cycle, and restored tensors that map a leased version would stay (and keep
+    # the lease) until the next GC run.
+    return _build(skeleton, tensors, placer)
 
-    def build(node: Any) -> Any:
-        if isinstance(node, list):
-            return [build(v) for v in node]
-        if not isinstance(node, dict):
-            return node
-        if "__tensor__" in node:
-            return tensors[node["__tensor__"]]
-        if "__dtensor__" in node:
-            held = tensors[node["__dtensor__"]]
-            if held.is_meta or placer is None:
-                return torch.empty(node["shape"], dtype=held.dtype, device="meta")
-            return placer.build(node["__dtensor__"], held)
-        if "__ndarray__" in node:
-            held = tensors[node["__ndarray__"]]
-            if held.is_meta:          # a structure-only restore (shapes, no bytes)
-                return held
-            array = held.numpy()
-            return array.astype(node["dtype"]) if "dtype" in node else array
-        if "__tuple__" in node:
-            return tuple(build(v) for v in node["__tuple__"])
-        if "__bytes__" in node:
-            return base64.b64decode(node["__bytes__"])
-        if "__float__" in node:
-            return float(node["__float__"])
-        if "__np__" in node:
-            if "c" in node:
-                return np.dtype(node["__np__"]).type(complex(*map(build, node["c"])))  # type: ignore[arg-type]
-            return np.dtype(node["__np__"]).type(build(node["v"]))
-        if "__dict__" in node:
-            return {_hashable(build(k)): build(v) for k, v in node["__dict__"]}
-        return {k: build(v) for k, v in node.items()}
 
-    return build(skeleton)
+def _build(node: Any, tensors: list[torch.Tensor], placer: Placer | None) -> Any:
+    if isinstance(node, list):
+        return [_build(v, tensors, placer) for v in node]
+    if not isinstance(node, dict):
+        return node
+    if "__tensor__" in node:
+        return tensors[node["__tensor__"]]
+    if "__dtensor__" in node:
+        held = tensors[node["__dtensor__"]]
+        if held.is_meta or placer is None:
+            return torch.empty(node["shape"], dtype=held.dtype, device="meta")
+        return placer.build(node["__dtensor__"], held)
+    if "__ndarray__" in node:
+        held = tensors[node["__ndarray__"]]
+        if held.is_meta:          # a structure-only restore (shapes, no bytes)
+            return held
+        array = held.numpy()
+        return array.astype(node["dtype"]) if "dtype" in node else array
+    if "__tuple__" in node:
+        return tuple(_build(v, tensors, placer) for v in node["__tuple__"])
+    if "__bytes__" in node:
+        return base64.b64decode(node["__bytes__"])
+    if "__float__" in node:
+        return float(node["__float__"])
+    if "__np__" in node:
+        if "c" in node:
+            parts = [_build(v, tensors, placer) for v in node["c"]]
+            return np.dtype(node["__np__"]).type(complex(*parts))  # type: ignore[arg-type]
+        return np.dtype(node["__np__"]).type(_build(node["v"], tensors, placer))
+    if "__dict__" in node:
+        return {_hashable(_build(k, tensors, placer)): _build(v, tensors, placer)
+                for k, v in node["__dict__"]}
+    return {k: _build(v, tensors, placer) for k, v in node.items()}
 
 
 _RESHARD = ("restoring onto another mesh, placement or global shape (resharding, e.g. at "

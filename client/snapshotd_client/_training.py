@@ -449,7 +449,14 @@ class TrainingState:
         # once the whole snapshot is known to fit (checked before any byte is written); a
         # snapshot that may be split across replicas is gathered first.
         into = None if group is not None else {"model": self._model_state()}
-        restored = client.restore(step, into=into, check=self.check, meshes=self.meshes())
+        # The rest (optimizer state, ...) comes back fresh: mapped copy-on-write when it is
+        # moved to an accelerator by load_state_dict (the mapping is freed right after), copied
+        # when it stays on the CPU (it lives as long as the run, and would keep the version
+        # leased in the daemon's memory that long).
+        on_device = self.model is not None and any(
+            t.device.type != "cpu" for t in self.model.parameters())
+        restored = client.restore(step, into=into, check=self.check, meshes=self.meshes(),
+                                  zero_copy=on_device)
         if restored is None:
             return None
         step_restored, state = restored

@@ -211,13 +211,16 @@ class Protector:
 
     # ------------------------------------------------------------------ data-node side
 
-    def node_version(self, job: str, step: int) -> NodeVersion | None:
+    def node_version(self, job: str, step: int, versions: list[Version] | None = None
+                     ) -> NodeVersion | None:
         """This node's complete data for (job, step), or None while a rank has not committed.
 
         Complete means every rank of the job this node holds (or is writing) has committed
         the step: the count a client declares (``local_world_size``, 1 when unset) is only a
-        lower bound, never trusted to leave a rank out of the node version."""
-        versions = [v for v in self.store.versions(job) if v.step == step]
+        lower bound, never trusted to leave a rank out of the node version. ``versions``: the
+        step's versions when the caller has listed them already (``Store.at_step``)."""
+        if versions is None:
+            versions = self.store.at_step(job, step)
         if not versions:
             return None
         have = {v.rank for v in versions}
@@ -230,7 +233,7 @@ class Protector:
         """The identity of a node version (see :func:`peerproto.manifest_id`)."""
         return pp.manifest_id(nv.manifest(self.me, self.store.owner(nv.job)))
 
-    def on_commit(self, version: Version) -> None:
+    def on_commit(self, version: Version, versions: list[Version] | None = None) -> None:
         """Called after every local commit: start encoding once the node version is complete.
 
         A re-commit of a step makes the parity of the version it replaced wrong for this node:
@@ -242,7 +245,7 @@ class Protector:
         if version.replaces:
             self._tell_dropped(version.job, {version.step}, version.committed_at - 1e-6)
         key = (version.job, version.step)
-        nv = self.node_version(*key)              # outside our lock: the store calls back in
+        nv = self.node_version(*key, versions)    # outside our lock: the store calls back in
         if nv is None:
             return
         vid = self.vid(nv)

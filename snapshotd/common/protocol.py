@@ -140,6 +140,15 @@ class Commit:
     slot: int
     tensors: tuple[TensorEntry, ...]
     meta: str
+    #: A digest the client gives its table: sent with the table, the daemon keeps it for the
+    #: (job, rank); later commits of the same layout send only the digest and an empty
+    #: ``tensors`` (refused ``unknown_layout`` when the daemon no longer has it: send both).
+    layout: str = ""
+    #: The step, for a slot reserved without one (a spare: see ``next_nbytes``); -1 otherwise.
+    step: int = -1
+    #: Also reserve a spare slot of this size for the rank's next save (returned in the reply,
+    #: when it fits the budget without evicting anything): that save then needs no ``Alloc``.
+    next_nbytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -174,6 +183,9 @@ class Open:
     verify: bool = True
     #: The job's access token (``--job-isolation``; from ``SNAPSHOTD_JOB_TOKEN``); never logged.
     token: str = ""
+    #: The reader maps the segment privately (copy-on-write) and holds the lease until its last
+    #: mapping is gone; the daemon then never reuses the segment's file for another write.
+    map: bool = False
 
 
 @dataclass(frozen=True)
@@ -266,6 +278,11 @@ class CommitReply:
     rank: int
     step: int
     nbytes: int
+    #: The spare slot asked for with ``Commit.next_nbytes`` (0: none), its file and size: the
+    #: next save writes it and commits it naming its step (``Abort`` it if unused).
+    next_slot: int = 0
+    next_path: str = ""
+    next_nbytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -288,6 +305,9 @@ class OpenReply:
     tensors: tuple[TensorEntry, ...]
     meta: str
     tier: str
+    #: How many versions of (job, rank) newer than this one the daemon holds (-1: not said),
+    #: so a restore starts its new timeline without a ``Drop`` when there are none.
+    newer: int = -1
 
 
 @dataclass(frozen=True)
@@ -341,8 +361,36 @@ Message = Any
 def encode(msg: Message, req_id: int = 0) -> bytes:
     """Serialise one message to its frame."""
     body = {"v": PROTOCOL_VERSION, "op": msg.OP, "id": req_id}
-    body.update(dataclasses.asdict(msg))
+    body.update(_plain(msg))
     return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _plain(obj: Any) -> dict[str, Any]:
+    """A message's fields as JSON-ready values (what ``dataclasses.asdict`` gives, without its
+    deep copies: a table of hundreds of tensors took milliseconds to encode through it)."""
+    cls: type = type(obj)
+    nested = _nested(cls)
+    if not nested:
+        return obj.__dict__           # only read (by json.dumps), never changed
+    out = dict(obj.__dict__)
+    for name in nested:
+        value = out[name]
+        if type(value) is tuple:
+            out[name] = [_plain(v) for v in value]
+        elif value is not None:
+            out[name] = _plain(value)
+    return out
+
+
+@functools.cache
+def _nested(cls: type) -> tuple[str, ...]:
+    """The fields of a message class that hold messages (or tuples of them)."""
+    out = []
+    for name, hint, _ in _fields(cls):
+        args = [hint, *typing.get_args(hint)]
+        if any(isinstance(a, type) and dataclasses.is_dataclass(a) for a in args):
+            out.append(name)
+    return tuple(out)
 
 
 def registry(*classes: type) -> dict[str, type]:
@@ -386,17 +434,7 @@ def _decode_body(body: dict[str, Any], messages: dict[str, type]) -> tuple[int, 
 
 
 def _build(cls: type, body: Any, where: str) -> Any:
-    if not isinstance(body, dict):
-        raise ProtocolError("malformed", f"{where} must be an object")
-    kwargs = {}
-    for name, hint, required in _fields(cls):
-        if name in body:
-            kwargs[name] = _check(body.pop(name), hint, f"{where}.{name}")
-        elif required:
-            raise ProtocolError("malformed", f"{where}: missing field '{name}'")
-    if body:
-        raise ProtocolError("malformed", f"{where}: unexpected fields {sorted(body)}")
-    return cls(**kwargs)
+    return _checker(cls)(body, where)
 
 
 @functools.cache
@@ -408,27 +446,81 @@ def _fields(cls: type) -> tuple[tuple[str, Any, bool], ...]:
                  for f in dataclasses.fields(cls))
 
 
-def _check(value: Any, hint: Any, where: str) -> Any:
+_Checker = typing.Callable[[Any, str], Any]
+
+
+@functools.cache
+def _checker(hint: Any) -> _Checker:
+    """A function ``(value, where) -> value`` that type-checks one decoded value against
+    ``hint`` (built once per type: decoding a table of hundreds of tensors is then a few plain
+    type tests per field instead of resolving the type hints again for every one)."""
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _check(value, inner, where)
+        (inner_hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        inner = _checker(inner_hint)
+
+        def optional(value: Any, where: str) -> Any:
+            return None if value is None else inner(value, where)
+        return optional
     if origin is tuple:
-        if not isinstance(value, list):
-            raise ProtocolError("malformed", f"{where} must be a list")
-        inner = typing.get_args(hint)[0]
-        return tuple(_check(item, inner, f"{where}[{i}]") for i, item in enumerate(value))
+        item_hint = typing.get_args(hint)[0]
+        item = _checker(item_hint)
+        plain = item_hint if item_hint in (int, str, bool) else None
+
+        def sequence(value: Any, where: str) -> Any:
+            if not isinstance(value, list):
+                raise ProtocolError("malformed", f"{where} must be a list")
+            if plain is not None and all(type(v) is plain for v in value):
+                return tuple(value)
+            return tuple([item(v, f"{where}[{i}]") for i, v in enumerate(value)])
+        return sequence
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        return _build(hint, dict(value) if isinstance(value, dict) else value, where)
-    if hint is float and type(value) is int:
-        return float(value)
-    if type(value) is not hint:
-        raise ProtocolError("malformed",
-                            f"{where} must be {hint.__name__}, got {type(value).__name__}")
-    return value
+        # (name, plain type or None, checker, required): a field of a plain type (int, str,
+        # bool) is tested inline, without building its path unless it is wrong.
+        fields = [(name, h if h in (int, str, bool) else None, _checker(h), required)
+                  for name, h, required in _fields(hint)]
+        names = frozenset(name for name, _, _, _ in fields)
+        cls = hint
+        new = object.__new__
+        frozen_plain = not hasattr(cls, "__post_init__") and "__slots__" not in vars(cls)
+
+        def build(value: Any, where: str) -> Any:
+            if not isinstance(value, dict):
+                raise ProtocolError("malformed", f"{where} must be an object")
+            kwargs = {}
+            for name, plain, check, required in fields:
+                if name in value:
+                    got = value[name]
+                    if plain is None or type(got) is not plain:
+                        got = check(got, f"{where}.{name}")
+                    kwargs[name] = got
+                elif required:
+                    raise ProtocolError("malformed", f"{where}: missing field '{name}'")
+            if len(kwargs) != len(value):
+                raise ProtocolError("malformed", f"{where}: unexpected fields "
+                                    f"{sorted(k for k in value if k not in names)}")
+            if frozen_plain and len(kwargs) == len(fields):
+                built = new(cls)          # every field given and no __post_init__: set them
+                built.__dict__.update(kwargs)   # directly (the frozen __init__ costs
+                return built              # microseconds per field)
+            return cls(**kwargs)
+        return build
+    if hint is float:
+        def real(value: Any, where: str) -> Any:
+            if type(value) is int:
+                return float(value)
+            if type(value) is not float:
+                raise ProtocolError("malformed", f"{where} must be float, got "
+                                    f"{type(value).__name__}")
+            return value
+        return real
+
+    def exact(value: Any, where: str) -> Any:
+        if type(value) is not hint:
+            raise ProtocolError("malformed",
+                                f"{where} must be {hint.__name__}, got {type(value).__name__}")
+        return value
+    return exact
 
 
 def check_table(tensors: tuple[TensorEntry, ...], slot_bytes: int) -> None:

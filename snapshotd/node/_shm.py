@@ -102,7 +102,11 @@ class SegmentDir:
 
     def write_manifest(self, number: int, manifest: dict[str, Any]) -> int:
         """Write the manifest atomically (temp file, fsync-free rename); return its size."""
-        data = json.dumps(manifest, separators=(",", ":")).encode()
+        return self.write_manifest_text(number, json.dumps(manifest, separators=(",", ":")))
+
+    def write_manifest_text(self, number: int, text: str) -> int:
+        """Write a manifest already encoded as JSON text (see :meth:`write_manifest`)."""
+        data = text.encode()
         tmp = self.manifest_path(number) + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:

@@ -82,6 +82,8 @@ class ControlServer(RouterLoop):
         elif isinstance(reply, p.AllocReply):
             self.store.abort(self.store.slot_number(reply.slot))
             log.warning("aborted slot %d: its client gave up waiting for it", reply.slot)
+        elif isinstance(reply, p.CommitReply) and reply.next_slot:
+            self.store.abort(self.store.slot_number(reply.next_slot))
 
     def _reap(self) -> None:
         reaped = self.store.reap()
@@ -116,8 +118,10 @@ class ControlServer(RouterLoop):
     def _on_commit(self, m: p.Commit, _: Any = None) -> p.CommitReply:
         started = time.perf_counter()
         number = self.store.slot_number(m.slot)
-        age = self.store.slot_age(number)
-        version = self.store.commit(number, m.tensors, m.meta)
+        writer = self.store.open_slot(number)
+        # A spare slot was reserved at the previous commit: its age is not this save's time.
+        age = self.store.slot_age(number) if writer is not None and writer.step >= 0 else None
+        version = self.store.commit(number, m.tensors, m.meta, layout=m.layout, step=m.step)
         if age is not None:
             self.metrics.save_seconds.observe(age + time.perf_counter() - started)
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
@@ -127,7 +131,13 @@ class ControlServer(RouterLoop):
         except Exception:  # noqa: BLE001 - protection problems never fail a local commit
             log.exception("protection of job %r step %d could not start", version.job,
                           version.step)
-        return p.CommitReply(version.job, version.rank, version.step, version.nbytes)
+        spare = None
+        if m.next_nbytes > 0 and writer is not None and not self.stopping:
+            spare = self.store.alloc_spare(writer, m.next_nbytes)
+        if spare is None:
+            return p.CommitReply(version.job, version.rank, version.step, version.nbytes)
+        return p.CommitReply(version.job, version.rank, version.step, version.nbytes,
+                             spare.handle, self.store.dir.seg_path(spare.number), spare.nbytes)
 
     def _on_abort(self, m: p.Abort, _: Any = None) -> p.Ok:
         self.store.abort(self.store.slot_number(m.slot))
@@ -169,7 +179,7 @@ class ControlServer(RouterLoop):
                       v.step, bad)
             held = False
             if self.recovery is not None and self.recovery.repair(v.job, v.step):
-                lease = self.store.lease(m.job, m.rank, m.pid, v.step)
+                lease = self.store.lease(m.job, m.rank, m.pid, v.step, mapped=m.map)
                 v, held = lease.version, True
                 bad = self.store.verify(v)
             if bad:
@@ -180,12 +190,13 @@ class ControlServer(RouterLoop):
                                  "checksums, and the group could not rebuild them")
         self.metrics.open_seconds.observe(time.perf_counter() - started)
         return p.OpenReply(lease.id, v.job, v.rank, v.step, self.store.dir.seg_path(v.number),
-                           v.nbytes, v.tensors, v.meta, tier)
+                           v.nbytes, v.tensors, v.meta, tier, lease.newer)
 
     def _lease_any_tier(self, m: p.Open) -> tuple[Any, str]:
         """Lease from memory; if memory has nothing fitting, load from the persistence tier."""
         try:
-            return self.store.lease(m.job, m.rank, m.pid, m.step, m.max_step), "memory"
+            return self.store.lease(m.job, m.rank, m.pid, m.step, m.max_step,
+                                    mapped=m.map), "memory"
         except StoreError as exc:
             if exc.code != "not_found" or self.persister is None:
                 raise
@@ -199,7 +210,7 @@ class ControlServer(RouterLoop):
             self.persister.load(m.job, m.rank, on_disk[-1])
             log.warning("job %r rank %d step %d served from the persistence tier", m.job,
                         m.rank, on_disk[-1])
-            return self.store.lease(m.job, m.rank, m.pid, on_disk[-1]), "disk"
+            return self.store.lease(m.job, m.rank, m.pid, on_disk[-1], mapped=m.map), "disk"
 
     def _on_persist(self, m: p.Persist, _: Any = None) -> p.Ok:
         self._authorize(m)

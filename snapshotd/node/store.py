@@ -32,6 +32,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,8 @@ __all__ = ["Store", "StoreError", "Slot", "Version", "Lease", "process_identity"
 _VERSION_OVERHEAD = 4096
 #: Free segments kept for reuse; reuse avoids re-faulting pages on every save.
 _POOL_MAX = 64
+#: Tables kept per (job, rank) for commits that name their layout by digest.
+_LAYOUTS_KEPT = 4
 
 
 class StoreError(ProtocolError):
@@ -92,9 +95,73 @@ def checksum(buf: memoryview) -> str:
     return xxhash.xxh3_64_hexdigest(buf)
 
 
+#: Bytes from which checksums are computed by several threads (xxhash releases the GIL).
+_PARALLEL_BYTES = 32 << 20
+_HASHERS = max(1, min(4, os.cpu_count() or 1))
+_hash_pool: ThreadPoolExecutor | None = None
+_hash_pool_lock = threading.Lock()
+
+
+def _hash_span(view: memoryview, tensors: tuple[TensorEntry, ...] | list[TensorEntry]
+               ) -> list[str]:
+    digest = xxhash.xxh3_64_hexdigest
+    return [digest(view[t.offset:t.offset + t.nbytes]) for t in tensors]
+
+
 def _checksums(view: memoryview, tensors: tuple[TensorEntry, ...]) -> list[str]:
-    """The checksum of each tensor's bytes inside a slot, in table order."""
-    return [checksum(view[t.offset:t.offset + t.nbytes]) for t in tensors]
+    """The checksum of each tensor's bytes inside a slot, in table order.
+
+    Large tables are cut into runs of tensors of about equal bytes, hashed by a few threads at
+    once (a restore waits for these before it may read a byte)."""
+    total = sum(t.nbytes for t in tensors)
+    if _HASHERS == 1 or total < _PARALLEL_BYTES or len(tensors) < 2:
+        return _hash_span(view, tensors)
+    global _hash_pool
+    with _hash_pool_lock:
+        if _hash_pool is None:
+            _hash_pool = ThreadPoolExecutor(_HASHERS, thread_name_prefix="snapshotd-xxh3")
+        pool = _hash_pool
+    runs: list[list[TensorEntry]] = [[]]
+    share, acc = total / _HASHERS, 0
+    for t in tensors:
+        if acc >= share * len(runs) and len(runs) < _HASHERS:
+            runs.append([])
+        runs[-1].append(t)
+        acc += t.nbytes
+    futures = [pool.submit(_hash_span, view, run) for run in runs[1:]]
+    out = _hash_span(view, runs[0])          # this thread takes the first run itself
+    for future in futures:
+        out += future.result()
+    return out
+
+
+#: id(table) -> (table, JSON of each row up to its checksum's opening quote): a table that
+#: commits of one layout share is encoded once.
+_ROW_PREFIXES: dict[int, tuple[tuple[TensorEntry, ...], list[str]]] = {}
+
+
+def _tensors_json(table: tuple[TensorEntry, ...], checksums: list[str]) -> str:
+    """The manifest's ``tensors`` array: ``table``'s rows with ``checksums`` (hex digits)."""
+    hit = _ROW_PREFIXES.get(id(table))
+    if hit is not None and hit[0] is table:
+        prefixes = hit[1]
+    else:
+        prefixes = [json.dumps(t.__dict__ | {"checksum": ""}, separators=(",", ":"))[:-2]
+                    for t in table]                # ends with "checksum":"
+        if len(_ROW_PREFIXES) >= 64:
+            _ROW_PREFIXES.clear()
+        _ROW_PREFIXES[id(table)] = (table, prefixes)
+    return "[" + ",".join([f'{pre}{c}"}}' for pre, c in zip(prefixes, checksums)]) + "]"
+
+
+def _with_checksum(t: TensorEntry, checksum: str) -> TensorEntry:
+    """``t`` with its checksum: ``TensorEntry(t.name, ..., checksum)``, built without the
+    frozen dataclass's ``__init__`` (a microsecond or two per field, per tensor, per commit)."""
+    out = object.__new__(TensorEntry)
+    fields = out.__dict__
+    fields.update(t.__dict__)
+    fields["checksum"] = checksum
+    return out
 
 
 @dataclass
@@ -137,6 +204,13 @@ class Version:
     replaces: float = 0.0
     #: How many ranks the whole job has (0: not said): see Protector.job_wide.
     world_size: int = 0
+    #: A reader may map the segment privately (copy-on-write): its unwritten pages show the
+    #: file, so the file is never reused for another write once the version is freed (it is
+    #: unlinked instead; a mapping outlives the unlink). Adopted versions are treated so too:
+    #: their readers' leases did not survive the restart.
+    mapped: bool = False
+    #: The manifest's ``tensors`` array as JSON text (written once, reused by rewrites).
+    tensors_json: str = field(default="", repr=False, compare=False)
 
     @property
     def state(self) -> str:
@@ -150,6 +224,8 @@ class Lease:
     pid: int
     pid_start: float | None
     opened: float = 0.0
+    #: Live versions of the same (job, rank) newer than the leased one, when it was leased.
+    newer: int = 0
 
 
 @dataclass
@@ -189,6 +265,8 @@ class Store:
         self._pool = _Pool()
         #: slot handle -> segment number (see Slot.handle)
         self._handles: dict[int, int] = {}
+        #: (job, rank) -> layout digest -> (table, slot bytes it was checked against)
+        self._layouts: dict[tuple[str, int], dict[str, tuple[tuple[TensorEntry, ...], int]]] = {}
         #: job -> hex SHA-256 of the token it is bound to (``--job-isolation``).
         self._owners: dict[str, str] = {}
         #: Bytes held outside the segments, by kind (``parity`` kept, ``encoding``: in flight
@@ -269,7 +347,7 @@ class Store:
             return Version(number, m["job"], m["rank"], m["step"], m["nbytes"], size, tensors,
                            m["meta"], m["committed_at"], _VERSION_OVERHEAD + len(m["meta"]),
                            m.get("local_world_size", 1), m.get("protected", False),
-                           world_size=int(m.get("world_size", 0)))
+                           world_size=int(m.get("world_size", 0)), mapped=True)
         except (KeyError, TypeError, ProtocolError):
             return None
 
@@ -339,6 +417,51 @@ class Store:
                                  "--memory-limit") from None
         return slot
 
+    def alloc_spare(self, like: Slot, nbytes: int) -> Slot | None:
+        """A slot of ``nbytes`` for the next save of ``like``'s writer (its job, rank, pid),
+        reserved without a step (it is named at commit, and checked then like ``alloc``
+        checks it); None when it does not fit the budget without evicting a version (the
+        writer then asks with ``Alloc``). The writer's death or ``Abort`` frees it as any slot.
+
+        A spare cannot be taken back (its writer may be filling it), so one is given only
+        while the budget keeps room for another slot of its size besides (an ``Alloc`` of
+        another rank, a rebuild): under a tight budget saves go through ``Alloc`` as before.
+        """
+        fresh = False
+        with self._lock:
+            if not self.accepting or nbytes <= 0:
+                return None
+            reused = self._pool.take(nbytes)
+            if reused is None:
+                if self._used() + 2 * nbytes > self.memory_limit:
+                    return None
+                number, size = self._next, nbytes
+                self._next += 1
+                fresh = True
+            else:
+                number, size = reused
+                if self._used() + nbytes > self.memory_limit:
+                    self._pool.free[number] = (size, self._clock())   # put back
+                    return None
+            slot = Slot(number, like.job, like.rank, -1, nbytes, size, like.pid, like.pid_start,
+                        self._clock(), like.local_world_size,
+                        handle=self._new_handle(self._handles), world_size=like.world_size)
+            self._slots[number] = slot
+            self._handles[slot.handle] = number
+        if fresh:
+            try:
+                self.dir.create(number, nbytes)
+            except OSError:
+                with self._lock:
+                    self._pop_slot(number)
+                return None
+        return slot
+
+    def open_slot(self, number: int) -> Slot | None:
+        """The open slot ``number`` (None when it is not open)."""
+        with self._lock:
+            return self._slots.get(number)
+
     def _reserve(self, nbytes: int, job: str, rank: int, step: int) -> int:
         while self._used() + nbytes > self.memory_limit and self._pool.free:
             victim = next(iter(self._pool.free))
@@ -363,21 +486,59 @@ class Store:
             return None if slot is None else self._clock() - slot.created
 
     def commit(self, number: int, tensors: tuple[TensorEntry, ...], meta: str,
-               committed_at: float | None = None, protected: bool = False) -> Version:
+               committed_at: float | None = None, protected: bool = False,
+               layout: str = "", step: int = -1) -> Version:
         """Check the table, store checksums, write the manifest, and publish the version.
 
         ``committed_at`` (default: now) identifies the version across the group (a rebuilt
-        version keeps the original's, so it matches the parity holders' records)."""
+        version keeps the original's, so it matches the parity holders' records).
+        ``layout``: the client's digest of its table; with a table, the table is kept under it
+        for the slot's (job, rank) (checked once); without (``tensors`` empty), the kept one is
+        used, or ``unknown_layout`` is raised (the client then sends the table).
+        ``step``: the step of a spare slot (reserved without one, :meth:`alloc_spare`); it is
+        refused ``stale_step`` here as ``alloc`` would, and the slot stays open (to abort)."""
         with self._lock:
             slot = self._slots.get(number)
             if slot is None or slot.committing:
                 raise StoreError("unknown_slot", f"slot {number} is not open for writing "
                                  "(never allocated, already committed, aborted or reclaimed)")
+            if slot.step < 0:
+                if step < 0:
+                    raise StoreError("bad_request", f"slot {number} was reserved without a "
+                                     "step: its commit must name the step")
+                held = [s for s, v in self._versions.get((slot.job, slot.rank), {}).items()
+                        if not v.doomed]
+                if held and step < max(held):
+                    raise StoreError(
+                        "stale_step", f"job {slot.job!r} rank {slot.rank}: step {step} is "
+                        f"older than step {max(held)} already held; restore(step={step}) "
+                        "first to start a new timeline from it")
+            elif step >= 0 and step != slot.step:
+                raise StoreError("bad_request", f"slot {number} is for step {slot.step}, the "
+                                 f"commit names step {step}")
+            known = self._layouts.get((slot.job, slot.rank), {})
+            if layout and not tensors:
+                kept = known.get(layout)
+                if kept is None or kept[1] > slot.nbytes:
+                    raise StoreError("unknown_layout", f"layout {layout!r} is not known for "
+                                     f"job {slot.job!r} rank {slot.rank}; send the table")
+                tensors = kept[0]
+                checked = kept[1] == slot.nbytes
+            else:
+                checked = False
             try:
-                check_table(tensors, slot.nbytes)
+                if not checked:
+                    check_table(tensors, slot.nbytes)
                 json.loads(meta)
             except ValueError as exc:
                 raise StoreError("bad_table", f"slot {number} meta is not JSON: {exc}") from None
+            if layout and tensors and layout not in known:
+                if len(known) >= _LAYOUTS_KEPT:
+                    known.pop(next(iter(known)))
+                known[layout] = (tensors, slot.nbytes)
+                self._layouts[(slot.job, slot.rank)] = known
+            if slot.step < 0:
+                slot.step = step
             slot.committing = True
         try:
             version = self._seal(slot, tensors, meta, committed_at, protected)
@@ -400,27 +561,31 @@ class Store:
               committed_at: float | None, protected: bool) -> Version:
         view = self.dir.view(slot.number, slot.size)
         try:
-            summed = tuple(TensorEntry(t.name, t.dtype, t.shape, t.offset, t.nbytes, c)
-                           for t, c in zip(tensors, _checksums(view, tensors)))
+            summed = tuple(map(_with_checksum, tensors, _checksums(view, tensors)))
         finally:
             view.release()
         now = self._clock() if committed_at is None else committed_at
         version = Version(slot.number, slot.job, slot.rank, slot.step, slot.nbytes, slot.size,
                           summed, meta, now, 0, slot.local_world_size, protected,
                           world_size=slot.world_size)
-        version.book = self._write_manifest(version) + _VERSION_OVERHEAD
+        version.book = self._write_manifest(version, tensors) + _VERSION_OVERHEAD
         return version
 
-    def _write_manifest(self, v: Version) -> int:
+    def _write_manifest(self, v: Version, table: tuple[TensorEntry, ...] | None = None) -> int:
         """Write a version's manifest (atomically); return its size. ``protected`` is in it,
-        so a daemon restarted on its memory keeps the newest protected step (retention)."""
+        so a daemon restarted on its memory keeps the newest protected step (retention).
+        ``table``: the table ``v.tensors`` were checksummed from (its JSON is cached)."""
         manifest = {"format": 1, "job": v.job, "rank": v.rank, "step": v.step,
                     "nbytes": v.nbytes, "meta": v.meta, "committed_at": v.committed_at,
                     "local_world_size": v.local_world_size, "protected": v.protected,
                     "world_size": v.world_size,
-                    "owner": self._owners.get(v.job, ""),
-                    "tensors": [t.__dict__ | {"shape": list(t.shape)} for t in v.tensors]}
-        return self.dir.write_manifest(v.number, manifest)
+                    "owner": self._owners.get(v.job, "")}
+        if not v.tensors_json:
+            v.tensors_json = _tensors_json(table if table is not None else v.tensors,
+                                           [t.checksum for t in v.tensors])
+        text = json.dumps(manifest, separators=(",", ":"))[:-1] + ',"tensors":' + \
+            v.tensors_json + "}"
+        return self.dir.write_manifest_text(v.number, text)
 
     def install(self, job: str, rank: int, step: int, nbytes: int,
                 tensors: tuple[TensorEntry, ...], meta: str, local_world_size: int,
@@ -466,6 +631,14 @@ class Store:
                     if j == job and any(not v.doomed for v in vs.values())}
             return held | {s.rank for s in self._slots.values() if s.job == job}
 
+    def at_step(self, job: str, step: int) -> list[Version]:
+        """The live versions of ``job`` at ``step``, one per rank holding it, by rank (what a
+        commit's follow-up needs, without sorting every version held)."""
+        with self._lock:
+            found = [vs[step] for (j, _), vs in self._versions.items()
+                     if j == job and step in vs and not vs[step].doomed]
+        return sorted(found, key=lambda v: v.rank)
+
     def versions(self, job: str | None = None, rank: int | None = None) -> list[Version]:
         with self._lock:
             return sorted((v for (j, r), vs in self._versions.items() for v in vs.values()
@@ -474,8 +647,11 @@ class Store:
                           key=lambda v: (v.job, v.rank, v.step))
 
     def lease(self, job: str, rank: int, pid: int, step: int | None = None,
-              max_step: int | None = None) -> Lease:
-        """Pin a version for reading: ``step``, or the newest one not above ``max_step``."""
+              max_step: int | None = None, mapped: bool = False) -> Lease:
+        """Pin a version for reading: ``step``, or the newest one not above ``max_step``.
+
+        ``mapped``: the reader maps the segment privately and may keep the mapping as long as
+        it holds the lease; the segment's file is then never reused (see ``Version.mapped``)."""
         if pid <= 0:
             raise StoreError("bad_request", f"reader pid must be > 0, got {pid}")
         pid_start = self._identity(pid)
@@ -493,8 +669,9 @@ class Store:
                 raise StoreError("not_found", f"job {job!r} rank {rank} has no {want} here; "
                                  f"held steps: {sorted(held) or 'none'}")
             version.leases += 1
+            version.mapped = version.mapped or mapped
             lease = Lease(self._new_handle(self._leases), version, pid, pid_start,
-                          time.monotonic())
+                          time.monotonic(), sum(1 for s in held if s > version.step))
             self._leases[lease.id] = lease
             return lease
 
@@ -712,6 +889,10 @@ class Store:
             del held[version.step]
             if not held:
                 del self._versions[(version.job, version.rank)]
+                self._layouts.pop((version.job, version.rank), None)
+        if version.mapped:
+            self.dir.unlink(version.number)
+            return
         self._to_pool(version.number, version.size)
 
     def _unpin(self, version: Version) -> None:

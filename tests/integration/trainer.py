@@ -39,18 +39,23 @@ def equal(a, b) -> bool:
 
 
 def hang_after_first_tensor(marker: str) -> None:
-    real = snapshotd_client._client.view_of
-    calls = {"n": 0}
+    """The next copy into daemon memory stops after its first tensor (views into a segment are
+    cached per layout, so the hook is on the views handed to the copy, not on their making)."""
+    real = snapshotd_client._client._MapCache.views
 
-    def view_of(buf, entry):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            with open(marker, "w") as fh:
-                fh.write(str(os.getpid()))
-            time.sleep(3600)
-        return real(buf, entry)
+    def views(self, path, nbytes, layout, mapping=None):
+        mm, got = real(self, path, nbytes, layout, mapping)
 
-    snapshotd_client._client.view_of = view_of
+        def hanging():
+            for i, view in enumerate(got):
+                if i == 1:
+                    with open(marker, "w") as fh:
+                        fh.write(str(os.getpid()))
+                    time.sleep(3600)
+                yield view
+        return mm, hanging()
+
+    snapshotd_client._client._MapCache.views = views
 
 
 def main() -> int:

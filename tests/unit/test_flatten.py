@@ -86,3 +86,53 @@ def test_duplicate_paths_get_unique_names():
     layout = flatten({"a/b": torch.zeros(1), "a": {"b": torch.ones(1)}})
     names = [e["name"] for e in layout.entries]
     assert len(set(names)) == 2
+
+
+# ------------------------------------------------------------------ LayoutCache (issue 15)
+
+def _cache_states():
+    w = torch.randn(4, 4)
+    yield lambda i: {"a": w, "b": w, "step": i, "lr": 0.1 * i, "big": 2**80 + i,
+                     "opt": {"state": {0: {"m": torch.ones(3) * i}, 1: {"m": torch.zeros(2)}},
+                             "groups": [{"betas": (0.9, 0.99), "params": [0, 1]}]},
+                     "rng": (3, tuple(range(i, i + 700)), None), "np": np.arange(4) + i,
+                     "empty": torch.zeros(0), "empty2": torch.zeros(0, 3), "s": "é" * i,
+                     "none": None, "flag": i % 2 == 0}
+    yield lambda i: {"nan": float("nan"), "x": torch.ones(2) * i}        # falls back each time
+    yield lambda i: {"b": b"\x00" * i, "t": torch.ones(1)}               # tagged: falls back
+    yield lambda i: {"v": w, "row": w[0], "i": i}                        # two views, one address
+    yield lambda i: [torch.ones(3), {"k": [1, 2, 3.5]}, i]
+
+
+@pytest.mark.parametrize("make", list(_cache_states()))
+def test_layout_cache_lays_out_exactly_as_flatten(make):
+    from snapshotd_client._flatten import LayoutCache
+
+    cache = LayoutCache()
+    for i in range(4):
+        state = make(i)
+        want, got = flatten(state), cache.flatten(state)
+        assert got.meta == want.meta and got.entries == want.entries
+        assert got.nbytes == want.nbytes
+        assert [(t.data_ptr(), t.dtype, t.shape) for t in got.tensors] == [
+            (t.data_ptr(), t.dtype, t.shape) for t in want.tensors]
+
+
+def test_layout_cache_reuses_only_the_same_structure():
+    from snapshotd_client._flatten import LayoutCache
+
+    cache = LayoutCache()
+    a, b = torch.ones(3), torch.zeros(3)
+    first = cache.flatten({"a": a, "b": b, "n": 1})
+    again = cache.flatten({"a": a, "b": b, "n": 2})
+    assert cache.hits == 1 and again.entries is first.entries and again.plan is first.plan
+    tied = cache.flatten({"a": a, "b": a, "n": 2})            # a new tie: laid out afresh
+    assert len(tied.entries) == 1 and tied.entries is not first.entries
+    reshaped = cache.flatten({"a": a, "b": b.view(1, 3), "n": 2})
+    assert reshaped.entries[1]["shape"] == [1, 3]
+    retyped = cache.flatten({"a": a, "b": b.double(), "n": 2})
+    assert retyped.entries[1]["dtype"] == "float64"
+    moved = cache.flatten({"b": b, "a": a, "n": 2})           # key order is the layout
+    assert [e["name"] for e in moved.entries] == ["/b", "/a"]
+    with pytest.raises(TypeError, match="/x"):
+        cache.flatten({"a": a, "x": object()})

@@ -20,6 +20,8 @@ ENTRY = p.TensorEntry("w", "float32", (2, 3), 0, 24)
     p.AllocReply(1, "/dev/shm/x", 10),
     p.OpenReply(1, "j", 0, 5, "/p", 24, (ENTRY,), "{}", "memory"),
     p.ListReply((p.VersionInfo("j", 0, 1, 10, "local", 1.5),)),
+    p.Commit(3, (), "{}", "abc"), p.Open("job", 0, 5, map=True),
+    p.OpenReply(1, "j", 0, 5, "/p", 24, (ENTRY,) * 3, "{}", "disk", 2),
 ])
 def test_round_trip(msg):
     req_id, back = p.decode(p.encode(msg, req_id=42))

@@ -302,3 +302,109 @@ def test_two_manifests_for_one_step_adopt_the_newer_commit(tmp_path, procs):
     assert not os.path.exists(again.dir.seg_path(old.number))      # not left outside the index
     assert again.stats()["bytes_used"] == v.size + v.book
     assert again.verify(v) == []
+
+
+# ------------------------------------------------------------------ issue 15
+
+def test_commit_by_layout_digest_reuses_the_kept_table(store):
+    entry = TensorEntry("t", "uint8", (64,), 0, 64)
+    slot = write(store, 1)
+    first = store.commit(slot.number, (entry,), "{}", layout="d1")
+    slot = write(store, 2, b"y" * 64)
+    second = store.commit(slot.number, (), "{}", layout="d1")
+    assert [t.name for t in second.tensors] == ["t"]
+    assert second.tensors[0].checksum != first.tensors[0].checksum
+    assert store.verify(second) == []
+    slot = write(store, 3)
+    with pytest.raises(StoreError) as err:
+        store.commit(slot.number, (), "{}", layout="unknown")
+    assert err.value.code == "unknown_layout"
+    store.abort(slot.number)
+    other = write(store, 1, rank=1)                  # another rank does not share the table
+    with pytest.raises(StoreError):
+        store.commit(other.number, (), "{}", layout="d1")
+
+
+def test_mapped_version_is_never_recycled(store, tmp_path):
+    """A reader that maps a version privately sees the file wherever it has not written: once
+    the version is freed, its segment is unlinked, never handed to another writer."""
+    commit(store, 1)
+    lease = store.lease("j", 0, 100, 1, mapped=True)
+    number = lease.version.number
+    path = store.dir.seg_path(number)
+    commit(store, 2)
+    commit(store, 3)                                 # keep=2: step 1 evicted, still leased
+    assert os.path.exists(path) and 1 not in steps(store)
+    store.release(lease.id)
+    assert not os.path.exists(path)                  # unlinked, not pooled
+    assert number not in store._pool.free
+    slot = write(store, 4)
+    assert slot.number != number
+
+
+def test_adopted_versions_count_as_mapped(tmp_path, procs):
+    s = Store(str(tmp_path / "shm"), memory_limit=1 << 20, keep=2, identity=procs)
+    s.open()
+    commit(s, 1)
+    again = Store(str(tmp_path / "shm"), memory_limit=1 << 20, keep=2, identity=procs)
+    again.open()
+    assert all(v.mapped for v in again.versions())
+
+
+def test_lease_says_how_many_newer_versions_are_held(store):
+    for step in (1, 2):
+        commit(store, step)
+    assert store.lease("j", 0, 100, 1).newer == 1
+    assert store.lease("j", 0, 100).newer == 0
+
+
+def test_large_checksums_by_several_threads_match_one(tmp_path, procs, monkeypatch):
+    from snapshotd.node import store as store_mod
+
+    monkeypatch.setattr(store_mod, "_PARALLEL_BYTES", 1024)
+    monkeypatch.setattr(store_mod, "_HASHERS", 3)
+    s = Store(str(tmp_path / "shm"), memory_limit=1 << 22, keep=2, identity=procs)
+    s.open()
+    payload = os.urandom(64 * 40)
+    slot = write(s, 1, payload)
+    table = tuple(TensorEntry(f"t{i}", "uint8", (64,), 64 * i, 64) for i in range(40))
+    version = s.commit(slot.number, table, "{}")
+    want = [store_mod.checksum(memoryview(payload)[64 * i:64 * (i + 1)]) for i in range(40)]
+    assert [t.checksum for t in version.tensors] == want
+
+
+def test_spare_slot_takes_its_step_at_commit(store):
+    first = write(store, 1)
+    entry = TensorEntry("t", "uint8", (64,), 0, 64)
+    store.commit(first.number, (entry,), "{}")
+    spare = store.alloc_spare(first, 64)
+    assert spare is not None and spare.step == -1 and spare.pid == first.pid
+    view = store.dir.view(spare.number, spare.size)
+    view[:64] = b"z" * 64
+    view.release()
+    with pytest.raises(StoreError) as err:                # the step must be named
+        store.commit(spare.number, (entry,), "{}")
+    assert err.value.code == "bad_request"
+    with pytest.raises(StoreError) as err:                # and is checked like Alloc's
+        store.commit(spare.number, (entry,), "{}", step=0)
+    assert err.value.code == "stale_step"
+    version = store.commit(spare.number, (entry,), "{}", step=2)
+    assert version.step == 2 and steps(store) == [1, 2] and store.verify(version) == []
+
+
+def test_spare_slot_only_with_room_for_another(tmp_path, procs):
+    s = Store(str(tmp_path / "shm"), memory_limit=64 * 1024, keep=1, identity=procs)
+    s.open()
+    slot = write(s, 1, b"x" * 20000)
+    s.commit(slot.number, (TensorEntry("t", "uint8", (20000,), 0, 20000),), "{}")
+    assert s.alloc_spare(slot, 20000) is not None          # 20k held + 20k spare + 20k room
+    assert s.alloc_spare(slot, 20000) is None              # no room left for another
+    assert s.stats()["open_slots"] == 1
+
+
+def test_spare_slot_of_a_dead_writer_is_reclaimed(store, procs):
+    slot = write(store, 1)
+    store.commit(slot.number, (TensorEntry("t", "uint8", (64,), 0, 64),), "{}")
+    assert store.alloc_spare(slot, 64) is not None
+    del procs.alive[100]
+    assert store.reap() == 1 and store.stats()["open_slots"] == 0
