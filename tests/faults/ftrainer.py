@@ -103,6 +103,17 @@ def install_stop(point: str, step: int, nth_tensor: int) -> None:
         return real_call(self, msg, timeout)
 
     _channel.Channel.call = call
+    # A save that uses the spare slot its last commit reserved sends no Alloc: the point
+    # "before alloc" is then before it takes that slot.
+    real_take = _client.SnapshotClient._take_spare
+
+    def take_spare(self, job):
+        state["alloc_step"] = job.step
+        if job.step == step and point == "before_alloc":
+            hang(point, step)
+        return real_take(self, job)
+
+    _client.SnapshotClient._take_spare = take_spare
     real_view = _client.view_of
     count = {"n": 0}
 
