@@ -41,7 +41,7 @@ bench: $(STAMP)
 
 faults: $(STAMP)
 	SNAPSHOTD_FAULT_RUNS=long $(PY) -m pytest -q tests/faults tests/integration/test_torchrun_sharded.py \
-	  tests/integration/test_torchrun.py
+	  tests/integration/test_torchrun.py tests/integration/test_bench_smoke.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check snapshotd client tests bench

@@ -369,6 +369,8 @@ def test_regression_late_drop_frees_parity_of_newer_timeline(clusters, zygote):
 # --------------------------------------------------------------------------- finding 6
 
 
+@pytest.mark.skipif(not LONG, reason="make faults: a 10 s save loop (the budget is also "
+                    "checked by test_fault_memory.py in the quick suite)")
 def test_regression_memory_grows_outside_the_limit_while_a_peer_is_down(clusters, zygote):
     from harness import proc_stats
 
