@@ -155,8 +155,8 @@ class Protector:
         self._held: dict[int, dict[str, NodeView]] = {}
         #: job -> this node's job-wide step: it only moves up (see job_wide).
         self._pin: dict[str, int] = {}
-        self._heard: set[int] = set()
-        #: Reports received per node (a recovery waits for a round sent after it started), and
+        #: Reports received per node since this start (a recovery waits for a round sent after
+        #: it started; a node in it was heard from), and
         #: the nodes that last said they are recovering, with when (see _set_pins).
         self._reports: dict[int, int] = {}
         self._report_at: dict[int, float] = {}
@@ -271,6 +271,7 @@ class Protector:
         with self._lock:
             for key in [k for k in self._sent if k not in present]:
                 del self._sent[key]
+            self._unprotected &= present         # steps no longer held: forgotten
         for job in sorted({job for job, _ in present}):
             held = self.store.versions(job)
             steps = {max(v.step for v in held)}
@@ -312,8 +313,6 @@ class Protector:
                 self._sent[(job, step)] = (self._clock() - self.encode_timeout + 2.0, "")
                 again = (job, step) in self._unprotected
                 self._unprotected.add((job, step))
-                if len(self._unprotected) > 4096:          # a bound: forget the oldest
-                    self._unprotected = set(sorted(self._unprotected)[-1024:])
             # Once per step at WARNING (retries say it again at DEBUG).
             log.log(logging.DEBUG if again else logging.WARNING,
                     "job %r step %d stays unprotected: %s", job, step, exc)
@@ -784,7 +783,6 @@ class Protector:
             held = {j.job: NodeView(j.floor, tuple(j.held), tuple(j.ranks), j.world, j.pin,
                                     tuple(j.protected))
                     for j in msg.jobs}
-            self._heard.add(msg.src)
             self._reports[msg.src] = self._reports.get(msg.src, 0) + 1
             self._report_at[msg.src] = self._clock()
             if msg.recovering:
@@ -892,7 +890,7 @@ class Protector:
     def reported(self, slot: int) -> bool:
         """Whether ``slot`` reported its floors since this daemon started."""
         with self._lock:
-            return slot in self._heard
+            return slot in self._reports
 
     def others_floor(self, job: str) -> int | None:
         """The job-wide step of ``job`` by the other nodes' reports (None: none): the newest
