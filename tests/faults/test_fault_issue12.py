@@ -129,6 +129,9 @@ def test_regression_error_reply_without_request_id(clusters):
 # --------------------------------------------------------------------------- finding 3
 
 
+@pytest.mark.skipif(not LONG, reason="make faults: 15 s of daemon restarts (the manifest's "
+                    "protected flag is checked in every run by test_store.py's "
+                    "test_protected_flag_survives_adoption)")
 def test_regression_adoption_discards_newest_protected_step(clusters, zygote):
     cluster = clusters(4, k=2, m=2, args=FAST)
     cluster.start()
@@ -512,6 +515,8 @@ def test_regression_guessable_handles_let_another_job_abort_and_release(clusters
 # --------------------------------------------------------------------------- second review
 
 
+@pytest.mark.skipif(not LONG, reason="make faults: 14 s with a holder down for a retry "
+                    "round (keeps make test within its 12 minutes)")
 def test_regression_retried_fragment_marked_stale_while_a_holder_is_down(clusters, zygote):
     """A data node re-sends a fragment (its retry) while a parity holder of the stripe is down:
     the first holder took the re-send for another version of the step and marked its own
