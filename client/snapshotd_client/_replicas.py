@@ -26,7 +26,8 @@ rank's daemon codes its data across nodes (``m > 0``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -45,21 +46,38 @@ def is_marker(value: Any) -> bool:
     return isinstance(value, dict) and MARK in value
 
 
-def _walk(obj: Any, path: Path = ()) -> Iterator[tuple[Path, Any]]:
-    """(path, leaf) for every plain tensor and marker in nested dicts, lists and tuples."""
-    if is_marker(obj) or (isinstance(obj, torch.Tensor) and not is_dtensor(obj)):
+def _plain_leaf(obj: Any) -> bool:
+    """A leaf of a data-parallel (DDP) split: a plain tensor or a marker of one."""
+    return (is_marker(obj) and "mesh" not in obj) or (
+        isinstance(obj, torch.Tensor) and not is_dtensor(obj))
+
+
+def _dtensor_leaf(obj: Any) -> bool:
+    """A leaf of a DTensor split: a DTensor replicated over a mesh dimension, or a marker of
+    one."""
+    return (is_marker(obj) and "mesh" in obj) or (is_dtensor(obj) and
+                                                   replica_dim(obj) is not None)
+
+
+def _walk(obj: Any, path: Path = (), leaf: Any = _plain_leaf) -> Iterator[tuple[Path, Any]]:
+    """(path, leaf) for every leaf (plain tensors and their markers unless ``leaf`` says
+    otherwise) in nested dicts, lists and tuples."""
+    if leaf(obj):
         yield path, obj
-    elif isinstance(obj, dict):
+    elif isinstance(obj, dict) and not is_marker(obj):
         for key, value in obj.items():
-            yield from _walk(value, (*path, key))
+            yield from _walk(value, (*path, key), leaf)
     elif isinstance(obj, (list, tuple)):
         for i, value in enumerate(obj):
-            yield from _walk(value, (*path, i))
+            yield from _walk(value, (*path, i), leaf)
 
 
 def _describe(leaf: Any) -> tuple[str, tuple[int, ...]]:
+    """dtype and shape of a leaf: a marker's record, a DTensor's local shard, a tensor."""
     if is_marker(leaf):
         return str(leaf["dtype"]), tuple(int(n) for n in leaf["shape"])
+    if is_dtensor(leaf):
+        leaf = leaf.to_local()
     return str(leaf.dtype).removeprefix("torch."), tuple(leaf.shape)
 
 
@@ -70,11 +88,11 @@ def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
     return numel * torch.empty((), dtype=getattr(torch, dtype)).element_size()
 
 
-def entries(state: Any) -> list[tuple[Path, str, tuple[int, ...], int]]:
+def entries(state: Any, leaf: Any = _plain_leaf) -> list[tuple[Path, str, tuple[int, ...], int]]:
     """(path, dtype, shape, bytes) of every tensor or marker in ``state``."""
     out = []
-    for path, leaf in _walk(state):
-        dtype, shape = _describe(leaf)
+    for path, value in _walk(state, (), leaf):
+        dtype, shape = _describe(value)
         out.append((path, dtype, shape, _nbytes(dtype, shape)))
     return out
 
@@ -93,17 +111,17 @@ def plan(items: list[tuple[Path, str, tuple[int, ...], int]], size: int) -> dict
     return owners
 
 
-def _rebuild(obj: Any, path: Path, fn: Any) -> Any:
+def _rebuild(obj: Any, path: Path, fn: Any, leaf: Any = _plain_leaf) -> Any:
     """A copy of the containers of ``obj`` with every leaf replaced by ``fn(path, leaf)``
     (the live state's own dicts, e.g. an optimizer's per-parameter state, are not touched)."""
-    if is_marker(obj) or (isinstance(obj, torch.Tensor) and not is_dtensor(obj)):
+    if leaf(obj):
         return fn(path, obj)
-    if isinstance(obj, dict):
-        return {key: _rebuild(value, (*path, key), fn) for key, value in obj.items()}
+    if isinstance(obj, dict) and not is_marker(obj):
+        return {key: _rebuild(value, (*path, key), fn, leaf) for key, value in obj.items()}
     if isinstance(obj, list):
-        return [_rebuild(value, (*path, i), fn) for i, value in enumerate(obj)]
+        return [_rebuild(value, (*path, i), fn, leaf) for i, value in enumerate(obj)]
     if isinstance(obj, tuple):
-        return tuple(_rebuild(value, (*path, i), fn) for i, value in enumerate(obj))
+        return tuple(_rebuild(value, (*path, i), fn, leaf) for i, value in enumerate(obj))
     return obj
 
 
@@ -170,3 +188,133 @@ def reassemble(state: Any, group: Any, size: int) -> Any:
                 getattr(torch, dtype)).reshape(shape)
             offset += nbytes
     return _rebuild(state, (), lambda path, leaf: received.get(path, leaf))
+
+
+# ---------------------------------------------------------------------- DTensor replicas
+
+
+def replica_dim(t: Any) -> int | None:
+    """The first mesh dimension over which DTensor ``t`` is replicated (a ``Replicate()``
+    placement on a dimension of more than one rank), or None. The ranks that differ only in
+    that coordinate hold the same local tensor: HSDP's replicate dimension, or a tensor-parallel
+    dimension for a replicated bias or norm weight."""
+    from torch.distributed.tensor.placement_types import Replicate
+
+    mesh = t.device_mesh
+    for dim, placement in enumerate(t.placements):
+        if isinstance(placement, Replicate) and mesh.size(dim) > 1:
+            return dim
+    return None
+
+
+def _group_key(desc: dict[str, Any], dim: int) -> str:
+    return json.dumps([desc, dim], sort_keys=True)
+
+
+def _dtensor_groups(state: Any, meshes: Sequence[Any]
+                    ) -> dict[str, tuple[Any, int, list[tuple[Path, str, tuple[int, ...], int]]]]:
+    """The replicated DTensors (and their markers) of ``state`` by replica group: key ->
+    (mesh, mesh dimension, entries). A marker's mesh is found among ``meshes`` by its
+    description."""
+    from ._flatten import describe_mesh
+
+    known = [(describe_mesh(m), m) for m in meshes]
+    groups: dict[str, tuple[Any, int, list]] = {}
+    for path, leaf in _walk(state, (), _dtensor_leaf):
+        if is_marker(leaf):
+            dim = int(leaf["dim"])
+            mesh = next((m for desc, m in known if desc == leaf["mesh"]), None)
+            if mesh is None:
+                raise ValueError(f"{path}: the snapshot's share of this tensor is held by the "
+                                 f"rank at replica {leaf[MARK]} of a mesh no live DTensor is on "
+                                 f"({leaf['mesh']}); restore inside the job, on the meshes it "
+                                 "saved with")
+            desc = leaf["mesh"]
+        else:
+            found = replica_dim(leaf)
+            assert found is not None                        # _dtensor_leaf checked it
+            mesh, dim = leaf.device_mesh, found
+            desc = describe_mesh(mesh)
+        dtype, shape = _describe(leaf)
+        key = _group_key(desc, dim)
+        groups.setdefault(key, (mesh, dim, []))[2].append(
+            (path, dtype, shape, _nbytes(dtype, shape)))
+    return groups
+
+
+def split_dtensors(state: Any) -> Any:
+    """``state`` with a marker in place of every replicated DTensor that another rank of its
+    replica group stores. Each replica group (the ranks of one mesh dimension that hold the
+    same local tensors) deals its tensors out by size with :func:`plan`, the same on each of
+    its ranks; a marker records the DTensor (global shape, stride, placements, mesh) so that
+    :func:`reassemble_dtensors` can rebuild it."""
+    from ._flatten import _placement_text, describe_mesh
+
+    owners: dict[Path, tuple[int, int]] = {}          # path -> (owner, my index in the group)
+    for mesh, dim, items in _dtensor_groups(state, ()).values():
+        me = mesh.get_local_rank(dim)
+        for path, owner in plan(items, mesh.size(dim)).items():
+            owners[path] = (owner, me)
+
+    def keep_or_mark(path: Path, leaf: Any) -> Any:
+        owner, me = owners.get(path, (None, None))
+        if owner is None or owner == me:
+            return leaf
+        dtype, shape = _describe(leaf)
+        return {MARK: owner, "dtype": dtype, "shape": list(shape),
+                "mesh": describe_mesh(leaf.device_mesh), "dim": replica_dim(leaf),
+                "global": list(leaf.shape), "stride": list(leaf.stride()),
+                "placements": [_placement_text(p, repr(path)) for p in leaf.placements]}
+    return _rebuild(state, (), keep_or_mark, _dtensor_leaf)
+
+
+def reassemble_dtensors(state: Any, meshes: Sequence[Any]) -> Any:
+    """Fill every DTensor marker of ``state`` (from :func:`split_dtensors`) with the DTensor
+    its owner restored: per replica group (in one order on every rank), one broadcast per
+    owner over the mesh dimension's process group. Every rank of the job calls this with the
+    same step. Raises ValueError if the markers do not match the plan."""
+    import torch.distributed as dist
+
+    from ._flatten import _dtensor_type, _placement
+
+    received: dict[Path, Any] = {}
+    groups = _dtensor_groups(state, meshes)
+    leaves = dict(_walk(state, (), _dtensor_leaf))
+    for key in sorted(groups):
+        mesh, dim, items = groups[key]
+        size, me, group = mesh.size(dim), mesh.get_local_rank(dim), mesh.get_group(dim)
+        owners = plan(items, size)
+        marked = {p: leaves[p][MARK] for p, *_ in items if is_marker(leaves[p])}
+        wrong = [p for p, o in marked.items() if owners.get(p) != o or o == me]
+        if wrong:
+            raise ValueError(f"replica {me} of mesh dimension {dim}: the snapshot's split does "
+                             f"not match its layout (tensors {wrong[:4]}); were the ranks' "
+                             "snapshots taken with different models?")
+        shapes = {p: (dtype, shape, nbytes) for p, dtype, shape, nbytes in items}
+        device = collective_device(group)
+        for owner in range(size):
+            paths = sorted((p for p, o in owners.items() if o == owner), key=repr)
+            total = sum(shapes[p][2] for p in paths)
+            if not paths or total == 0:
+                continue
+            if owner == me:
+                buf = torch.cat([leaves[p].to_local().detach().contiguous().reshape(-1)
+                                 .view(torch.uint8) for p in paths]).to(device)
+            else:
+                buf = torch.empty(total, dtype=torch.uint8, device=device)
+            dist.broadcast(buf, src=dist.get_global_rank(group, owner), group=group)
+            if owner == me:
+                continue
+            offset = 0
+            for p in paths:
+                dtype, shape, nbytes = shapes[p]
+                mark = leaves[p]
+                local = buf[offset:offset + nbytes].clone().view(
+                    getattr(torch, dtype)).reshape(shape).to(mesh.device_type)
+                offset += nbytes
+                with torch.no_grad():
+                    received[p] = _dtensor_type().from_local(
+                        local, mesh, [_placement(t) for t in mark["placements"]],
+                        run_check=False, shape=torch.Size(mark["global"]),
+                        stride=tuple(mark["stride"]))
+    return _rebuild(state, (), lambda path, leaf: received.get(path, leaf), _dtensor_leaf)

@@ -78,6 +78,9 @@ FORMAT = 1
 #: ``"dcp"`` goes through ``torch.distributed.checkpoint.state_dict``'s ``get_state_dict`` /
 #: ``set_state_dict`` (optimizer state keyed by parameter name; FSDP1 and other wrappers).
 STATE_DICTS = ("module", "dcp")
+#: TrainingState._split_group's answer when replicated DTensors are split over their mesh
+#: dimensions (each replica group of each tensor separately) rather than over a DDP group.
+_DTENSORS = "dtensors"
 
 
 class Stateful(Protocol):
@@ -123,14 +126,18 @@ class TrainingState:
             same loss scale), EMA weights, a stateful data loader, a second optimizer, ...
             Their state dicts may hold tensors (DTensors too), numpy arrays and plain values;
             EMA tensors and anything else not guarded by ``protect()`` are copied at ``save()``.
-        split_replicas: with ``model`` a ``DistributedDataParallel`` and every rank's daemon
-            coding its data across nodes (``m > 0``), store each replicated tensor (parameters,
-            buffers, optimizer state) on one rank of the replica group only: each of the ``d``
-            ranks stores about ``1/d`` (default True; False: every rank stores everything).
-            Decided once, at the first save, with one ``all_reduce`` over the group; a restore
-            gathers the shares with one broadcast per rank. Where a node loss would lose the
-            only copy of a share (a daemon with ``m = 0``) every rank stores everything, and
-            that is logged. Pass the DDP wrapper as ``model`` for this.
+        split_replicas: store each replicated tensor on one rank of its replica group only,
+            where every rank's daemon codes its data across nodes (``m > 0``): each of the
+            ``d`` replicas stores about ``1/d`` (default True; False: every rank stores
+            everything). With ``model`` a ``DistributedDataParallel`` (pass the wrapper) the
+            replicas are the DDP group and every tensor of the model and optimizer state is
+            dealt out; with DTensors (HSDP's replicate dimension, a tensor-parallel
+            ``Replicate()`` bias) each DTensor replicated over a mesh dimension is dealt out
+            among the ranks of that dimension. Decided once, at the first save, with one
+            ``all_reduce``; a restore (into fresh tensors, then loaded) gathers the shares
+            with one broadcast per rank and group. Where a node loss would lose the only copy
+            of a share (a daemon with ``m = 0``) every rank stores everything, and that is
+            logged.
         state_dicts: ``"module"`` (default): the model's and optimizer's own ``state_dict()``
             and ``load_state_dict()``, as DDP, FSDP2 (``fully_shard``) and tensor parallelism
             return them (DTensors for sharded parameters and moments). ``"dcp"``: through
@@ -282,18 +289,22 @@ class TrainingState:
                               if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
                               and m.max_norm is not None]
         state = self.state_dict(step)
-        group = self._split_group(client)
-        if group is not None:
+        split = self._split_group(client)
+        if split is not None:
             import torch.distributed as dist
 
-            size = dist.get_world_size(group)
             shared = {"model": state["model"], "optimizer": state.get("optimizer")}
-            owners = _replicas.plan(_replicas.entries(shared), size)
-            shared = _replicas.split(shared, owners, dist.get_rank(group))
+            if isinstance(split, str):                     # _DTENSORS
+                shared = _replicas.split_dtensors(shared)
+                state["replicas"] = {"dtensors": True}
+            else:
+                size = dist.get_world_size(split)
+                owners = _replicas.plan(_replicas.entries(shared), size)
+                shared = _replicas.split(shared, owners, dist.get_rank(split))
+                state["replicas"] = {"size": size}
             state["model"] = shared["model"]
             if self.optimizer is not None:
                 state["optimizer"] = shared["optimizer"]
-            state["replicas"] = {"size": size}
         return client.save(step, state, copy_now=changed_by_forward)
 
     def _replica_group(self) -> Any:
@@ -306,15 +317,27 @@ class TrainingState:
         group = self.model.process_group
         return group if dist.get_world_size(group) > 1 else None
 
+    def _replicated_dtensors(self) -> bool:
+        """Whether the model has DTensors replicated over a mesh dimension of several ranks
+        (HSDP's replicate dimension, a tensor-parallel bias) that a save may split."""
+        if not self.split_replicas or not _distributed() or self._replica_group() is not None:
+            return False
+        return any(is_dtensor(t) and _replicas.replica_dim(t) is not None
+                   for t in _unwrap(self.model).parameters())
+
     def _split_group(self, client: SnapshotClient) -> Any:
-        """The group to split replicated state over, decided once (collectively) at the first
-        save: only where every rank's daemon codes its data across nodes."""
+        """How replicated state is split, decided once (collectively) at the first save: the
+        DDP group, :data:`_DTENSORS` (each DTensor over its replica mesh dimension), or None
+        (whole). Split only where every rank's daemon codes its data across nodes."""
         if self._split is not False:
             return self._split
-        group = self._replica_group()
-        if group is not None:
-            import torch.distributed as dist
+        import torch.distributed as dist
 
+        split = self._replica_group()
+        group = split
+        if split is None and self._replicated_dtensors():
+            split, group = _DTENSORS, dist.group.WORLD
+        if split is not None:
             from ._client import SnapshotError
 
             try:
@@ -328,25 +351,36 @@ class TrainingState:
                 log.warning("replicated state is stored whole on every rank: a daemon of the "
                             "job does not code its data across nodes (m = 0), so a node loss "
                             "would lose the only copy of a share")
-                group = None
-        self._split = group
-        return group
+                split = None
+        self._split = split
+        return split
 
     def _gather(self, state: dict[str, Any], group: Any) -> dict[str, Any]:
         """Fill the shares other replicas stored (every rank restores the same step)."""
-        size = int(state["replicas"]["size"])
-        if group is None:
-            raise ValueError(f"this snapshot is split across {size} data-parallel replicas: "
-                             "restore it inside the job (torch.distributed initialised, the "
-                             "DDP-wrapped model passed to TrainingState, split_replicas=True)")
-        import torch.distributed as dist
+        if state["replicas"].get("dtensors"):
+            if not _distributed():
+                raise ValueError("this snapshot's replicated DTensors are split across their "
+                                 "replica groups: restore it inside the job (torch.distributed "
+                                 "initialised, split_replicas=True)")
+            shared = _replicas.reassemble_dtensors({"model": state["model"],
+                                                    "optimizer": state.get("optimizer")},
+                                                   self.meshes())
+        else:
+            size = int(state["replicas"]["size"])
+            if group is None:
+                raise ValueError(f"this snapshot is split across {size} data-parallel "
+                                 "replicas: restore it inside the job (torch.distributed "
+                                 "initialised, the DDP-wrapped model passed to TrainingState, "
+                                 "split_replicas=True)")
+            import torch.distributed as dist
 
-        if dist.get_world_size(group) != size:
-            raise ValueError(f"this snapshot is split across {size} replicas and the job's "
-                             f"replica group has {dist.get_world_size(group)} ranks: restoring "
-                             "at another world size is not supported yet (issue 14)")
-        shared = _replicas.reassemble({"model": state["model"],
-                                       "optimizer": state.get("optimizer")}, group, size)
+            if dist.get_world_size(group) != size:
+                raise ValueError(f"this snapshot is split across {size} replicas and the job's "
+                                 f"replica group has {dist.get_world_size(group)} ranks: "
+                                 "restoring at another world size is not supported yet "
+                                 "(issue 14)")
+            shared = _replicas.reassemble({"model": state["model"],
+                                           "optimizer": state.get("optimizer")}, group, size)
         state = dict(state, model=shared["model"])
         if shared["optimizer"] is not None:
             state["optimizer"] = shared["optimizer"]
@@ -448,7 +482,8 @@ class TrainingState:
         # The model exists already: fill its tensors in place (no fresh memory to fault in),
         # once the whole snapshot is known to fit (checked before any byte is written); a
         # snapshot that may be split across replicas is gathered first.
-        into = None if group is not None else {"model": self._model_state()}
+        split = group is not None or self._replicated_dtensors()
+        into = None if split else {"model": self._model_state()}
         # The rest (optimizer state, ...) comes back fresh: mapped copy-on-write when it is
         # moved to an accelerator by load_state_dict (the mapping is freed right after), copied
         # when it stays on the CPU (it lives as long as the run, and would keep the version

@@ -74,3 +74,68 @@ def test_two_replicas_reassemble_every_tensor_bit_for_bit():
     for proc in procs:
         proc.join(30)
     assert results == [(0, True, False), (1, True, False)], results
+
+
+def _dtensor_worker(rank, port, queue):
+    """One of 4 ranks on a 2x2 (replicate, shard) mesh, HSDP's layout: DTensors replicated
+    over dimension 0 (and one over both) are split and reassembled bit for bit."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    dist.init_process_group("gloo", rank=rank, world_size=4)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    torch.manual_seed(0)                            # the same global tensors on every rank
+    hsdp, both = [Replicate(), Shard(0)], [Replicate(), Replicate()]
+    full = {"model": {"w": distribute_tensor(torch.randn(301, 7), mesh, hsdp),   # uneven
+                      "e": distribute_tensor(torch.randn(64, 33).bfloat16(), mesh, hsdp),
+                      "r": distribute_tensor(torch.randn(700).double(), mesh, both),
+                      "tiny": distribute_tensor(torch.randn(4, 2), mesh, hsdp),
+                      "plain": torch.arange(5000)},
+            "optimizer": {"state": {0: {"exp_avg": distribute_tensor(torch.randn(300, 9), mesh,
+                                                                      hsdp),
+                                        "step": torch.tensor(2.0)}}}}
+    split = r.split_dtensors(full)
+    kept = [p for p, leaf in r._walk(split, (), r._dtensor_leaf) if not r.is_marker(leaf)]
+    marks = [p for p, leaf in r._walk(split, (), r._dtensor_leaf) if r.is_marker(leaf)]
+    # JSON-like round trip of the markers, as a snapshot's skeleton gives them back.
+    import json
+    split = r._rebuild(split, (), lambda p, leaf: json.loads(json.dumps(leaf))
+                       if r.is_marker(leaf) else leaf, r._dtensor_leaf)
+    back = r.reassemble_dtensors(split, [mesh])
+    same = True
+    for (pa, a), (pb, b) in zip(r._walk(full, (), r._dtensor_leaf),
+                                r._walk(back, (), r._dtensor_leaf), strict=True):
+        same &= (pa == pb and a.placements == b.placements and a.shape == b.shape
+                 and a.device_mesh is b.device_mesh
+                 and torch.equal(a.to_local().view(-1).view(torch.uint8),
+                                 b.to_local().view(-1).view(torch.uint8)))
+    same &= back["model"]["plain"] is full["model"]["plain"]
+    queue.put((rank, same, sorted(map(repr, kept)), sorted(map(repr, marks))))
+    dist.destroy_process_group()
+
+
+def test_replicated_dtensors_split_over_their_mesh_dimension_and_reassemble_bit_for_bit():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_dtensor_worker, args=(rank, port, queue)) for rank in range(4)]
+    for proc in procs:
+        proc.start()
+    results = sorted(queue.get(timeout=90) for _ in procs)
+    for proc in procs:
+        proc.join(30)
+    assert all(same for _, same, _, _ in results), results
+    big = {"('model', 'w')", "('model', 'e')", "('model', 'r')",
+           "('optimizer', 'state', 0, 'exp_avg')"}
+    for rank, _, kept, marks in results:
+        assert "('model', 'tiny')" in kept and "('model', 'tiny')" not in marks  # < 1 KiB
+        assert set(kept) | set(marks) == big | {"('model', 'tiny')"}
+        assert 1 <= len(marks) <= 3, (rank, marks)     # the group splits, nobody keeps all
+    # Ranks 0 and 2 (and 1 and 3) are one replica group: each big tensor is kept by one.
+    by_rank = {rank: set(kept) & big for rank, _, kept, _ in results}
+    for a, b in ((0, 2), (1, 3)):
+        assert by_rank[a] | by_rank[b] == big and not by_rank[a] & by_rank[b], by_rank
