@@ -99,3 +99,11 @@ def torchrun_standalone(script, nproc, endpoint, out, *args, timeout=180):
     text = (Path(out) / "torchrun.log").read_text()
     assert rc == 0, f"torchrun exited with {rc} (None: timed out):\n{text[-6000:]}"
     return text
+
+
+def list_versions(spec, job):
+    ch = Channel(spec.control, timedelta(seconds=30))
+    try:
+        return ch.call(p.ListVersions(job)).versions
+    finally:
+        ch.close()

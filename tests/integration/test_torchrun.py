@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import torchrun_standalone
+from conftest import list_versions, torchrun_standalone
 from snapshotd.common import protocol as p
 from snapshotd.common.channel import Channel
 from snapshotd.tools.torchrun import (
@@ -52,14 +52,6 @@ def starts(out):
 def assert_same_params(reference_pt, run_pt):
     same, detail = compare_params(reference_pt, run_pt)
     assert same, detail
-
-
-def list_versions(spec, job):
-    ch = Channel(spec.control, timedelta(seconds=30))
-    try:
-        return ch.call(p.ListVersions(job)).versions
-    finally:
-        ch.close()
 
 
 def newest_bytes(spec, job):
