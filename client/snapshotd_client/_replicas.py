@@ -318,3 +318,51 @@ def reassemble_dtensors(state: Any, meshes: Sequence[Any]) -> Any:
                         run_check=False, shape=torch.Size(mark["global"]),
                         stride=tuple(mark["stride"]))
     return _rebuild(state, (), lambda path, leaf: received.get(path, leaf), _dtensor_leaf)
+
+
+def fill_from_owners(states: dict[int, Any]) -> list[str]:
+    """Outside the job (``snapshotctl export``): fill the markers of each rank's snapshot
+    (``states``: global rank -> the state a ``read(local_shards=True)`` gave, a TrainingState
+    dict) with the owner rank's tensor, in place. A DDP split's owner is its rank in the DDP
+    group, taken as the global rank (the default group); a DTensor's is the rank at this rank's
+    mesh coordinate with the replica dimension's coordinate replaced. Returns what could not be
+    filled (owner not among ``states``), one line per tensor."""
+    missing: list[str] = []
+    for rank, state in states.items():
+        if not isinstance(state, dict) or "replicas" not in state:
+            continue
+        shared = {"model": state.get("model"), "optimizer": state.get("optimizer")}
+
+        def fill(path: Path, leaf: Any, rank: int = rank) -> Any:
+            if not is_marker(leaf):
+                return leaf
+            owner = _owner_rank(rank, leaf)
+            value = states.get(owner) if owner is not None else None
+            for key in path if value is not None else ():
+                value = value[key] if isinstance(value, (dict, list, tuple)) else None
+            if not isinstance(value, torch.Tensor):
+                missing.append(f"rank {rank} {path}: stored by rank {owner}")
+                return leaf
+            return value
+
+        filled = _rebuild(shared, (), fill, lambda o: is_marker(o) or isinstance(o, torch.Tensor))
+        state["model"] = filled["model"]
+        if state.get("optimizer") is not None:
+            state["optimizer"] = filled["optimizer"]
+        if not any(m.startswith(f"rank {rank} ") for m in missing):
+            del state["replicas"]
+    return missing
+
+
+def _owner_rank(rank: int, marker: dict[str, Any]) -> int | None:
+    """The global rank that stores what ``marker`` (in ``rank``'s snapshot) stands for."""
+    owner = int(marker[MARK])
+    if "mesh" not in marker:
+        return owner
+    grid = torch.tensor(marker["mesh"]["ranks"])
+    where = (grid == rank).nonzero()
+    if len(where) != 1:
+        return None
+    coordinate = where[0].tolist()
+    coordinate[int(marker["dim"])] = owner
+    return int(grid[tuple(coordinate)])

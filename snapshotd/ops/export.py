@@ -3,7 +3,9 @@
 Needs torch and ``snapshotd_client`` (installed on training nodes); the daemon itself does not.
 One rank is written as its own state dict; several ranks are written under ``rank<N>`` keys.
 Sharded state (DTensors of FSDP2, tensor parallel, HSDP) is written as each rank's local shards,
-plain tensors; a global checkpoint resharded from them is issue 14.
+plain tensors; a global checkpoint resharded from them is issue 14. Replicated state that the
+ranks split among themselves (``split_replicas``) is written whole for every rank, each tensor
+taken from the rank that stored it, which must be exported too.
 Load it without snapshotd::
 
     import torch.distributed.checkpoint as dcp
@@ -85,6 +87,17 @@ def export(control: str, job: str, step: int | None, out: str,
             _, states[rank] = got
             nbytes += _tensor_bytes(states[rank])
         _progress(i + 1, len(chosen), nbytes, progress)
+    # Replicated state split across replicas (TrainingState's split_replicas): each rank's
+    # snapshot holds a marker where another rank stored the tensor; the export writes every
+    # rank whole, the tensor taken from the rank that stored it.
+    from snapshotd_client._replicas import fill_from_owners
+
+    missing = fill_from_owners(states)
+    if missing:
+        raise SystemExit(f"job {job!r} step {step}: {len(missing)} replicated tensors of the "
+                         f"ranks asked are stored by ranks not exported (ranks held here: "
+                         f"{sorted(held)}): {'; '.join(missing[:4])}; export those ranks too "
+                         "(from the node that holds them: exports across nodes are issue 14)")
     state = states[chosen[0]] if len(chosen) == 1 else {f"rank{r}": s for r, s in states.items()}
     dcp.save(state, checkpoint_id=out, no_dist=True)
     return {"job": job, "step": step, "ranks": chosen, "out": out, "bytes": nbytes}

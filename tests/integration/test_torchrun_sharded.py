@@ -23,8 +23,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from conftest import torchrun_standalone
+from conftest import list_versions, torchrun_standalone
+from snapshotd.ops.export import export
 from snapshotd.tools.torchrun import (
     compare_params,
     read_jsonl,
@@ -36,18 +38,22 @@ TINY = ["--size", "tiny"]
 LONG = os.environ.get("SNAPSHOTD_FAULT_RUNS", "quick").strip().lower() == "long"
 
 
-def killed_rank_resumes_bit_exact(cluster_factory, tmp_path, nproc, *args, steps=24):
+def killed_rank_resumes_bit_exact(cluster_factory, tmp_path, nproc, *args, steps=24,
+                                  coded=False):
     rng = random.Random(os.environ.get("SNAPSHOTD_TEST_SEED") or time.time_ns())
     rank, step = rng.randrange(nproc), rng.randrange(4, steps - 2)
     why = f"(rank {rank} of {nproc} killed at step {step}, {args})"
     # keep=4: commits are asynchronous, so when a rank dies in step s the others may have
     # committed s while its newest is s-2 or s-3 (see test_torchrun.py).
-    cluster = cluster_factory(1, args=["--keep", "4"])
+    # coded: a second daemon codes the first one's data (k=1, m=1), so replicated state is
+    # split across its replicas (TrainingState's split_replicas).
+    cluster = (cluster_factory(2, k=1, m=1, args=["--keep", "4", "--insecure"]) if coded
+               else cluster_factory(1, args=["--keep", "4"]))
     cluster.start()
     out = tmp_path / "faulted"
+    job = f"s-{uuid.uuid4().hex[:6]}"
     torchrun_standalone(SCRIPT, nproc, cluster.specs[0].control, out, "--steps", str(steps),
-                        "--job",
-             f"s-{uuid.uuid4().hex[:6]}", "--fail-at", f"{rank}:{step}", *args)
+                        "--job", job, "--fail-at", f"{rank}:{step}", *args)
     events = read_jsonl(out / "events.jsonl")
     starts = [e for e in events if e["event"] == "start"]
     first = [e for e in starts if e["attempt"] == 0]
@@ -75,6 +81,25 @@ def killed_rank_resumes_bit_exact(cluster_factory, tmp_path, nproc, *args, steps
     assert len(moments) == 2 * len([k for k in final if k.startswith("param/")]) > 0
     same, detail = compare_params(ref / "final.pt", out / "final.pt")
     assert same, (why, detail)
+    if coded:
+        # HSDP on 2x2: a rank's local shards are half of the global parameters and moments;
+        # split over the replica pair, its version holds about half of those.
+        model_bytes = sum(t.numel() * t.element_size() for k, t in final.items()
+                          if k.startswith(("param/", "exp_avg/", "exp_avg_sq/")))
+        held = list_versions(cluster.specs[0], job)
+        newest = [v.nbytes for v in held if v.step == max(h.step for h in held)]
+        assert len(newest) == nproc and all(
+            0.2 * model_bytes < n < 0.35 * model_bytes for n in newest), (newest, model_bytes)
+        # snapshotctl export writes every rank whole, each replicated shard taken from the rank
+        # of the replica pair that stored it: the pairs (0, 2) and (1, 3) hold equal shards.
+        export(cluster.specs[0].control, job, None, str(tmp_path / "export"), progress=False)
+        dcp_to_torch_save(tmp_path / "export", tmp_path / "export.pt")
+        # (weights_only=False: the trainer's data position and RNG states hold numpy arrays)
+        exported = torch.load(tmp_path / "export.pt", weights_only=False)
+        for a, b in ((0, 2), (1, 3)):
+            ma, mb = exported[f"rank{a}"]["model"], exported[f"rank{b}"]["model"]
+            assert ma.keys() == mb.keys() and all(
+                isinstance(ma[k], torch.Tensor) and torch.equal(ma[k], mb[k]) for k in ma)
 
 
 @pytest.mark.timeout(300)
@@ -85,10 +110,10 @@ def test_fsdp2_rank_killed_resumes_bit_exact(cluster_factory, tmp_path):
 @pytest.mark.skipif(not LONG, reason="4-rank torchrun jobs: SNAPSHOTD_FAULT_RUNS=long "
                                      "(make faults); test_sharded_state.py covers the layouts")
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("nproc, args", [
-    (4, ["--parallel", "fsdp-tp"]),
-    (4, ["--parallel", "hsdp", "--state-dicts", "dcp"]),
-    (2, ["--state-dicts", "dcp"]),
-], ids=["fsdp-tp-2x2", "hsdp-2x2-dcp", "fsdp-dcp"])
-def test_sharded_rank_killed_resumes_bit_exact(cluster_factory, tmp_path, nproc, args):
-    killed_rank_resumes_bit_exact(cluster_factory, tmp_path, nproc, *args)
+@pytest.mark.parametrize("nproc, args, coded", [
+    (4, ["--parallel", "fsdp-tp"], False),
+    (4, ["--parallel", "hsdp", "--state-dicts", "dcp"], True),
+    (2, ["--state-dicts", "dcp"], False),
+], ids=["fsdp-tp-2x2", "hsdp-2x2-dcp-split", "fsdp-dcp"])
+def test_sharded_rank_killed_resumes_bit_exact(cluster_factory, tmp_path, nproc, args, coded):
+    killed_rank_resumes_bit_exact(cluster_factory, tmp_path, nproc, *args, coded=coded)

@@ -139,3 +139,33 @@ def test_replicated_dtensors_split_over_their_mesh_dimension_and_reassemble_bit_
     by_rank = {rank: set(kept) & big for rank, _, kept, _ in results}
     for a, b in ((0, 2), (1, 3)):
         assert by_rank[a] | by_rank[b] == big and not by_rank[a] & by_rank[b], by_rank
+
+
+def test_an_export_fills_every_marker_from_the_rank_that_stored_it():
+    w, v = torch.randn(300, 4), torch.randn(500)
+    mesh = {"device": "cpu", "dims": ["replicate", "shard"], "ranks": [[0, 1], [2, 3]]}
+
+    def dt_marker(owner):
+        return {r.MARK: owner, "dtype": "float32", "shape": [500], "mesh": mesh, "dim": 0,
+                "global": [1000], "stride": [1], "placements": ["R", "S(0)"]}
+
+    states = {
+        0: {"model": {"w": w, "v": v}, "optimizer": None, "replicas": {"dtensors": True}},
+        1: {"model": {"w": w.clone(), "v": v + 1}, "optimizer": None,
+            "replicas": {"dtensors": True}},
+        2: {"model": {"w": w.clone(), "v": dt_marker(0)}, "optimizer": None,
+            "replicas": {"dtensors": True}},
+        3: {"model": {"w": {r.MARK: 0, "dtype": "float32", "shape": [300, 4]},   # DDP-style
+                      "v": dt_marker(0)}, "optimizer": None, "replicas": {"size": 4}},
+    }
+    assert r.fill_from_owners(states) == []
+    assert states[2]["model"]["v"] is v                   # rank 2's pair is rank 0
+    assert torch.equal(states[3]["model"]["v"], v + 1)    # rank 3's pair is rank 1
+    assert states[3]["model"]["w"] is w                   # DDP: the owner's global rank
+    assert all("replicas" not in s for s in states.values())
+
+    alone = {2: {"model": {"v": dt_marker(0)}, "optimizer": None,
+                 "replicas": {"dtensors": True}}}
+    missing = r.fill_from_owners(alone)
+    assert missing == ["rank 2 ('model', 'v'): stored by rank 0"]
+    assert r.is_marker(alone[2]["model"]["v"]) and "replicas" in alone[2]
