@@ -4,7 +4,10 @@
 ``--mib`` MiB of parameters with AdamW (state = 3x that) and save every step through
 ``TrainingState`` into node 0 of a two-daemon loopback cluster (RS k=1, m=1: node 0's data is
 coded onto node 1, so splitting is allowed). For DDP, each d is run with replicas split
-(default) and whole (``split_replicas=False``) in the same run; FSDP2 shards the state itself.
+(default) and whole (``split_replicas=False``) in the same run; FSDP2 shards the state itself;
+HSDP (``--kinds hsdp,hsdp-whole``, d >= 4 on a 2 x d/2 replicate x shard mesh) shards over
+``d/2`` and splits its replicated shards over the replicate dimension (ratios against FSDP2 at
+d = 1).
 Printed per case: bytes per rank (the newest version), the save stall (``state.save``), ingest
 (``save`` until copied), and what node 0 holds for the job once retention settled (every
 rank's kept versions).
@@ -56,11 +59,21 @@ def _worker(rank: int, world: int, port: int, endpoint: str, kind: str, mib: int
             fully_shard(layer)
         fully_shard(model)
         wrapped: torch.nn.Module = model
+    elif kind.startswith("hsdp"):                  # 2-D mesh: replicate x shard
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+        for layer in model:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        wrapped = model
     else:
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     client = SnapshotClient(endpoint, job=f"bench-{kind}-{world}", rank=rank)
-    state = TrainingState(wrapped, optimizer, split_replicas=(kind == "ddp"), rng=False)
+    state = TrainingState(wrapped, optimizer, split_replicas=not kind.endswith("-whole"),
+                          rng=False)
     stall, ingest = [], []
     x = torch.randn(8, 1024)
     for step in range(steps):
@@ -114,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mib", type=int, default=32, help="MiB of parameters (state: 3x)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--worlds", default="1,2,4")
+    ap.add_argument("--kinds", default="ddp,ddp-whole,fsdp2,hsdp,hsdp-whole",
+                    help="hsdp runs at even d >= 4 only (a 2 x d/2 mesh)")
     args = ap.parse_args(argv)
     workdir = tempfile.mkdtemp(prefix="snapbench-replicas-")
     cluster = LocalCluster(2, workdir, k=1, m=1, args=[
@@ -123,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         for world in [int(w) for w in args.worlds.split(",")]:
-            for kind in ("ddp", "ddp-whole", "fsdp2"):
-                if kind == "ddp-whole" and world == 1:
+            for kind in args.kinds.split(","):
+                if (kind == "ddp-whole" and world == 1) or (
+                        kind.startswith("hsdp") and (world < 4 or world % 2)):
                     continue
                 rows.append(_case(cluster, kind, world, args.mib, args.steps))
     finally:
@@ -136,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
           "held for the job |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        ref = base.get("ddp" if r["kind"].startswith("ddp") else r["kind"])
+        ref = base.get("fsdp2" if r["kind"].startswith("hsdp") else
+                       "ddp" if r["kind"].startswith("ddp") else r["kind"])
         ratio = r["bytes_per_rank"] / ref["bytes_per_rank"] if ref else float("nan")
         print(f"| {r['kind']} | {r['d']} | {r['bytes_per_rank'] / MIB:.1f} MiB | {ratio:.2f}x "
               f"| {r['stall_ms']:.1f} ms | {r['ingest_ms']:.1f} ms | "

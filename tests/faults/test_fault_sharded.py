@@ -6,6 +6,9 @@ uninterrupted run (parameters, and for FSDP2 the AdamW moments too).
 - FSDP2 (``examples/train_fsdp.py``, ``fully_shard``): each rank stores its own shards.
 - DDP with replicas split (``examples/train.py``; the daemons code, so each rank stores its
   share of the replicated state and a restore gathers them).
+- HSDP with replicas split (``examples/train_fsdp.py --parallel hsdp``, 2 ranks per node, a
+  2 x 3 replicate x shard mesh whose replica pairs sit on different nodes): each rank stores
+  its share of its replicated shards.
 
 Long campaign only (``make faults``): every run is a torchrun job and its reference run. The
 same behaviours run once in the default suite (tests/integration/test_torchrun*.py).
@@ -34,7 +37,10 @@ pytestmark = [pytest.mark.timeout(3600),
                                  "is a torchrun job; tests/integration covers one of each")]
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-SCRIPTS = {"fsdp2": EXAMPLES / "train_fsdp.py", "ddp-split": EXAMPLES / "train.py"}
+SCRIPTS = {"fsdp2": EXAMPLES / "train_fsdp.py", "ddp-split": EXAMPLES / "train.py",
+           "hsdp-split": EXAMPLES / "train_fsdp.py"}
+#: (ranks per node, extra script arguments) of each kind; 3 nodes.
+SHAPES = {"fsdp2": (1, []), "ddp-split": (1, []), "hsdp-split": (2, ["--parallel", "hsdp"])}
 
 
 def job_with_a_fault(kind, what):
@@ -45,15 +51,16 @@ def job_with_a_fault(kind, what):
         cluster.start()
         steps = rng.randrange(30, 50)
         at = rng.randrange(8, steps - 8)
-        victim = rng.randrange(nodes)
+        per_node, extra = SHAPES[kind]
+        victim = rng.randrange(nodes * per_node if what == "rank" else nodes)   # rank / node
         out = tmp / f"{kind}-{what}-{uuid.uuid4().hex[:6]}"
         args = ["--size", "tiny", "--steps", str(steps), "--job", out.name, "--out", str(out),
-                "--step-delay", "0.05"]
+                "--step-delay", "0.05", *extra]
         if what == "rank":
             args += ["--fail-at", f"{victim}:{at}"]
         losses = JsonlTail(out / "loss.jsonl")
         started = time.monotonic()
-        with TorchrunJob(cluster, SCRIPTS[kind], args, out) as job:
+        with TorchrunJob(cluster, SCRIPTS[kind], args, out, nproc_per_node=per_node) as job:
             job.start()
             if what == "node":
                 while not losses.records or losses.records[-1]["step"] < at:
@@ -81,8 +88,9 @@ def check(env, rng, run):
     if not resumed:
         return Outcome(False, lost=3, detail=f"nothing restored {why}: {starts}")
     ref = env["tmp"] / f"ref-{uuid.uuid4().hex[:6]}"
-    rc = reference_run(SCRIPTS[kind], ["--size", "tiny", "--steps", str(run["steps"])], ref, 3,
-                       timeout=300)
+    per_node, extra = SHAPES[kind]
+    rc = reference_run(SCRIPTS[kind], ["--size", "tiny", "--steps", str(run["steps"]), *extra],
+                       ref, 3 * per_node, timeout=300)
     if rc != 0:
         raise RuntimeError(f"reference run failed ({rc}): "
                            f"{(ref / 'torchrun.log').read_text()[-3000:]}")
@@ -95,14 +103,15 @@ def check(env, rng, run):
                    figures={"steps_redone": lost_steps})
 
 
-WHAT = {"fsdp2": "FSDP2 fully_shard", "ddp-split": "DDP, replicas split"}
+WHAT = {"fsdp2": "FSDP2 fully_shard", "ddp-split": "DDP, replicas split",
+        "hsdp-split": "HSDP 2x3, 2 ranks per node, replicas split"}
 FAULTS = [Fault(f"{kind} {what} SIGKILL" if what == "rank" else f"{kind} node lost whole",
                 f"torchrun job ({WHAT[kind]}) on 3 loopback nodes (RS k=2 m=1), a "
                 + ("rank SIGKILLed at a random step" if what == "rank" else
                    "node (agent, trainer, daemon) SIGKILLed, its memory removed, replaced")
                 + "; final state bit-identical to an uninterrupted run",
                 job_with_a_fault(kind, what), check, runs=(1, 3))
-          for kind in ("fsdp2", "ddp-split") for what in ("rank", "node")]
+          for kind in ("fsdp2", "ddp-split", "hsdp-split") for what in ("rank", "node")]
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
