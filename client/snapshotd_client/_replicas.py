@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ._flatten import is_dtensor
+from ._flatten import is_dtensor, local_tensor
 
 #: Tensors smaller than this stay whole on every replica.
 MIN_SPLIT_BYTES = 1024
@@ -76,8 +76,7 @@ def _describe(leaf: Any) -> tuple[str, tuple[int, ...]]:
     """dtype and shape of a leaf: a marker's record, a DTensor's local shard, a tensor."""
     if is_marker(leaf):
         return str(leaf["dtype"]), tuple(int(n) for n in leaf["shape"])
-    if is_dtensor(leaf):
-        leaf = leaf.to_local()
+    leaf = local_tensor(leaf)
     return str(leaf.dtype).removeprefix("torch."), tuple(leaf.shape)
 
 
@@ -211,14 +210,25 @@ def _group_key(desc: dict[str, Any], dim: int) -> str:
     return json.dumps([desc, dim], sort_keys=True)
 
 
-def _dtensor_groups(state: Any, meshes: Sequence[Any]
+def _describe_mesh(mesh: Any, cache: dict[int, tuple[Any, dict[str, Any]]]) -> dict[str, Any]:
+    """``describe_mesh(mesh)``, once per mesh object (it costs ~0.2 ms: the rank grid is
+    recomputed at every ``mesh.mesh``)."""
+    from ._flatten import describe_mesh
+
+    hit = cache.get(id(mesh))
+    if hit is None or hit[0] is not mesh:
+        hit = cache[id(mesh)] = (mesh, describe_mesh(mesh))
+    return hit[1]
+
+
+def _dtensor_groups(state: Any, meshes: Sequence[Any],
+                    cache: dict[int, tuple[Any, dict[str, Any]]] | None = None
                     ) -> dict[str, tuple[Any, int, list[tuple[Path, str, tuple[int, ...], int]]]]:
     """The replicated DTensors (and their markers) of ``state`` by replica group: key ->
     (mesh, mesh dimension, entries). A marker's mesh is found among ``meshes`` by its
     description."""
-    from ._flatten import describe_mesh
-
-    known = [(describe_mesh(m), m) for m in meshes]
+    cache = {} if cache is None else cache
+    known = [(_describe_mesh(m, cache), m) for m in meshes]
     groups: dict[str, tuple[Any, int, list]] = {}
     for path, leaf in _walk(state, (), _dtensor_leaf):
         if is_marker(leaf):
@@ -234,7 +244,7 @@ def _dtensor_groups(state: Any, meshes: Sequence[Any]
             found = replica_dim(leaf)
             assert found is not None                        # _dtensor_leaf checked it
             mesh, dim = leaf.device_mesh, found
-            desc = describe_mesh(mesh)
+            desc = _describe_mesh(mesh, cache)
         dtype, shape = _describe(leaf)
         key = _group_key(desc, dim)
         groups.setdefault(key, (mesh, dim, []))[2].append(
@@ -248,10 +258,11 @@ def split_dtensors(state: Any) -> Any:
     same local tensors) deals its tensors out by size with :func:`plan`, the same on each of
     its ranks; a marker records the DTensor (global shape, stride, placements, mesh) so that
     :func:`reassemble_dtensors` can rebuild it."""
-    from ._flatten import _placement_text, describe_mesh
+    from ._flatten import _placement_text
 
+    cache: dict[int, tuple[Any, dict[str, Any]]] = {}
     owners: dict[Path, tuple[int, int]] = {}          # path -> (owner, my index in the group)
-    for mesh, dim, items in _dtensor_groups(state, ()).values():
+    for mesh, dim, items in _dtensor_groups(state, (), cache).values():
         me = mesh.get_local_rank(dim)
         for path, owner in plan(items, mesh.size(dim)).items():
             owners[path] = (owner, me)
@@ -262,7 +273,7 @@ def split_dtensors(state: Any) -> Any:
             return leaf
         dtype, shape = _describe(leaf)
         return {MARK: owner, "dtype": dtype, "shape": list(shape),
-                "mesh": describe_mesh(leaf.device_mesh), "dim": replica_dim(leaf),
+                "mesh": _describe_mesh(leaf.device_mesh, cache), "dim": replica_dim(leaf),
                 "global": list(leaf.shape), "stride": list(leaf.stride()),
                 "placements": [_placement_text(p, repr(path)) for p in leaf.placements]}
     return _rebuild(state, (), keep_or_mark, _dtensor_leaf)
@@ -298,7 +309,7 @@ def reassemble_dtensors(state: Any, meshes: Sequence[Any]) -> Any:
             if not paths or total == 0:
                 continue
             if owner == me:
-                buf = torch.cat([leaves[p].to_local().detach().contiguous().reshape(-1)
+                buf = torch.cat([local_tensor(leaves[p]).detach().contiguous().reshape(-1)
                                  .view(torch.uint8) for p in paths]).to(device)
             else:
                 buf = torch.empty(total, dtype=torch.uint8, device=device)
