@@ -127,6 +127,11 @@ class RestoreInfo:
     tier: str
     nbytes: int
     seconds: float
+    #: Restored at another world size (issue 14): the number of ranks the state was saved
+    #: with (None: the same as now), and the bytes received from other ranks (read from
+    #: their daemons, which hold the saved ranks this rank needed).
+    world_from: int | None = None
+    bytes_from_peers: int = 0
 
 
 @dataclass
@@ -964,8 +969,18 @@ def _targets(into: Any, lease: p.OpenReply, meshes: tuple = (),
                             f"{exc}") from None
     held = {t.name: t for t in table}
     problems, targets = [], {}
+    split = set()
+    if any(entry["name"] not in held for entry in layout.entries):
+        # A tensor another replica stored (split replicas, TrainingState): left to the
+        # reassembly that follows the restore.
+        from ._replicas import marker_names
+
+        split = marker_names(unflatten(lease.meta, [view_of(None, e.__dict__, device="meta")
+                                                    for e in table]))
     for entry, tensor in zip(layout.entries, layout.tensors):
         name, row = entry["name"], held.get(entry["name"])
+        if row is None and name in split:
+            continue
         if row is None:
             problems.append(f"{name}: not in the snapshot")
         elif row.dtype != entry["dtype"] or tuple(row.shape) != tuple(entry["shape"]):

@@ -635,9 +635,9 @@ def _build(node: Any, tensors: list[torch.Tensor], placer: Placer | None) -> Any
     return {k: _build(v, tensors, placer) for k, v in node.items()}
 
 
-_RESHARD = ("restoring onto another mesh, placement or global shape (resharding, e.g. at "
-            "another world size) is not supported yet (issue 14): restore with the world size "
-            "and parallelism the job was saved with")
+_RESHARD = ("restoring onto another mesh, placement or global shape at the same world size is "
+            "not supported (issue 14: at another world size, TrainingState(state_dicts='dcp') "
+            "reshards from memory): restore with the parallelism the job was saved with")
 
 
 def _same_sharding(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:

@@ -377,3 +377,21 @@ def _owner_rank(rank: int, marker: dict[str, Any]) -> int | None:
     coordinate = where[0].tolist()
     coordinate[int(marker["dim"])] = owner
     return int(grid[tuple(coordinate)])
+
+
+def marker_names(skeleton: Any) -> set[str]:
+    """The snapshot names (as :func:`~snapshotd_client._flatten.flatten` gives them) of the
+    tensors that split-replica markers in ``skeleton`` stand for: a restore ``into`` the live
+    state leaves those tensors to the reassembly instead of refusing them as missing."""
+    from ._flatten import flatten
+
+    paths = [path for path, _ in _walk(skeleton, (), is_marker)]
+    if not paths:
+        return set()
+    root: dict[Any, Any] = {}
+    for path in paths:
+        node = root
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = torch.empty(0)
+    return {e["name"] for e in flatten(root).entries}

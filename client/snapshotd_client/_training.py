@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from . import _replicas
-from ._client import agree_step, log
+from ._client import SnapshotError, agree_step, log
 from ._flatten import is_dtensor
 
 if TYPE_CHECKING:
@@ -194,7 +194,12 @@ class TrainingState:
 
     def state_dict(self, step: int) -> dict[str, Any]:
         """Everything needed to resume right after ``step``, as a snapshot-able nested dict."""
-        state: dict[str, Any] = {"format": FORMAT, "step": int(step)}
+        state: dict[str, Any] = {"format": FORMAT, "step": int(step),
+                                 "state_dicts": self.state_dicts}
+        if _distributed():
+            import torch.distributed as dist
+
+            state["world"] = dist.get_world_size()   # an elastic restore checks its layout
         if self.state_dicts == "dcp":
             from torch.distributed.checkpoint.state_dict import (
                 get_model_state_dict,
@@ -308,8 +313,13 @@ class TrainingState:
         return client.save(step, state, copy_now=changed_by_forward)
 
     def _replica_group(self) -> Any:
+        """The DDP replica group to split over (None: not a DDP job of several ranks, or
+        ``split_replicas`` off)."""
+        return self._ddp_group() if self.split_replicas else None
+
+    def _ddp_group(self) -> Any:
         """The DDP replica group of ``model`` (None: not a DDP job of several ranks)."""
-        if not self.split_replicas or not _distributed() or not isinstance(
+        if not _distributed() or not isinstance(
                 self.model, torch.nn.parallel.DistributedDataParallel):
             return None
         import torch.distributed as dist
@@ -355,23 +365,24 @@ class TrainingState:
         self._split = split
         return split
 
-    def _gather(self, state: dict[str, Any], group: Any) -> dict[str, Any]:
-        """Fill the shares other replicas stored (every rank restores the same step)."""
+    def _gather(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Fill the shares other replicas stored (every rank restores the same step). A
+        snapshot's split is its own: gathered whatever ``split_replicas`` says now."""
         if state["replicas"].get("dtensors"):
             if not _distributed():
                 raise ValueError("this snapshot's replicated DTensors are split across their "
                                  "replica groups: restore it inside the job (torch.distributed "
-                                 "initialised, split_replicas=True)")
+                                 "initialised)")
             shared = _replicas.reassemble_dtensors({"model": state["model"],
                                                     "optimizer": state.get("optimizer")},
                                                    self.meshes())
         else:
             size = int(state["replicas"]["size"])
+            group = self._ddp_group()
             if group is None:
                 raise ValueError(f"this snapshot is split across {size} data-parallel "
                                  "replicas: restore it inside the job (torch.distributed "
-                                 "initialised, the DDP-wrapped model passed to TrainingState, "
-                                 "split_replicas=True)")
+                                 "initialised, the DDP-wrapped model passed to TrainingState)")
             import torch.distributed as dist
 
             if dist.get_world_size(group) != size:
@@ -472,36 +483,127 @@ class TrainingState:
         t1 = time.perf_counter()
         self.last_restore_seconds = {"wait": t1 - t0, "agree": 0.0, "load": 0.0}
         if step is None and _distributed():
-            step = agree_step(client)
+            import torch.distributed as dist
+
+            from . import _elastic
+
+            # What every rank's daemon holds of the job (all ranks, every layout): the newest
+            # step that one saved layout holds whole. The job's own layout (same world size,
+            # each rank on its own rank's daemon) restores as always; another one (the job
+            # restarted at another size, or its ranks on other nodes) is resharded from the
+            # daemons that hold it.
+            found = _elastic.survey(client)
+            chosen = found.choose()
             self.last_restore_seconds["agree"] = time.perf_counter() - t1
-            if step is None:
+            if chosen is None:
                 client._start_over()
                 return None
+            step, saved_world = chosen
+            if not found.own(step, saved_world, dist.get_world_size()):
+                t2 = time.perf_counter()
+                loaded = _elastic.load(self, client, found, step, saved_world)
+                self.last_restore_seconds["load"] = time.perf_counter() - t2
+                return loaded
         t2 = time.perf_counter()
-        group = self._replica_group()
         # The model exists already: fill its tensors in place (no fresh memory to fault in),
-        # once the whole snapshot is known to fit (checked before any byte is written); a
-        # snapshot that may be split across replicas is gathered first.
-        split = group is not None or self._replicated_dtensors()
-        into = None if split else {"model": self._model_state()}
+        # once the whole snapshot is known to fit (checked before any byte is written). In a
+        # snapshot split across replicas the tensors other ranks stored are left to the
+        # reassembly that follows (one broadcast per owner).
+        model_state = self._model_state()
+        into = {"model": model_state}
         # The rest (optimizer state, ...) comes back fresh: mapped copy-on-write when it is
         # moved to an accelerator by load_state_dict (the mapping is freed right after), copied
         # when it stays on the CPU (it lives as long as the run, and would keep the version
         # leased in the daemon's memory that long).
         on_device = self.model is not None and any(
             t.device.type != "cpu" for t in self.model.parameters())
-        restored = client.restore(step, into=into, check=self.check, meshes=self.meshes(),
-                                  zero_copy=on_device)
+        guard = _Guard() if _distributed() else None
+
+        def check(skeleton: Mapping[str, Any]) -> None:
+            # Every way the snapshot does not fit is found on some rank before any rank
+            # writes: a rank that cannot restore makes every rank raise (not wait forever in
+            # the reassembly's broadcasts).
+            try:
+                self.check(skeleton)
+                _check_markers(skeleton, model_state)
+            except Exception:
+                if guard is not None:
+                    guard.vote(0, False)
+                raise
+            if guard is not None and not guard.vote(0, True):
+                raise SnapshotError(f"another rank of the job could not restore step {step}; "
+                                    "nothing was written (see that rank's error)")
+        try:
+            restored = client.restore(step, into=into, check=check, meshes=self.meshes(),
+                                      zero_copy=on_device)
+            if restored is None and guard is not None:
+                raise SnapshotError(f"step {step}, which every rank held, is gone")
+        except Exception:
+            if guard is not None:
+                guard.vote(0, False)
+                guard.vote(1, False)
+            raise
+        if guard is not None and not (guard.vote(0, True) and guard.vote(1, True)):
+            raise SnapshotError(f"another rank of the job could not restore step {step} (see "
+                                "that rank's error)")
         if restored is None:
             return None
         step_restored, state = restored
         if "replicas" in state:
-            state = self._gather(state, group)
+            state = self._gather(state)
         loaded = self.load(state)
         if loaded != step_restored:
             raise ValueError(f"snapshot of step {step_restored} says it was taken at {loaded}")
         self.last_restore_seconds["load"] = time.perf_counter() - t2
         return loaded
+
+
+class _Guard:
+    """The two agreement rounds of a distributed restore (a MIN of a flag over every rank):
+    0 before anything is written (in the restore's check), 1 after the restore. Every rank
+    votes once in each round, whatever fails where, so that no rank waits forever."""
+
+    def __init__(self) -> None:
+        self.results: list[bool | None] = [None, None]
+
+    def vote(self, round_: int, ok: bool) -> bool:
+        import torch.distributed as dist
+
+        result = self.results[round_]
+        if result is None:
+            flag = torch.tensor([1 if ok else 0])
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            result = self.results[round_] = bool(flag.item())
+        return result
+
+
+def _check_markers(skeleton: Mapping[str, Any], model_state: Mapping[str, Any]) -> None:
+    """A model tensor that another replica stored must still fit the live one: the same
+    dtype and shape, and for a DTensor the same mesh, placements and global shape."""
+    from ._flatten import _placement_text, describe_mesh
+
+    problems = []
+    model = skeleton.get("model")
+    if not isinstance(model, Mapping):
+        return
+    for key, value in model.items():
+        if not _replicas.is_marker(value) or key not in model_state:
+            continue
+        live = model_state[key]
+        if is_dtensor(live):
+            mine = {"mesh": describe_mesh(live.device_mesh), "global": list(live.shape),
+                    "placements": [_placement_text(p, key) for p in live.placements]}
+            saved = {k: value.get(k) for k in mine}
+        else:
+            mine = {"dtype": str(live.dtype).removeprefix("torch."), "shape": list(live.shape)}
+            saved = {k: value.get(k) for k in mine}
+        if saved != mine:
+            problems.append(f"model {key!r}: the snapshot's share (stored by replica "
+                            f"{value[_replicas.MARK]}) is {saved}, the live tensor {mine}")
+    if problems:
+        raise SnapshotError("the snapshot does not fit the live job, nothing was written: "
+                            + "; ".join(problems[:8]) + " (restoring at another layout: "
+                            "TrainingState(state_dicts='dcp'), issue 14)")
 
 
 # ---------------------------------------------------------------------- agreement

@@ -359,13 +359,23 @@ class Protector:
                 newest[v.rank] = max(newest[v.rank], v.step)
         return min(newest.values(), default=-1)
 
+    def _current(self, job: str) -> list[Any]:
+        """The versions of ``job`` that belong to its current layout: all of them, except,
+        once the job restarted at a smaller world size (its newest version says how many
+        ranks it has), the versions of ranks beyond it. Those are the old layout's, kept
+        until the job's ranks have read them (an elastic restore) and then dropped by the
+        job; they must not hold back the job-wide step meanwhile."""
+        versions = self.store.versions(job)
+        world = max(((v.step, v.world_size) for v in versions), default=(0, 0))[1]
+        return [v for v in versions if not world or v.rank < world]
+
     def job_floor(self, job: str) -> int:
         """The step of ``job`` this node asks every node to keep (its Held report): the
         lowest, over its local ranks, of a rank's newest protected step, or of its newest
         step where it holds none protected yet (after a restore of an unprotected step, or
         with no coding: that is the step the rank restores). -1: nothing held."""
         newest: dict[int, tuple[int, int]] = {}
-        for v in self.store.versions(job):
+        for v in self._current(job):
             got = newest.get(v.rank, (-1, -1))
             newest[v.rank] = (max(got[0], v.step if v.protected else -1), max(got[1], v.step))
         return min((p if p >= 0 else h for p, h in newest.values()), default=-1)
@@ -375,13 +385,13 @@ class Protector:
         ranks, and the job's number of ranks (as its writers said)."""
         per: dict[int, set[int]] = {}
         safe: dict[int, set[int]] = {}
-        world = 0
-        for v in self.store.versions(job):
+        versions = self._current(job)
+        world = max(((v.step, v.world_size) for v in versions), default=(0, 0))[1]
+        for v in versions:
             per.setdefault(v.rank, set()).add(v.step)
             safe.setdefault(v.rank, set())
             if v.protected:
                 safe[v.rank].add(v.step)
-            world = max(world, v.world_size)
         held = tuple(sorted(set.intersection(*per.values()))) if per else ()
         protected = tuple(sorted(set.intersection(*safe.values()))) if safe else ()
         with self._lock:

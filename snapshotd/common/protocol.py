@@ -106,6 +106,9 @@ class VersionInfo:
     nbytes: int
     state: str
     committed_at: float
+    #: The job's number of ranks when the version was saved (0: not said): a job restarted
+    #: at another world size tells the old layout's versions from the new one's by it.
+    world: int = 0
 
 
 # --------------------------------------------------------------------------- requests

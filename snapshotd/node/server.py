@@ -293,4 +293,5 @@ def _bind(sock: zmq.Socket, endpoint: str) -> str:
 
 
 def _info(v: Any) -> p.VersionInfo:
-    return p.VersionInfo(v.job, v.rank, v.step, v.nbytes, v.state, v.committed_at)
+    return p.VersionInfo(v.job, v.rank, v.step, v.nbytes, v.state, v.committed_at,
+                         v.world_size)

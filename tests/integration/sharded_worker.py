@@ -68,10 +68,12 @@ def build(layout: str, seed: int) -> tuple[Net, torch.optim.Optimizer, int]:
     """The model sharded as ``layout`` says, its AdamW, and this rank's data-parallel rank."""
     torch.manual_seed(seed)
     model = Net()
-    if layout == "fsdp-tp":
+    if layout in ("fsdp-tp", "fsdp-tp-swapped"):
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
-        parallelize_module(model, mesh["tp"], {"up": ColwiseParallel(),
-                                               "down": RowwiseParallel()})
+        up, down = ColwiseParallel(), RowwiseParallel()
+        if layout == "fsdp-tp-swapped":                    # same meshes, other placements
+            up, down = RowwiseParallel(), ColwiseParallel()
+        parallelize_module(model, mesh["tp"], {"up": up, "down": down})
         fully_shard(model, mesh=mesh["dp"])
         data_rank = mesh.get_local_rank("dp")
     elif layout == "hsdp":
@@ -190,8 +192,10 @@ def run_layout(layout: str, state_dicts: str, args: argparse.Namespace) -> dict:
     strided = sum("_StridedShard" in p for p in placements(model, optimizer).values())
 
     # A fresh process's model and optimizer: other initial values, no optimizer state.
+    # A split snapshot is gathered whatever split_replicas says now (it decides saves only).
     model2, optimizer2, _ = build(layout, seed=1)
-    state2 = TrainingState(model2, optimizer2, state_dicts=state_dicts, rng=False)
+    state2 = TrainingState(model2, optimizer2, state_dicts=state_dicts, rng=False,
+                           split_replicas=not split)
     with SnapshotClient(args.endpoint, job=job, rank=rank) as client2:
         assert state2.restore(client2) == steps - 1
     same(snapshot_of(model2, optimizer2), expected[steps - 1], f"{layout}: restored state")
@@ -202,8 +206,30 @@ def run_layout(layout: str, state_dicts: str, args: argparse.Namespace) -> dict:
     same(snapshot_of(model2, optimizer2), snapshot_of(model, optimizer),
          f"{layout}: the step after the restore")
 
-    # Another layout of the same model: refused, nothing written.
-    model3, optimizer3, _ = build("fsdp-4", seed=2)
+    if split:
+        # One rank cannot restore (its TrainingState wants an object the snapshot lacks):
+        # every rank raises, none waits forever in the reassembly's broadcasts, and nothing
+        # is written anywhere.
+        model4, optimizer4, _ = build(layout, seed=3)
+        before4 = snapshot_of(model4, optimizer4)
+        extra = {"scaler": torch.nn.Linear(1, 1)} if rank == 1 else None
+        state4 = TrainingState(model4, optimizer4, state_dicts=state_dicts, rng=False,
+                               extra=extra)
+        with SnapshotClient(args.endpoint, job=job, rank=rank) as client4:
+            try:
+                state4.restore(client4)
+            except (SnapshotError, ValueError) as exc:
+                why = str(exc)
+            else:
+                raise AssertionError("a restore that one rank refused went ahead")
+        assert ("extra objects missing" in why if rank == 1 else "another rank" in why), why
+        same(snapshot_of(model4, optimizer4), before4, f"{layout}: refused restore wrote")
+
+    # Another layout of the same model: refused, nothing written. For FSDP x TP the same
+    # meshes with up and down parallelised the other way round (their biases replicated
+    # over tp: a restore that might be split must still check every placement).
+    model3, optimizer3, _ = build("fsdp-tp-swapped" if layout == "fsdp-tp" else "fsdp-4",
+                                  seed=2)
     before = snapshot_of(model3, optimizer3)
     state3 = TrainingState(model3, optimizer3, state_dicts=state_dicts, rng=False)
     with SnapshotClient(args.endpoint, job=job, rank=rank) as client3:
@@ -214,7 +240,7 @@ def run_layout(layout: str, state_dicts: str, args: argparse.Namespace) -> dict:
         else:
             raise AssertionError(f"{layout}: restore onto another layout was not refused")
     assert "issue 14" in refused, refused
-    assert split or "/model/inp.weight" in refused, refused   # split: it may be a marker here
+    assert split or "/model/inp.weight" in refused or "/model/up.weight" in refused, refused
     same(snapshot_of(model3, optimizer3), before, f"{layout}: refused restore wrote")
     return {"layout": layout, "state_dicts": state_dicts, "steps": steps,
             "reassembled": reassembled, "strided": strided, "refused": refused,

@@ -1,0 +1,503 @@
+"""Restore at another world size from memory (issue 14): the job's ranks read the saved shards
+that overlap their new ones from the daemons that hold them, resharded by DCP's planners.
+
+A job restarted with another number of ranks (a node lost and not replaced, a job scaled up or
+down), or whose ranks moved to other nodes, finds its last layout's versions on the daemons of
+its nodes. :func:`survey` lists them on every rank (one ``all_gather_object``); the newest step
+that every rank of one saved layout holds somewhere is restored:
+
+1. Every old rank's version is read by one new rank whose daemon holds it (its *holder*: the
+   lowest such rank). From the snapshots' skeletons and DTensor records (global shape, the
+   shard's offsets: DCP's chunk metadata) the ranks build one DCP ``Metadata`` of the saved
+   global state (replicated copies de-duplicated; a split replica's chunk comes from the rank
+   that stored it), and check that every saved tensor is covered whole.
+2. ``dcp.load`` into the new model's and optimizer's state dicts (``get_state_dict``) with a
+   ``StorageReader`` whose ``read_data`` asks each holder for the byte ranges the planner chose
+   (overlaps of saved chunks and new shards): one ``all_gather_object`` of the requests, then
+   one point-to-point message per holder and reader over the job's process group.
+3. The rest follows a documented rule: the step, the scheduler, the data position and the
+   extra objects are job-wide (old rank 0's); the RNG states of a new rank that existed in the
+   old layout are its own, and those of a new rank are derived from the step and its rank
+   (``torch.manual_seed``, ``random.seed`` and ``numpy.random.seed`` of ``seed_for``).
+
+Only ``TrainingState(state_dicts="dcp")`` snapshots can be resharded (the optimizer state is
+keyed by parameter name); strided shards (FSDP x TP) and ``Partial`` placements cannot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import _protocol as p
+from ._client import RestoreInfo, SnapshotClient, SnapshotError
+from ._flatten import sharding_of, unflatten
+from ._replicas import collective_device, is_marker
+
+log = logging.getLogger("snapshotd_client")
+
+__all__ = ["Survey", "survey", "seed_for"]
+
+
+@dataclass
+class Survey:
+    """What every rank's daemon holds of the job, by rank of the job (one entry per new
+    rank): its daemon's node slot, and the versions there as ``{(old rank, step): world}``."""
+
+    slots: list[int]
+    held: list[dict[tuple[int, int], int]]
+
+    def _at(self, step: int, world: int) -> dict[int, list[int]]:
+        """Old rank -> the new ranks whose daemon holds its version ``step`` of a
+        ``world``-rank layout (a version that does not say its world counts for any)."""
+        out: dict[int, list[int]] = {}
+        for new, held in enumerate(self.held):
+            for (old, s), w in held.items():
+                if s == step and w in (world, 0):
+                    out.setdefault(old, []).append(new)
+        return out
+
+    def choose(self) -> tuple[int, int] | None:
+        """The newest ``(step, world)`` of which every rank is held by some daemon of the job
+        (versions that do not say their world: the largest rank seen plus one)."""
+        for step in sorted({s for h in self.held for (_, s) in h}, reverse=True):
+            ranks = {o for h in self.held for (o, s) in h if s == step}
+            worlds = {w for h in self.held for (o, s), w in h.items() if s == step and w}
+            for world in sorted(worlds or {1 + max(ranks)}, reverse=True):
+                if set(self._at(step, world)) >= set(range(world)):
+                    return step, world
+        return None
+
+    def holders(self, step: int, world: int) -> dict[int, int]:
+        """Old rank (< ``world``) -> the lowest new rank whose daemon holds it at ``step``."""
+        return {old: min(news) for old, news in self._at(step, world).items() if old < world}
+
+    def own(self, step: int, world: int, new_world: int) -> bool:
+        """The layout is the job's own: as many ranks, each held by its own rank's daemon."""
+        at = self._at(step, world)
+        return world == new_world and all(rank in at.get(rank, ()) for rank in range(world))
+
+
+def survey(client: SnapshotClient) -> Survey:
+    """List, on every rank (a collective), what every rank's daemon holds of the job."""
+    import torch.distributed as dist
+
+    try:
+        status = client._channel.call(p.Status())
+        versions = client._channel.call(p.ListVersions(client.job,
+                                                       token=client._token)).versions
+        mine: Any = (status.node_slot, {(v.rank, v.step): v.world for v in versions})
+    except SnapshotError as exc:
+        mine = f"{type(exc).__name__}: {exc}"
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    errors = [f"rank {r}: {x}" for r, x in enumerate(everyone) if isinstance(x, str)]
+    if errors:
+        raise SnapshotError("cannot survey the job's versions: " + "; ".join(errors))
+    return Survey([e[0] for e in everyone], [e[1] for e in everyone])
+
+
+def seed_for(step: int, rank: int) -> int:
+    """The seed of a rank that did not exist in the saved layout (deterministic)."""
+    digest = hashlib.sha256(f"snapshotd-elastic:{step}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+# ---------------------------------------------------------------------- reading old ranks
+
+
+class _Same:
+    """A stand-in Placer: a DTensor's local shard comes back as the (mapped) tensor itself."""
+
+    def build(self, idx: int, local: torch.Tensor) -> torch.Tensor:
+        return local
+
+
+@dataclass
+class _Old:
+    """One old rank's version as its holder read it."""
+
+    rank: int
+    tensors: list[torch.Tensor]
+    skeleton: Any
+    records: dict[int, dict[str, Any]]
+    index: dict[int, int] = field(default_factory=dict)    # id(tensor) -> table index
+
+
+def _read_old(client: SnapshotClient, rank: int, step: int) -> _Old:
+    with SnapshotClient(client.endpoint, job=client.job, rank=rank,
+                        token=client._token) as reader:
+        lease = reader._channel.call(p.Open(client.job, rank, os.getpid(), step,
+                                            token=client._token, map=True))
+        mapped = False
+        try:
+            tensors, mapped = reader._copy_out(lease, {}, True)
+        finally:
+            if not mapped:
+                reader._release(lease.lease)
+        meta = lease.meta
+    skeleton = unflatten(meta, tensors, _Same())  # type: ignore[arg-type]
+    old = _Old(rank, tensors, skeleton, sharding_of(meta))
+    old.index = {id(t): i for i, t in enumerate(tensors)}
+    return old
+
+
+def _strip_markers(node: Any) -> Any:
+    """The structure without split-replica markers (their tensors come from their owners)."""
+    if is_marker(node):
+        return None
+    if isinstance(node, dict):
+        out = {k: _strip_markers(v) for k, v in node.items()}
+        return {k: v for k, v in out.items() if v is not None or node[k] is None}
+    if isinstance(node, list):
+        return [_strip_markers(v) for v in node]
+    return node
+
+
+def _chunks_of(old: _Old) -> tuple[list[tuple], dict[str, Any]]:
+    """The tensor chunks of an old rank's model and optimizer state as DCP would name them:
+    ``(fqn, dtype, global shape, offsets, sizes, table index)``, and its other leaves."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+
+    sk = old.skeleton
+    part = {"model": _strip_markers(sk.get("model")), "optimizer": _strip_markers(
+        sk.get("optimizer"))}
+    flat, _ = flatten_state_dict(part)
+    chunks, values = [], {}
+    for fqn, value in flat.items():
+        if not isinstance(value, torch.Tensor):
+            values[fqn] = value
+            continue
+        idx = old.index[id(value)]
+        rec = old.records.get(idx)
+        dtype = str(value.dtype).removeprefix("torch.")
+        if rec is None:
+            chunks.append((fqn, dtype, list(value.shape), [0] * value.dim(),
+                           list(value.shape), idx))
+            continue
+        bad = [t for t in rec["placements"] if t.startswith(("_S(", "P("))]
+        if bad:
+            raise SnapshotError(f"{fqn}: a shard placed {rec['placements']} (strided or "
+                                "partial) cannot be resharded; restore at the world size it "
+                                "was saved at")
+        chunks.append((fqn, dtype, list(rec["shape"]), list(rec["offsets"]),
+                       list(value.shape), idx))
+    return chunks, values
+
+
+# ---------------------------------------------------------------------- the load
+
+
+@dataclass
+class Plan:
+    """The agreed resharding: DCP metadata, where each saved chunk is, and the holders."""
+
+    step: int
+    world: int
+    holders: dict[int, int]
+    metadata: Any
+    where: dict[Any, tuple[int, int]]           # MetadataIndex -> (old rank, table index)
+    values: dict[str, Any]                      # bytes items (param groups, ...)
+    rest: dict[int, dict[str, Any]]             # old rank -> its non-model/optimizer parts
+    olds: dict[int, _Old]                       # the old ranks this rank holds
+
+
+def plan(client: SnapshotClient, found: Survey, step: int, world: int) -> Plan:
+    """Read this rank's old ranks and agree on the global metadata (a collective)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    me = dist.get_rank()
+    holders = found.holders(step, world)
+    olds: dict[int, _Old] = {}
+    mine: Any
+    try:
+        payload = {}
+        for old_rank, holder in sorted(holders.items()):
+            if holder != me:
+                continue
+            old = olds[old_rank] = _read_old(client, old_rank, step)
+            sk = old.skeleton
+            if not isinstance(sk, dict) or sk.get("format") is None:
+                raise SnapshotError(f"rank {old_rank} step {step}: not a TrainingState "
+                                    "snapshot")
+            if sk.get("state_dicts", "dcp") != "dcp" and "optimizer" in sk:
+                raise SnapshotError("only TrainingState(state_dicts='dcp') snapshots can be "
+                                    "restored at another world size (their optimizer state is "
+                                    "keyed by parameter name)")
+            chunks, leaves = _chunks_of(old)
+            rest = {k: v for k, v in sk.items() if k not in ("model", "optimizer")}
+            payload[old_rank] = (chunks, leaves if old_rank == min(holders) else {}, rest)
+        mine = payload
+    except Exception as exc:  # noqa: BLE001 - every rank must raise the same way
+        mine = f"rank {me}: {type(exc).__name__}: {exc}"
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    errors = [x for x in everyone if isinstance(x, str)]
+    if errors:
+        raise SnapshotError("cannot restore at another world size: " + "; ".join(errors))
+    merged: dict[int, Any] = {}
+    for part in everyone:
+        merged.update(part)
+    saved_world = {int(rest.get("world", 0)) for _, _, rest in merged.values()}
+    if world and saved_world - {0, world}:
+        raise SnapshotError(f"step {step}: snapshots say the job had {sorted(saved_world)} "
+                            f"ranks, the daemons list {world}")
+
+    sd_meta: dict[str, Any] = {}
+    where: dict[Any, tuple[int, int]] = {}
+    seen: dict[tuple[str, tuple[int, ...]], int] = {}
+    volume: dict[str, int] = {}
+    values: dict[str, Any] = {}
+    for old_rank in sorted(merged):
+        chunks, vals, _ = merged[old_rank]
+        for fqn, value in vals.items():
+            values.setdefault(fqn, value)
+        for fqn, dtype, shape, offsets, sizes, idx in chunks:
+            key = (fqn, tuple(offsets))
+            if key in seen:                     # a replica of a chunk already listed
+                continue
+            seen[key] = old_rank
+            entry = sd_meta.get(fqn)
+            if entry is None:
+                entry = sd_meta[fqn] = TensorStorageMetadata(
+                    properties=TensorProperties(dtype=getattr(torch, dtype)),
+                    size=torch.Size(shape), chunks=[])
+            entry.chunks.append(ChunkStorageMetadata(offsets=torch.Size(offsets),
+                                                     sizes=torch.Size(sizes)))
+            where[MetadataIndex(fqn, torch.Size(offsets))] = (old_rank, idx)
+            n = 1
+            for s in sizes:
+                n *= s
+            volume[fqn] = volume.get(fqn, 0) + n
+    partial = []
+    for fqn, entry in sd_meta.items():
+        total = 1
+        for s in entry.size:
+            total *= s
+        if volume[fqn] != total:
+            partial.append(f"{fqn} ({volume[fqn]} of {total} elements)")
+    if partial:
+        raise SnapshotError(f"step {step}: the saved tensors are not all held whole by the "
+                            f"job's daemons: {'; '.join(partial[:4])}")
+    for fqn in values:
+        if fqn not in sd_meta:
+            sd_meta[fqn] = BytesStorageMetadata()
+            where[MetadataIndex(fqn)] = (-1, -1)
+    rest = {old_rank: r for old_rank, (_, _, r) in merged.items()}
+    return Plan(step, world or len(holders), holders, Metadata(state_dict_metadata=sd_meta),
+                where, values, rest, olds)
+
+
+def _reader(found: Plan) -> Any:
+    from torch.distributed.checkpoint.planner import LoadItemType
+    from torch.distributed.checkpoint.storage import StorageReader
+    from torch.futures import Future
+
+    class ElasticReader(StorageReader):
+        """DCP StorageReader over the old ranks' versions (see the module docstring)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.received = 0
+
+        def reset(self, checkpoint_id: Any = None) -> None:
+            pass
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            return found.metadata
+
+        def set_up_storage_reader(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def prepare_local_plan(self, plan: Any) -> Any:
+            return plan
+
+        def prepare_global_plan(self, plans: Any) -> Any:
+            return plans
+
+        def read_data(self, plan: Any, planner: Any) -> Future:
+            self.received = _exchange(found, plan, planner, LoadItemType)
+            fut: Future = Future()
+            fut.set_result(None)
+            return fut
+
+        @classmethod
+        def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+            return True
+
+    return ElasticReader()
+
+
+def _exchange(found: Plan, plan: Any, planner: Any, byte_io: Any) -> int:
+    """Serve and receive the planner's byte ranges; return the bytes received from others."""
+    import torch.distributed as dist
+
+    me, world = dist.get_rank(), dist.get_world_size()
+    wants: list[tuple[int, int, int, list[int], list[int]]] = []   # holder, old, idx, off, len
+    tensor_reqs = []
+    for req in plan.items:
+        if req.type == byte_io.BYTE_IO:
+            raw = io.BytesIO()
+            torch.save(found.values[req.storage_index.fqn], raw)
+            raw.seek(0)
+            planner.load_bytes(req, raw)
+            continue
+        old, idx = found.where[req.storage_index]
+        wants.append((found.holders[old], old, idx, list(req.storage_offsets),
+                      list(req.lengths)))
+        tensor_reqs.append(req)
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, wants)
+
+    def piece(old: int, idx: int, offsets: list[int], lengths: list[int]) -> torch.Tensor:
+        t = found.olds[old].tensors[idx]
+        for dim, (start, length) in enumerate(zip(offsets, lengths, strict=True)):
+            t = t.narrow(dim, start, length)
+        return t
+
+    def nbytes(old: int, idx: int, lengths: list[int], dtypes: dict) -> int:
+        n = 1
+        for s in lengths:
+            n *= s
+        return n * dtypes[(old, idx)]
+
+    # Element sizes of every requested chunk: the holder knows them; everyone needs them to
+    # size its receive buffers, so they travel with the requests' answers (one more gather).
+    sizes = {(old, idx): found.olds[old].tensors[idx].element_size()
+             for w in everyone for holder, old, idx, _, _ in w if holder == me}
+    all_sizes: list[Any] = [None] * world
+    dist.all_gather_object(all_sizes, sizes)
+    dtypes: dict[tuple[int, int], int] = {}
+    for s in all_sizes:
+        dtypes.update(s)
+
+    device = collective_device(None)
+    works: list[Any] = []
+    inbox: dict[int, torch.Tensor] = {}
+    outbox: list[torch.Tensor] = []                     # kept alive until sent
+    for reader, asked in enumerate(everyone):
+        mine = [w for w in asked if w[0] == me]
+        if reader == me or not mine:
+            continue
+        buf = torch.cat([piece(o, i, off, ln).contiguous().reshape(-1).view(torch.uint8)
+                         for _, o, i, off, ln in mine]).to(device)
+        works.append(dist.isend(buf, dst=reader))
+        outbox.append(buf)
+    for holder in range(world):
+        if holder == me:
+            continue
+        mine = [w for w in wants if w[0] == holder]
+        if not mine:
+            continue
+        total = sum(nbytes(o, i, ln, dtypes) for _, o, i, _, ln in mine)
+        buf = torch.empty(total, dtype=torch.uint8, device=device)
+        works.append(dist.irecv(buf, src=holder))
+        inbox[holder] = buf
+    for work in works:
+        work.wait()
+    received = sum(b.numel() for b in inbox.values())
+    cursor = {h: 0 for h in inbox}
+    for (holder, old, idx, offsets, lengths), req in zip(wants, tensor_reqs, strict=True):
+        if holder == me:
+            src = piece(old, idx, offsets, lengths)
+        else:
+            n = nbytes(old, idx, lengths, dtypes)
+            got = inbox[holder][cursor[holder]:cursor[holder] + n].cpu()
+            cursor[holder] += n
+            dtype = found.metadata.state_dict_metadata[req.storage_index.fqn].properties.dtype
+            src = got.clone().view(dtype).reshape(lengths)
+        target = planner.resolve_tensor(req).detach()
+        if tuple(target.size()) != tuple(src.size()):
+            raise SnapshotError(f"{req.storage_index.fqn}: chunk of shape {tuple(src.size())} "
+                                f"for a target of {tuple(target.size())}")
+        target.copy_(src)
+        planner.commit_tensor(req, target)
+    return received
+
+
+def load(state: Any, client: SnapshotClient, found: Survey, step: int, world: int) -> int:
+    """Restore ``state`` (a TrainingState with ``state_dicts="dcp"``) from the ``world``-rank
+    layout's step ``step``; return the step. Every rank calls this (collectives)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from ._training import _unwrap
+
+    if state.state_dicts != "dcp" and state.optimizer is not None:
+        raise SnapshotError("restoring at another world size needs "
+                            "TrainingState(..., state_dicts='dcp')")
+    started = time.perf_counter()
+    agreed = plan(client, found, step, world)
+    me = dist.get_rank()
+    model = _unwrap(state.model)
+    if state.optimizer is not None:
+        msd, osd = get_state_dict(model, state.optimizer)
+        target: dict[str, Any] = {"model": msd, "optimizer": osd}
+    else:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        target = {"model": get_model_state_dict(model)}
+    reader = _reader(agreed)
+    dcp.load(target, storage_reader=reader)
+    # The rest: job-wide from old rank 0; the RNGs this rank's own where it existed.
+    base = dict(agreed.rest[0])
+    full: dict[str, Any] = {**base, "model": target["model"]}
+    if "optimizer" in target:
+        full["optimizer"] = target["optimizer"]
+    if state.rng:
+        own = agreed.rest.get(me)
+        if own is not None and "rng" in own:
+            full["rng"] = own["rng"]
+        else:
+            full.pop("rng", None)
+    if own_gens := agreed.rest.get(me, {}).get("generators"):
+        full["generators"] = own_gens
+    full.pop("replicas", None)
+    loaded = state.load(full)
+    if state.rng and agreed.rest.get(me) is None:
+        seed = seed_for(step, me)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            import numpy as np
+
+            np.random.seed(seed)
+        except ImportError:
+            pass
+    dist.barrier()                  # every rank has read what it needed from the holders
+    agreed.olds.clear()             # the old ranks' mappings (and their leases) go now
+    client.last_restore = RestoreInfo(step, "memory", sum(
+        t.numel() * t.element_size() for t in _tensors(target)), time.perf_counter() - started,
+        world_from=agreed.world, bytes_from_peers=reader.received)
+    client._last_step = step
+    client._pinned_from = step + 100
+    log.info("restored job %r rank %d step %d from the %d-rank layout (%d bytes from other "
+             "ranks' daemons)", client.job, me, step, agreed.world, reader.received)
+    return loaded
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
