@@ -77,7 +77,8 @@ class Daemon:
             persister=self.persister, job_isolation=self.config.job_isolation,
             admin_token=self._admin_token() if self.config.job_isolation else "",
             coding=(self.cluster.protector.group.k, self.cluster.protector.group.m)
-            if self.cluster else (0, 0))
+            if self.cluster else (0, 0),
+            reads=self.cluster.reads if self.cluster else None)
         if self.config.metrics_port is not None:
             self.http = MetricsServer(self.registry, self.config.metrics_port,
                                       ready=self.readiness).start()

@@ -649,12 +649,14 @@ class SnapshotClient:
                                  zero_copy=zero_copy)
 
     def read(self, step: int | None = None, *, local_shards: bool = True,
-             zero_copy: bool = True) -> tuple[int, Any] | None:
+             zero_copy: bool = True, remote: bool = False) -> tuple[int, Any] | None:
         """Return ``(step, state)`` of this rank's version ``step`` (newest when None), or
         None: a copy for inspection or export, not a restore. It starts no new timeline (the
         rank's newer versions stay) and agrees with no other rank. DTensors come back as this
         rank's local shards unless ``local_shards=False`` (then the job's meshes must exist).
         ``zero_copy``: as in :meth:`restore` (the tensors map the version, leased until freed).
+        ``remote``: where this node's daemon does not hold the version (``step`` named), it
+        fetches it from the node of the cluster that does (verified there, checked on arrival).
 
         Example::
 
@@ -665,11 +667,12 @@ class SnapshotClient:
         with self._lock:
             self.wait()
             return self._restore(step, None, None, (), local_shards, timeline=False,
-                                 zero_copy=zero_copy)
+                                 zero_copy=zero_copy, remote=remote)
 
     def _restore(self, step: int | None, into: Any, check: Callable[[Any], None] | None,
                  meshes: tuple = (), local_shards: bool = False,
-                 timeline: bool = True, zero_copy: bool = True) -> tuple[int, Any] | None:
+                 timeline: bool = True, zero_copy: bool = True,
+                 remote: bool = False) -> tuple[int, Any] | None:
         if step is None and timeline and _distributed():
             step = self._agree()
             if step is None:
@@ -677,7 +680,8 @@ class SnapshotClient:
                 return None
         try:
             lease = self._channel.call(p.Open(self.job, self.rank, os.getpid(), step,
-                                              token=self._token, map=zero_copy))
+                                              token=self._token, map=zero_copy,
+                                              remote=remote and step is not None))
         except DaemonError as exc:
             if exc.code == "not_found" and step is None:
                 return None

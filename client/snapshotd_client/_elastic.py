@@ -49,14 +49,20 @@ __all__ = ["Survey", "survey", "seed_for"]
 
 @dataclass
 class Survey:
-    """What every rank's daemon holds of the job, by rank of the job (one entry per new
-    rank): its daemon's node slot, and the versions there as ``{(old rank, step): world}``."""
+    """What the daemons hold of the job. ``slots[r]`` is new rank ``r``'s daemon's node slot,
+    ``held[r]`` what that daemon holds (exactly: ``{(old rank, step): world}``), and
+    ``elsewhere`` what the other nodes of the cluster reported holding (their job-wide
+    retention reports: a rank there holds each step its node lists for all its ranks)."""
 
     slots: list[int]
     held: list[dict[tuple[int, int], int]]
+    elsewhere: dict[int, dict[tuple[int, int], int]] = field(default_factory=dict)
+
+    def _all(self) -> list[dict[tuple[int, int], int]]:
+        return [*self.held, *self.elsewhere.values()]
 
     def _at(self, step: int, world: int) -> dict[int, list[int]]:
-        """Old rank -> the new ranks whose daemon holds its version ``step`` of a
+        """Old rank -> the new ranks whose own daemon holds its version ``step`` of a
         ``world``-rank layout (a version that does not say its world counts for any)."""
         out: dict[int, list[int]] = {}
         for new, held in enumerate(self.held):
@@ -65,20 +71,33 @@ class Survey:
                     out.setdefault(old, []).append(new)
         return out
 
+    def _remote(self, step: int, world: int) -> set[int]:
+        """Old ranks of the layout held at ``step`` by other nodes of the cluster."""
+        return {old for held in self.elsewhere.values() for (old, s), w in held.items()
+                if s == step and w in (world, 0)}
+
     def choose(self) -> tuple[int, int] | None:
-        """The newest ``(step, world)`` of which every rank is held by some daemon of the job
-        (versions that do not say their world: the largest rank seen plus one)."""
-        for step in sorted({s for h in self.held for (_, s) in h}, reverse=True):
-            ranks = {o for h in self.held for (o, s) in h if s == step}
-            worlds = {w for h in self.held for (o, s), w in h.items() if s == step and w}
+        """The newest ``(step, world)`` of which every rank is held by some daemon of the
+        cluster (versions that do not say their world: the largest rank seen plus one)."""
+        every = self._all()
+        for step in sorted({s for h in every for (_, s) in h}, reverse=True):
+            ranks = {o for h in every for (o, s) in h if s == step}
+            worlds = {w for h in every for (o, s), w in h.items() if s == step and w}
             for world in sorted(worlds or {1 + max(ranks)}, reverse=True):
-                if set(self._at(step, world)) >= set(range(world)):
+                if set(self._at(step, world)) | self._remote(step, world) >= set(range(world)):
                     return step, world
         return None
 
-    def holders(self, step: int, world: int) -> dict[int, int]:
-        """Old rank (< ``world``) -> the lowest new rank whose daemon holds it at ``step``."""
-        return {old: min(news) for old, news in self._at(step, world).items() if old < world}
+    def holders(self, step: int, world: int) -> dict[int, tuple[int, bool]]:
+        """Old rank (< ``world``) -> (the new rank that reads it, whether from another node).
+        A rank its own daemon holds is read there by the lowest such new rank; the others
+        are read through new rank ``old % new world``'s daemon from a node that holds them."""
+        local = self._at(step, world)
+        out = {old: (min(news), False) for old, news in local.items() if old < world}
+        for old in sorted(self._remote(step, world) - set(out)):
+            if old < world:
+                out[old] = (old % len(self.slots), True)
+        return out
 
     def own(self, step: int, world: int, new_world: int) -> bool:
         """The layout is the job's own: as many ranks, each held by its own rank's daemon."""
@@ -87,14 +106,21 @@ class Survey:
 
 
 def survey(client: SnapshotClient) -> Survey:
-    """List, on every rank (a collective), what every rank's daemon holds of the job."""
+    """List, on every rank (a collective), what every rank's daemon holds of the job and
+    what the other nodes of the cluster reported holding."""
     import torch.distributed as dist
 
     try:
         status = client._channel.call(p.Status())
         versions = client._channel.call(p.ListVersions(client.job,
                                                        token=client._token)).versions
-        mine: Any = (status.node_slot, {(v.rank, v.step): v.world for v in versions})
+        try:
+            nodes = client._channel.call(p.Where(client.job, token=client._token)).nodes
+        except SnapshotError:
+            nodes = ()                  # a daemon without peers, or one that predates Where
+        reported = {n.slot: {(r, s): n.world for r in n.ranks for s in n.steps} for n in nodes}
+        mine: Any = (status.node_slot, {(v.rank, v.step): v.world for v in versions},
+                     reported)
     except SnapshotError as exc:
         mine = f"{type(exc).__name__}: {exc}"
     everyone: list[Any] = [None] * dist.get_world_size()
@@ -102,7 +128,13 @@ def survey(client: SnapshotClient) -> Survey:
     errors = [f"rank {r}: {x}" for r, x in enumerate(everyone) if isinstance(x, str)]
     if errors:
         raise SnapshotError("cannot survey the job's versions: " + "; ".join(errors))
-    return Survey([e[0] for e in everyone], [e[1] for e in everyone])
+    slots = [e[0] for e in everyone]
+    elsewhere: dict[int, dict[tuple[int, int], int]] = {}
+    for _, _, reported in everyone:
+        for slot, held in reported.items():
+            if slot not in slots:                       # exact lists win over reports
+                elsewhere.setdefault(slot, {}).update(held)
+    return Survey(slots, [e[1] for e in everyone], elsewhere)
 
 
 def seed_for(step: int, rank: int) -> int:
@@ -129,14 +161,15 @@ class _Old:
     tensors: list[torch.Tensor]
     skeleton: Any
     records: dict[int, dict[str, Any]]
+    remote_bytes: int = 0                                   # read from another node
     index: dict[int, int] = field(default_factory=dict)    # id(tensor) -> table index
 
 
-def _read_old(client: SnapshotClient, rank: int, step: int) -> _Old:
+def _read_old(client: SnapshotClient, rank: int, step: int, remote: bool) -> _Old:
     with SnapshotClient(client.endpoint, job=client.job, rank=rank,
                         token=client._token) as reader:
         lease = reader._channel.call(p.Open(client.job, rank, os.getpid(), step,
-                                            token=client._token, map=True))
+                                            token=client._token, map=True, remote=remote))
         mapped = False
         try:
             tensors, mapped = reader._copy_out(lease, {}, True)
@@ -145,7 +178,8 @@ def _read_old(client: SnapshotClient, rank: int, step: int) -> _Old:
                 reader._release(lease.lease)
         meta = lease.meta
     skeleton = unflatten(meta, tensors, _Same())  # type: ignore[arg-type]
-    old = _Old(rank, tensors, skeleton, sharding_of(meta))
+    old = _Old(rank, tensors, skeleton, sharding_of(meta),
+               remote_bytes=lease.nbytes if lease.tier == "peer" else 0)
     old.index = {id(t): i for i, t in enumerate(tensors)}
     return old
 
@@ -202,7 +236,7 @@ class Plan:
 
     step: int
     world: int
-    holders: dict[int, int]
+    holders: dict[int, tuple[int, bool]]
     metadata: Any
     where: dict[Any, tuple[int, int]]           # MetadataIndex -> (old rank, table index)
     values: dict[str, Any]                      # bytes items (param groups, ...)
@@ -228,10 +262,10 @@ def plan(client: SnapshotClient, found: Survey, step: int, world: int) -> Plan:
     mine: Any
     try:
         payload = {}
-        for old_rank, holder in sorted(holders.items()):
+        for old_rank, (holder, remote) in sorted(holders.items()):
             if holder != me:
                 continue
-            old = olds[old_rank] = _read_old(client, old_rank, step)
+            old = olds[old_rank] = _read_old(client, old_rank, step, remote)
             sk = old.skeleton
             if not isinstance(sk, dict) or sk.get("format") is None:
                 raise SnapshotError(f"rank {old_rank} step {step}: not a TrainingState "
@@ -359,7 +393,7 @@ def _exchange(found: Plan, plan: Any, planner: Any, byte_io: Any) -> int:
             planner.load_bytes(req, raw)
             continue
         old, idx = found.where[req.storage_index]
-        wants.append((found.holders[old], old, idx, list(req.storage_offsets),
+        wants.append((found.holders[old][0], old, idx, list(req.storage_offsets),
                       list(req.lengths)))
         tensor_reqs.append(req)
     everyone: list[Any] = [None] * world
@@ -482,10 +516,11 @@ def load(state: Any, client: SnapshotClient, found: Survey, step: int, world: in
         except ImportError:
             pass
     dist.barrier()                  # every rank has read what it needed from the holders
+    remote = sum(o.remote_bytes for o in agreed.olds.values())
     agreed.olds.clear()             # the old ranks' mappings (and their leases) go now
     client.last_restore = RestoreInfo(step, "memory", sum(
         t.numel() * t.element_size() for t in _tensors(target)), time.perf_counter() - started,
-        world_from=agreed.world, bytes_from_peers=reader.received)
+        world_from=agreed.world, bytes_from_peers=reader.received + remote)
     client._last_step = step
     client._pinned_from = step + 100
     log.info("restored job %r rank %d step %d from the %d-rank layout (%d bytes from other "

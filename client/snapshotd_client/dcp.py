@@ -9,11 +9,11 @@ DCP's planners decide which saved chunks overlap which new shards, so a load at 
 size reshards. The versions are ordinary snapshots: coded across the nodes, rebuilt after a node
 loss, kept by ``--keep`` like any other.
 
-Scope today: a load reads the ranks it needs from its own node's daemon (every rank of a
-one-node job, or the same world size with each rank reading what it wrote, which sharded
-FSDP2/TP state does); a rank that wrote on another node gives a clear error (reading across
-nodes is the rest of issue 14). The metadata is pickled, as DCP's own file storage does; it is
-unpickled only by the job's loaders, never by the daemon.
+A load reads the ranks it needs from its own node's daemon, which fetches a rank held on
+another node of the cluster from that node (``read(remote=True)``: verified by the holder,
+checked on arrival). The metadata is read the same way (it is kept with rank 0's node). The
+metadata is pickled, as DCP's own file storage does; it is unpickled only by the job's
+loaders, never by the daemon.
 
 Example (one process, no process group)::
 
@@ -192,7 +192,7 @@ class SnapshotdReader(StorageReader):
         with SnapshotClient(self.endpoint, job=self.job + META_SUFFIX, rank=0,
                             token=self.token) as client:
             try:
-                got = client.read(self.step)
+                got = client.read(self.step, remote=self.step is not None)
             except SnapshotError as exc:
                 if getattr(exc, "code", "") != "not_found":
                     raise
@@ -245,16 +245,16 @@ class SnapshotdReader(StorageReader):
     def _items_of(self, rank: int) -> dict[str, torch.Tensor]:
         with SnapshotClient(self.endpoint, job=self.job, rank=rank, token=self.token) as client:
             try:
-                got = client.read(self.step)
+                got = client.read(self.step, remote=True)
             except SnapshotError as exc:
                 got, why = None, str(exc)
             else:
                 why = ""
         if got is None or got[0] != self.step:
             raise _loud(SnapshotError(
-                f"job {self.job!r} step {self.step}: rank {rank}'s items are not on this "
-                f"node's daemon{f' ({why})' if why else ''}; a load reads the ranks it needs "
-                "from its own node (reading another node's ranks is not supported yet)"))
+                f"job {self.job!r} step {self.step}: rank {rank}'s items are held neither by "
+                f"this node's daemon nor by a node of the cluster it can reach"
+                f"{f' ({why})' if why else ''}"))
         return got[1]["items"]
 
     @classmethod

@@ -31,6 +31,7 @@ from ..common import protocol as p
 __all__ = ["FragInfo", "Ping", "Pong", "PutData", "PutParity", "Protected", "Dropped", "Held",
            "JobFloor", "Inventory",
            "DataHolding", "ParityHolding", "InventoryReply", "GetData", "GetParity", "Chunk",
+           "GetVersion", "VersionData",
            "decode", "manifest_id"]
 
 
@@ -237,8 +238,34 @@ class Chunk:
     floor: int = -1
 
 
+@dataclass(frozen=True)
+class GetVersion:
+    """Send one rank's whole version (job, rank, step): a node reading, for one of its ranks,
+    a rank it does not hold (a job restored at another world size, its ranks elsewhere)."""
+
+    OP: ClassVar[str] = "get_version"
+    job: str
+    rank: int
+    step: int
+
+
+@dataclass(frozen=True)
+class VersionData:
+    """Reply to :class:`GetVersion`: the version's table and skeleton; its bytes follow as
+    payload frames, with their XXH3 checksum (the sender verified every tensor first)."""
+
+    OP: ClassVar[str] = "version_data"
+    step: int
+    nbytes: int
+    tensors: tuple[p.TensorEntry, ...]
+    meta: str
+    checksum: str
+    world: int = 0
+
+
 _PEER_MESSAGES = p.registry(Ping, Pong, PutData, PutParity, Protected, Dropped, Held, Inventory,
-                            InventoryReply, GetData, GetParity, Chunk, p.Ok, p.Error)
+                            InventoryReply, GetData, GetParity, Chunk, GetVersion, VersionData,
+                            p.Ok, p.Error)
 
 
 def manifest_id(manifest: str) -> str:

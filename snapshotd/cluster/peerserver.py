@@ -26,11 +26,14 @@ log = logging.getLogger("snapshotd.peerserver")
 class PeerServer(RouterLoop):
     """Serves :mod:`snapshotd.cluster.peerproto` for one node."""
 
-    SLOW = frozenset({"put_data", "put_parity", "inventory", "get_data", "get_parity"})
+    SLOW = frozenset({"put_data", "put_parity", "inventory", "get_data", "get_parity",
+                      "get_version"})
     MAX_PAYLOAD_FRAMES = 1 << 16
 
     def __init__(self, endpoint: str, context: zmq.Context, security: Security,
-                 protector: Protector, me: int, metrics: Any, ready: Any) -> None:
+                 protector: Protector, me: int, metrics: Any, ready: Any,
+                 reads: Any = None) -> None:
+        self.reads = reads
         sock = context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         security.server(sock)
@@ -84,3 +87,8 @@ class PeerServer(RouterLoop):
 
     def _on_get_parity(self, m: pp.GetParity, _: Any) -> Any:
         return self.protector.get_parity(m)
+
+    def _on_get_version(self, m: pp.GetVersion, _: Any) -> Any:
+        if self.reads is None:
+            raise p.ProtocolError("bad_request", "this node serves no reads across nodes")
+        return self.reads.serve(m)

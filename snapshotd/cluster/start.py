@@ -16,6 +16,7 @@ from .peers import Heartbeats, PeerLinks, Security, load_security
 from .peerserver import PeerServer
 from .placement import Group, PlacementError, domain_counts, domain_spread, group_of, make_groups
 from .protection import Protector
+from .reads import PeerReads
 from .rebuild import Recovery
 
 __all__ = ["ClusterNode", "start_cluster"]
@@ -34,6 +35,7 @@ class ClusterNode:
     auth: Any
     reporter: FloorReporter | None = None
     all_links: PeerLinks | None = field(default=None, repr=False)
+    reads: PeerReads | None = field(default=None, repr=False)
 
     def stop(self) -> None:
         if self.reporter is not None:
@@ -41,6 +43,8 @@ class ClusterNode:
         self.heartbeats.stop()
         self.server.stop()
         self.protector.close()
+        if self.reads is not None:
+            self.reads.close()
         if self.auth is not None:
             self.auth.stop()
 
@@ -88,15 +92,16 @@ def start_cluster(config: Config, store: Store, context: zmq.Context, metrics: A
     reporter = FloorReporter(protector, protector.report_to, config.heartbeat_interval,
                              protector.report_timeout)
     listen = config.listen or "tcp://*:" + endpoints[me].rsplit(":", 1)[1]
+    reads = PeerReads(me, store, protector, all_links, timeout=max(60.0, config.encode_timeout))
     server = PeerServer(listen, context, security, protector, me, metrics,
-                        ready=lambda: recovery.ready).start()
+                        ready=lambda: recovery.ready, reads=reads).start()
     heartbeats.start()
     recovery.start()
     reporter.start()
     log.info("node %d in group %d %s (k=%d, m=%d, codec %s), peers listen on %s", me,
              group.index, list(group.slots), group.k, group.m, config.codec, server.endpoint)
     return ClusterNode(security, links, heartbeats, protector, recovery, server, auth, reporter,
-                       all_links)
+                       all_links, reads)
 
 
 def place(config: Config, nodes: int) -> Group:

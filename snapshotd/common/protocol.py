@@ -34,7 +34,8 @@ __all__ = [
     "PROTOCOL_VERSION", "MAX_MESSAGE_BYTES", "DTYPE_SIZES", "ALIGNMENT", "ProtocolError",
     "TensorEntry", "Alloc", "Commit", "Abort", "ListVersions", "Open", "Release", "Status",
     "Drop", "Verify", "Persist", "Verified", "VerifyReply", "Error", "AllocReply", "CommitReply",
-    "Ok", "VersionInfo", "ListReply", "OpenReply", "StatusReply", "encode", "decode", "registry",
+    "Ok", "VersionInfo", "ListReply", "OpenReply", "StatusReply", "Where", "NodeHolding",
+    "WhereReply", "encode", "decode", "registry",
     "check_table", "check_job",
 ]
 
@@ -189,6 +190,11 @@ class Open:
     #: The reader maps the segment privately (copy-on-write) and holds the lease until its last
     #: mapping is gone; the daemon then never reuses the segment's file for another write.
     map: bool = False
+    #: Where this daemon does not hold the version, fetch it from the node of the cluster that
+    #: does (``Where`` lists them): a rank reading another rank's version, held on another
+    #: node (a job restored at another world size). Served as tier ``peer``, from a copy the
+    #: daemon keeps until :class:`Release`.
+    remote: bool = False
 
 
 @dataclass(frozen=True)
@@ -204,6 +210,17 @@ class Status:
     """Ask for the daemon's summary."""
 
     OP: ClassVar[str] = "status"
+
+
+@dataclass(frozen=True)
+class Where:
+    """Which nodes of the cluster hold which ranks and steps of ``job`` (from their job-wide
+    retention reports: what a rank restoring at another world size may read remotely)."""
+
+    OP: ClassVar[str] = "where"
+    job: str
+    #: The job's access token (``--job-isolation``; from ``SNAPSHOTD_JOB_TOKEN``); never logged.
+    token: str = ""
 
 
 @dataclass(frozen=True)
@@ -314,6 +331,23 @@ class OpenReply:
 
 
 @dataclass(frozen=True)
+class NodeHolding:
+    """What one node said it holds of a job: its ranks, the steps every one of them holds,
+    and the job's number of ranks when its newest version was saved."""
+
+    slot: int
+    ranks: tuple[int, ...]
+    steps: tuple[int, ...]
+    world: int = 0
+
+
+@dataclass(frozen=True)
+class WhereReply:
+    OP: ClassVar[str] = "where_reply"
+    nodes: tuple[NodeHolding, ...]
+
+
+@dataclass(frozen=True)
 class Verified:
     """One version checked by :class:`Verify`; ``bad`` names tensors that fail their checksum."""
 
@@ -352,8 +386,9 @@ class StatusReply:
 _MESSAGES: dict[str, type] = {
     cls.OP: cls  # type: ignore[attr-defined]
     for cls in (Alloc, Commit, Abort, ListVersions, Open, Release, Status, Drop, Verify, Persist,
-                Error,
-                Ok, AllocReply, CommitReply, ListReply, OpenReply, StatusReply, VerifyReply)
+                Where, Error,
+                Ok, AllocReply, CommitReply, ListReply, OpenReply, StatusReply, VerifyReply,
+                WhereReply)
 }
 Message = Any
 

@@ -35,7 +35,7 @@ class ControlServer(RouterLoop):
     node answers only once it has rebuilt what it can.
     """
 
-    SLOW = frozenset({"alloc", "commit", "open", "list", "verify", "persist"})
+    SLOW = frozenset({"alloc", "commit", "open", "list", "verify", "persist", "where"})
 
     def __init__(self, store: Store, endpoint: str, *, context: zmq.Context,
                  metrics: Metrics, node_slot: int = 0, workers: int = 4,
@@ -45,8 +45,11 @@ class ControlServer(RouterLoop):
                  recovery: Any = None,
                  peers: Callable[[], dict[int, bool]] | None = None,
                  persister: Any = None, job_isolation: bool = False,
-                 admin_token: str = "", coding: tuple[int, int] = (0, 0)) -> None:
+                 admin_token: str = "", coding: tuple[int, int] = (0, 0),
+                 reads: Any = None) -> None:
         self.coding = coding
+        #: Reads across nodes (snapshotd.cluster.reads.PeerReads; None on a node without peers).
+        self.reads = reads
         self.job_isolation = job_isolation
         self._admin = token_digest(admin_token) if admin_token else ""
         self.peers = peers
@@ -86,7 +89,7 @@ class ControlServer(RouterLoop):
             self.store.abort(self.store.slot_number(reply.next_slot))
 
     def _reap(self) -> None:
-        reaped = self.store.reap()
+        reaped = self.store.reap() + (self.reads.reap() if self.reads is not None else 0)
         if reaped:
             log.info("reclaimed %d slots/leases of processes that are gone", reaped)
             self.metrics.reclaimed.inc(reaped)
@@ -169,7 +172,16 @@ class ControlServer(RouterLoop):
         self._authorize(m)
         started = time.perf_counter()
         self._wait_recovery(m.job)
-        lease, tier = self._lease_any_tier(m)
+        try:
+            lease, tier = self._lease_any_tier(m)
+        except StoreError as exc:
+            if exc.code != "not_found" or not m.remote or self.reads is None:
+                raise
+            # Another rank's version, held on another node: the holder verified it, and the
+            # copy is checked against the checksum it sent.
+            reply = self.reads.fetch(m.job, m.rank, m.step, m.pid)
+            self.metrics.open_seconds.observe(time.perf_counter() - started)
+            return reply
         v = lease.version
         bad = self.store.verify(v) if m.verify else []
         if bad:
@@ -225,6 +237,8 @@ class ControlServer(RouterLoop):
         return p.Ok(1)
 
     def _on_release(self, m: p.Release, _: Any = None) -> p.Ok:
+        if self.reads is not None and self.reads.release(m.lease):
+            return p.Ok(1)
         lease = self.store.release(m.lease)
         self.metrics.restore_seconds.observe(time.monotonic() - lease.opened)
         return p.Ok(1)
@@ -239,6 +253,10 @@ class ControlServer(RouterLoop):
                     self.metrics.checksum_failures.inc(len(bad))
                 results.append(p.Verified(v.job, v.rank, v.step, bad))
         return p.VerifyReply(tuple(results))
+
+    def _on_where(self, m: p.Where, _: Any = None) -> p.WhereReply:
+        self._authorize(m)
+        return self.reads.where(m.job) if self.reads is not None else p.WhereReply(())
 
     def _on_drop(self, m: p.Drop, _: Any = None) -> p.Ok:
         self._authorize(m)

@@ -6,6 +6,7 @@
     snapshotctl drop --job J [--rank R] [--step S]
     snapshotctl persist --job J [--step S]  write to the persistence tier now
     snapshotctl export --job J [--step S] [--rank R] --out DIR   torch.distributed.checkpoint
+    snapshotctl export --job J [--step S] --global --out DIR      one global DCP checkpoint
     snapshotctl keygen DIR                  write the cluster CURVE key pair
     snapshotctl plan --nodes N [--domain-size R | --domains MAP] [--schemes 4+2,r3 ...]
                                             survival of failure bursts, per scheme (offline)
@@ -102,8 +103,17 @@ def cmd_persist(ch: Channel, args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def cmd_export(ch: Channel, args: argparse.Namespace) -> tuple[Any, str]:
-    from .export import export
+    from .export import export, export_global
 
+    if args.whole:
+        if args.rank is not None:
+            raise SystemExit("--global writes every rank of the job; leave out --rank")
+        result = export_global(args.control, args.job, args.step, args.out,
+                               progress=not args.json, token=args.token)
+        return result, (f"exported job {result['job']!r} step {result['step']} as one global "
+                        f"checkpoint of {result['tensors']} tensors from {result['world']} "
+                        f"ranks ({result['bytes']} bytes) to {result['out']} "
+                        "(torch.distributed.checkpoint format; dcp.load at any world size)")
     result = export(args.control, args.job, args.step, args.out,
                     None if args.rank is None else [args.rank],
                     progress=not args.json, token=args.token)
@@ -218,6 +228,10 @@ def _parser() -> argparse.ArgumentParser:
                             help="drop every step newer than STEP (start a new timeline)")
         if name == "export":
             sp.add_argument("--out", required=True, help="directory to write")
+            sp.add_argument("--global", dest="whole", action="store_true",
+                            help="one global checkpoint of every rank of the job (read from "
+                            "every node that holds one; sharded tensors assembled, replicated "
+                            "ones written once) that dcp.load reads at any world size")
     kg = sub.add_parser("keygen", help="write the cluster CURVE key pair into DIR")
     kg.add_argument("dir")
     pl = sub.add_parser(

@@ -3,18 +3,26 @@
 A job of FSDP2 ranks saves every step through ``TrainingState(state_dicts="dcp")``; a new job
 at another world size (new processes, new process group, other initial values) restores, and
 every full parameter and AdamW moment equals the one saved, bit for bit. Its ranks read the
-saved shards that overlap their new ones from the daemons of their nodes (elastic_worker.py).
+saved shards that overlap their new ones from their daemons, which fetch ranks held on other
+nodes over the peer transport (elastic_worker.py).
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 import uuid
+from datetime import timedelta
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
+from snapshotd.common import protocol as p
+from snapshotd.common.channel import Channel
+from snapshotd.ops.export import export_global
 from snapshotd.tools.localcluster import free_ports
 
 WORKER = os.path.join(os.path.dirname(__file__), "elastic_worker.py")
@@ -57,12 +65,38 @@ def same(a, b):
     assert not differ, differ
 
 
-@pytest.mark.timeout(240)
-def test_fsdp2_saved_by_2_ranks_restores_at_4_and_then_at_2_bit_for_bit(cluster_factory,
-                                                                       tmp_path):
-    """2 ranks (one node) save; 4 ranks on 2 nodes restore from node 0's daemon (ranks 2-3
-    read nothing locally: their shards come from ranks 0-1), then save one more step; then 2
-    ranks restore that 4-rank layout, whose ranks 2-3 are on node 1."""
+def versions(spec, job):
+    ch = Channel(spec.control, timedelta(seconds=30))
+    try:
+        return ch.call(p.ListVersions(job)).versions
+    finally:
+        ch.close()
+
+
+def where(spec, job):
+    ch = Channel(spec.control, timedelta(seconds=30))
+    try:
+        return ch.call(p.Where(job)).nodes
+    finally:
+        ch.close()
+
+
+def wait_for(what, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+@pytest.mark.timeout(300)
+def test_fsdp2_resharded_2_to_4_then_continues_at_2_after_a_node_loss(cluster_factory,
+                                                                    tmp_path):
+    """2 ranks (node 0) save; 4 ranks, 2 per node, restore from node 0's daemon (ranks 2-3,
+    on node 1, hold nothing: their shards come from ranks 0-1) and save one more step. Node 1
+    is lost (daemon SIGKILLed, memory removed) and not given back to the job: a stand-in
+    daemon takes its slot and rebuilds its memory from node 0's parity, and the job continues
+    with 2 ranks on node 0, which read the lost ranks' shards from the stand-in through their
+    own daemon. Every full parameter and AdamW moment is the one saved, bit for bit."""
     cluster = cluster_factory(2, k=1, m=1, args=["--keep", "3", "--insecure"])
     cluster.start()
     job = f"el-{uuid.uuid4().hex[:6]}"
@@ -78,11 +112,37 @@ def test_fsdp2_saved_by_2_ranks_restores_at_4_and_then_at_2_bit_for_bit(cluster_
     assert [r["rng"] for r in restored[:2]] == [s["rng"] for s in saved]
     assert restored[2]["rng"] != restored[3]["rng"]
 
-    # The 4-rank job saved step 4 (ranks 0-1 on node 0, 2-3 on node 1): 2 ranks, one per
-    # node, restore it; each reads the old ranks its node holds and sends the other its part
-    # (new rank 0's shards are old ranks 0-1's rows, all on its own node; new rank 1 needs
-    # old ranks 2-3's, on node 1, and the optimizer step counts, which rank 0 serves).
-    again = run(tmp_path, cluster, 2, 1, "restore", job)
+    # Step 4 of the 4-rank layout protected on both nodes, then node 1 lost and stood in for.
+    node1 = cluster.specs[1]
+    wait_for(lambda: {(v.rank, v.state) for v in versions(node1, job) if v.step == 4}
+             == {(2, "protected"), (3, "protected")})
+    cluster.kill(1)
+    shutil.rmtree(node1.shm_dir, ignore_errors=True)
+    cluster.replace(1)
+    wait_for(lambda: {v.rank for v in versions(node1, job) if v.step == 4} == {2, 3})
+    wait_for(lambda: any(n.slot == 1 and 4 in n.steps and set(n.ranks) == {2, 3}
+                         for n in where(cluster.specs[0], job)))   # node 0 heard of it
+
+    # One global checkpoint of step 4 (ranks 0-1 from node 0, 2-3 read from the stand-in),
+    # loaded by plain dcp.load in one process (a third world size): the full tensors saved.
+    out = tmp_path / "global"
+    result = export_global(cluster.specs[0].control, job, 4, str(out), progress=False)
+    assert result["world"] == 4 and result["step"] == 4
+    after = torch.load(tmp_path / "after-4.pt")
+    target = {"model": {}, "optimizer": {"state": {}}}
+    for key, value in after.items():
+        kind, name = key.split("/", 1)
+        if kind == "param":
+            target["model"][name] = torch.zeros_like(value)
+        else:
+            target["optimizer"]["state"].setdefault(name, {})[kind] = torch.zeros_like(value)
+    dcp.load(target, checkpoint_id=str(out), no_dist=True)
+    loaded = {f"param/{n}": t for n, t in target["model"].items()}
+    loaded |= {f"{k}/{n}": t for n, d in target["optimizer"]["state"].items()
+               for k, t in d.items()}
+    same(after, loaded)
+
+    again = run(tmp_path, cluster, 2, 2, "restore", job)
     assert [r["step"] for r in again] == [4, 4] and [r["world_from"] for r in again] == [4, 4]
-    assert again[1]["from_peers"] > 0
+    assert all(r["from_peers"] > 0 for r in again)    # ranks 2-3 of step 4: on node 1 only
     same(torch.load(tmp_path / "after-4.pt"), torch.load(tmp_path / "restored-2.pt"))

@@ -22,6 +22,9 @@ ENTRY = p.TensorEntry("w", "float32", (2, 3), 0, 24)
     p.ListReply((p.VersionInfo("j", 0, 1, 10, "local", 1.5),)),
     p.Commit(3, (), "{}", "abc"), p.Open("job", 0, 5, map=True),
     p.OpenReply(1, "j", 0, 5, "/p", 24, (ENTRY,) * 3, "{}", "disk", 2),
+    p.ListReply((p.VersionInfo("j", 3, 1, 10, "protected", 1.5, 4),)),
+    p.Open("job", 2, 5, 7, map=True, remote=True), p.Where("job", "tok"),
+    p.WhereReply((p.NodeHolding(1, (2, 3), (4, 5), 4), p.NodeHolding(2, (), ()))),
 ])
 def test_round_trip(msg):
     req_id, back = p.decode(p.encode(msg, req_id=42))

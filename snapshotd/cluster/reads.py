@@ -1,0 +1,157 @@
+"""Reads across nodes: a rank's version served by the node that holds it, to a rank of the
+job on another node (issue 14: a job restored at another world size, or whose ranks moved).
+
+The reading rank asks its own daemon (``Open(remote=True)``); that daemon finds a node that
+reported the rank (``Where``: the job-wide retention reports, docs/protocol.md) and asks it
+over the peer transport (``GetVersion``). The holder verifies every tensor's checksum before
+it sends the bytes, with the payload's XXH3; the reader's daemon checks that, writes the bytes
+to a file in its shm directory (counted in its memory budget as ``remote`` bytes) and answers
+like any ``Open``: the client maps the file and releases it when done (or the daemon removes
+it when the reader's process is gone)::
+
+    rank ──Open(remote)──► its daemon ──GetVersion──► holder (verify, send)
+                           write remote-<lease>.bin ◄──VersionData + bytes──
+    rank ◄──OpenReply(tier "peer", path)── ; ... ──Release──► unlink
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+from datetime import timedelta
+from typing import Any
+
+from ..common import protocol as p
+from ..node.store import Store, StoreError, process_identity
+from . import peerproto as pp
+from .peers import PeerError
+from .protection import Protector, frames_checksum
+
+__all__ = ["PeerReads"]
+
+log = logging.getLogger("snapshotd.reads")
+
+
+class PeerReads:
+    """Both sides of a read across nodes for one daemon."""
+
+    #: Lease ids of remote reads (apart from the store's, which count up from 1).
+    FIRST_LEASE = 1 << 40
+
+    def __init__(self, me: int, store: Store, protector: Protector, links: Any,
+                 timeout: float = 60.0) -> None:
+        self.me, self.store, self.protector, self.links = me, store, protector, links
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._ids = itertools.count(self.FIRST_LEASE)
+        self._held: dict[int, tuple[str, int, float | None, int]] = {}  # lease -> path, pid, id, n
+        before = store.extra_kinds
+        store.extra_kinds = lambda: before() | {"remote": self.nbytes()}
+
+    # ------------------------------------------------------------------ the holder's side
+
+    def serve(self, msg: pp.GetVersion) -> tuple[pp.VersionData, list[Any]]:
+        """Send (job, rank, step) whole, once every tensor matches its checksum."""
+        lease = self.store.lease(msg.job, msg.rank, os.getpid(), step=msg.step)
+        try:
+            v = lease.version
+            bad = self.store.verify(v)
+            if bad:
+                raise StoreError("corrupt", f"job {msg.job!r} rank {msg.rank} step {msg.step} "
+                                 f"on node {self.me}: tensors {bad[:4]} fail their checksums")
+            payload = bytes(self.store.dir.view(v.number, v.size)[:v.nbytes])
+        finally:
+            self.store.release(lease.id)
+        return pp.VersionData(v.step, v.nbytes, v.tensors, v.meta, frames_checksum([payload]),
+                              v.world_size), [payload]
+
+    # ------------------------------------------------------------------ the reader's side
+
+    def where(self, job: str) -> p.WhereReply:
+        """What every other node last reported holding of ``job``."""
+        with self.protector._lock:
+            views = self.protector._views(job)
+        return p.WhereReply(tuple(p.NodeHolding(slot, tuple(v.ranks), tuple(v.held), v.world)
+                                  for slot, v in sorted(views.items()) if slot != self.me))
+
+    def fetch(self, job: str, rank: int, step: int | None, pid: int) -> p.OpenReply:
+        """Fetch (job, rank, step) from a node that reported holding it; a lease on the copy."""
+        if step is None:
+            raise StoreError("bad_request", "a remote read names its step")
+        with self.protector._lock:
+            views = self.protector._views(job)
+        candidates = sorted((slot for slot, v in views.items()
+                             if slot != self.me and rank in v.ranks),
+                            key=lambda slot: (step not in views[slot].held, slot))
+        problems = []
+        for slot in candidates:
+            try:
+                reply, frames = self.links.call(slot, pp.GetVersion(job, rank, step),
+                                                timeout=timedelta(seconds=self.timeout))
+            except (PeerError, StoreError, OSError) as exc:
+                problems.append(f"node {slot}: {exc}")
+                continue
+            bufs = [f.buffer for f in frames]
+            if frames_checksum(bufs) != reply.checksum or sum(len(b) for b in bufs) != \
+                    reply.nbytes:
+                problems.append(f"node {slot}: the bytes failed their checksum on the way")
+                continue
+            return self._keep(job, rank, reply, bufs, pid)
+        raise StoreError("not_found", f"job {job!r} rank {rank} step {step} is held by no "
+                         f"reachable node of the cluster ({'; '.join(problems) or 'none '}"
+                         f"{'' if problems else 'reported it'})")
+
+    def _keep(self, job: str, rank: int, reply: pp.VersionData, bufs: list[Any],
+              pid: int) -> p.OpenReply:
+        if self.store.stats()["bytes_used"] + reply.nbytes > self.store.memory_limit:
+            raise StoreError("memory_full", f"reading job {job!r} rank {rank} step "
+                             f"{reply.step} from another node needs {reply.nbytes} bytes; "
+                             "the memory budget has no room (raise --memory-limit)")
+        with self._lock:
+            lease = next(self._ids)
+            path = os.path.join(self.store.dir.path, f"remote-{lease}.bin")
+            self._held[lease] = (path, pid, process_identity(pid), reply.nbytes)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            for buf in bufs:
+                os.write(fd, buf)
+        except OSError:
+            self.release(lease)
+            raise
+        finally:
+            os.close(fd)
+        log.info("job %r rank %d step %d read from another node for pid %d (%d bytes)", job,
+                 rank, reply.step, pid, reply.nbytes)
+        return p.OpenReply(lease, job, rank, reply.step, path, reply.nbytes, reply.tensors,
+                           reply.meta, "peer", 0)
+
+    def release(self, lease: int) -> bool:
+        """Remove a remote read's copy; False if ``lease`` is not one."""
+        with self._lock:
+            held = self._held.pop(lease, None)
+        if held is None:
+            return False
+        try:
+            os.unlink(held[0])
+        except FileNotFoundError:
+            pass
+        return True
+
+    def reap(self) -> int:
+        """Remove the copies of readers whose process is gone."""
+        with self._lock:
+            gone = [lease for lease, (_, pid, ident, _) in self._held.items()
+                    if process_identity(pid) != ident]
+        for lease in gone:
+            self.release(lease)
+        return len(gone)
+
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(n for _, _, _, n in self._held.values())
+
+    def close(self) -> None:
+        for lease in list(self._held):
+            self.release(lease)
