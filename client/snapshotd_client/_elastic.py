@@ -424,25 +424,31 @@ def _exchange(found: Plan, plan: Any, planner: Any, byte_io: Any) -> int:
     device = collective_device(None)
     works: list[Any] = []
     inbox: dict[int, torch.Tensor] = {}
-    outbox: list[torch.Tensor] = []                     # kept alive until sent
-    for reader, asked in enumerate(everyone):
-        mine = [w for w in asked if w[0] == me]
-        if reader == me or not mine:
-            continue
-        buf = torch.cat([piece(o, i, off, ln).contiguous().reshape(-1).view(torch.uint8)
-                         for _, o, i, off, ln in mine]).to(device)
+    outbox: dict[int, torch.Tensor] = {}               # kept alive until sent
+    problem = ""
+    try:                              # everything that can fail, before any message moves
+        for reader, asked in enumerate(everyone):
+            mine = [w for w in asked if w[0] == me]
+            if reader != me and mine:
+                outbox[reader] = torch.cat([
+                    piece(o, i, off, ln).contiguous().reshape(-1).view(torch.uint8)
+                    for _, o, i, off, ln in mine]).to(device)
+        for holder in range(world):
+            mine = [w for w in wants if w[0] == holder]
+            if holder != me and mine:
+                total = sum(nbytes(o, i, ln, dtypes) for _, o, i, _, ln in mine)
+                inbox[holder] = torch.empty(total, dtype=torch.uint8, device=device)
+    except Exception as exc:  # noqa: BLE001 - every rank must stop together
+        problem = f"rank {me}: {type(exc).__name__}: {exc}"
+    flag = torch.tensor([0 if problem else 1], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if not flag.item():
+        raise SnapshotError("cannot move the resharded chunks between ranks: "
+                            + (problem or "another rank failed (see its error)"))
+    for reader, buf in outbox.items():
         works.append(dist.isend(buf, dst=reader))
-        outbox.append(buf)
-    for holder in range(world):
-        if holder == me:
-            continue
-        mine = [w for w in wants if w[0] == holder]
-        if not mine:
-            continue
-        total = sum(nbytes(o, i, ln, dtypes) for _, o, i, _, ln in mine)
-        buf = torch.empty(total, dtype=torch.uint8, device=device)
+    for holder, buf in inbox.items():
         works.append(dist.irecv(buf, src=holder))
-        inbox[holder] = buf
     for work in works:
         work.wait()
     received = sum(b.numel() for b in inbox.values())
@@ -488,8 +494,6 @@ def load(state: Any, client: SnapshotClient, found: Survey, step: int, world: in
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         target = {"model": get_model_state_dict(model)}
-    reader = _reader(agreed)
-    dcp.load(target, storage_reader=reader)
     # The rest: job-wide from old rank 0; the RNGs this rank's own where it existed.
     base = dict(agreed.rest[0])
     full: dict[str, Any] = {**base, "model": target["model"]}
@@ -504,6 +508,20 @@ def load(state: Any, client: SnapshotClient, found: Survey, step: int, world: in
     if own_gens := agreed.rest.get(me, {}).get("generators"):
         full["generators"] = own_gens
     full.pop("replicas", None)
+    # Everything that does not fit is found on some rank before any rank writes a byte.
+    problem = ""
+    try:
+        state.check(full)
+    except Exception as exc:  # noqa: BLE001 - every rank must stop together
+        problem = f"rank {me}: {exc}"
+    flag = torch.tensor([0 if problem else 1], device=collective_device(None))
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if not flag.item():
+        raise SnapshotError(f"the {agreed.world}-rank layout's step {step} does not fit the "
+                            "job, nothing was written: "
+                            + (problem or "another rank refused it (see its error)"))
+    reader = _reader(agreed)
+    dcp.load(target, storage_reader=reader)
     loaded = state.load(full)
     if state.rng and agreed.rest.get(me) is None:
         seed = seed_for(step, me)
@@ -517,7 +535,14 @@ def load(state: Any, client: SnapshotClient, found: Survey, step: int, world: in
             pass
     dist.barrier()                  # every rank has read what it needed from the holders
     remote = sum(o.remote_bytes for o in agreed.olds.values())
+    local = [o for o, (reader, far) in agreed.holders.items() if reader == me and not far]
     agreed.olds.clear()             # the old ranks' mappings (and their leases) go now
+    # A new timeline from ``step``: what this rank's daemon holds newer than it, of this rank
+    # and of the saved ranks it read here, is abandoned (a newer step some saved rank lacked).
+    # Left, this rank's next save (``step + 1``) could be refused as older than its newest.
+    for rank in sorted({me, *local}):
+        client._channel.call(p.Drop(client.job, rank=rank, newer_than=step,
+                                    token=client._token))
     client.last_restore = RestoreInfo(step, "memory", sum(
         t.numel() * t.element_size() for t in _tensors(target)), time.perf_counter() - started,
         world_from=agreed.world, bytes_from_peers=reader.received + remote)
