@@ -315,7 +315,9 @@ def render(results: dict) -> str:
               "xfail, naming the bug). All of them are fixed now and their tests run for real.",
               "", "| regression test | found by | bug | fix |", "| --- | --- | --- | --- |"]
     parts += [f"| `{test}` | {found} | {text} | {fix} |" for test, found, text, fix in BUGS]
-    parts += ["", METHODS, NOTES, ISOLATION]
+    parts += ["", "The adversarial reviews of the correctness issues (the findings, their "
+              "regression tests and fixes) are in [reviews.md](reviews.md).", "",
+              METHODS, NOTES, ISOLATION]
     return "\n".join(parts)
 
 
