@@ -535,14 +535,16 @@ def load(state: Any, client: SnapshotClient, found: Survey, step: int, world: in
             pass
     dist.barrier()                  # every rank has read what it needed from the holders
     remote = sum(o.remote_bytes for o in agreed.olds.values())
-    local = [o for o, (reader, far) in agreed.holders.items() if reader == me and not far]
+    read = [o for o, (reader, _) in agreed.holders.items() if reader == me]
     agreed.olds.clear()             # the old ranks' mappings (and their leases) go now
-    # A new timeline from ``step``: what this rank's daemon holds newer than it, of this rank
-    # and of the saved ranks it read here, is abandoned (a newer step some saved rank lacked).
-    # Left, this rank's next save (``step + 1``) could be refused as older than its newest.
-    for rank in sorted({me, *local}):
+    # A new timeline from ``step``: the versions newer than it, of this rank and of the saved
+    # ranks it read, are abandoned wherever they are (this node and every node that reported
+    # them): a newer step some saved rank lacked, which a later restore must never combine
+    # with this timeline's own saves of that step; and this rank's next save (``step + 1``)
+    # would be refused as older than its newest.
+    for rank in sorted({me, *read}):
         client._channel.call(p.Drop(client.job, rank=rank, newer_than=step,
-                                    token=client._token))
+                                    token=client._token, everywhere=True))
     client.last_restore = RestoreInfo(step, "memory", sum(
         t.numel() * t.element_size() for t in _tensors(target)), time.perf_counter() - started,
         world_from=agreed.world, bytes_from_peers=reader.received + remote)

@@ -31,7 +31,7 @@ from ..common import protocol as p
 __all__ = ["FragInfo", "Ping", "Pong", "PutData", "PutParity", "Protected", "Dropped", "Held",
            "JobFloor", "Inventory",
            "DataHolding", "ParityHolding", "InventoryReply", "GetData", "GetParity", "Chunk",
-           "GetVersion", "VersionData",
+           "GetVersion", "VersionData", "DropNewer",
            "decode", "manifest_id"]
 
 
@@ -263,9 +263,20 @@ class VersionData:
     world: int = 0
 
 
+@dataclass(frozen=True)
+class DropNewer:
+    """Drop your versions of ``rank`` of ``job`` newer than ``newer_than`` (a job that
+    restored that step at another world size started a new timeline there)."""
+
+    OP: ClassVar[str] = "drop_newer"
+    job: str
+    rank: int
+    newer_than: int
+
+
 _PEER_MESSAGES = p.registry(Ping, Pong, PutData, PutParity, Protected, Dropped, Held, Inventory,
                             InventoryReply, GetData, GetParity, Chunk, GetVersion, VersionData,
-                            p.Ok, p.Error)
+                            DropNewer, p.Ok, p.Error)
 
 
 def manifest_id(manifest: str) -> str:

@@ -27,7 +27,7 @@ class PeerServer(RouterLoop):
     """Serves :mod:`snapshotd.cluster.peerproto` for one node."""
 
     SLOW = frozenset({"put_data", "put_parity", "inventory", "get_data", "get_parity",
-                      "get_version"})
+                      "get_version", "drop_newer"})
     MAX_PAYLOAD_FRAMES = 1 << 16
 
     def __init__(self, endpoint: str, context: zmq.Context, security: Security,
@@ -92,3 +92,8 @@ class PeerServer(RouterLoop):
         if self.reads is None:
             raise p.ProtocolError("bad_request", "this node serves no reads across nodes")
         return self.reads.serve(m)
+
+    def _on_drop_newer(self, m: pp.DropNewer, _: Any) -> p.Ok:
+        if self.reads is None:
+            raise p.ProtocolError("bad_request", "this node serves no drops across nodes")
+        return p.Ok(self.reads.on_drop_newer(m))

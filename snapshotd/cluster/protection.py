@@ -839,6 +839,7 @@ class Protector:
         for job in jobs:
             views = self._views(job)
             step = job_wide(views) if everyone and self.me in views else -1
+            views = current_views(views)
             pin = new = self._pin.get(job, -1)
             if pin >= 0 and any(v.held and pin not in v.held for v in views.values()):
                 # A node no longer holds the pin (it restored an older step: a new timeline;
@@ -1063,6 +1064,27 @@ class NodeView(NamedTuple):
     protected: tuple[int, ...] = ()
 
 
+def current_views(views: dict[int, NodeView]) -> dict[int, NodeView]:
+    """The reports of the nodes that hold the job's *current layout*: the world size its
+    newest step was saved with (the world of the reports whose newest held step is the
+    highest, when they agree on one). A node whose newest version is of another layout (the
+    ranks a job restarted at another world size left behind) does not count for the job-wide
+    step: its old steps would hold the step back forever, and nothing would be evicted.
+
+    >>> V = NodeView
+    >>> sorted(current_views({0: V(5, (4, 5), (0, 1), 2), 1: V(3, (1, 2, 3), (2, 3), 4)}))
+    [0]
+    >>> sorted(current_views({0: V(3, (3,), (0,), 2), 1: V(3, (3,), (1,), 4)}))   # ambiguous
+    [0, 1]
+    """
+    newest = {slot: max(v.held, default=-1) for slot, v in views.items()}
+    top = max(newest.values(), default=-1)
+    worlds = {views[slot].world for slot, n in newest.items() if n == top}
+    if top < 0 or len(worlds) != 1 or not (world := worlds.pop()):
+        return views
+    return {slot: v for slot, v in views.items() if v.world in (world, 0)}
+
+
 def job_wide(views: dict[int, NodeView], every_rank: bool = True) -> int:
     """The step every node of one job can agree to keep, from every node's last report: the
     newest step in every node's ``held`` that is no newer than every node's ``floor`` (its
@@ -1097,6 +1119,7 @@ def job_wide(views: dict[int, NodeView], every_rank: bool = True) -> int:
     >>> job_wide({0: V(5, (3, 4, 5)), 1: V(4, ())})     # node 1's ranks share no step
     -1
     """
+    views = current_views(views)
     if not views:
         return -1
     low = min(v.floor for v in views.values())

@@ -44,7 +44,7 @@ class PeerReads:
                  timeout: float = 60.0) -> None:
         self.me, self.store, self.protector, self.links = me, store, protector, links
         self.timeout = timeout
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._ids = itertools.count(self.FIRST_LEASE)
         self._held: dict[int, tuple[str, int, float | None, int]] = {}  # lease -> path, pid, id, n
         before = store.extra_kinds
@@ -66,6 +66,36 @@ class PeerReads:
             self.store.release(lease.id)
         return pp.VersionData(v.step, v.nbytes, v.tensors, v.meta, frames_checksum([payload]),
                               v.world_size), [payload]
+
+    def on_drop_newer(self, msg: pp.DropNewer) -> int:
+        """Drop this node's versions of (job, rank) newer than ``newer_than`` (as a local
+        ``Drop`` would: the group is told, so their parity goes too)."""
+        before = {v.step for v in self.store.versions(msg.job)}
+        count = self.store.drop(msg.job, msg.rank, None, msg.newer_than)
+        gone = before - {v.step for v in self.store.versions(msg.job)}
+        if gone:
+            self.protector.node_dropped(msg.job, gone)
+        if count:
+            log.info("job %r rank %d: dropped %d versions newer than step %d (a new timeline "
+                     "started elsewhere)", msg.job, msg.rank, count, msg.newer_than)
+        return count
+
+    def drop_elsewhere(self, job: str, rank: int, newer_than: int) -> int:
+        """Have every other node that reported holding (job, rank) drop its versions newer
+        than ``newer_than``; return how many they dropped. A node that cannot be reached
+        keeps them (logged): a later restore still needs every rank of a step whole."""
+        with self.protector._lock:
+            views = self.protector._views(job)
+        count = 0
+        for slot in sorted(s for s, v in views.items() if s != self.me and rank in v.ranks):
+            try:
+                reply, _ = self.links.call(slot, pp.DropNewer(job, rank, newer_than),
+                                           timeout=timedelta(seconds=self.timeout))
+                count += reply.count
+            except (PeerError, OSError) as exc:
+                log.warning("job %r rank %d: node %d could not drop its versions newer than "
+                            "step %d: %s", job, rank, slot, newer_than, exc)
+        return count
 
     # ------------------------------------------------------------------ the reader's side
 
@@ -105,11 +135,11 @@ class PeerReads:
 
     def _keep(self, job: str, rank: int, reply: pp.VersionData, bufs: list[Any],
               pid: int) -> p.OpenReply:
-        if self.store.stats()["bytes_used"] + reply.nbytes > self.store.memory_limit:
-            raise StoreError("memory_full", f"reading job {job!r} rank {rank} step "
-                             f"{reply.step} from another node needs {reply.nbytes} bytes; "
-                             "the memory budget has no room (raise --memory-limit)")
-        with self._lock:
+        with self._lock:            # the check and the claim together (reads run in parallel)
+            if self.store.stats()["bytes_used"] + reply.nbytes > self.store.memory_limit:
+                raise StoreError("memory_full", f"reading job {job!r} rank {rank} step "
+                                 f"{reply.step} from another node needs {reply.nbytes} "
+                                 "bytes; the memory budget has no room (raise --memory-limit)")
             lease = next(self._ids)
             path = os.path.join(self.store.dir.path, f"remote-{lease}.bin")
             self._held[lease] = (path, pid, process_identity(pid), reply.nbytes)

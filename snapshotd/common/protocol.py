@@ -234,6 +234,10 @@ class Drop:
     newer_than: int | None = None
     #: The job's access token (``--job-isolation``; from ``SNAPSHOTD_JOB_TOKEN``); never logged.
     token: str = ""
+    #: Also on every other node of the cluster that reported holding the rank (``newer_than``
+    #: only): a job that starts a new timeline at a step it restored at another world size
+    #: abandons the newer versions of the saved ranks wherever they are.
+    everywhere: bool = False
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ class ControlServer(RouterLoop):
     node answers only once it has rebuilt what it can.
     """
 
-    SLOW = frozenset({"alloc", "commit", "open", "list", "verify", "persist", "where"})
+    SLOW = frozenset({"alloc", "commit", "open", "list", "verify", "persist", "where",
+                      "drop"})
 
     def __init__(self, store: Store, endpoint: str, *, context: zmq.Context,
                  metrics: Metrics, node_slot: int = 0, workers: int = 4,
@@ -260,6 +261,8 @@ class ControlServer(RouterLoop):
 
     def _on_drop(self, m: p.Drop, _: Any = None) -> p.Ok:
         self._authorize(m)
+        if m.everywhere and (m.rank is None or m.newer_than is None or m.step is not None):
+            raise StoreError("bad_request", "a drop everywhere names one rank and newer_than")
         before = {v.step for v in self.store.versions(m.job)}
         count = self.store.drop(m.job, m.rank, m.step, m.newer_than)
         gone = before - {v.step for v in self.store.versions(m.job)}
@@ -269,6 +272,9 @@ class ControlServer(RouterLoop):
             except Exception:  # noqa: BLE001 - the local drop stands either way
                 log.exception("telling peers that job %r steps %s were dropped failed", m.job,
                               sorted(gone))
+        if m.everywhere and self.reads is not None:
+            assert m.rank is not None and m.newer_than is not None
+            count += self.reads.drop_elsewhere(m.job, m.rank, m.newer_than)
         return p.Ok(count)
 
     def _on_status(self, m: p.Status, _: Any = None) -> p.StatusReply:

@@ -146,3 +146,29 @@ def test_fsdp2_resharded_2_to_4_then_continues_at_2_after_a_node_loss(cluster_fa
     assert [r["step"] for r in again] == [4, 4] and [r["world_from"] for r in again] == [4, 4]
     assert all(r["from_peers"] > 0 for r in again)    # ranks 2-3 of step 4: on node 1 only
     same(torch.load(tmp_path / "after-4.pt"), torch.load(tmp_path / "restored-2.pt"))
+
+
+@pytest.mark.timeout(120)
+def test_a_drop_everywhere_removes_a_ranks_newer_versions_on_the_node_that_holds_it(
+        cluster_factory):
+    """The new timeline of an elastic restore (review of issue 14: without it a later restore
+    combined one run's step 4 of ranks 0-1 with another run's step 4 of ranks 2-3): a drop
+    sent to node 0 with ``everywhere`` removes rank 2's versions newer than step 3 on node 1,
+    which holds rank 2, and keeps the older ones."""
+    from snapshotd_client import SnapshotClient
+
+    cluster = cluster_factory(2, k=1, m=1, args=["--insecure", "--keep", "4"])
+    cluster.start()
+    job = f"el-{uuid.uuid4().hex[:6]}"
+    with SnapshotClient(cluster.specs[1].control, job=job, rank=2) as client:
+        for step in (2, 3, 4, 5):
+            client.save(step, {"w": torch.full((256,), float(step))}).result()
+    wait_for(lambda: any(n.slot == 1 and 2 in n.ranks and 5 in n.steps
+                         for n in where(cluster.specs[0], job)))
+    ch = Channel(cluster.specs[0].control, timedelta(seconds=30))
+    try:
+        dropped = ch.call(p.Drop(job, rank=2, newer_than=3, everywhere=True)).count
+    finally:
+        ch.close()
+    assert dropped == 2
+    assert sorted(v.step for v in versions(cluster.specs[1], job)) == [2, 3]

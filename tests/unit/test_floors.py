@@ -241,3 +241,16 @@ def test_versions_above_the_pin_give_way_when_memory_is_needed(tmp_path, caplog)
     held = sorted(v.step for v in store.versions("j"))
     assert 1 in held and held[-2:] == [5, 6] and 3 not in held, held
     store.close()
+
+
+def test_a_node_left_with_an_older_layout_does_not_hold_the_job_wide_step_back():
+    """Review of issue 14: after a job came back at 2 ranks from 4, node 1 holds only the old
+    layout's ranks 2-3 (world 4, steps 1-3); node 0 saves on (world 2). Counting node 1, no
+    step is common and nothing was ever evicted again; its report is of another layout."""
+    new = NodeView(33, tuple(range(31, 34)), (0, 1), 2, -1, tuple(range(31, 34)))
+    old = NodeView(3, (1, 2, 3), (2, 3), 4, 3, (1, 2, 3))
+    assert job_wide({0: new, 1: old}) == 33
+    # Before the new layout saved anything newer, the old one is the current layout.
+    assert job_wide({0: NodeView(3, (3,), (0, 1), 4, 3, (3,)), 1: old}) == 3
+    # A node that does not say its world counts always.
+    assert job_wide({0: new, 1: NodeView(3, (1, 2, 3), (2, 3), 0)}) == -1
