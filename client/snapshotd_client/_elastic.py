@@ -90,10 +90,19 @@ class Survey:
 
     def holders(self, step: int, world: int) -> dict[int, tuple[int, bool]]:
         """Old rank (< ``world``) -> (the new rank that reads it, whether from another node).
-        A rank its own daemon holds is read there by the lowest such new rank; the others
-        are read through new rank ``old % new world``'s daemon from a node that holds them."""
+        A rank a daemon of the job holds is read there by one of that daemon's new ranks (the
+        one nearest to the same place in rank order); the others are read through new rank
+        ``old % new world``'s daemon from a node that holds them."""
         local = self._at(step, world)
-        out = {old: (min(news), False) for old, news in local.items() if old < world}
+        # Among the new ranks on a daemon that holds it, the one whose new shard most likely
+        # overlaps the saved one (the same place in rank order: new rank o * new / old), so
+        # that it sends least and the reads spread over the ranks of a node.
+        size = len(self.slots)
+
+        def nearest(old: int, news: list[int]) -> int:
+            return min(news, key=lambda n: (abs(n - old * size // max(world, 1)), n))
+
+        out = {old: (nearest(old, news), False) for old, news in local.items() if old < world}
         for old in sorted(self._remote(step, world) - set(out)):
             if old < world:
                 out[old] = (old % len(self.slots), True)
@@ -165,11 +174,15 @@ class _Old:
     index: dict[int, int] = field(default_factory=dict)    # id(tensor) -> table index
 
 
-def _read_old(client: SnapshotClient, rank: int, step: int, remote: bool) -> _Old:
+def _read_old(client: SnapshotClient, rank: int, step: int, remote: bool,
+              verify: bool = True) -> _Old:
+    """Map a saved rank's version (zero copy; ``verify=False`` only where another rank of
+    this restore verified the same version moments ago)."""
     with SnapshotClient(client.endpoint, job=client.job, rank=rank,
                         token=client._token) as reader:
         lease = reader._channel.call(p.Open(client.job, rank, os.getpid(), step,
-                                            token=client._token, map=True, remote=remote))
+                                            verify=verify, token=client._token, map=True,
+                                            remote=remote))
         mapped = False
         try:
             tensors, mapped = reader._copy_out(lease, {}, True)
@@ -242,6 +255,8 @@ class Plan:
     values: dict[str, Any]                      # bytes items (param groups, ...)
     rest: dict[int, dict[str, Any]]             # old rank -> its non-model/optimizer parts
     olds: dict[int, _Old]                       # the old ranks this rank holds
+    slots: list[int] = field(default_factory=list)   # new rank -> its daemon's node slot
+    client: Any = None
 
 
 def plan(client: SnapshotClient, found: Survey, step: int, world: int) -> Plan:
@@ -335,7 +350,7 @@ def plan(client: SnapshotClient, found: Survey, step: int, world: int) -> Plan:
             where[MetadataIndex(fqn)] = (-1, -1)
     rest = {old_rank: r for old_rank, (_, _, r) in merged.items()}
     return Plan(step, world or len(holders), holders, Metadata(state_dict_metadata=sd_meta),
-                where, values, rest, olds)
+                where, values, rest, olds, list(found.slots), client)
 
 
 def _reader(found: Plan) -> Any:
@@ -399,8 +414,18 @@ def _exchange(found: Plan, plan: Any, planner: Any, byte_io: Any) -> int:
     everyone: list[Any] = [None] * world
     dist.all_gather_object(everyone, wants)
 
+    def shared(reader: int, holder: int, old: int) -> bool:
+        """The reader maps the saved rank itself: on the holder's node, held there."""
+        return (reader != holder and found.slots[reader] == found.slots[holder]
+                and not found.holders[old][1])
+
+    mapped: dict[int, _Old] = {}                    # saved ranks this rank maps itself
+
     def piece(old: int, idx: int, offsets: list[int], lengths: list[int]) -> torch.Tensor:
-        t = found.olds[old].tensors[idx]
+        source = found.olds.get(old) or mapped.get(old)
+        if source is None:          # verified by its holder (plan()), on this node's daemon
+            source = mapped[old] = _read_old(found.client, old, found.step, False, False)
+        t = source.tensors[idx]
         for dim, (start, length) in enumerate(zip(offsets, lengths, strict=True)):
             t = t.narrow(dim, start, length)
         return t
@@ -428,13 +453,16 @@ def _exchange(found: Plan, plan: Any, planner: Any, byte_io: Any) -> int:
     problem = ""
     try:                              # everything that can fail, before any message moves
         for reader, asked in enumerate(everyone):
-            mine = [w for w in asked if w[0] == me]
+            mine = [w for w in asked if w[0] == me and not shared(reader, me, w[1])]
             if reader != me and mine:
                 outbox[reader] = torch.cat([
                     piece(o, i, off, ln).contiguous().reshape(-1).view(torch.uint8)
                     for _, o, i, off, ln in mine]).to(device)
+        for holder, old, idx, offsets, lengths in wants:
+            if shared(me, holder, old):
+                piece(old, idx, offsets, lengths)           # mapped now: fails here if at all
         for holder in range(world):
-            mine = [w for w in wants if w[0] == holder]
+            mine = [w for w in wants if w[0] == holder and not shared(me, holder, w[1])]
             if holder != me and mine:
                 total = sum(nbytes(o, i, ln, dtypes) for _, o, i, _, ln in mine)
                 inbox[holder] = torch.empty(total, dtype=torch.uint8, device=device)
@@ -454,7 +482,7 @@ def _exchange(found: Plan, plan: Any, planner: Any, byte_io: Any) -> int:
     received = sum(b.numel() for b in inbox.values())
     cursor = {h: 0 for h in inbox}
     for (holder, old, idx, offsets, lengths), req in zip(wants, tensor_reqs, strict=True):
-        if holder == me:
+        if holder == me or shared(me, holder, old):
             src = piece(old, idx, offsets, lengths)
         else:
             n = nbytes(old, idx, lengths, dtypes)
@@ -468,6 +496,7 @@ def _exchange(found: Plan, plan: Any, planner: Any, byte_io: Any) -> int:
                                 f"for a target of {tuple(target.size())}")
         target.copy_(src)
         planner.commit_tensor(req, target)
+    mapped.clear()                                  # the mappings (and leases) go now
     return received
 
 
