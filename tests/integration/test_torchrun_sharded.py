@@ -117,3 +117,31 @@ def test_fsdp2_rank_killed_resumes_bit_exact(cluster_factory, tmp_path):
 ], ids=["fsdp-tp-2x2", "hsdp-2x2-dcp-split", "fsdp-dcp"])
 def test_sharded_rank_killed_resumes_bit_exact(cluster_factory, tmp_path, nproc, args, coded):
     killed_rank_resumes_bit_exact(cluster_factory, tmp_path, nproc, *args, coded=coded)
+
+
+@pytest.mark.skipif(not LONG, reason="three torchrun jobs, about 40 s: SNAPSHOTD_FAULT_RUNS=long "
+                                     "(make faults); test_elastic.py reshards in every run")
+@pytest.mark.timeout(400)
+def test_the_fsdp2_example_restarted_at_4_then_3_ranks_restores_every_global_tensor(
+        cluster_factory, tmp_path):
+    """examples/train_fsdp.py (DCP state dicts) trains 8 steps on 2 ranks; torchrun jobs of
+    the same script at 4 and then 3 ranks (uneven shards) restore its last step from the
+    daemon's memory, resharded, and have nothing left to train: their final parameters and
+    AdamW moments (gathered full) are the 2-rank job's, bit for bit."""
+    cluster = cluster_factory(1, args=["--keep", "3"])
+    cluster.start()
+    job = f"e-{uuid.uuid4().hex[:6]}"
+    finals = []
+    for nproc in (2, 4, 3):
+        out = tmp_path / f"w{nproc}"
+        torchrun_standalone(SCRIPT, nproc, cluster.specs[0].control, out, "--steps", "8",
+                            "--job", job, "--state-dicts", "dcp")
+        starts = [e for e in read_jsonl(out / "events.jsonl") if e["event"] == "start"]
+        assert sorted(e["rank"] for e in starts) == list(range(nproc))
+        assert {e["restored"] for e in starts} == ({None} if nproc == 2 else {7}), starts
+        finals.append(out / "final.pt")
+    for other in finals[1:]:
+        same, detail = compare_params(finals[0], other)
+        assert same, (other, detail)
+    moments = [k for k in torch.load(finals[0], weights_only=True) if k.startswith("exp_avg")]
+    assert moments, "the optimizer state is compared too"
