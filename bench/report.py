@@ -314,10 +314,13 @@ def write(results: dict[str, Any], doc: str, out_dir: str) -> None:
 
 
 def standalone_sections(text: str) -> str:
-    """The sections of ``text`` written from standalone benchmarks (their heading names the
-    command, ``python -m bench.<name>``): kept as they are when the suite rewrites the page."""
+    """The sections of ``text`` written from standalone benchmarks or the demo (their heading
+    names the command, ``python -m bench.<name>`` or ``make demo``): kept as they are when the
+    suite rewrites the page."""
     out = []
     for part in re.split(r"(?m)^(?=## )", text):
-        if part.startswith("## ") and "`python -m bench." in part.split("\n", 1)[0]:
+        heading = part.split("\n", 1)[0]
+        if part.startswith("## ") and ("`python -m bench." in heading
+                                       or "`make demo`" in heading):
             out.append(part.rstrip("\n") + "\n\n")
     return "".join(out)
