@@ -77,6 +77,7 @@ class NodeVersion:
     def manifest(self, slot: int, owner: str = "") -> str:
         ranks = [{"rank": v.rank, "nbytes": v.nbytes, "meta": v.meta,
                   "committed_at": v.committed_at, "local_world_size": v.local_world_size,
+                  "world_size": v.world_size,
                   "tensors": [[t.name, t.dtype, list(t.shape), t.offset, t.nbytes, t.checksum]
                               for t in v.tensors]} for v in self.versions]
         return json.dumps({"slot": slot, "job": self.job, "step": self.step,
@@ -135,6 +136,9 @@ class Protector:
         self._clock = clock
         self._lock = threading.Lock()
         self._closed = False
+        #: (job, step) -> when this node dropped it (wall clock, like commit times): a rebuild
+        #: never installs a version committed before that (see abandoned()).
+        self._dropped_here: dict[tuple[str, int], float] = {}
         self._parity: dict[tuple[str, int, int], ParityRecord] = {}  # (job, stripe, step)
         self._assembling: dict[tuple[str, int, int], _Assembly] = {}  # (job, step, stripe)
         self._protected: dict[tuple[str, int, str], set[int]] = {}  # (job, step, vid)
@@ -215,16 +219,18 @@ class Protector:
                      ) -> NodeVersion | None:
         """This node's complete data for (job, step), or None while a rank has not committed.
 
-        Complete means every rank of the job this node holds (or is writing) has committed
-        the step: the count a client declares (``local_world_size``, 1 when unset) is only a
-        lower bound, never trusted to leave a rank out of the node version. ``versions``: the
+        Complete means every rank of the job this node holds (or is writing) in the step's
+        layout (its world size) has committed the step: the count a client declares
+        (``local_world_size``, 1 when unset) is only a lower bound, never trusted to leave a
+        rank out of the node version. ``versions``: the
         step's versions when the caller has listed them already (``Store.at_step``)."""
         if versions is None:
             versions = self.store.at_step(job, step)
         if not versions:
             return None
         have = {v.rank for v in versions}
-        if not self.store.ranks(job) <= have or len(have) < max(
+        world = max(v.world_size for v in versions)       # the layout of this step
+        if not self.store.ranks(job, world) <= have or len(have) < max(
                 v.local_world_size for v in versions):
             return None
         return NodeVersion(job, step, sorted(versions, key=lambda v: v.rank))
@@ -361,13 +367,14 @@ class Protector:
 
     def _current(self, job: str) -> list[Any]:
         """The versions of ``job`` that belong to its current layout: all of them, except,
-        once the job restarted at a smaller world size (its newest version says how many
-        ranks it has), the versions of ranks beyond it. Those are the old layout's, kept
-        until the job's ranks have read them (an elastic restore) and then dropped by the
-        job; they must not hold back the job-wide step meanwhile."""
+        once the job restarted at another world size (its newest version says how many ranks
+        it has), the versions saved at another size (or of ranks beyond it). Those are the
+        old layout's (a rank id held here may now run on another node), kept by per-rank
+        retention until dropped; they must not hold back the job-wide step meanwhile."""
         versions = self.store.versions(job)
         world = max(((v.step, v.world_size) for v in versions), default=(0, 0))[1]
-        return [v for v in versions if not world or v.rank < world]
+        return [v for v in versions if not world or (v.rank < world
+                                                     and v.world_size in (world, 0))]
 
     def job_floor(self, job: str) -> int:
         """The step of ``job`` this node asks every node to keep (its Held report): the
@@ -607,6 +614,11 @@ class Protector:
         reported to every node before the drop returns: until they hear it, a node that
         commits a newer step could let the step this node now relies on go."""
         with self._lock:
+            now = time.time()
+            for step in steps:
+                self._dropped_here[(job, step)] = now
+            while len(self._dropped_here) > _MAX_DROPPED_KEPT:     # oldest first
+                del self._dropped_here[next(iter(self._dropped_here))]
             last = self._floors.get(self.me, {}).get(job)
             if self._pin.get(job, -1) in steps:  # a new timeline: the pin was dropped
                 del self._pin[job]
@@ -619,6 +631,14 @@ class Protector:
             for key in [k for k in self._sent if k[0] == job and k[1] in steps]:
                 del self._sent[key]
         self._tell_dropped(job, steps, time.time())
+
+    def abandoned(self, job: str, step: int, manifest: str) -> bool:
+        """This node dropped (job, step) after the version ``manifest`` describes was
+        committed: rebuilding it would bring an abandoned timeline back (a rebuild that
+        raced the drop, from parity the group has not freed yet)."""
+        with self._lock:
+            dropped = self._dropped_here.get((job, step))
+        return dropped is not None and _committed_at(manifest) <= dropped
 
     def _tell_dropped(self, job: str, steps: set[int], at: float) -> None:
         """Tell the group's other nodes that this node's versions of ``steps`` committed up
@@ -1049,6 +1069,8 @@ class Protector:
                 pass
 
 
+#: Local drops remembered (for abandoned()): the oldest go first beyond that.
+_MAX_DROPPED_KEPT = 4096
 #: Drop notices kept per unreachable peer (the oldest go first beyond that).
 _MAX_UNDELIVERED = 1024
 

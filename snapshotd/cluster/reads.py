@@ -31,6 +31,9 @@ from .protection import Protector, frames_checksum
 
 __all__ = ["PeerReads"]
 
+#: Seconds a node has to answer a drop before it is told again later (the reader waits).
+DROP_TIMEOUT = 5.0
+
 log = logging.getLogger("snapshotd.reads")
 
 
@@ -49,6 +52,13 @@ class PeerReads:
         self._held: dict[int, tuple[str, int, float | None, int]] = {}  # lease -> path, pid, id, n
         before = store.extra_kinds
         store.extra_kinds = lambda: before() | {"remote": self.nbytes()}
+        #: Drops a node did not answer, by slot: sent again until it does.
+        self._pending: dict[int, list[pp.DropNewer]] = {}
+        self._closed = False
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._resend, name="snapshotd-drops",
+                                        daemon=True)
+        self._thread.start()
 
     # ------------------------------------------------------------------ the holder's side
 
@@ -82,20 +92,48 @@ class PeerReads:
 
     def drop_elsewhere(self, job: str, rank: int, newer_than: int) -> int:
         """Have every other node that reported holding (job, rank) drop its versions newer
-        than ``newer_than``; return how many they dropped. A node that cannot be reached
-        keeps them (logged): a later restore still needs every rank of a step whole."""
+        than ``newer_than``; return how many they dropped now. A node that does not answer
+        (down, partitioned, frozen) is told again until it does (kept in memory, like drop
+        notices): the versions it holds belong to the abandoned timeline, and a later
+        restore must never combine them with the new one's."""
         with self.protector._lock:
             views = self.protector._views(job)
         count = 0
         for slot in sorted(s for s, v in views.items() if s != self.me and rank in v.ranks):
             try:
-                reply, _ = self.links.call(slot, pp.DropNewer(job, rank, newer_than),
-                                           timeout=timedelta(seconds=self.timeout))
-                count += reply.count
+                count += self._send_drop(slot, pp.DropNewer(job, rank, newer_than))
             except (PeerError, OSError) as exc:
-                log.warning("job %r rank %d: node %d could not drop its versions newer than "
-                            "step %d: %s", job, rank, slot, newer_than, exc)
+                log.warning("job %r rank %d: node %d did not drop its versions newer than "
+                            "step %d yet (%s); told again once it answers", job, rank, slot,
+                            newer_than, exc)
+                with self._lock:
+                    self._pending.setdefault(slot, []).append(pp.DropNewer(job, rank,
+                                                                           newer_than))
+                self._wake.set()
         return count
+
+    def _send_drop(self, slot: int, msg: pp.DropNewer) -> int:
+        reply, _ = self.links.call(slot, msg, timeout=timedelta(seconds=DROP_TIMEOUT))
+        return int(reply.count)
+
+    def _resend(self) -> None:
+        """Deliver the drops a node missed, every few seconds, until it answers."""
+        while not self._closed:
+            self._wake.wait(2.0)
+            self._wake.clear()
+            with self._lock:
+                pending = {slot: list(msgs) for slot, msgs in self._pending.items() if msgs}
+            for slot, msgs in pending.items():
+                for msg in msgs:
+                    try:
+                        self._send_drop(slot, msg)
+                    except (PeerError, OSError):
+                        break                               # still away: later
+                    with self._lock:
+                        self._pending[slot].remove(msg)
+                    log.info("job %r rank %d: node %d dropped its versions newer than step %d "
+                             "(told again)", msg.job, msg.rank, slot, msg.newer_than)
+            self.links.close_thread()
 
     # ------------------------------------------------------------------ the reader's side
 
@@ -183,5 +221,8 @@ class PeerReads:
             return sum(n for _, _, _, n in self._held.values())
 
     def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout=5)
         for lease in list(self._held):
             self.release(lease)

@@ -304,11 +304,13 @@ class Recovery:
         ranks already held at that step are kept (a repair replaces them)."""
         started = time.perf_counter()
         chunks: list[Any] = []
+        self._not_abandoned(job, step, manifest)
         for _stripe, pos, length, my_length, sources in plan:
             present = self._fetch_k(sources, length)
             out = bytearray(length)
             self.codec.reconstruct(present, {pos: out})
             chunks.append(memoryview(out)[:my_length])
+        self._not_abandoned(job, step, manifest)          # a drop may have come meanwhile
         self._install(json.loads(manifest), chunks, keep_held)
         seconds = time.perf_counter() - started
         total = sum(c.nbytes for c in chunks)
@@ -319,6 +321,11 @@ class Recovery:
             self.metrics.rebuild_seconds.observe(seconds)
         log.info("rebuilt job %r step %d for slot %d: %d bytes in %.2fs", job, step, self.me,
                  total, seconds)
+
+    def _not_abandoned(self, job: str, step: int, manifest: str) -> None:
+        if self.protector.abandoned(job, step, manifest):
+            raise StoreError("not_found", f"job {job!r} step {step} was dropped on this node "
+                             "after that version was committed (a new timeline); not rebuilt")
 
     def _fetch_k(self, sources: list[_Source], length: int) -> dict[int, Any]:
         """Fetch ``k`` of a stripe's fragments, in parallel (one connection per node).
@@ -375,7 +382,8 @@ class Recovery:
             self.store.install(manifest["job"], r["rank"], manifest["step"], r["nbytes"],
                                tensors, r["meta"], r["local_world_size"],
                                functools.partial(blob.read_into, start),
-                               committed_at=r["committed_at"], owner=manifest.get("owner", ""))
+                               committed_at=r["committed_at"], owner=manifest.get("owner", ""),
+                               world_size=int(r.get("world_size", 0)))
             offset += r["nbytes"]
 
     # ------------------------------------------------------------------ parity

@@ -590,7 +590,7 @@ class Store:
     def install(self, job: str, rank: int, step: int, nbytes: int,
                 tensors: tuple[TensorEntry, ...], meta: str, local_world_size: int,
                 fill: Callable[[memoryview], None], committed_at: float | None = None,
-                protected: bool = True, owner: str = "") -> Version:
+                protected: bool = True, owner: str = "", world_size: int = 0) -> Version:
         """Publish a version rebuilt from peers: reserve, ``fill`` the bytes, verify, commit.
 
         The tensor checksums come with the table; bytes that do not match them are refused
@@ -599,7 +599,8 @@ class Store:
         if owner:
             with self._lock:
                 self._owners.setdefault(job, owner)
-        slot = self.alloc(job, rank, step, nbytes, os.getpid(), local_world_size, older=True)
+        slot = self.alloc(job, rank, step, nbytes, os.getpid(), local_world_size, older=True,
+                          world_size=world_size)
         view = self.dir.view(slot.number, slot.size)
         try:
             fill(view[:nbytes])
@@ -624,12 +625,19 @@ class Store:
 
     # ------------------------------------------------------------------ reading
 
-    def ranks(self, job: str) -> set[int]:
-        """Every rank of ``job`` this node holds a version of, or is writing one for."""
+    def ranks(self, job: str, world: int = 0) -> set[int]:
+        """Every rank of ``job`` this node holds a version of, or is writing one for; with
+        ``world``, only those of the layout of that many ranks (a version or slot that does
+        not say its world counts for any): after a job restarted at another world size, the
+        old layout's ranks left here are not part of the new layout's node versions."""
+        def fits(w: int) -> bool:
+            return not world or w in (world, 0)
         with self._lock:
             held = {r for (j, r), vs in self._versions.items()
-                    if j == job and any(not v.doomed for v in vs.values())}
-            return held | {s.rank for s in self._slots.values() if s.job == job}
+                    if j == job and any(not v.doomed and fits(v.world_size)
+                                        for v in vs.values())}
+            return held | {s.rank for s in self._slots.values()
+                           if s.job == job and fits(s.world_size)}
 
     def at_step(self, job: str, step: int) -> list[Version]:
         """The live versions of ``job`` at ``step``, one per rank holding it, by rank (what a

@@ -254,3 +254,46 @@ def test_a_node_left_with_an_older_layout_does_not_hold_the_job_wide_step_back()
     assert job_wide({0: NodeView(3, (3,), (0, 1), 4, 3, (3,)), 1: old}) == 3
     # A node that does not say its world counts always.
     assert job_wide({0: new, 1: NodeView(3, (1, 2, 3), (2, 3), 0)}) == -1
+
+
+def commit_at(store, step, rank, world):
+    slot = store.alloc("j", rank, step, 64, 100, world_size=world)
+    view = store.dir.view(slot.number, slot.size)
+    view[:64] = b"x" * 64
+    view.release()
+    return store.commit(slot.number, (TensorEntry("t", "uint8", (64,), 0, 64),), "{}")
+
+
+def test_an_old_layouts_rank_left_here_does_not_keep_the_new_layouts_versions_unprotected(
+        tmp_path):
+    """Second review of issue 14: after 4 ranks (2 per node) came back as 2 (1 per node), the
+    node holding the old ranks 2-3 never saw its new rank 1's versions complete (it waited
+    for ranks 2-3 at the new steps), so they were never coded, and a loss of the node rolled
+    the job back silently. A node version is the ranks of its step's layout."""
+    store = open_store(tmp_path / "shm")
+    prot = protector(store)
+    for rank in (2, 3):
+        commit_at(store, 3, rank, world=4)
+    commit_at(store, 4, 1, world=2)
+    nv = prot.node_version("j", 4)
+    assert nv is not None and [v.rank for v in nv.versions] == [1]
+    assert [v.rank for v in prot.node_version("j", 3).versions] == [2, 3]
+    # The report speaks for the current layout only (the new rank), not the old ranks.
+    view = prot.node_view("j")
+    assert view.ranks == (1,) and view.held == (4,) and view.world == 2
+
+
+def test_a_step_dropped_here_is_never_rebuilt_from_parity_of_before_the_drop(tmp_path):
+    """Second review of issue 14: a daemon restarted on its memory rebuilt a step it had just
+    dropped (a new timeline), from parity the group had not freed yet."""
+    import json
+    import time
+
+    store = open_store(tmp_path / "shm")
+    prot = protector(store)
+    before = json.dumps({"ranks": [{"committed_at": time.time() - 10}]})
+    prot.node_dropped("j", {4})
+    after = json.dumps({"ranks": [{"committed_at": time.time() + 10}]})
+    assert prot.abandoned("j", 4, before)           # the dropped version: not rebuilt
+    assert not prot.abandoned("j", 4, after)        # a version of step 4 saved since: fine
+    assert not prot.abandoned("j", 5, before)
