@@ -107,3 +107,42 @@ def list_versions(spec, job):
         return ch.call(p.ListVersions(job)).versions
     finally:
         ch.close()
+
+
+def run_ranks(script, world, per_node, *args, timeout=150):
+    """Run ``world`` processes of ``script`` as the ranks of one gloo job on loopback,
+    ``per_node`` to a node (RANK, WORLD_SIZE, LOCAL_RANK, ... set as torchrun would), to the
+    end; assert that every rank exited 0, naming the ones that did not with their output."""
+    from snapshotd.tools.localcluster import free_ports
+
+    port = free_ports(1)[0]
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world),
+                   LOCAL_RANK=str(rank % per_node), LOCAL_WORLD_SIZE=str(per_node),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                   GLOO_SOCKET_IFNAME="lo")
+        procs.append(subprocess.Popen([sys.executable, str(script), *args], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    failed = [(r, p.returncode, outputs[r][-3000:]) for r, p in enumerate(procs)
+              if p.returncode != 0]
+    assert not failed, failed
+
+
+def where(spec, job):
+    """What the daemon at ``spec`` heard the other nodes hold of ``job`` (``Where``)."""
+    ch = Channel(spec.control, timedelta(seconds=30))
+    try:
+        return ch.call(p.Where(job)).nodes
+    finally:
+        ch.close()

@@ -6,15 +6,13 @@ non-tensor values; and items held by another node read through this node's daemo
 import os
 import socket
 import time
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 
-from snapshotd.common import protocol as p
-from snapshotd.common.channel import Channel
+from conftest import where
 from snapshotd_client.dcp import META_SUFFIX, SnapshotdReader, SnapshotdWriter
 
 pytestmark = pytest.mark.timeout(180)
@@ -125,7 +123,8 @@ def test_items_of_a_rank_on_another_node_are_read_through_this_node(cluster_fact
     # a has b's report of what it holds (every heartbeat).
     deadline = time.monotonic() + 30
     while {"far", "far" + META_SUFFIX} - {job for job in ("far", "far" + META_SUFFIX)
-                                          if where(cluster.specs[0], job)}:
+                                          if any(n.steps for n in where(cluster.specs[0],
+                                                                        job))}:
         assert time.monotonic() < deadline, "node a never heard of node b's versions"
         time.sleep(0.2)
     back = {"x": torch.zeros(3)}
@@ -135,11 +134,3 @@ def test_items_of_a_rank_on_another_node_are_read_through_this_node(cluster_fact
     with pytest.raises(BaseException) as err:       # DCP wraps it: CheckpointException
         dcp.load(back, storage_reader=SnapshotdReader("far", step=2, endpoint=a), no_dist=True)
     assert "no DCP checkpoint of job 'far' at step 2" in message(err.value) + caplog.text
-
-
-def where(spec, job):
-    ch = Channel(spec.control, timedelta(seconds=30))
-    try:
-        return [n for n in ch.call(p.Where(job)).nodes if n.steps]
-    finally:
-        ch.close()

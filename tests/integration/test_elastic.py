@@ -10,9 +10,6 @@ nodes over the peer transport (elastic_worker.py).
 import json
 import os
 import shutil
-import subprocess
-import sys
-import time
 import uuid
 from datetime import timedelta
 
@@ -20,39 +17,18 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from conftest import list_versions, run_ranks, wait_for, where
 from snapshotd.common import protocol as p
 from snapshotd.common.channel import Channel
 from snapshotd.ops.export import export_global
-from snapshotd.tools.localcluster import free_ports
 
 WORKER = os.path.join(os.path.dirname(__file__), "elastic_worker.py")
 
 
 def run(tmp_path, cluster, world, per_node, phase, job, *args):
-    port = free_ports(1)[0]
     endpoints = ",".join(spec.control for spec in cluster.specs)
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world),
-                   LOCAL_RANK=str(rank % per_node), LOCAL_WORLD_SIZE=str(per_node),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                   GLOO_SOCKET_IFNAME="lo")
-        procs.append(subprocess.Popen(
-            [sys.executable, WORKER, "--endpoints", endpoints, "--per-node", str(per_node),
-             "--job", job, "--out", str(tmp_path), "--phase", phase, *args], env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=150)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    failed = [(r, p.returncode, outputs[r][-3000:]) for r, p in enumerate(procs)
-              if p.returncode != 0]
-    assert not failed, failed
+    run_ranks(WORKER, world, per_node, "--endpoints", endpoints, "--per-node", str(per_node),
+              "--job", job, "--out", str(tmp_path), "--phase", phase, *args)
     return [json.loads((tmp_path / f"{phase}-{world}-rank{r}.json").read_text())
             for r in range(world)]
 
@@ -63,29 +39,6 @@ def same(a, b):
               or not torch.equal(a[k].reshape(-1).view(torch.uint8),
                                  b[k].reshape(-1).view(torch.uint8))]
     assert not differ, differ
-
-
-def versions(spec, job):
-    ch = Channel(spec.control, timedelta(seconds=30))
-    try:
-        return ch.call(p.ListVersions(job)).versions
-    finally:
-        ch.close()
-
-
-def where(spec, job):
-    ch = Channel(spec.control, timedelta(seconds=30))
-    try:
-        return ch.call(p.Where(job)).nodes
-    finally:
-        ch.close()
-
-
-def wait_for(what, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not what():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
 
 
 @pytest.mark.timeout(300)
@@ -114,12 +67,12 @@ def test_fsdp2_resharded_2_to_4_then_continues_at_2_after_a_node_loss(cluster_fa
 
     # Step 4 of the 4-rank layout protected on both nodes, then node 1 lost and stood in for.
     node1 = cluster.specs[1]
-    wait_for(lambda: {(v.rank, v.state) for v in versions(node1, job) if v.step == 4}
+    wait_for(lambda: {(v.rank, v.state) for v in list_versions(node1, job) if v.step == 4}
              == {(2, "protected"), (3, "protected")})
     cluster.kill(1)
     shutil.rmtree(node1.shm_dir, ignore_errors=True)
     cluster.replace(1)
-    wait_for(lambda: {v.rank for v in versions(node1, job) if v.step == 4} == {2, 3})
+    wait_for(lambda: {v.rank for v in list_versions(node1, job) if v.step == 4} == {2, 3})
     wait_for(lambda: any(n.slot == 1 and 4 in n.steps and set(n.ranks) == {2, 3}
                          for n in where(cluster.specs[0], job)))   # node 0 heard of it
 
@@ -171,4 +124,4 @@ def test_a_drop_everywhere_removes_a_ranks_newer_versions_on_the_node_that_holds
     finally:
         ch.close()
     assert dropped == 2
-    assert sorted(v.step for v in versions(cluster.specs[1], job)) == [2, 3]
+    assert sorted(v.step for v in list_versions(cluster.specs[1], job)) == [2, 3]

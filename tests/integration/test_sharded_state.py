@@ -7,8 +7,6 @@ The torchrun jobs with a rank SIGKILLed are in test_torchrun_sharded.py.
 import json
 import logging
 import os
-import subprocess
-import sys
 import uuid
 
 import pytest
@@ -16,9 +14,8 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.testing._internal.two_tensor import TwoTensor
 
-from conftest import list_versions
+from conftest import list_versions, run_ranks
 from snapshotd.ops.export import export
-from snapshotd.tools.localcluster import free_ports
 from snapshotd_client import SnapshotClient, SnapshotError
 
 WORKER = os.path.join(os.path.dirname(__file__), "sharded_worker.py")
@@ -26,27 +23,7 @@ WORKER = os.path.join(os.path.dirname(__file__), "sharded_worker.py")
 
 def run_workers(tmp_path, job, *args, per_node=4):
     """The 4 ranks of sharded_worker.py, ``per_node`` to a node; return each rank's results."""
-    port = free_ports(1)[0]
-    procs = []
-    for rank in range(4):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="4", LOCAL_RANK=str(rank % per_node),
-                   LOCAL_WORLD_SIZE=str(per_node), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-        procs.append(subprocess.Popen(
-            [sys.executable, WORKER, "--job", job, "--out", str(tmp_path), *args], env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=150)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    failed = [(r, p.returncode, outputs[r][-3000:]) for r, p in enumerate(procs)
-              if p.returncode != 0]
-    assert not failed, failed
+    run_ranks(WORKER, 4, per_node, "--job", job, "--out", str(tmp_path), *args)
     return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(4)]
 
 
