@@ -161,7 +161,17 @@ def reassemble(state: Any, group: Any, size: int) -> Any:
         raise ValueError(f"replica {me}: the snapshot's split does not match its layout "
                          f"(tensors {[p for p in wrong + mine_marked][:4]}); were the ranks' "
                          "snapshots taken with different models?")
-    leaves = dict(_walk(state))
+    received = _broadcast_shares(owners, items, dict(_walk(state)), group, me, size)
+    return _rebuild(state, (), lambda path, leaf: received.get(path, leaf))
+
+
+def _broadcast_shares(owners: dict[Path, int], items: list[tuple[Path, str, tuple[int, ...], int]],
+                      leaves: dict[Path, Any], group: Any, me: int, size: int
+                      ) -> dict[Path, torch.Tensor]:
+    """One broadcast per owner over ``group`` of the tensors it stores (concatenated bytes):
+    the tensors other replicas stored, by path, as CPU tensors of their own memory."""
+    import torch.distributed as dist
+
     shapes = {path: (dtype, shape, nbytes) for path, dtype, shape, nbytes in items}
     received: dict[Path, torch.Tensor] = {}
     device = collective_device(group)
@@ -171,8 +181,8 @@ def reassemble(state: Any, group: Any, size: int) -> Any:
         if not paths or total == 0:
             continue
         if owner == me:
-            buf = torch.cat([leaves[p].detach().contiguous().reshape(-1).view(torch.uint8)
-                             for p in paths]).to(device)
+            buf = torch.cat([local_tensor(leaves[p]).detach().contiguous().reshape(-1)
+                             .view(torch.uint8) for p in paths]).to(device)
         else:
             buf = torch.empty(total, dtype=torch.uint8, device=device)
         dist.broadcast(buf, src=dist.get_global_rank(group, owner), group=group)
@@ -186,7 +196,7 @@ def reassemble(state: Any, group: Any, size: int) -> Any:
             received[p] = buf[offset:offset + nbytes].clone().view(
                 getattr(torch, dtype)).reshape(shape)
             offset += nbytes
-    return _rebuild(state, (), lambda path, leaf: received.get(path, leaf))
+    return received
 
 
 # ---------------------------------------------------------------------- DTensor replicas
@@ -284,7 +294,6 @@ def reassemble_dtensors(state: Any, meshes: Sequence[Any]) -> Any:
     its owner restored: per replica group (in one order on every rank), one broadcast per
     owner over the mesh dimension's process group. Every rank of the job calls this with the
     same step. Raises ValueError if the markers do not match the plan."""
-    import torch.distributed as dist
 
     from ._flatten import _dtensor_type, _placement
 
@@ -301,33 +310,14 @@ def reassemble_dtensors(state: Any, meshes: Sequence[Any]) -> Any:
             raise ValueError(f"replica {me} of mesh dimension {dim}: the snapshot's split does "
                              f"not match its layout (tensors {wrong[:4]}); were the ranks' "
                              "snapshots taken with different models?")
-        shapes = {p: (dtype, shape, nbytes) for p, dtype, shape, nbytes in items}
-        device = collective_device(group)
-        for owner in range(size):
-            paths = sorted((p for p, o in owners.items() if o == owner), key=repr)
-            total = sum(shapes[p][2] for p in paths)
-            if not paths or total == 0:
-                continue
-            if owner == me:
-                buf = torch.cat([local_tensor(leaves[p]).detach().contiguous().reshape(-1)
-                                 .view(torch.uint8) for p in paths]).to(device)
-            else:
-                buf = torch.empty(total, dtype=torch.uint8, device=device)
-            dist.broadcast(buf, src=dist.get_global_rank(group, owner), group=group)
-            if owner == me:
-                continue
-            offset = 0
-            for p in paths:
-                dtype, shape, nbytes = shapes[p]
-                mark = leaves[p]
-                local = buf[offset:offset + nbytes].clone().view(
-                    getattr(torch, dtype)).reshape(shape).to(mesh.device_type)
-                offset += nbytes
-                with torch.no_grad():
-                    received[p] = _dtensor_type().from_local(
-                        local, mesh, [_placement(t) for t in mark["placements"]],
-                        run_check=False, shape=torch.Size(mark["global"]),
-                        stride=tuple(mark["stride"]))
+        shares = _broadcast_shares(owners, items, leaves, group, me, size)
+        for p, share in shares.items():
+            mark = leaves[p]
+            with torch.no_grad():
+                received[p] = _dtensor_type().from_local(
+                    share.to(mesh.device_type), mesh,
+                    [_placement(t) for t in mark["placements"]], run_check=False,
+                    shape=torch.Size(mark["global"]), stride=tuple(mark["stride"]))
     return _rebuild(state, (), lambda path, leaf: received.get(path, leaf), _dtensor_leaf)
 
 
