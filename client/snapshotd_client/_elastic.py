@@ -436,15 +436,11 @@ def _exchange(found: Plan, plan: Any, planner: Any, byte_io: Any) -> int:
             n *= s
         return n * dtypes[(old, idx)]
 
-    # Element sizes of every requested chunk: the holder knows them; everyone needs them to
-    # size its receive buffers, so they travel with the requests' answers (one more gather).
-    sizes = {(old, idx): found.olds[old].tensors[idx].element_size()
-             for w in everyone for holder, old, idx, _, _ in w if holder == me}
-    all_sizes: list[Any] = [None] * world
-    dist.all_gather_object(all_sizes, sizes)
-    dtypes: dict[tuple[int, int], int] = {}
-    for s in all_sizes:
-        dtypes.update(s)
+    # Element sizes of every saved chunk, to size the receive buffers: from the metadata
+    # every rank holds.
+    meta = found.metadata.state_dict_metadata
+    dtypes = {where: meta[index.fqn].properties.dtype.itemsize
+              for index, where in found.where.items() if where[0] >= 0}
 
     device = collective_device(None)
     works: list[Any] = []
