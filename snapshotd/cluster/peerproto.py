@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 from ..common import protocol as p
 
 __all__ = ["FragInfo", "Ping", "Pong", "PutData", "PutParity", "Protected", "Dropped", "Held",
-           "JobFloor", "Inventory",
+           "JobFloor", "Reports", "Inventory",
            "DataHolding", "ParityHolding", "InventoryReply", "GetData", "GetParity", "Chunk",
            "GetVersion", "VersionData", "DropNewer",
            "decode", "manifest_id"]
@@ -151,20 +151,51 @@ class JobFloor:
 
 @dataclass(frozen=True)
 class Held:
-    """Node ``src``'s protected floor of every job it holds, sent every heartbeat interval to
-    every node of the cluster (all groups): each daemon keeps, for each job, the lowest floor
-    of all nodes (the *job-wide* step, which every rank of the job can restore) and never
-    evicts it. A job missing from the list is one ``src`` no longer holds.
+    """Node ``src``'s report: its protected floor of every job it holds. Every daemon keeps the
+    newest report of every node of the cluster (all groups) and computes from them, for each
+    job, the *job-wide* step (which every rank of the job can restore) and never evicts it. A
+    job missing from the list is one ``src`` no longer holds.
+
+    Reports are relayed (``Reports``, docs/protocol.md "Job-wide retention"), so one can
+    arrive late, twice, or after a newer one: ``inc`` (the incarnation: when the daemon
+    started, in microseconds; a restart is a higher one) and ``seq`` (counted up by every
+    report of one incarnation) order the reports of one origin, and a receiver takes a report
+    only when ``(inc, seq)`` is higher than the one it holds for ``src``.
 
     ``recovering``: ``src`` is still rebuilding (it holds too little to speak for its ranks):
     the receiver keeps the floors it last heard from ``src``, learns that ``src`` answers (a
     node that starts waits for every peer to answer, not for their recoveries), and raises no
-    job-wide step while ``src`` recovers (it may still be rebuilding the current one)."""
+    job-wide step while ``src`` recovers (it may still be rebuilding the current one).
+    ``holding``: the nodes whose "recovering" reports hold ``src``'s job-wide steps where they
+    are as it sends this (a recovering node waits for reports that list it: the pins they
+    carry were set after their senders heard that it recovers)."""
 
     OP: ClassVar[str] = "held"
     src: int
     jobs: tuple[JobFloor, ...]
     recovering: bool = False
+    inc: int = 0
+    seq: int = 0
+    holding: tuple[int, ...] = ()
+
+    @property
+    def mark(self) -> tuple[int, int]:
+        """The report's place among its origin's: higher is newer."""
+        return (self.inc, self.seq)
+
+
+@dataclass(frozen=True)
+class Reports:
+    """A batch of reports (each with its origin's identity, ``Held.src``), sent by node
+    ``sender`` to a neighbour of the overlay (:mod:`snapshotd.cluster.overlay`) every report
+    interval: its own newest report and those of other nodes the neighbour may lack.
+    ``urgent``: sent at once after a drop lowered a floor; a receiver that learns something
+    new from it forwards at once too. Reply: ``Ok(count)``, the reports that were new."""
+
+    OP: ClassVar[str] = "reports"
+    sender: int
+    reports: tuple[Held, ...]
+    urgent: bool = False
 
 
 @dataclass(frozen=True)
@@ -274,7 +305,8 @@ class DropNewer:
     newer_than: int
 
 
-_PEER_MESSAGES = p.registry(Ping, Pong, PutData, PutParity, Protected, Dropped, Held, Inventory,
+_PEER_MESSAGES = p.registry(Ping, Pong, PutData, PutParity, Protected, Dropped, Held, Reports,
+                            Inventory,
                             InventoryReply, GetData, GetParity, Chunk, GetVersion, VersionData,
                             DropNewer, p.Ok, p.Error)
 

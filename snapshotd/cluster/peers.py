@@ -138,6 +138,12 @@ class PeerLinks:
         return self._fan_out(slots, msg, timeout, lambda req_id, got_id, reply: (
             None if got_id != req_id else not isinstance(reply, p.Error)))
 
+    def call_each(self, msgs: dict[int, Any], timeout: float) -> set[int]:
+        """Send each slot its own message at once; return the slots that answered it (not
+        with an error) within ``timeout`` in all."""
+        return self._fan_out(list(msgs), msgs, timeout, lambda req_id, got_id, reply: (
+            None if got_id != req_id else not isinstance(reply, p.Error)))
+
     def ping_all(self, slots: Sequence[int], msg: Any, timeout: float) -> set[int]:
         """Send ``msg`` to every slot at once; return the slots that answered in ``timeout``."""
         # this ping's answer or a late one: alive
@@ -146,7 +152,8 @@ class PeerLinks:
 
     def _fan_out(self, slots: Sequence[int], msg: Any, timeout: float,
                  judge: Callable[[int, int, Any], bool | None]) -> set[int]:
-        """Send ``msg`` to every slot at once and read replies until ``timeout``:
+        """Send ``msg`` (or ``msg[slot]``, a dict) to every slot at once and read replies until
+        ``timeout``:
         ``judge(request id, reply id, reply)`` says whether a reply answers (True), ends the
         wait for that slot without answering (False), or is to be skipped (None)."""
         pending: dict[zmq.Socket, tuple[int, int]] = {}
@@ -155,7 +162,8 @@ class PeerLinks:
             with self._lock:
                 req_id = next(self._ids)
             try:
-                sock.send(p.encode(msg, req_id), zmq.NOBLOCK)
+                sock.send(p.encode(msg[slot] if isinstance(msg, dict) else msg, req_id),
+                          zmq.NOBLOCK)
                 pending[sock] = (slot, req_id)
             except zmq.Again:  # not connected (yet): keep the socket so the handshake can finish
                 pass
@@ -199,6 +207,14 @@ class PeerLinks:
             sock.connect(self.endpoints[slot])
             socks[slot] = sock
         return sock
+
+    def open_slots(self) -> list[int]:
+        """The slots this thread has a socket to."""
+        return list(self._local.__dict__.get("socks", {}))
+
+    def close(self, slot: int) -> None:
+        """Close this thread's socket to ``slot`` (its connection goes)."""
+        self._reset(slot)
 
     def _reset(self, slot: int) -> None:
         sock = self._local.__dict__.get("socks", {}).pop(slot, None)

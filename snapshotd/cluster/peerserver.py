@@ -76,8 +76,12 @@ class PeerServer(RouterLoop):
         return p.Ok(1)
 
     def _on_held(self, m: pp.Held, _: Any) -> p.Ok:
-        self.protector.on_held(m)
-        return p.Ok(1)
+        return p.Ok(int(self.protector.on_held(m)))
+
+    def _on_reports(self, m: pp.Reports, _: Any) -> p.Ok:
+        if self.protector.relay is None:
+            raise p.ProtocolError("bad_request", "this node relays no reports")
+        return p.Ok(self.protector.relay.on_reports(m))
 
     def _on_inventory(self, m: pp.Inventory, _: Any) -> pp.InventoryReply:
         return self.protector.inventory()

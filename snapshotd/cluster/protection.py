@@ -11,6 +11,7 @@ assembled, the parity this node holds, which versions are protected. Bytes move 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -159,21 +160,36 @@ class Protector:
         self._held: dict[int, dict[str, NodeView]] = {}
         #: job -> this node's job-wide step: it only moves up (see job_wide).
         self._pin: dict[str, int] = {}
-        #: Reports received per node since this start (a recovery waits for a round sent after
-        #: it started; a node in it was heard from), and
-        #: the nodes that last said they are recovering, with when (see _set_pins).
-        self._reports: dict[int, int] = {}
+        #: Reports are relayed (see overlay, relay), so each carries its origin's incarnation
+        #: and sequence number (Held.mark); per node: the newest mark taken (a report no newer
+        #: is refused), the mark of the report its floors come from (kept in floors.json),
+        #: the newest report itself (what the relay forwards), the nodes a report was taken
+        #: from since this start (a recovery waits for them) and when the last was, and the
+        #: nodes that last said they are recovering, with when (see _set_pins).
+        self._marks: dict[int, tuple[int, int]] = {}
+        self._floor_marks: dict[int, tuple[int, int]] = {}
+        self._latest: dict[int, pp.Held] = {}
+        self._accepted: set[int] = set()
         self._report_at: dict[int, float] = {}
         self._recovering: dict[int, float] = {}
+        #: This daemon's incarnation (when it started, in microseconds; above any of this
+        #: slot's earlier ones it heard of) and its reports' count (see report()).
+        self.inc = time.time_ns() // 1000
+        self._seq = 0
+        self._report_lock = threading.Lock()
         #: How long a node's last "recovering" report holds the job-wide steps where they are
-        #: (it reports every heartbeat interval while it recovers; the cluster sets this).
+        #: (it reports every interval while it recovers; the cluster sets this, allowing for
+        #: the relay's latency).
         self.recovering_hold = 5.0
-        #: Where a lowered floor is reported at once (every other node), and how long to wait.
-        #: (None until the cluster sets it: no job-wide step is computed before.)
+        #: The other nodes of the cluster (None until the cluster sets it: no job-wide step is
+        #: computed before), and how long a report pushed at once after a drop may take to be
+        #: taken by this node's overlay neighbours.
         self.report_to: list[int] | None = None
         self.report_timeout = 1.0
-        #: Links to every node of the cluster (all groups) for Held; set by the cluster.
-        self.all_links: Any = None
+        #: The relay that carries the reports (see relay.ReportRelay; set by the cluster), and
+        #: the most seconds a report takes to reach every node through it.
+        self.relay: Any = None
+        self.relay_latency = 0.0
         self.ready: Callable[[], bool] = lambda: True
         self.stripes = {s.index: s for s in stripes(group)}
         store.extra_kinds = lambda: {"parity": self.parity_bytes(),
@@ -611,8 +627,9 @@ class Protector:
         holders, which free the parity of the stripes this node's data is part of.
 
         A drop that lowers this node's floor (a restore that started a new timeline) is
-        reported to every node before the drop returns: until they hear it, a node that
-        commits a newer step could let the step this node now relies on go."""
+        pushed at once (an urgent report, forwarded at once by every relay), and taken by
+        this node's overlay neighbours before the drop returns: until the others hear it, a
+        node that commits a newer step could let the step this node now relies on go."""
         with self._lock:
             now = time.time()
             for step in steps:
@@ -624,7 +641,7 @@ class Protector:
                 del self._pin[job]
                 self.store.pins = {j: p for j, p in self._pin.items() if p >= 0}
         if steps and (last is None or self.job_floor(job) < last):
-            self.broadcast(self.report_to or [], self.report_timeout)
+            self.push()
         if self.group.m == 0 or not steps:
             return
         with self._lock:
@@ -785,43 +802,61 @@ class Protector:
     # ------------------------------------------------------------------ job-wide retention
 
     def report(self) -> pp.Held:
-        """This node's floors (only ``recovering`` while it is still rebuilding: it holds too
-        little yet to speak for its ranks)."""
-        if not self.ready():
-            return pp.Held(self.me, (), recovering=True)
-        jobs = sorted({v.job for v in self.store.versions()})
-        held = pp.Held(self.me, tuple(pp.JobFloor(job, *self.node_view(job)) for job in jobs))
-        self._learn(held)
-        return held
+        """This node's next report, taken as its own newest: its floors (only ``recovering``
+        while it is still rebuilding: it holds too little yet to speak for its ranks), with
+        the next sequence number of this incarnation."""
+        with self._report_lock:
+            if not self.ready():
+                msg = pp.Held(self.me, (), recovering=True)
+            else:
+                jobs = sorted({v.job for v in self.store.versions()})
+                msg = pp.Held(self.me, tuple(pp.JobFloor(job, *self.node_view(job))
+                                             for job in jobs))
+            return self._learn(msg, own=True)
 
-    def broadcast(self, slots: Sequence[int], timeout: float) -> int:
-        """Send this node's report to ``slots``; return how many took it."""
-        msg = self.report()
-        if self.all_links is None:
-            return 0
-        # All at once: a node that is down (its last report stands) delays no other.
-        return len(self.all_links.call_all(slots, msg, timeout))
+    def push(self) -> None:
+        """Report now (after a drop that lowered a floor): through the relay, urgently, once
+        this node's overlay neighbours took it (at most ``report_timeout``)."""
+        if self.relay is None:
+            self.report()
+        else:
+            self.relay.push(self.report_timeout)
 
-    def on_held(self, msg: pp.Held) -> None:
+    def on_held(self, msg: pp.Held) -> bool:
+        """Take another node's report if it is newer than the one held for it."""
         if msg.src == self.me:
             raise StoreError("bad_request", f"node {msg.src} is this node")
-        self._learn(msg)
+        return self._learn(msg) is not None
 
-    def _learn(self, msg: pp.Held) -> None:
+    def _learn(self, msg: pp.Held, own: bool = False) -> Any:
+        """Take ``msg`` (``own``: this node's, given its mark here); None when it is not newer
+        than the report held for its origin (relayed late, or twice). Returns the report."""
         with self._lock:
+            if own:
+                self._seq += 1
+                now = self._clock()
+                holding = tuple(sorted(slot for slot, t in self._recovering.items()
+                                       if now - t < self.recovering_hold))
+                msg = dataclasses.replace(msg, inc=self.inc, seq=self._seq, holding=holding)
+            elif msg.mark <= self._marks.get(msg.src, (-1, -1)):
+                return None
+            self._marks[msg.src] = msg.mark
+            self._latest[msg.src] = msg
+            self._accepted.add(msg.src)
+            self._report_at[msg.src] = self._clock()
+            if msg.recovering:
+                if not own:
+                    self._recovering[msg.src] = self._clock()
+                return msg
             floors = {j.job: j.floor for j in msg.jobs}
             held = {j.job: NodeView(j.floor, tuple(j.held), tuple(j.ranks), j.world, j.pin,
                                     tuple(j.protected))
                     for j in msg.jobs}
-            self._reports[msg.src] = self._reports.get(msg.src, 0) + 1
-            self._report_at[msg.src] = self._clock()
-            if msg.recovering:
-                self._recovering[msg.src] = self._clock()
-                return
+            self._floor_marks[msg.src] = msg.mark
             back = self._recovering.pop(msg.src, None) is not None
             if not back and (self._floors.get(msg.src) == floors
                              and self._held.get(msg.src) == held):
-                return
+                return msg
             self._floors[msg.src] = floors
             self._held[msg.src] = held
             before = dict(self.store.pins)
@@ -834,6 +869,22 @@ class Protector:
             with self._lock:
                 for stripe in self.stripes:
                     self._retain_parity(job, stripe)
+        return msg
+
+    def heard_of_self(self, msg: pp.Held) -> None:
+        """A relayed report of this very slot: from an earlier incarnation whose clock was
+        ahead of this one's, this daemon takes a higher incarnation (else its reports would
+        be refused as older until the clock caught up)."""
+        with self._report_lock, self._lock:
+            if msg.mark > (self.inc, self._seq):
+                log.warning("a report of this slot from incarnation %d (this one is %d): "
+                            "taking incarnation %d", msg.inc, self.inc, msg.inc + 1)
+                self.inc, self._seq = msg.inc + 1, 0
+
+    def latest(self) -> dict[int, pp.Held]:
+        """The newest report taken of every node (this node's too): what the relay forwards."""
+        with self._lock:
+            return dict(self._latest)
 
     def _views(self, job: str, skip: int | None = None) -> dict[int, NodeView]:
         """slot -> what it reported of ``job``, for every node that did (lock held)."""
@@ -886,6 +937,10 @@ class Protector:
         try:
             with open(self._floors_path()) as fh:
                 saved = json.load(fh)
+            # The mark of the report each node's floors come from: a report relayed later
+            # must be newer to replace them (absent, written before the relay: any report).
+            marks = {int(slot): (int(m[0]), int(m[1]))
+                     for slot, m in saved.get("marks", {}).items()}
             if "floors" not in saved:                       # written before "held"
                 saved = {"floors": saved, "held": {}}
             self._floors = {int(slot): {str(job): int(floor) for job, floor in jobs.items()}
@@ -899,10 +954,21 @@ class Protector:
             self._pin = {str(job): int(pin) for job, pin in saved.get("pins", {}).items()}
         except FileNotFoundError:
             return
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
+        except (OSError, ValueError, TypeError, AttributeError, IndexError) as exc:
             log.warning("ignored %s (%s): the job-wide steps are learnt again from the peers",
                         self._floors_path(), exc)
+            self._floors, self._held, self._pin = {}, {}, {}
             return
+        # Stale but standing: each node's floors count until a newer report of it comes, and
+        # the relay forwards them as the report they came from (its mark; (0, 0) when the
+        # file predates marks, which any report replaces).
+        for slot, floors in self._floors.items():
+            mark = marks.get(slot, (0, 0))
+            self._floor_marks[slot] = self._marks[slot] = mark
+            self._latest[slot] = pp.Held(
+                slot, tuple(pp.JobFloor(job, *self._held.get(slot, {}).get(job, NodeView(f)))
+                            for job, f in sorted(floors.items())), inc=mark[0], seq=mark[1])
+        self.inc = max(self.inc, self._marks.get(self.me, (0, 0))[0] + 1)
         self._set_pins()
 
     def _save_floors(self) -> None:
@@ -913,15 +979,17 @@ class Protector:
             with open(path + ".tmp", "w") as fh:
                 json.dump({"floors": {str(s): f for s, f in self._floors.items()},
                            "held": {str(s): h for s, h in self._held.items()},
+                           "marks": {str(s): list(m) for s, m in self._floor_marks.items()},
                            "pins": self._pin}, fh)
             os.replace(path + ".tmp", path)
         except OSError as exc:
             log.warning("could not keep the job-wide steps in %s: %s", path, exc)
 
     def reported(self, slot: int) -> bool:
-        """Whether ``slot`` reported its floors since this daemon started."""
+        """Whether a report of ``slot`` newer than any held before was taken since this
+        daemon started (floors.json's, or one relayed late, do not count)."""
         with self._lock:
-            return slot in self._reports
+            return slot in self._accepted
 
     def others_floor(self, job: str) -> int | None:
         """The job-wide step of ``job`` by the other nodes' reports (None: none): the newest
@@ -935,13 +1003,23 @@ class Protector:
         pin = job_wide(views, every_rank=False)     # this node's own ranks are being rebuilt
         return pin if pin >= 0 else None
 
-    def report_counts(self) -> dict[int, int]:
-        """Reports received so far, per node (see Recovery: it waits for a fresh round)."""
+    def report_marks(self) -> dict[int, tuple[int, int]]:
+        """The newest report's mark taken of every node (see Recovery: it waits for newer
+        reports that say they heard it recovers)."""
         with self._lock:
-            return dict(self._reports)
+            return dict(self._marks)
+
+    def heard_holding(self, before: dict[int, tuple[int, int]], slot: int) -> set[int]:
+        """The nodes whose newest report is newer than ``before`` says and lists ``slot`` in
+        ``holding``: the job-wide steps they report were set after they heard that ``slot``
+        recovers, and stay where they are while it does."""
+        with self._lock:
+            return {src for src, msg in self._latest.items()
+                    if msg.mark > before.get(src, (-1, -1)) and slot in msg.holding}
 
     def reporting(self) -> set[int]:
-        """The other nodes (all groups) heard from lately: within ``recovering_hold``."""
+        """The other nodes (all groups) heard from lately: a newer report of theirs was taken
+        within ``recovering_hold`` (a stale one relayed late does not count)."""
         now = self._clock()
         with self._lock:
             return {slot for slot, at in self._report_at.items()

@@ -211,18 +211,22 @@ class Recovery:
         return True
 
     def _fresh_reports(self) -> None:
-        """Wait (at most ``settle``) for two more reports from every group peer that is up and
-        every other node heard from lately (all groups: the pin is job-wide), so that the pins
-        they report are ones set after they heard that this node recovers."""
-        before = self.protector.report_counts()
+        """Wait for a report from every group peer that is up and every other node heard from
+        lately (all groups: the pin is job-wide) that is newer than the one held now and says
+        it heard that this node recovers (``Held.holding``): the pins they report were set
+        after that, and stay where they are while it does. Reports are relayed, so this allows
+        for a round trip through the relay (``relay_latency`` twice) besides ``settle``."""
+        before = self.protector.report_marks()
         nodes = {s for s in self.group.slots if s != self.me and self.up(s)}
         nodes |= self.protector.reporting()
-        deadline = time.monotonic() + self.settle
+        deadline = time.monotonic() + self.settle + 2 * self.protector.relay_latency
         while time.monotonic() < deadline:
-            now = self.protector.report_counts()
-            if all(now.get(s, 0) > before.get(s, 0) + 1 for s in nodes):
+            if nodes <= self.protector.heard_holding(before, self.me):
                 return
             time.sleep(0.05)
+        log.info("job-wide steps: no fresh report from nodes %s after %.1fs",
+                 sorted(nodes - self.protector.heard_holding(before, self.me)),
+                 self.settle + 2 * self.protector.relay_latency)
 
     def _plan(self, job: str, step: int, inv: dict[int, pp.InventoryReply],
               manifest: str) -> _Plan | None:

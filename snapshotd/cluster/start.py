@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,12 +11,14 @@ import zmq
 from ..common.config import Config, ConfigError, peer_endpoints, slot_domains
 from ..node.store import Store
 from .codec import make_codec
+from .overlay import Overlay, overlay
 from .peers import Heartbeats, PeerLinks, Security, load_security
 from .peerserver import PeerServer
 from .placement import Group, PlacementError, domain_counts, domain_spread, group_of, make_groups
 from .protection import Protector
 from .reads import PeerReads
 from .rebuild import Recovery
+from .relay import ReportRelay
 
 __all__ = ["ClusterNode", "start_cluster"]
 
@@ -33,7 +34,7 @@ class ClusterNode:
     recovery: Recovery
     server: PeerServer
     auth: Any
-    reporter: FloorReporter | None = None
+    reporter: ReportRelay | None = None
     all_links: PeerLinks | None = field(default=None, repr=False)
     reads: PeerReads | None = field(default=None, repr=False)
 
@@ -60,7 +61,8 @@ def start_cluster(config: Config, store: Store, context: zmq.Context, metrics: A
         raise ConfigError(f"--peers must list slots 0..N-1, got {sorted(endpoints)}")
     try:
         security = load_security(config.keys, config.insecure)
-        group = place(config, len(endpoints))
+        group, groups = place(config, len(endpoints))
+        mesh = overlay(me, groups)
     except (ValueError, PlacementError) as exc:
         raise ConfigError(str(exc)) from None
     if security.insecure:
@@ -78,19 +80,21 @@ def start_cluster(config: Config, store: Store, context: zmq.Context, metrics: A
                           on_node_protected=on_node_protected or (lambda job, step: None))
     recovery = Recovery(me, group, codec, store, protector, links, heartbeats.up, metrics,
                         settle=config.peer_timeout)
-    # Job-wide retention: every node tells every node (all groups) its protected floors.
+    # Job-wide retention: every node's report reaches every node (all groups), relayed along
+    # the overlay (group peers, a tree of groups): connections stay bounded by the group.
     all_links = PeerLinks(endpoints, context, security,
                           on_bytes=lambda d, n: metrics.peer_bytes.labels(direction=d).inc(n))
-    protector.all_links = all_links
     # A job without a job-wide step yet (its first saves, or a rank not reported yet) keeps
     # every version until the reports say which steps every node holds (see job_wide).
     store.hold_unpinned = True
     protector.ready = lambda: recovery.ready
     protector.report_to = [s for s in endpoints if s != me]
     protector.report_timeout = min(config.peer_timeout, 1.0)
-    protector.recovering_hold = max(3 * config.heartbeat_interval, config.peer_timeout)
-    reporter = FloorReporter(protector, protector.report_to, config.heartbeat_interval,
-                             protector.report_timeout)
+    timing(protector, mesh, config.heartbeat_interval, config.peer_timeout)
+    reporter = ReportRelay(protector, mesh, all_links, len(endpoints), heartbeats.up,
+                           config.heartbeat_interval, protector.report_timeout,
+                           retry=config.peer_timeout, metrics=metrics)
+    protector.relay = reporter
     listen = config.listen or "tcp://*:" + endpoints[me].rsplit(":", 1)[1]
     reads = PeerReads(me, store, protector, all_links, timeout=max(60.0, config.encode_timeout))
     server = PeerServer(listen, context, security, protector, me, metrics,
@@ -98,14 +102,29 @@ def start_cluster(config: Config, store: Store, context: zmq.Context, metrics: A
     heartbeats.start()
     recovery.start()
     reporter.start()
-    log.info("node %d in group %d %s (k=%d, m=%d, codec %s), peers listen on %s", me,
-             group.index, list(group.slots), group.k, group.m, config.codec, server.endpoint)
+    log.info("node %d in group %d %s (k=%d, m=%d, codec %s), peers listen on %s; reports %s",
+             me, group.index, list(group.slots), group.k, group.m, config.codec,
+             server.endpoint, "to every node" if mesh.flat else
+             f"relayed over a tree of {len(groups)} groups (depth {mesh.depth}, edges "
+             f"{[e.other for e in mesh.edges]})")
     return ClusterNode(security, links, heartbeats, protector, recovery, server, auth, reporter,
                        all_links, reads)
 
 
-def place(config: Config, nodes: int) -> Group:
-    """This node's group, from the membership (``nodes`` slots) and ``--domains``; logs a
+def timing(protector: Protector, mesh: Overlay, interval: float, peer_timeout: float) -> None:
+    """The waits that allow for the relay (docs/protocol.md, "Job-wide retention"): a report
+    takes at most ``mesh.hops`` intervals to reach every node (one per hop), plus, while a
+    relay is down, the time heartbeats take to say so (``peer_timeout``; the other side of an
+    edge tries the next member after one batch it did not take). A recovering node's reports
+    hold the job-wide steps that long beyond the old hold (``max(3 intervals,
+    peer_timeout)``, unchanged where the overlay is flat: reports go straight to every node)."""
+    protector.relay_latency = 0.0 if mesh.flat else mesh.hops * interval + peer_timeout
+    protector.recovering_hold = max(3 * interval, peer_timeout) + protector.relay_latency
+
+
+def place(config: Config, nodes: int) -> tuple[Group, list[Group]]:
+    """This node's group and all groups, from the membership (``nodes`` slots) and
+    ``--domains``; logs a
     warning when the domains cannot keep every group to ``m`` nodes per domain, or when this
     node's own ``--domain`` is not the one the map gives its slot."""
     me = config.node_slot
@@ -117,7 +136,7 @@ def place(config: Config, nodes: int) -> Group:
             log.warning("this node says it is in failure domain %r, but there is no --domains "
                         "map: groups are consecutive slots and ignore domains (give every node "
                         "the same --domains)", config.domain)
-        return group
+        return group, groups
     spread = domain_spread(groups, domains)
     if spread > config.m and config.m > 0:
         worst = sorted({d for g in groups for d, c in domain_counts(g, domains).items()
@@ -133,33 +152,4 @@ def place(config: Config, nodes: int) -> Group:
                     domains[me])
     log.info("node %d in failure domain %s; its group %d has %s", me, domains[me],
              group.index, dict(sorted(domain_counts(group, domains).items())))
-    return group
-
-
-class FloorReporter:
-    """Sends this node's protected floors to every other node each ``interval``."""
-
-    def __init__(self, protector: Protector, slots: list[int], interval: float,
-                 timeout: float) -> None:
-        self.protector, self.slots = protector, slots
-        self.interval, self.timeout = interval, timeout
-        self.stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="snapshotd-floors", daemon=True)
-
-    def start(self) -> FloorReporter:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        links = self.protector.all_links
-        while not self.stopping.wait(self.interval):
-            try:
-                self.protector.broadcast(self.slots, self.timeout)
-            except Exception:  # noqa: BLE001 - the next round tries again
-                log.exception("sending this node's floors failed")
-        if links is not None:
-            links.close_thread()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self._thread.join(timeout=5)
+    return group, groups

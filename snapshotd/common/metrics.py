@@ -63,6 +63,9 @@ class Metrics:
                                  "Bytes written to the persistence tier")
         self.peer_bytes = c("snapshotd_peer_bytes_total", "Payload bytes exchanged with peers",
                             "direction")
+        self.report_batches = c("snapshotd_report_batches_total",
+                                "Batches of job-wide retention reports sent to and received "
+                                "from overlay neighbours", "direction")
 
 
 class StoreCollector(Collector):

@@ -231,7 +231,7 @@ def _place(argv: list[str]) -> placement.Group:
     from snapshotd.cluster.start import place
     from snapshotd.common.config import build_config
 
-    return place(build_config(argv, environ={}), 12)
+    return place(build_config(argv, environ={}), 12)[0]
 
 
 def test_the_daemon_places_by_the_map_and_warns_when_domains_cannot_hold_m(caplog) -> None:

@@ -1,0 +1,280 @@
+"""The overlay the job-wide retention reports travel on, and their relay (issue 16: peer
+connections per daemon bounded by its group size, not the cluster's): the tree of groups is the
+same from every node, reaches every node, and bounds each node's peers; reports relayed through
+real Protectors (a real Store each, no sockets: batches are handed over in memory) reach every
+node, fall over to the next member when a relay is down, and a report no newer than the one
+held of its origin is refused."""
+
+import dataclasses
+import random
+
+import pytest
+
+from snapshotd.cluster import overlay as ov
+from snapshotd.cluster import peerproto as pp
+from snapshotd.cluster.codec import make_codec
+from snapshotd.cluster.placement import PlacementError, group_of, make_groups
+from snapshotd.cluster.protection import Protector
+from snapshotd.cluster.relay import ReportRelay
+from snapshotd.common.protocol import TensorEntry
+from snapshotd.node.store import Store
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def steady_links(overlays, up=lambda slot: True):
+    """slot -> the peers it exchanges reports with (either direction) when every edge is
+    carried by its first member that is up, sending to the first member up on the other side."""
+    links = {me: {s for s in o.local if up(s)} for me, o in overlays.items() if up(me)}
+    for me, o in overlays.items():
+        for edge in o.edges:
+            if up(me) and ov.gateway(edge.mine, up) == me:
+                other = ov.gateway(edge.theirs, up)
+                links[me].add(other)
+                links[other].add(me)
+    return links
+
+
+def reachable(links, start):
+    seen, todo = {start}, [start]
+    while todo:
+        for nxt in links[todo.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def _valid(nodes, k, m):
+    try:
+        make_groups(nodes, k, m)
+    except PlacementError:
+        return False
+    return True
+
+
+CASES = [(n, k, m, f) for n in (3, 8, 14, 15, 40, 100, 336)
+         for k, m in ((2, 1), (4, 2), (6, 2)) for f in (1, 2, 4) if _valid(n, k, m)]
+
+
+@pytest.mark.parametrize("nodes,k,m,fanout", CASES)
+def test_the_tree_is_the_same_from_every_node_reaches_every_node_and_bounds_peers(
+        nodes, k, m, fanout):
+    groups = make_groups(nodes, k, m)
+    overlays = {s: ov.overlay(s, groups, fanout) for s in range(nodes)}
+    again = {s: ov.overlay(s, groups, fanout) for s in range(nodes)}
+    assert overlays == again                                        # deterministic
+    largest = max(g.n for g in groups)
+    for me, o in overlays.items():
+        mine = group_of(me, groups)
+        if o.flat:
+            assert nodes <= ov.flat_limit(groups, fanout) and len(o.local) == nodes - 1
+            continue
+        assert set(o.local) == set(mine.slots) - {me}
+        assert len(o.edges) <= fanout + 1
+        for edge in o.edges:                   # the other side sees the same edge, mirrored
+            other = overlays[edge.theirs[0]]
+            mirror = [e for e in other.edges if e.other == mine.index]
+            assert mirror == [ov.Edge(mine.index, edge.theirs, edge.mine)]
+    links = steady_links(overlays)
+    assert reachable(links, 0) == set(range(nodes))
+    for me, peers in links.items():
+        assert len(peers) <= (nodes - 1 if overlays[me].flat
+                              else ov.steady_degree(largest, fanout)), (me, peers)
+    if nodes > ov.flat_limit(groups, fanout):                      # it saves connections
+        assert max(len(p) for p in links.values()) < nodes - 1
+
+
+def test_with_members_down_the_edges_fall_over_and_every_node_up_is_still_reached():
+    rng = random.Random(16)
+    groups = make_groups(204, 4, 2)
+    overlays = {s: ov.overlay(s, groups) for s in range(204)}
+    for _ in range(50):
+        down = set()
+        for g in groups:                       # any members of a group but one
+            down |= set(rng.sample(g.slots, rng.randrange(g.n)))
+        up = lambda s, down=down: s not in down          # noqa: E731
+        links = steady_links(overlays, up)
+        alive = set(range(204)) - down
+        assert reachable(links, min(alive)) == alive
+        assert max(len(p) for p in links.values()) <= ov.worst_degree(6)
+
+
+def test_depth_and_hops():
+    assert [ov.depth(c, 4) for c in (1, 2, 5, 6, 21, 22, 2048)] == [0, 1, 1, 2, 2, 3, 6]
+    assert ov.hops(1) == 1 and ov.hops(4, 4) == 5
+    assert list(ov.children(0, 3, 4)) == [1, 2] and ov.parent(5, 4) == 1
+
+
+# ---------------------------------------------------------------------------- the relay
+
+
+class Net:
+    """Batches handed over in memory; a node that is down takes nothing."""
+
+    def __init__(self):
+        self.relays, self.down = {}, set()
+        self.batches = 0
+
+    def links(self, me):
+        net = self
+
+        class Links:
+            def call_each(self, msgs, timeout):
+                answered = set()
+                for slot, msg in msgs.items():
+                    net.batches += 1
+                    if slot not in net.down and me not in net.down:
+                        net.relays[slot].on_reports(msg)
+                        answered.add(slot)
+                return answered
+
+            def open_slots(self):
+                return []
+
+            def close(self, slot):
+                pass
+
+        return Links()
+
+
+def node(tmp_path, net, groups, slot, clock, nodes):
+    store = Store(str(tmp_path / f"n{slot}"), memory_limit=1 << 20, keep=2,
+                  identity=lambda pid: 1.0)
+    store.open()
+    prot = Protector(slot, group_of(slot, groups), make_codec("isal", 2, 2), store, links=None,
+                     up=lambda s: True, clock=lambda: clock[0])
+    prot.report_to = [s for s in range(nodes) if s != slot]
+    relay = ReportRelay(prot, ov.overlay(slot, groups), net.links(slot), nodes,
+                        up=lambda s: s not in net.down, interval=1.0, timeout=1.0, retry=5.0,
+                        clock=lambda: clock[0])
+    prot.relay = relay
+    net.relays[slot] = relay
+    return prot
+
+
+def commit(store, step):
+    slot = store.alloc("j", 0, step, 64, 100)
+    store.commit(slot.number, (TensorEntry("t", "uint8", (64,), 0, 64),), "{}")
+
+
+def run(net, clock, rounds):
+    for _ in range(rounds):
+        clock[0] += 1.0
+        for slot, relay in sorted(net.relays.items()):
+            if slot not in net.down:
+                relay.round()
+
+
+def marks_everywhere(net, origin):
+    return {s: r.protector.report_marks().get(origin) for s, r in net.relays.items()
+            if s not in net.down and s != origin}
+
+
+NODES = 40          # RS(2, 2): 10 groups of 4, a tree of fan-out 4 and depth 2
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    groups = make_groups(NODES, 2, 2)
+    net, clock = Net(), [1000.0]
+    prots = {s: node(tmp_path, net, groups, s, clock, NODES) for s in range(NODES)}
+    return groups, net, clock, prots
+
+
+def test_every_report_reaches_every_node_within_the_hops_and_batches_stay_few(cluster):
+    groups, net, clock, prots = cluster
+    mesh = ov.overlay(0, groups)
+    assert not mesh.flat and mesh.depth == 2 and mesh.hops == 9
+    for step in (1, 2):
+        commit(prots[33].store, step)
+    run(net, clock, mesh.hops)
+    for slot, prot in prots.items():            # everybody holds everybody's report
+        assert prot._accepted >= set(range(NODES)) - {slot}, slot
+        assert prot._held[33]["j"].held == (1, 2)
+    # Steady state: one batch per overlay neighbour per interval, about 4 per node here
+    # (3 group peers and at most one edge), not 39.
+    net.batches = 0
+    run(net, clock, 1)
+    assert net.batches <= NODES * ov.steady_degree(4)
+    # A new report of node 33 is everywhere within the hops (one interval each at most).
+    commit(prots[33].store, 3)
+    run(net, clock, mesh.hops)
+    assert all(p._held[33]["j"].held == (2, 3) for s, p in prots.items() if s != 33)
+
+
+def test_a_relay_down_delays_but_the_edge_falls_over_to_the_next_member(cluster):
+    groups, net, clock, prots = cluster
+    mesh = ov.overlay(0, groups)
+    run(net, clock, mesh.hops)
+    # Group 9 (slots 36-39) hangs below group 2; the member of group 9 that carries that edge,
+    # and the member of group 2 that carries it on the other side, are both SIGKILLed.
+    edge = next(e for e in ov.overlay(36, groups).edges if e.other == 2)
+    net.down |= {edge.mine[0], edge.theirs[0]}
+    origin = edge.mine[1]
+    commit(prots[origin].store, 7)               # a node behind the dead relay changes
+    run(net, clock, 1)
+    sent = prots[origin].report_marks()[origin]  # its report that says so
+    run(net, clock, mesh.hops + 1)               # (the first batch to a dead member fails)
+    live = {s for s in range(NODES) if s not in net.down}
+    assert all(prots[s]._held[origin]["j"].held == (7,) for s in live if s != origin)
+    assert min(marks_everywhere(net, origin).values()) >= sent
+
+
+def test_a_stale_or_repeated_report_is_refused_and_a_restart_is_a_newer_incarnation(cluster):
+    groups, net, clock, prots = cluster
+    run(net, clock, 10)
+    prot = prots[0]
+    newest = prot.latest()[5]
+    older = dataclasses.replace(newest, seq=newest.seq - 1, jobs=(pp.JobFloor("j", 9, (9,)),))
+    assert not prot.on_held(older) and not prot.on_held(newest)       # late, and twice
+    assert "j" not in prot._floors[5]
+    # Node 5 restarts: a new incarnation, its count starts again at 1, and it is taken.
+    restarted = dataclasses.replace(newest, inc=newest.inc + 1, seq=1,
+                                    jobs=(pp.JobFloor("j", 4, (4,)),))
+    assert prot.on_held(restarted) and prot._floors[5] == {"j": 4}
+    assert not prot.on_held(dataclasses.replace(newest, seq=newest.seq + 5))   # the old one
+
+
+def test_a_report_of_this_slot_from_a_later_incarnation_raises_this_ones(cluster):
+    groups, net, clock, prots = cluster
+    prot = prots[3]
+    ahead = pp.Held(3, (), inc=prot.inc + 10, seq=4)
+    net.relays[3].on_reports(pp.Reports(2, (ahead,)))
+    assert prot.inc == ahead.inc + 1
+    assert prot.report().mark == (ahead.inc + 1, 1)
+
+
+def test_the_marks_survive_a_restart_and_old_reports_stay_standing(tmp_path, cluster):
+    groups, net, clock, prots = cluster
+    commit(prots[7].store, 2)
+    run(net, clock, 10)
+    prot = prots[0]
+    mark = prot.report_marks()[7]
+    again = Protector(0, group_of(0, groups), make_codec("isal", 2, 2),
+                      Store(str(tmp_path / "n0"), memory_limit=1 << 20, keep=2,
+                            identity=lambda pid: 1.0), links=None, up=lambda s: True)
+    assert again._floors[7] == {"j": 2} and again.report_marks()[7] <= mark
+    assert not again.reported(7)                 # floors.json's reports are not fresh ones
+    assert not again.on_held(again.latest()[7])  # nor is one relayed again
+    assert again.inc > prot.inc                  # a higher incarnation than the one before
+    assert again.latest()[7].jobs == prot.latest()[7].jobs
+
+
+def test_a_recovering_node_waits_for_reports_that_say_they_heard_it(cluster):
+    groups, net, clock, prots = cluster
+    run(net, clock, 10)
+    prots[12].ready = lambda: False              # node 12 is replaced, rebuilding
+    before = prots[12].report_marks()
+    assert prots[12].heard_holding(before, 12) == set()
+    run(net, clock, 2 * ov.overlay(0, groups).hops)
+    assert prots[12].heard_holding(before, 12) == set(range(NODES)) - {12}
+    assert all(12 in p._recovering for s, p in prots.items() if s != 12)
+
+
+def test_small_clusters_stay_flat():
+    for nodes, k, m in ((3, 2, 1), (8, 2, 2), (12, 2, 2), (16, 6, 2)):
+        groups = make_groups(nodes, k, m)
+        assert all(ov.overlay(s, groups).flat for s in range(nodes)), (nodes, k, m)
+    assert not ov.overlay(0, make_groups(32, 6, 2)).flat
+
