@@ -66,8 +66,11 @@ class ReportRelay:
         self._incs: dict[int, int] = {}
         #: origin -> (when its newest report was taken, whether from outside the group).
         self._came: dict[int, tuple[float, bool]] = {}
-        #: edge partner -> when it last failed to take a batch.
+        #: edge partner -> when it was given up (it took no batch for ``retry`` seconds; one
+        #: that was given up before is given up again at its first miss), and since when one
+        #: that was not has been missing batches.
         self._failed: dict[int, float] = {}
+        self._missing: dict[int, float] = {}
         self._urgent = False
         self._fresh = False
         self._wake = threading.Event()
@@ -166,10 +169,18 @@ class ReportRelay:
                         if known.get(msg.src, _NONE) < msg.mark:
                             known[msg.src] = msg.mark
                     self._failed.pop(slot, None)
-                elif slot in partners:
+                    self._missing.pop(slot, None)
+                elif slot in partners and (
+                        slot in self._failed
+                        or now - self._missing.setdefault(slot, now) >= self.retry):
+                    # A slow answer is not a dead relay: given up only after ``retry``
+                    # seconds without one (as heartbeats do), or at once when probed again.
+                    if slot not in self._failed:
+                        log.info("node %d took no reports for %.0fs: the edge to group %d "
+                                 "goes to the next member", slot, self.retry,
+                                 partners[slot].other)
                     self._failed[slot] = now
-                    log.info("node %d did not take the reports for the edge to group %d; "
-                             "trying the next member", slot, partners[slot].other)
+                    self._missing.pop(slot, None)
             # Partners no longer used: forget them and close their sockets.
             used = self._local | set(self.partners(now))
             for slot in [s for s in self._known if s not in used]:

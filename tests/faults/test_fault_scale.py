@@ -7,13 +7,19 @@ take all 8 nodes of group 0 (checked with the planner).
 
 Bounded by the group, not the cluster (the numbers asserted below): every daemon sees 7 peers
 (its group of 8, heartbeats), sends data and parity only inside its group, and holds at most
-(versions) x S x (1 + m/k) of snapshot memory plus its pool, whatever the cluster size. One
-plane is NOT bounded yet: the job-wide retention reports (``Held``, docs/protocol.md) go from
-every node to every node, so each daemon opens a connection to all N - 1 = 31 others; the test
-states that number too (docs/scale.md, "What does not scale yet").
+(versions) x S x (1 + m/k) of snapshot memory plus its pool, whatever the cluster size. The
+job-wide retention reports (``Held``, docs/protocol.md) are relayed along the overlay (its group
+peers, and a tree of the 4 groups of fan-out 4 whose edges one member of each side carries:
+snapshotd/cluster/overlay.py), so a daemon talks to at most 7 + ceil(5 / 8) = 8 other daemons
+while all are up (31 = N - 1 before the relay), at most 7 + 2 x 5 = 17 while relays fall over,
+and still hears every other daemon's report (``Where`` lists all 31 on every daemon).
 
-The quick run (make test) loses one domain; SNAPSHOTD_FAULT_RUNS=long loses every domain in
-turn, each after the previous one was rebuilt."""
+test_32_daemons_relay_every_report_with_connections_bounded_by_the_group (make test) checks
+that, the number of batches per interval and the time a report takes to reach every daemon,
+then SIGKILLs the daemon that carries its group's edge to the root group: the reports of the
+nodes behind it still reach everyone, through the next member. The domain loss runs in make
+faults (SNAPSHOTD_FAULT_RUNS=long): it loses every domain in turn, each after the previous one
+was rebuilt."""
 
 from __future__ import annotations
 
@@ -25,9 +31,11 @@ from harness import (
     FAST,
     LONG,
     all_protected,
+    call,
     cluster_state,
     drop_job,
     lose,
+    metric,
     restore_all,
     save_on,
     status,
@@ -35,8 +43,10 @@ from harness import (
     wait_for,
 )
 
+from snapshotd.cluster import overlay as ov
 from snapshotd.cluster.placement import domain_spread, make_groups
 from snapshotd.cluster.planner import domain_survival
+from snapshotd.common import protocol as p
 
 pytest_plugins = ["faultfixtures"]
 
@@ -48,9 +58,17 @@ DOMAINS = [label for label, size in SIZES.items() for _ in range(size)]
 SPEC = ",".join(f"{DOMAINS.index(label)}-{DOMAINS.index(label) + size - 1}={label}"
                 for label, size in SIZES.items())
 MIB = 0.25
-# Slower heartbeats than FAST: 32 daemons each report to 31 others every interval, on 2 cores.
+# Slower heartbeats than FAST: 32 daemons on 2 cores.
 ARGS = [*FAST, "--heartbeat-interval", "0.5", "--peer-timeout", "3", "--encode-timeout", "5",
         "--memory-limit", "64MiB", "--keep", "2", "--domains", SPEC]
+
+
+#: Peers a daemon may talk to (either direction) while all are up: its 7 group peers and, for
+#: the tree edges it carries (4 groups: the root has 3, the others 1, dealt out over 8 members),
+#: one member of another group: 7 + ceil(5 / 8) = 8, whatever the cluster size.
+STEADY = ov.steady_degree(K + M)
+#: While relays fall over: 7 + 2 x (4 + 1) = 17.
+WORST = ov.worst_degree(K + M)
 
 
 def peer_connections(cluster, slot: int) -> set[int]:
@@ -59,6 +77,85 @@ def peer_connections(cluster, slot: int) -> set[int]:
     conns = psutil.Process(cluster.daemons[slot].pid).net_connections(kind="tcp")
     return {ports[c.raddr.port] for c in conns
             if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port in ports}
+
+
+def peers_either_way(cluster, slots) -> dict[int, set[int]]:
+    """slot -> the daemons it has a connection with, opened by it or by them."""
+    out = {s: peer_connections(cluster, s) for s in slots}
+    return {s: out[s] | {t for t in slots if s in out[t]} for s in slots}
+
+
+def unheard(cluster, job: str, slots, step: int, also: dict[int, int] | None = None
+            ) -> list[str]:
+    """What some daemon of ``slots`` has not heard yet: every other node of ``slots`` holding
+    ``step`` of its rank (its slot) in the reports ``Where`` lists, and for ``also``
+    (slot -> step) those nodes' last reports."""
+    want = {s: step for s in slots} | (also or {})
+    problems = []
+    for slot in slots:
+        nodes = {n.slot: n for n in call(cluster.specs[slot], p.Where(job)).nodes}
+        for other, st in want.items():
+            n = nodes.get(other)
+            if other != slot and (n is None or n.ranks != (other,) or st not in n.steps):
+                problems.append(f"{slot} lacks {other}@{st}")
+    return problems
+
+
+def batches_sent(cluster, slots) -> float:
+    return sum(metric(cluster.specs[s], "snapshotd_report_batches_total", direction="sent")
+               for s in slots)
+
+
+def test_32_daemons_relay_every_report_with_connections_bounded_by_the_group(
+        clusters, zygote) -> None:
+    groups = make_groups(NODES, K, M, DOMAINS)
+    mesh = ov.overlay(0, groups)
+    assert not mesh.flat and mesh.depth == 1 and mesh.hops == 5
+    cluster = clusters(NODES, k=K, m=M, args=ARGS)
+    cluster.start(timeout=120)
+    job = unique("relay")
+    everyone = range(NODES)
+    save_on(zygote, cluster, job, 1, 2, MIB, world=NODES)
+    t0 = time.monotonic()
+    wait_for(lambda: not unheard(cluster, job, everyone, 2), 60, "every report everywhere",
+             interval=0.2, explain=lambda: str(unheard(cluster, job, everyone, 2)[:20]))
+    latency = time.monotonic() - t0
+    # Connections: settled (a partner tried before it was up is given up after 3 s).
+    wait_for(lambda: max(len(x) for x in peers_either_way(cluster, everyone).values())
+             <= STEADY, 20, f"at most {STEADY} peers per daemon", interval=0.5,
+             explain=lambda: str(sorted(peers_either_way(cluster, everyone).items())))
+    links = peers_either_way(cluster, everyone)
+    out = [len(peer_connections(cluster, s)) for s in everyone]
+    group_of = {s: g for g in groups for s in g.slots}
+    for slot, peers in links.items():
+        assert set(group_of[slot].slots) - {slot} <= peers, (slot, peers)
+    # Batches: one per overlay neighbour per interval (0.5 s), about 8 per daemon, not 31.
+    before, t1 = batches_sent(cluster, everyone), time.monotonic()
+    time.sleep(3.0)
+    per_interval = (batches_sent(cluster, everyone) - before) / NODES / (
+        (time.monotonic() - t1) / 0.5)
+    assert per_interval <= STEADY + 1, per_interval
+    # The daemon carrying group 1's edge to the root group is SIGKILLed; group 1 saves step 3.
+    group1 = groups[1]
+    edge = next(e for e in ov.overlay(group1.slots[0], groups).edges if e.other == 0)
+    relay = edge.mine[0]
+    cluster.kill(relay)
+    alive = [s for s in everyone if s != relay]
+    t0 = time.monotonic()
+    save_on(zygote, cluster, job, 3, 3, MIB, world=NODES, slots=alive)
+    wait_for(lambda: not unheard(cluster, job, alive, 3, {relay: 2}), 90,
+             "the reports behind the dead relay everywhere", interval=0.2,
+             explain=lambda: str(unheard(cluster, job, alive, 3, {relay: 2})[:20]))
+    fallover = time.monotonic() - t0
+    worst = max(len(x) for x in peers_either_way(cluster, alive).values())
+    assert worst <= WORST, worst
+    drop_job(cluster, job)
+    print(f"32 daemons, reports relayed (tree depth {mesh.depth}, at most {mesh.hops} hops): "
+          f"peers per daemon max {max(len(x) for x in links.values())} (bound {STEADY}; "
+          f"opened by it max {max(out)}; before the relay {NODES - 1}), batches sent per "
+          f"daemon per interval {per_interval:.1f}, every report on every daemon "
+          f"{latency:.1f}s after the saves, after the relay of group 1 was SIGKILLed "
+          f"{fallover:.1f}s after the saves of step 3 began (peers max {worst}, bound {WORST})")
 
 
 @pytest.mark.skipif(not LONG, reason="make faults (SNAPSHOTD_FAULT_RUNS=long): 32 daemons, "
@@ -119,12 +216,13 @@ def check_bounded_by_group(cluster, groups) -> None:
     # The process: about 41 MiB of Python (measured, 32 daemons); 100 MiB bounds it.
     assert max(rss) <= 100 << 20, [r >> 20 for r in rss]
     # Connections: each daemon has TCP connections to its group peers (data, parity,
-    # heartbeats) and, for the job-wide retention reports, to every other node: 31 = N - 1.
-    # That last plane grows with the cluster (docs/scale.md); this number says so.
+    # heartbeats, reports) and, for the tree edges it carries, to at most a few other
+    # daemons: 8 = 7 + ceil(5 / 8) while all are up (31 = N - 1 before the relay).
     for slot, peers in enumerate(links):
         assert set(group_of[slot].slots) - {slot} <= peers | {slot}
-        assert len(peers) <= NODES - 1
+    either = peers_either_way(cluster, range(NODES))
+    assert max(len(x) for x in either.values()) <= STEADY, either
     print(f"per daemon: heartbeat peers {len(groups[0].slots) - 1}, snapshot memory "
           f"max {max(held) / (1 << 20):.2f} MiB, RSS max {max(rss) / (1 << 20):.0f} MiB, "
-          f"peers connected to max {max(len(x) for x in links)} (group peers "
-          f"{len(groups[0].slots) - 1}, cluster {NODES - 1})")
+          f"peers connected to max {max(len(x) for x in either.values())} (group peers "
+          f"{len(groups[0].slots) - 1}, bound {STEADY}, cluster {NODES - 1})")
