@@ -831,45 +831,62 @@ class Protector:
     def _learn(self, msg: pp.Held, own: bool = False) -> Any:
         """Take ``msg`` (``own``: this node's, given its mark here); None when it is not newer
         than the report held for its origin (relayed late, or twice). Returns the report."""
+        return self.learn_all([msg], own)[0]
+
+    def learn_all(self, msgs: Sequence[pp.Held], own: bool = False) -> list[Any]:
+        """Take the reports of one batch (see :meth:`_learn`), then set the pins once."""
+        taken = []
         with self._lock:
-            if own:
-                self._seq += 1
-                now = self._clock()
-                holding = tuple(sorted(slot for slot, t in self._recovering.items()
-                                       if now - t < self.recovering_hold))
-                msg = dataclasses.replace(msg, inc=self.inc, seq=self._seq, holding=holding)
-            elif msg.mark <= self._marks.get(msg.src, (-1, -1)):
-                return None
-            self._marks[msg.src] = msg.mark
-            self._latest[msg.src] = msg
-            self._accepted.add(msg.src)
-            self._report_at[msg.src] = self._clock()
-            if msg.recovering:
-                if not own:
-                    self._recovering[msg.src] = self._clock()
-                return msg
-            floors = {j.job: j.floor for j in msg.jobs}
-            held = {j.job: NodeView(j.floor, tuple(j.held), tuple(j.ranks), j.world, j.pin,
-                                    tuple(j.protected))
-                    for j in msg.jobs}
-            self._floor_marks[msg.src] = msg.mark
-            back = self._recovering.pop(msg.src, None) is not None
-            if not back and (self._floors.get(msg.src) == floors
-                             and self._held.get(msg.src) == held):
-                return msg
-            self._floors[msg.src] = floors
-            self._held[msg.src] = held
+            moved = False
+            for msg in msgs:
+                got, changed = self._take(msg, own)
+                taken.append(got)
+                moved |= changed
+            if not moved:
+                return taken
             before = dict(self.store.pins)
             self._set_pins()
             self._save_floors()
-            changed = {job for job in {*before, *self.store.pins}
-                       if before.get(job) != self.store.pins.get(job)}
-        for job in changed:                      # what the new job-wide steps let go
+            changed_jobs = {job for job in {*before, *self.store.pins}
+                            if before.get(job) != self.store.pins.get(job)}
+        for job in changed_jobs:                 # what the new job-wide steps let go
             self.store.retain_job(job)
             with self._lock:
                 for stripe in self.stripes:
                     self._retain_parity(job, stripe)
-        return msg
+        return taken
+
+    def _take(self, msg: pp.Held, own: bool) -> tuple[Any, bool]:
+        """Take one report (lock held): (the report or None when not newer, whether what is
+        known of its node changed)."""
+        if own:
+            self._seq += 1
+            now = self._clock()
+            holding = tuple(sorted(slot for slot, t in self._recovering.items()
+                                   if now - t < self.recovering_hold))
+            msg = dataclasses.replace(msg, inc=self.inc, seq=self._seq, holding=holding)
+        elif msg.mark <= self._marks.get(msg.src, (-1, -1)):
+            return None, False
+        self._marks[msg.src] = msg.mark
+        self._latest[msg.src] = msg
+        self._accepted.add(msg.src)
+        self._report_at[msg.src] = self._clock()
+        if msg.recovering:
+            if not own:
+                self._recovering[msg.src] = self._clock()
+            return msg, False
+        floors = {j.job: j.floor for j in msg.jobs}
+        held = {j.job: NodeView(j.floor, tuple(j.held), tuple(j.ranks), j.world, j.pin,
+                                tuple(j.protected))
+                for j in msg.jobs}
+        self._floor_marks[msg.src] = msg.mark
+        back = self._recovering.pop(msg.src, None) is not None
+        if not back and (self._floors.get(msg.src) == floors
+                         and self._held.get(msg.src) == held):
+            return msg, False
+        self._floors[msg.src] = floors
+        self._held[msg.src] = held
+        return msg, True
 
     def heard_of_self(self, msg: pp.Held) -> None:
         """A relayed report of this very slot: from an earlier incarnation whose clock was

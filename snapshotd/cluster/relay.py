@@ -154,8 +154,8 @@ class ReportRelay:
                 known = self._known.get(slot, {})
                 inside = slot in self._local
                 out = tuple(msg for src, msg in sorted(latest.items())
-                            if src != slot and known.get(src, _NONE) < msg.mark
-                            and (not inside or self._due_inside(src, now)))
+                            if known.get(src, _NONE) < msg.mark
+                            and (not inside or src == slot or self._due_inside(src, now)))
                 if out:
                     batches[slot] = pp.Reports(self.me, out, urgent)
         if not batches:
@@ -208,22 +208,30 @@ class ReportRelay:
             raise StoreError("bad_request", f"node {msg.sender} is not another node of this "
                              f"cluster of {self.nodes}")
         outside = msg.sender not in self._local
-        taken = 0
+        reports = []
         for report in msg.reports:
             if report.src == self.me:
                 self.protector.heard_of_self(report)
             elif 0 <= report.src < self.nodes:
-                new = self.protector._learn(report) is not None
-                with self._lock:
-                    if new:
-                        taken += 1
-                        self._came[report.src] = (self._clock(), outside)
-                        if self._incs.get(report.src) != report.inc:
-                            self._incs[report.src] = report.inc
-                            self._known.pop(report.src, None)   # restarted: knows nothing
-                    known = self._known.setdefault(msg.sender, {})
-                    if known.get(report.src, _NONE) < report.mark:
-                        known[report.src] = report.mark
+                reports.append(report)
+        taken = 0
+        results = self.protector.learn_all(reports)        # the pins are set once
+        with self._lock:
+            for report, new in zip(reports, results):
+                if new is not None:
+                    taken += 1
+                    self._came[report.src] = (self._clock(), outside)
+                    if self._incs.get(report.src) != report.inc:
+                        self._incs[report.src] = report.inc
+                        self._known.pop(report.src, None)   # restarted: knows nothing
+                known = self._known.setdefault(msg.sender, {})
+                if report.src == msg.sender:
+                    # What the sender has of itself is its own newest report: when an older
+                    # incarnation of it is held here (its clock is behind the one before),
+                    # that one is sent back to it, and it takes a higher incarnation.
+                    known[report.src] = report.mark
+                elif known.get(report.src, _NONE) < report.mark:
+                    known[report.src] = report.mark
         self.received += 1
         if self.metrics is not None:
             self.metrics.report_batches.labels(direction="received").inc()

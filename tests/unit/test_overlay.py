@@ -280,3 +280,21 @@ def test_small_clusters_stay_flat():
         assert all(ov.overlay(s, groups).flat for s in range(nodes)), (nodes, k, m)
     assert not ov.overlay(0, make_groups(32, 6, 2)).flat
 
+
+
+def test_a_restart_whose_clock_is_behind_takes_a_higher_incarnation_and_is_heard(
+        tmp_path, cluster):
+    """A replacement on a machine whose clock is behind the old one's starts with a lower
+    incarnation: its reports are refused as older until it hears the old incarnation's report
+    of its slot (sent back to it by its group peers), then it takes a higher one."""
+    groups, net, clock, prots = cluster
+    run(net, clock, 10)
+    old = prots[5].inc
+    net.relays.pop(5)
+    again = node(tmp_path / "again", net, groups, 5, clock, NODES)
+    again.inc = old - 10_000_000                 # 10 s behind
+    commit(again.store, 4)
+    run(net, clock, 2)
+    assert again.inc == old + 1
+    run(net, clock, ov.overlay(0, groups).hops)
+    assert all(p._held[5]["j"].held == (4,) for s, p in prots.items() if s != 5)
