@@ -92,7 +92,10 @@ def start_cluster(config: Config, store: Store, context: zmq.Context, metrics: A
     reporter = FloorReporter(protector, protector.report_to, config.heartbeat_interval,
                              protector.report_timeout)
     listen = config.listen or "tcp://*:" + endpoints[me].rsplit(":", 1)[1]
-    reads = PeerReads(me, store, protector, all_links, timeout=max(60.0, config.encode_timeout))
+    reads = PeerReads(me, store, protector, all_links, timeout=max(60.0, config.encode_timeout),
+                      groups=make_groups(len(endpoints), config.k, config.m,
+                                         slot_domains(config, len(endpoints))),
+                      codec=config.codec, ping_timeout=protector.report_timeout)
     server = PeerServer(listen, context, security, protector, me, metrics,
                         ready=lambda: recovery.ready, reads=reads).start()
     heartbeats.start()
