@@ -46,6 +46,8 @@ __all__ = ["PeerReads"]
 
 #: Seconds a node has to answer a drop before it is told again later (the reader waits).
 DROP_TIMEOUT = 5.0
+#: Seconds a ping's verdict (a node answers, or not) is used before a node is pinged again.
+VERDICT_SECONDS = 3.0
 
 log = logging.getLogger("snapshotd.reads")
 
@@ -58,12 +60,14 @@ class PeerReads:
 
     def __init__(self, me: int, store: Store, protector: Protector, links: Any,
                  timeout: float = 60.0, groups: list[Group] | None = None,
-                 codec: str = "isal", ping_timeout: float = 1.0) -> None:
+                 codec: str = "isal", ping_timeout: float = 1.0, metrics: Any = None) -> None:
         self.me, self.store, self.protector, self.links = me, store, protector, links
         self.timeout, self.ping_timeout = timeout, ping_timeout
         #: Every group of the cluster and the codec's name: to decode a lost node's ranks.
         self.groups, self.codec_name = groups or [], codec
         self._codecs: dict[int, Codec] = {}
+        self.metrics = metrics
+        self._verdicts: dict[int, tuple[float, bool]] = {}      # slot -> (when, answered)
         self._lock = threading.RLock()
         self._ids = itertools.count(self.FIRST_LEASE)
         self._held: dict[int, tuple[str, int, float | None, int]] = {}  # lease -> path, pid, id, n
@@ -116,8 +120,12 @@ class PeerReads:
         with self.protector._lock:
             views = self.protector._views(job)
         count = 0
-        for slot in sorted(s for s, v in views.items() if s != self.me and rank in v.ranks):
+        holders = sorted(s for s, v in views.items() if s != self.me and rank in v.ranks)
+        up = self.live(holders) if self.groups else set(holders)
+        for slot in holders:
             try:
+                if slot not in up:
+                    raise PeerError(f"node {slot} does not answer a ping")
                 count += self._send_drop(slot, pp.DropNewer(job, rank, newer_than))
             except (PeerError, OSError) as exc:
                 log.warning("job %r rank %d: node %d did not drop its versions newer than "
@@ -155,11 +163,23 @@ class PeerReads:
     # ------------------------------------------------------------------ the reader's side
 
     def live(self, slots: Any) -> set[int]:
-        """The nodes of ``slots`` that answer a ping now (all at once, ``ping_timeout``)."""
-        others = sorted(set(slots) - {self.me})
-        up = self.links.ping_all(others, pp.Ping(self.me, "snapshotd"), self.ping_timeout) \
-            if others else set()
-        return up | ({self.me} & set(slots))
+        """The nodes of ``slots`` that answer a ping (all at once, ``ping_timeout``). A group
+        peer the heartbeats call down is down without a ping; a verdict stands for
+        ``VERDICT_SECONDS`` (one restore asks several times: a lost node costs one timeout)."""
+        slots = set(slots)
+        now = time.monotonic()
+        mine = set(self.protector.group.slots)
+        down = {s for s in slots & mine if s != self.me and not self.protector.up(s)}
+        with self._lock:
+            known = {s: up for s, (at, up) in self._verdicts.items()
+                     if s in slots and now - at < VERDICT_SECONDS}
+        ask = sorted(slots - {self.me} - down - set(known))
+        answered = self.links.ping_all(ask, pp.Ping(self.me, "snapshotd"), self.ping_timeout) \
+            if ask else set()
+        with self._lock:
+            for s in ask:
+                self._verdicts[s] = (now, s in answered)
+        return ({self.me} & slots) | answered | {s for s, up in known.items() if up}
 
     def where(self, job: str) -> p.WhereReply:
         """What every other node last reported holding of ``job``; of a node that does not
@@ -192,6 +212,10 @@ class PeerReads:
                                                 timeout=timedelta(seconds=self.timeout))
             except (PeerError, StoreError, OSError) as exc:
                 problems.append(f"node {slot}: {exc}")
+                with self._lock:
+                    self._verdicts.pop(slot, None)
+                if slot not in self.live([slot]):
+                    up.discard(slot)                    # gone meanwhile: decoded below
                 continue
             bufs = [f.buffer for f in frames]
             if frames_checksum(bufs) != reply.checksum or sum(len(b) for b in bufs) != \
@@ -260,9 +284,14 @@ class PeerReads:
         if bad:
             raise StoreError("corrupt", f"node {lost}'s rank {rank} step {step} decoded from "
                              f"group {group.index} fails the checksums of {bad[:4]}")
+        decoded, seconds = sum(x["nbytes"] for x in ranks), time.perf_counter() - started
+        if self.metrics is not None:
+            self.metrics.rebuilds.inc()
+            self.metrics.rebuilt_bytes.inc(decoded)
+            self.metrics.rebuild_seconds.observe(seconds)
         log.info("job %r rank %d step %d of lost node %d decoded from group %d (%d bytes of "
-                 "its %d in %.2fs)", job, rank, step, lost, group.index, len(payload),
-                 sum(x["nbytes"] for x in ranks), time.perf_counter() - started)
+                 "its %d in %.2fs)", job, rank, step, lost, group.index, len(payload), decoded,
+                 seconds)
         return pp.VersionData(step, len(payload), tensors, r["meta"],
                               frames_checksum([payload]), int(r.get("world_size", 0))), payload
 
