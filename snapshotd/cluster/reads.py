@@ -174,8 +174,15 @@ class PeerReads:
             known = {s: up for s, (at, up) in self._verdicts.items()
                      if s in slots and now - at < VERDICT_SECONDS}
         ask = sorted(slots - {self.me} - down - set(known))
-        answered = self.links.ping_all(ask, pp.Ping(self.me, "snapshotd"), self.ping_timeout) \
-            if ask else set()
+        answered: set[int] = set()
+        deadline = now + self.ping_timeout
+        # In rounds: a thread's first ping to a node is not sent until its connection is up
+        # (peers.PeerLinks: IMMEDIATE), which takes a moment, not the whole timeout.
+        while (left := deadline - time.monotonic()) > 0 and set(ask) - answered:
+            answered |= self.links.ping_all(sorted(set(ask) - answered),
+                                            pp.Ping(self.me, "snapshotd"), min(left, 0.2))
+            if set(ask) - answered:
+                time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
         with self._lock:
             for s in ask:
                 self._verdicts[s] = (now, s in answered)

@@ -173,8 +173,9 @@ def plot_loss(path: Path, reference: list[dict], faulted: list[dict],
             last_pid = r.get("pid")
         attempts.setdefault(segment, []).append(r)
     for i, recs in attempts.items():
+        ranks = f" ({recs[0]['world']} ranks)" if "world" in recs[0] else ""
         ax1.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=1.2,
-                 label="with failures" if i == 0 else f"after failure {i}")
+                 label=("with failures" if i == 0 else f"after failure {i}") + ranks)
         ax2.plot([r["time"] - t0 for r in recs], [r["step"] for r in recs], lw=1.5)
     colors = ["tab:red", "tab:purple", "tab:brown", "tab:olive"]
     for i, f in enumerate(failures):
