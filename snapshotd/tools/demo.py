@@ -76,7 +76,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--k", type=int, default=None, help="data chunks per stripe "
                     "(default nodes-1)")
     ap.add_argument("--m", type=int, default=1, help="parity chunks per stripe")
-    ap.add_argument("--steps", type=int, default=200, help="training steps")
+    ap.add_argument("--steps", type=int, default=150, help="training steps")
     ap.add_argument("--size", default="small", choices=["small", "tiny"],
                     help="model size (examples/train.py --size)")
     ap.add_argument("--out", default="demo-out", help="output directory")

@@ -194,7 +194,7 @@ def plot_loss(path: Path, reference: list[dict], faulted: list[dict],
     ax1.set_xlabel("step")
     ax1.set_ylabel("training loss (rank 0)")
     ax1.set_title("snapshotd demo: training loss, failures marked (grey: uninterrupted run)")
-    ax1.legend(loc="upper right", fontsize=8)
+    ax1.legend(loc="lower left", fontsize=8)
     ax2.set_xlim(left=0)
     ax2.set_xlabel("seconds since the torchrun agents started")
     ax2.set_ylabel("step")
