@@ -57,7 +57,8 @@ class Metrics:
                                "Bytes rebuilt from peers (a replacement's memory, or a lost "
                                "node's version decoded for a reader on this node)")
         self.save_seconds = h("snapshotd_save_duration_seconds",
-                              "Time from a write slot's allocation to its commit")
+                              "Time from a save (the client's save(), or the write slot's "
+                              "allocation for a client that does not say) to its commit")
         self.restore_seconds = h("snapshotd_restore_duration_seconds",
                                  "Time a restore holds its read lease (open to release)")
         self.persist_seconds = h("snapshotd_persist_duration_seconds",

@@ -153,6 +153,9 @@ class Commit:
     #: Also reserve a spare slot of this size for the rank's next save (returned in the reply,
     #: when it fits the budget without evicting anything): that save then needs no ``Alloc``.
     next_nbytes: int = 0
+    #: Seconds from the client's ``save()`` to this commit (-1: not said; then the slot's age
+    #: stands in, which a spare slot reserved at the previous commit does not have).
+    took: float = -1.0
 
 
 @dataclass(frozen=True)
