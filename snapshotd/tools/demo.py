@@ -240,7 +240,7 @@ def main(argv: Sequence[str] = ()) -> int:
         elif f.restored_step is None:
             problems.append(f"{f.kind}: ranks restored different steps {f.restored}"
                             if len(set(f.restored)) > 1 else f"{f.kind}: nothing restored")
-    checks = _checks(ref_dir, run_dir, events, world, shrunk=not args.skip_shrink)
+    checks = digest_checks(ref_dir, run_dir, events, world, shrunk=not args.skip_shrink)
     for good, line in checks:
         say(f"  {'ok  ' if good else 'FAIL'} {line}")
         if not good:
@@ -256,7 +256,7 @@ def main(argv: Sequence[str] = ()) -> int:
     return 0
 
 
-def _checks(ref_dir: Path, run_dir: Path, events: list[dict], world: int,
+def digest_checks(ref_dir: Path, run_dir: Path, events: list[dict], world: int,
             shrunk: bool) -> list[tuple[bool, str]]:
     """What the final check compares, one (passed, line) each.
 
