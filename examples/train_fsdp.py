@@ -25,7 +25,16 @@ goes on bit-identical to an uninterrupted one.
 ``torch.distributed.checkpoint.state_dict.get_state_dict`` / ``set_state_dict`` instead of their
 own ``state_dict()``. Output as in ``train.py``, except that ``final.pt`` (rank 0) holds the full
 parameters and the full AdamW moments and step counts (``param/``, ``exp_avg/``, ``exp_avg_sq/``,
-``step/`` + parameter name), gathered from the shards.
+``step/`` + parameter name), gathered from the shards; ``loss.jsonl`` lines say the world size.
+
+``--digests`` (the demo): after every step each rank appends an XXH3 digest of its local shards
+of every parameter and AdamW state to ``digests.jsonl`` (a few ms: no collective), so two runs
+at the same world size compare bit for bit at every step. After a restore at another world
+size (``client.last_restore.world_from``), the ranks gather the restored full tensors once and
+rank 0 logs, as an ``elastic_check`` event, the digests the *saved* layout's ranks would have
+of them (each full tensor cut as ``fully_shard`` cuts it for that many ranks): equal to the
+digests the saved job logged at that step exactly when every restored global tensor equals the
+saved one.
 """
 
 import argparse
@@ -40,15 +49,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import xxhash
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     RowwiseParallel,
     parallelize_module,
 )
-from train import GPT, SIZES, SyntheticCorpus, log_line, lr_factor
+from train import _T_IMPORTED, GPT, SIZES, SyntheticCorpus, log_line, lr_factor, process_started
 
 from snapshotd_client import SnapshotClient, TrainingState
 
@@ -75,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "(first attempt only); repeatable")
     ap.add_argument("--step-delay", type=float, default=0.0,
                     help="sleep this long after each step (slows a tiny run for tests)")
+    ap.add_argument("--digests", action="store_true",
+                    help="log a digest of every rank's shards after every step, and an "
+                         "elastic_check after a restore at another world size (see above)")
     return ap.parse_args(argv)
 
 
@@ -123,10 +136,62 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict
     return out
 
 
+def _states(model: torch.nn.Module, optimizer: torch.optim.Optimizer
+            ) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every parameter and its AdamW state, in a fixed order."""
+    out = []
+    for name, param in model.named_parameters():
+        out.append((f"param/{name}", param))
+        out += [(f"{key}/{name}", value)
+                for key, value in sorted(optimizer.state.get(param, {}).items())]
+    return out
+
+
+def _digest(pieces: list[tuple[str, torch.Tensor]]) -> str:
+    h = xxhash.xxh3_128()
+    for name, t in pieces:
+        t = t.detach().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def shard_digest(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str:
+    """A digest of this rank's local shards (no collective)."""
+    return _digest([(n, t.to_local() if isinstance(t, DTensor) else t)
+                    for n, t in _states(model, optimizer)])
+
+
+def layout_digests(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   world: int) -> list[str]:
+    """The :func:`shard_digest` each rank of a ``world``-rank ``--parallel fsdp`` job would
+    have of this job's state (a collective: the full tensors are gathered). ``fully_shard``
+    cuts a tensor into ``torch.chunk(full, world)`` along dim 0 (ranks past the last chunk
+    hold an empty shard)."""
+    states = _states(model, optimizer)
+    full = {n: t.full_tensor() if isinstance(t, DTensor) else t for n, t in states}
+    out = []
+    for rank in range(world):
+        pieces = []
+        for name, t in states:
+            if isinstance(t, DTensor):
+                if tuple(t.placements) != (Shard(0),):
+                    raise SystemExit(f"--digests: {name} is placed {t.placements}, not "
+                                     "Shard(0) (only --parallel fsdp is checked)")
+                chunks = torch.chunk(full[name], world, dim=0)
+                piece = chunks[rank] if rank < len(chunks) else full[name][:0]
+            else:
+                piece = t
+            pieces.append((name, piece))
+        out.append(_digest(pieces))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
+    t_group = time.time()
     rank, world = dist.get_rank(), dist.get_world_size()
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     fail_at = {int(r): int(s) for r, s in (f.split(":") for f in args.fail_at)}
@@ -146,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- snapshotd: the same lines as for DDP ---------------------------------------------
     started = time.time()
-    last = None
+    last, state = None, None
     if args.snapshot:
         client = SnapshotClient(job=args.job)              # $SNAPSHOTD_ENDPOINT, rank $RANK
         state = TrainingState(model, optimizer, scheduler, data=data,
@@ -160,7 +225,22 @@ def main(argv: list[str] | None = None) -> int:
         "event": "start", "rank": rank, "world": world, "attempt": attempt, "pid": os.getpid(),
         "parallel": args.parallel, "mesh": list(mesh.shape), "restored": last,
         "daemon": client.endpoint if args.snapshot else None,
-        "first_step": first, "restore_s": round(restore_s, 4), "time": time.time()})
+        "first_step": first, "restore_s": round(restore_s, 4), "time": time.time(),
+        # the same start times as train.py's (the demo's time-to-resume breakdown)
+        "group_rank": int(os.environ.get("GROUP_RANK", "0")), "t_process": process_started(),
+        "t_imported": _T_IMPORTED, "t_group": t_group, "t_built": started,
+        "restore_parts": state.last_restore_seconds if state else {},
+        "world_from": getattr(client.last_restore, "world_from", None) if last is not None
+        else None,
+        "bytes_from_peers": getattr(client.last_restore, "bytes_from_peers", 0)
+        if last is not None else 0})
+    if args.digests and last is not None and client.last_restore.world_from:
+        saved_world = client.last_restore.world_from
+        digests = layout_digests(model, optimizer, saved_world)
+        if rank == 0:
+            log_line(os.path.join(args.out, "events.jsonl"), {
+                "event": "elastic_check", "step": last, "world": world,
+                "world_from": saved_world, "digests": digests, "time": time.time()})
 
     for step in range(first, args.steps):
         x, y = data.next_batch()
@@ -173,10 +253,14 @@ def main(argv: list[str] | None = None) -> int:
         scheduler.step()
         if args.snapshot:
             state.save(client, step)                       # --- snapshotd: async save
+        if args.digests:
+            log_line(os.path.join(args.out, "digests.jsonl"), {
+                "step": step, "rank": rank, "world": world, "attempt": attempt,
+                "digest": shard_digest(model, optimizer)})
         if rank == 0:
             log_line(os.path.join(args.out, "loss.jsonl"), {
                 "step": step, "loss": loss.item(), "time": time.time(), "attempt": attempt,
-                "resumed_from": last, "pid": os.getpid()})
+                "resumed_from": last, "pid": os.getpid(), "world": world})
         if args.step_delay:
             time.sleep(args.step_delay)
 

@@ -143,6 +143,7 @@ class _Job:
     copying: threading.Event = field(default_factory=threading.Event)
     copied: threading.Event = field(default_factory=threading.Event)
     superseded: bool = False
+    started: float = field(default_factory=time.monotonic)
 
 
 class SnapshotClient:
@@ -388,7 +389,7 @@ class SnapshotClient:
             self._copy_in(path, nbytes, job.layout, job.events, mapping)
             job.copied.set()
             job.layout.tensors.clear()            # release eager copies early
-            self._commit(slot, job.layout, job.step)
+            self._commit(slot, job.layout, job.step, job.started)
             slot = None
             self._last_step = job.step
             with self._stats_lock:
@@ -427,7 +428,7 @@ class SnapshotClient:
         if spare is not None:
             self._abort(spare.slot)
 
-    def _commit(self, slot: int, layout: Layout, step: int) -> None:
+    def _commit(self, slot: int, layout: Layout, step: int, started: float = -1.0) -> None:
         """Commit with the table, or, for a layout the daemon has seen, only its digest; ask
         for a spare slot for the next save of this size (kept in ``self._spare``)."""
         plan = layout.plan
@@ -442,20 +443,21 @@ class SnapshotClient:
         with self._stats_lock:
             again = self._stats.committed > 0
         nbytes = layout.nbytes if self.spare_slots and again and layout.nbytes else 0
+        took = time.monotonic() - started if started >= 0 else -1.0
         if not table:
             self._spare_from(self._channel.call(p.Commit(slot, (), layout.meta, "", step,
-                                                         nbytes)))
+                                                         nbytes, took)))
             return
         if plan.get("known") is self._channel:
             try:
                 self._spare_from(self._channel.call(
-                    p.Commit(slot, (), layout.meta, plan["digest"], step, nbytes)))
+                    p.Commit(slot, (), layout.meta, plan["digest"], step, nbytes, took)))
                 return
             except DaemonError as exc:
                 if exc.code != "unknown_layout":
                     raise
         self._spare_from(self._channel.call(
-            p.Commit(slot, table, layout.meta, plan["digest"], step, nbytes)))
+            p.Commit(slot, table, layout.meta, plan["digest"], step, nbytes, took)))
         plan["known"] = self._channel
 
     def _spare_from(self, reply: p.CommitReply) -> None:

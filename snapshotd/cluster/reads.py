@@ -12,27 +12,42 @@ it when the reader's process is gone)::
     rank ──Open(remote)──► its daemon ──GetVersion──► holder (verify, send)
                            write remote-<lease>.bin ◄──VersionData + bytes──
     rank ◄──OpenReply(tier "peer", path)── ; ... ──Release──► unlink
+
+A node that is lost and not replaced (it answers no ping) cannot send its ranks; its group
+still holds them, coded. Then the reader's daemon decodes the lost node's version itself, as a
+replacement would rebuild it (rebuild.py: the group's inventories, ``k`` fragments of every
+stripe, decoded), checks the rank's tensors against their checksums and serves that rank's
+bytes the same way; nothing is installed as the lost node's. ``Where`` says which nodes answer:
+of one that does not, only the steps it reported *protected* (the ones its group can decode).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import threading
+import time
 from datetime import timedelta
 from typing import Any
 
 from ..common import protocol as p
-from ..node.store import Store, StoreError, process_identity
+from ..common.protocol import TensorEntry
+from ..node.store import Store, StoreError, _checksums, process_identity
 from . import peerproto as pp
+from .codec import Codec, make_codec
 from .peers import PeerError
+from .placement import Group, group_of
 from .protection import Protector, frames_checksum
+from .rebuild import Recovery, _Blob, _my_manifests
 
 __all__ = ["PeerReads"]
 
 #: Seconds a node has to answer a drop before it is told again later (the reader waits).
 DROP_TIMEOUT = 5.0
+#: Seconds a ping's verdict (a node answers, or not) is used before a node is pinged again.
+VERDICT_SECONDS = 3.0
 
 log = logging.getLogger("snapshotd.reads")
 
@@ -44,9 +59,15 @@ class PeerReads:
     FIRST_LEASE = 1 << 40
 
     def __init__(self, me: int, store: Store, protector: Protector, links: Any,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, groups: list[Group] | None = None,
+                 codec: str = "isal", ping_timeout: float = 1.0, metrics: Any = None) -> None:
         self.me, self.store, self.protector, self.links = me, store, protector, links
-        self.timeout = timeout
+        self.timeout, self.ping_timeout = timeout, ping_timeout
+        #: Every group of the cluster and the codec's name: to decode a lost node's ranks.
+        self.groups, self.codec_name = groups or [], codec
+        self._codecs: dict[int, Codec] = {}
+        self.metrics = metrics
+        self._verdicts: dict[int, tuple[float, bool]] = {}      # slot -> (when, answered)
         self._lock = threading.RLock()
         self._ids = itertools.count(self.FIRST_LEASE)
         self._held: dict[int, tuple[str, int, float | None, int]] = {}  # lease -> path, pid, id, n
@@ -99,8 +120,12 @@ class PeerReads:
         with self.protector._lock:
             views = self.protector._views(job)
         count = 0
-        for slot in sorted(s for s, v in views.items() if s != self.me and rank in v.ranks):
+        holders = sorted(s for s, v in views.items() if s != self.me and rank in v.ranks)
+        up = self.live(holders) if self.groups else set(holders)
+        for slot in holders:
             try:
+                if slot not in up:
+                    raise PeerError(f"node {slot} does not answer a ping")
                 count += self._send_drop(slot, pp.DropNewer(job, rank, newer_than))
             except (PeerError, OSError) as exc:
                 log.warning("job %r rank %d: node %d did not drop its versions newer than "
@@ -137,12 +162,45 @@ class PeerReads:
 
     # ------------------------------------------------------------------ the reader's side
 
+    def live(self, slots: Any) -> set[int]:
+        """The nodes of ``slots`` that answer a ping (all at once, ``ping_timeout``). A group
+        peer the heartbeats call down is down without a ping; a verdict stands for
+        ``VERDICT_SECONDS`` (one restore asks several times: a lost node costs one timeout)."""
+        slots = set(slots)
+        now = time.monotonic()
+        mine = set(self.protector.group.slots)
+        down = {s for s in slots & mine if s != self.me and not self.protector.up(s)}
+        with self._lock:
+            known = {s: up for s, (at, up) in self._verdicts.items()
+                     if s in slots and now - at < VERDICT_SECONDS}
+        ask = sorted(slots - {self.me} - down - set(known))
+        answered: set[int] = set()
+        deadline = now + self.ping_timeout
+        # In rounds: a thread's first ping to a node is not sent until its connection is up
+        # (peers.PeerLinks: IMMEDIATE), which takes a moment, not the whole timeout.
+        while (left := deadline - time.monotonic()) > 0 and set(ask) - answered:
+            answered |= self.links.ping_all(sorted(set(ask) - answered),
+                                            pp.Ping(self.me, "snapshotd"), min(left, 0.2))
+            if set(ask) - answered:
+                time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
+        with self._lock:
+            for s in ask:
+                self._verdicts[s] = (now, s in answered)
+        return ({self.me} & slots) | answered | {s for s, up in known.items() if up}
+
     def where(self, job: str) -> p.WhereReply:
-        """What every other node last reported holding of ``job``."""
+        """What every other node last reported holding of ``job``; of a node that does not
+        answer now, only the steps it reported protected (its group can decode those)."""
         with self.protector._lock:
-            views = self.protector._views(job)
-        return p.WhereReply(tuple(p.NodeHolding(slot, tuple(v.ranks), tuple(v.held), v.world)
-                                  for slot, v in sorted(views.items()) if slot != self.me))
+            views = {slot: v for slot, v in self.protector._views(job).items()
+                     if slot != self.me}
+        up = self.live(views) if self.groups else set(views)
+        return p.WhereReply(tuple(
+            p.NodeHolding(slot, tuple(v.ranks),
+                          tuple(v.held) if slot in up else
+                          tuple(s for s in v.held if s in set(v.protected)),
+                          v.world, slot in up)
+            for slot, v in sorted(views.items())))
 
     def fetch(self, job: str, rank: int, step: int | None, pid: int) -> p.OpenReply:
         """Fetch (job, rank, step) from a node that reported holding it; a lease on the copy."""
@@ -150,8 +208,9 @@ class PeerReads:
             raise StoreError("bad_request", "a remote read names its step")
         with self.protector._lock:
             views = self.protector._views(job)
-        candidates = sorted((slot for slot, v in views.items()
-                             if slot != self.me and rank in v.ranks),
+        holders = [slot for slot, v in views.items() if slot != self.me and rank in v.ranks]
+        up = self.live(holders) if self.groups else set(holders)
+        candidates = sorted((slot for slot in holders if slot in up),
                             key=lambda slot: (step not in views[slot].held, slot))
         problems = []
         for slot in candidates:
@@ -160,6 +219,10 @@ class PeerReads:
                                                 timeout=timedelta(seconds=self.timeout))
             except (PeerError, StoreError, OSError) as exc:
                 problems.append(f"node {slot}: {exc}")
+                with self._lock:
+                    self._verdicts.pop(slot, None)
+                if slot not in self.live([slot]):
+                    up.discard(slot)                    # gone meanwhile: decoded below
                 continue
             bufs = [f.buffer for f in frames]
             if frames_checksum(bufs) != reply.checksum or sum(len(b) for b in bufs) != \
@@ -167,9 +230,77 @@ class PeerReads:
                 problems.append(f"node {slot}: the bytes failed their checksum on the way")
                 continue
             return self._keep(job, rank, reply, bufs, pid)
+        for slot in sorted(set(holders) - up):          # lost: decoded from its group
+            if step not in views[slot].protected:
+                problems.append(f"node {slot} does not answer and did not report step {step} "
+                                "protected")
+                continue
+            try:
+                reply, payload = self.decode(job, rank, step, slot)
+            except (StoreError, PeerError, OSError, RuntimeError) as exc:
+                problems.append(f"node {slot} does not answer, and decoding its version from "
+                                f"its group failed: {exc}")
+                log.warning("job %r rank %d step %d: %s", job, rank, step, problems[-1])
+                continue
+            return self._keep(job, rank, reply, [payload], pid)
         raise StoreError("not_found", f"job {job!r} rank {rank} step {step} is held by no "
                          f"reachable node of the cluster ({'; '.join(problems) or 'none '}"
                          f"{'' if problems else 'reported it'})")
+
+    def decode(self, job: str, rank: int, step: int, lost: int) -> tuple[pp.VersionData, Any]:
+        """Rank ``rank``'s version ``step`` of lost node ``lost``, decoded from its group's
+        fragments (the newest version of that step its group's parity records know), every
+        tensor checked against its checksum."""
+        try:
+            group = group_of(lost, self.groups)
+        except ValueError as exc:
+            raise StoreError("not_found", str(exc)) from None
+        if group.index not in self._codecs:
+            self._codecs[group.index] = make_codec(self.codec_name, group.k, group.m)
+        up = self.live(group.slots)
+        rec = Recovery(lost, group, self._codecs[group.index], self.store, self.protector,
+                       self.links, up.__contains__)
+        started = time.perf_counter()
+        try:
+            inv = rec._inventories()
+            manifest = _my_manifests(inv, job, lost).get(step)
+            if manifest is None:
+                raise StoreError("not_found", f"no parity record of group {group.index} "
+                                 f"(answering: {sorted(up)}) covers step {step} of node {lost}")
+            ranks = json.loads(manifest)["ranks"]
+            if rank not in [r["rank"] for r in ranks]:
+                raise StoreError("not_found", f"node {lost}'s step {step} has no rank {rank}")
+            plan = rec._plan(job, step, inv, manifest)
+            if plan is None:
+                raise StoreError("cannot_rebuild", f"group {group.index} cannot decode node "
+                                 f"{lost}'s step {step}: {rec._shortfall(job, step, inv)}")
+            blob = _Blob(rec.decode(job, step, manifest, plan))
+        finally:
+            self.links.close_thread()
+        offset = 0
+        for r in ranks:
+            if r["rank"] == rank:
+                break
+            offset += r["nbytes"]
+        payload = bytearray(r["nbytes"])
+        blob.read_into(offset, memoryview(payload))
+        tensors = tuple(TensorEntry(n, d, tuple(sh), o, b, c) for n, d, sh, o, b, c
+                        in r["tensors"])
+        bad = [t.name for t, c in zip(tensors, _checksums(memoryview(payload), tensors))
+               if c != t.checksum]
+        if bad:
+            raise StoreError("corrupt", f"node {lost}'s rank {rank} step {step} decoded from "
+                             f"group {group.index} fails the checksums of {bad[:4]}")
+        decoded, seconds = sum(x["nbytes"] for x in ranks), time.perf_counter() - started
+        if self.metrics is not None:
+            self.metrics.rebuilds.inc()
+            self.metrics.rebuilt_bytes.inc(decoded)
+            self.metrics.rebuild_seconds.observe(seconds)
+        log.info("job %r rank %d step %d of lost node %d decoded from group %d (%d bytes of "
+                 "its %d in %.2fs)", job, rank, step, lost, group.index, len(payload), decoded,
+                 seconds)
+        return pp.VersionData(step, len(payload), tensors, r["meta"],
+                              frames_checksum([payload]), int(r.get("world_size", 0))), payload
 
     def _keep(self, job: str, rank: int, reply: pp.VersionData, bufs: list[Any],
               pid: int) -> p.OpenReply:

@@ -307,14 +307,7 @@ class Recovery:
         """Fetch, decode and install this node's data for (job, step); with ``keep_held``,
         ranks already held at that step are kept (a repair replaces them)."""
         started = time.perf_counter()
-        chunks: list[Any] = []
-        self._not_abandoned(job, step, manifest)
-        for _stripe, pos, length, my_length, sources in plan:
-            present = self._fetch_k(sources, length)
-            out = bytearray(length)
-            self.codec.reconstruct(present, {pos: out})
-            chunks.append(memoryview(out)[:my_length])
-        self._not_abandoned(job, step, manifest)          # a drop may have come meanwhile
+        chunks = self.decode(job, step, manifest, plan)
         self._install(json.loads(manifest), chunks, keep_held)
         seconds = time.perf_counter() - started
         total = sum(c.nbytes for c in chunks)
@@ -325,6 +318,20 @@ class Recovery:
             self.metrics.rebuild_seconds.observe(seconds)
         log.info("rebuilt job %r step %d for slot %d: %d bytes in %.2fs", job, step, self.me,
                  total, seconds)
+
+    def decode(self, job: str, step: int, manifest: str, plan: list) -> list[Any]:
+        """Fetch ``k`` fragments of every stripe of ``plan`` and decode this node's chunks of
+        its version ``manifest`` of (job, step), in chunk order (not installed: a read of a lost
+        node's ranks by another node serves them from these, see reads.py)."""
+        chunks: list[Any] = []
+        self._not_abandoned(job, step, manifest)
+        for _stripe, pos, length, my_length, sources in plan:
+            present = self._fetch_k(sources, length)
+            out = bytearray(length)
+            self.codec.reconstruct(present, {pos: out})
+            chunks.append(memoryview(out)[:my_length])
+        self._not_abandoned(job, step, manifest)          # a drop may have come meanwhile
+        return chunks
 
     def _not_abandoned(self, job: str, step: int, manifest: str) -> None:
         if self.protector.abandoned(job, step, manifest):

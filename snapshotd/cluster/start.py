@@ -96,7 +96,11 @@ def start_cluster(config: Config, store: Store, context: zmq.Context, metrics: A
                            retry=config.peer_timeout, metrics=metrics)
     protector.relay = reporter
     listen = config.listen or "tcp://*:" + endpoints[me].rsplit(":", 1)[1]
-    reads = PeerReads(me, store, protector, all_links, timeout=max(60.0, config.encode_timeout))
+    reads = PeerReads(me, store, protector, all_links, timeout=max(60.0, config.encode_timeout),
+                      groups=make_groups(len(endpoints), config.k, config.m,
+                                         slot_domains(config, len(endpoints))),
+                      codec=config.codec, ping_timeout=protector.report_timeout,
+                      metrics=metrics)
     server = PeerServer(listen, context, security, protector, me, metrics,
                         ready=lambda: recovery.ready, reads=reads).start()
     heartbeats.start()

@@ -51,10 +51,14 @@ class Metrics:
                                 "Time to send one node version's data chunks for encoding")
         self.rebuild_seconds = h("snapshotd_rebuild_duration_seconds",
                                  "Time to rebuild one node version from the group")
-        self.rebuilds = c("snapshotd_rebuilds_total", "Node versions rebuilt from peers")
-        self.rebuilt_bytes = c("snapshotd_rebuilt_bytes_total", "Bytes rebuilt from peers")
+        self.rebuilds = c("snapshotd_rebuilds_total",
+                          "Node versions rebuilt from peers (or decoded for a reader)")
+        self.rebuilt_bytes = c("snapshotd_rebuilt_bytes_total",
+                               "Bytes rebuilt from peers (a replacement's memory, or a lost "
+                               "node's version decoded for a reader on this node)")
         self.save_seconds = h("snapshotd_save_duration_seconds",
-                              "Time from a write slot's allocation to its commit")
+                              "Time from a save (the client's save(), or the write slot's "
+                              "allocation for a client that does not say) to its commit")
         self.restore_seconds = h("snapshotd_restore_duration_seconds",
                                  "Time a restore holds its read lease (open to release)")
         self.persist_seconds = h("snapshotd_persist_duration_seconds",

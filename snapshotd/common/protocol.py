@@ -153,6 +153,9 @@ class Commit:
     #: Also reserve a spare slot of this size for the rank's next save (returned in the reply,
     #: when it fits the budget without evicting anything): that save then needs no ``Alloc``.
     next_nbytes: int = 0
+    #: Seconds from the client's ``save()`` to this commit (-1: not said; then the slot's age
+    #: stands in, which a spare slot reserved at the previous commit does not have).
+    took: float = -1.0
 
 
 @dataclass(frozen=True)
@@ -337,12 +340,15 @@ class OpenReply:
 @dataclass(frozen=True)
 class NodeHolding:
     """What one node said it holds of a job: its ranks, the steps every one of them holds,
-    and the job's number of ranks when its newest version was saved."""
+    and the job's number of ranks when its newest version was saved. ``up``: the node answered
+    a ping just now; of one that did not, ``steps`` lists only those it reported protected
+    (its group can decode them for a reader)."""
 
     slot: int
     ranks: tuple[int, ...]
     steps: tuple[int, ...]
     world: int = 0
+    up: bool = True
 
 
 @dataclass(frozen=True)

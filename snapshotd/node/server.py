@@ -123,8 +123,10 @@ class ControlServer(RouterLoop):
         started = time.perf_counter()
         number = self.store.slot_number(m.slot)
         writer = self.store.open_slot(number)
-        # A spare slot was reserved at the previous commit: its age is not this save's time.
-        age = self.store.slot_age(number) if writer is not None and writer.step >= 0 else None
+        # The client says how long since its save() (a spare slot, reserved at the previous
+        # commit, has an age that is not this save's time); else the slot's age stands in.
+        age = m.took if m.took >= 0 else (
+            self.store.slot_age(number) if writer is not None and writer.step >= 0 else None)
         version = self.store.commit(number, m.tensors, m.meta, layout=m.layout, step=m.step)
         if age is not None:
             self.metrics.save_seconds.observe(age + time.perf_counter() - started)

@@ -173,8 +173,9 @@ def plot_loss(path: Path, reference: list[dict], faulted: list[dict],
             last_pid = r.get("pid")
         attempts.setdefault(segment, []).append(r)
     for i, recs in attempts.items():
+        ranks = f" ({recs[0]['world']} ranks)" if "world" in recs[0] else ""
         ax1.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=1.2,
-                 label="with failures" if i == 0 else f"after failure {i}")
+                 label=("with failures" if i == 0 else f"after failure {i}") + ranks)
         ax2.plot([r["time"] - t0 for r in recs], [r["step"] for r in recs], lw=1.5)
     colors = ["tab:red", "tab:purple", "tab:brown", "tab:olive"]
     for i, f in enumerate(failures):
@@ -193,7 +194,7 @@ def plot_loss(path: Path, reference: list[dict], faulted: list[dict],
     ax1.set_xlabel("step")
     ax1.set_ylabel("training loss (rank 0)")
     ax1.set_title("snapshotd demo: training loss, failures marked (grey: uninterrupted run)")
-    ax1.legend(loc="upper right", fontsize=8)
+    ax1.legend(loc="lower left", fontsize=8)
     ax2.set_xlim(left=0)
     ax2.set_xlabel("seconds since the torchrun agents started")
     ax2.set_ylabel("step")

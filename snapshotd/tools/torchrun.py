@@ -36,13 +36,13 @@ __all__ = ["TorchrunJob", "JsonlTail", "compare_params", "find_script", "referen
 _FAILED = re.compile(r"Worker group (FAILED|UNHEALTHY)|failed \(exitcode|ChildFailedError")
 
 
-def find_script() -> Path:
-    """``examples/train.py`` of this source tree."""
+def find_script(name: str = "train.py") -> Path:
+    """``examples/<name>`` of this source tree."""
     for base in (Path(__file__).resolve().parents[2], Path.cwd()):
-        candidate = base / "examples" / "train.py"
+        candidate = base / "examples" / name
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError("examples/train.py not found: run the demo from a source checkout "
+    raise FileNotFoundError(f"examples/{name} not found: run the demo from a source checkout "
                             "(or pass --script)")
 
 
@@ -159,7 +159,8 @@ class TorchrunJob:
     def __init__(self, cluster: LocalCluster, script: str | Path, script_args: Sequence[str],
                  out: str | Path, *, nproc_per_node: int = 1, max_restarts: int = 5,
                  keep_alive: int = 1, keep_alive_attempts: int = 5,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, min_nodes: int | None = None,
+                 last_call: float = 30.0) -> None:
         import torch.distributed as dist  # the demo needs torch; the daemon does not
 
         self.cluster = cluster
@@ -170,11 +171,15 @@ class TorchrunJob:
         self.nproc, self.max_restarts = nproc_per_node, max_restarts
         self.keep_alive, self.keep_alive_attempts = keep_alive, keep_alive_attempts
         self.env = env or {}
+        #: Elastic membership (``--nnodes=MIN:MAX``): with fewer than all nodes the agents
+        #: wait ``last_call`` seconds for the others, then go on with the nodes they have.
+        self.min_nodes, self.last_call = min_nodes or self.nodes, last_call
         self.run_id = f"snapshotd-{uuid.uuid4().hex[:8]}"
         self.port = free_ports(1)[0]
         self.store = dist.TCPStore("127.0.0.1", self.port, is_master=True,
                                    wait_for_workers=False, multi_tenant=True)
         self.agents: dict[int, _Agent] = {}
+        self.lost: set[int] = set()
         self.generation: dict[int, int] = {}
         self.failures_seen: list[tuple[float, int, str]] = []
         self._lock = threading.Lock()
@@ -182,7 +187,11 @@ class TorchrunJob:
     def command(self, slot: int) -> list[str]:
         conf = (f"is_host=0,keep_alive_interval={self.keep_alive},"
                 f"keep_alive_max_attempt={self.keep_alive_attempts},join_timeout=300")
-        return [*_torchrun(), f"--nnodes={self.nodes}", f"--nproc-per-node={self.nproc}",
+        nnodes = str(self.nodes)
+        if self.min_nodes < self.nodes:
+            nnodes = f"{self.min_nodes}:{self.nodes}"
+            conf += f",last_call_timeout={self.last_call:g}"
+        return [*_torchrun(), f"--nnodes={nnodes}", f"--nproc-per-node={self.nproc}",
                 f"--node-rank={slot}", "--rdzv-backend=c10d",
                 f"--rdzv-endpoint=127.0.0.1:{self.port}", f"--rdzv-id={self.run_id}",
                 f"--rdzv-conf={conf}", f"--local-addr={node_addr(slot)}",
@@ -255,6 +264,13 @@ class TorchrunJob:
         agent.proc.wait(30)
         self.cluster.kill(slot)
 
+    def lose_node(self, slot: int) -> None:
+        """Node ``slot`` is lost for good: killed whole, its memory (shm directory) gone, and
+        nothing takes its place; the job goes on without it (``min_nodes``)."""
+        self.kill_node(slot)
+        shutil.rmtree(self.cluster.specs[slot].shm_dir, ignore_errors=True)
+        self.lost.add(slot)
+
     def replace_node(self, slot: int) -> None:
         """A replacement node joins in ``slot``: a fresh empty daemon, then a new agent."""
         self.cluster.replace(slot)
@@ -269,7 +285,8 @@ class TorchrunJob:
         return all(a.proc.poll() is not None for a in self.agents.values())
 
     def returncodes(self) -> dict[int, int | None]:
-        return {slot: a.proc.poll() for slot, a in self.agents.items()}
+        """Exit codes of the agents of the nodes not lost for good."""
+        return {slot: a.proc.poll() for slot, a in self.agents.items() if slot not in self.lost}
 
     def wait(self, timeout: float) -> dict[int, int | None]:
         deadline = time.monotonic() + timeout
@@ -317,7 +334,7 @@ def reference_run(script: str | Path, script_args: Sequence[str], out: str | Pat
         if attempt:
             failed = out / f"torchrun.{attempt}.log"
             (out / "torchrun.log").replace(failed)
-            for name in ("loss.jsonl", "events.jsonl", "final.pt"):
+            for name in ("loss.jsonl", "events.jsonl", "digests.jsonl", "final.pt"):
                 (out / name).unlink(missing_ok=True)
             print(f"reference run failed (rc {rc}, log {failed}); running it again",
                   file=sys.stderr)

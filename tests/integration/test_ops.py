@@ -130,3 +130,24 @@ scrape_configs:
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_every_save_is_timed_spare_slot_saves_included(node):
+    """snapshotd_save_duration_seconds counts every save: from the second save on a client
+    writes into a spare slot reserved at the previous commit (no Alloc), whose age is not the
+    save's time; the client says how long its save took (issue 15: those were not counted)."""
+    import re
+
+    spec = node.specs[0]
+
+    def count() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{spec.metrics_port}/metrics") as resp:
+            text = resp.read().decode()
+        found = re.search(r"^snapshotd_save_duration_seconds_count (\S+)$", text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    before = count()
+    with SnapshotClient(spec.control, job="timed", rank=0) as client:
+        for step in range(6):
+            client.save(step, {"w": torch.full((4096,), float(step))}).result()
+    assert count() - before == 6

@@ -145,3 +145,52 @@ def test_the_fsdp2_example_restarted_at_4_then_3_ranks_restores_every_global_ten
         assert same, (other, detail)
     moments = [k for k in torch.load(finals[0], weights_only=True) if k.startswith("exp_avg")]
     assert moments, "the optimizer state is compared too"
+
+
+@pytest.mark.skipif(not LONG, reason="a 3-node torchrun job and its reference, about 90 s: "
+                                     "SNAPSHOTD_FAULT_RUNS=long (make faults); make demo shows "
+                                     "the same, test_elastic.py reshards in every run")
+@pytest.mark.timeout(600)
+def test_a_node_lost_for_good_under_torchrun_the_job_goes_on_at_fewer_ranks(
+        cluster_factory, tmp_path):
+    """Three nodes (a daemon and a torchrun agent each, c10d rendezvous, ``--nnodes=2:3``) train
+    examples/train_fsdp.py; node 2 is lost for good (agent, trainer and daemon SIGKILLed, its
+    memory removed, nothing replaces it): the two other agents go on with 2 nodes after the
+    rendezvous' last call, their ranks restore the 3-rank layout's step from memory (node 2's
+    shards decoded by the survivors' daemons) and train to the end. Every step trained at 3
+    ranks is bit-identical to an uninterrupted 3-rank run (shard digests), and the restored
+    global tensors are the saved ones (the saved layout's digests, recomputed from them)."""
+    from snapshotd.tools.demo import digest_checks
+    from snapshotd.tools.torchrun import TorchrunJob, resumed_record
+
+    steps, args = 40, [*TINY, "--state-dicts", "dcp", "--digests"]
+    ref = tmp_path / "reference"
+    assert reference_run(SCRIPT, ["--steps", str(steps), *args], ref, 3, timeout=300) == 0
+    cluster = cluster_factory(3, k=2, m=1, args=["--keep", "4", "--insecure"])
+    cluster.start()
+    out = tmp_path / "faulted"
+    job_name = f"g-{uuid.uuid4().hex[:6]}"
+    with TorchrunJob(cluster, SCRIPT, ["--steps", str(steps), *args, "--job", job_name,
+                                       "--out", str(out), "--step-delay", "0.3"], out,
+                     min_nodes=2, last_call=5.0) as job:
+        job.start()
+        deadline = time.monotonic() + 240
+        while not [r for r in read_jsonl(out / "loss.jsonl") if r["step"] >= 15]:
+            assert time.monotonic() < deadline and not job.finished(), "no progress"
+            time.sleep(0.2)
+        killed_at = time.time()
+        job.lose_node(2)
+        while not job.finished():
+            assert time.monotonic() < deadline + 120, "the job did not finish"
+            time.sleep(0.5)
+        codes = job.returncodes()
+    assert codes == {0: 0, 1: 0}, codes
+    losses = read_jsonl(out / "loss.jsonl")
+    assert resumed_record(losses, killed_at) is not None
+    assert losses[-1]["step"] == steps - 1 and losses[-1]["world"] == 2
+    events = read_jsonl(out / "events.jsonl")
+    elastic = [e for e in events if e.get("event") == "elastic_check"]
+    assert len(elastic) == 1 and elastic[0]["world_from"] == 3 and elastic[0]["world"] == 2
+    assert elastic[0]["step"] >= 12
+    for good, line in digest_checks(ref, out, events, 3, shrunk=True):
+        assert good, line
