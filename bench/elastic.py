@@ -9,6 +9,11 @@ two-daemon loopback cluster (RS k=1, m=1), and write the same state with ``dcp.s
 model with other values and restore: from memory (``TrainingState.restore``, which reshards)
 and, in the same processes, with ``dcp.load`` from the directory. Printed: the median over the
 ranks of each restore's wall time (the slowest rank decides), and the ratio.
+
+``--lost``: a node lost for good during the change. Three daemons (RS k=2, m=1), the
+``save-world`` ranks one per node in turn; node 2 is then SIGKILLed and its memory removed
+(nothing replaces it), and the ``restore-world`` ranks, on nodes 0 and 1 in turn, restore:
+the saved ranks that node 2 held are decoded from the other two nodes' data and parity.
 """
 
 from __future__ import annotations
@@ -49,8 +54,9 @@ def _model(mib: int, world: int, seed: int) -> tuple[torch.nn.Module, torch.opti
     return model, optimizer
 
 
-def _worker(rank: int, world: int, port: int, endpoint: str, job: str, ckpt: str, mib: int,
-            phase: str, queue: Any) -> None:
+def _worker(rank: int, world: int, port: int, endpoints: list[str], job: str, ckpt: str,
+            mib: int, phase: str, queue: Any) -> None:
+    endpoint = endpoints[rank % len(endpoints)]
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                        "RANK": str(rank), "WORLD_SIZE": str(world),
                        "LOCAL_WORLD_SIZE": str(world)})
@@ -90,11 +96,12 @@ def _worker(rank: int, world: int, port: int, endpoint: str, job: str, ckpt: str
     dist.destroy_process_group()
 
 
-def _run(world: int, endpoint: str, job: str, ckpt: str, mib: int, phase: str) -> list:
+def _run(world: int, endpoints: list[str], job: str, ckpt: str, mib: int, phase: str
+         ) -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_ports(1)[0]
-    procs = [ctx.Process(target=_worker, args=(r, world, port, endpoint, job, ckpt, mib, phase,
+    procs = [ctx.Process(target=_worker, args=(r, world, port, endpoints, job, ckpt, mib, phase,
                                                queue)) for r in range(world)]
     for proc in procs:
         proc.start()
@@ -104,22 +111,52 @@ def _run(world: int, endpoint: str, job: str, ckpt: str, mib: int, phase: str) -
     return results
 
 
+def _lose(cluster: LocalCluster, slot: int, job: str) -> None:
+    """Once node ``slot``'s versions are protected and its peers heard so (its next job-wide
+    retention reports), kill it and remove its memory."""
+    from datetime import timedelta
+
+    from snapshotd.common import protocol as p
+    from snapshotd.common.channel import Channel
+
+    spec = cluster.specs[slot]
+    ch = Channel(spec.control, timedelta(seconds=30))
+    try:
+        deadline = time.monotonic() + 120
+        while not all(v.state == "protected" for v in ch.call(p.ListVersions(job)).versions):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"node {slot}'s versions were not protected in 120 s")
+            time.sleep(0.2)
+    finally:
+        ch.close()
+    time.sleep(3.0)                                # a report or two says they are protected
+    cluster.kill(slot)
+    shutil.rmtree(spec.shm_dir, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mib", type=int, default=64, help="MiB of parameters (state: 3x)")
     ap.add_argument("--save-world", type=int, default=2)
     ap.add_argument("--restore-world", type=int, default=4)
+    ap.add_argument("--lost", action="store_true",
+                    help="3 nodes, ranks spread over them; node 2 lost for good before the "
+                         "restore (its saved ranks decoded)")
     args = ap.parse_args(argv)
     workdir = tempfile.mkdtemp(prefix="snapbench-elastic-")
     ckpt = tempfile.mkdtemp(prefix="snapbench-elastic-dcp-", dir="/dev/shm")
-    cluster = LocalCluster(2, workdir, k=1, m=1, args=[
+    nodes, k = (3, 2) if args.lost else (2, 1)
+    cluster = LocalCluster(nodes, workdir, k=k, m=1, args=[
         "--insecure", "--memory-limit", f"{20 * args.mib}MiB", "--log-level", "WARNING"])
     cluster.start()
     try:
-        endpoint = cluster.specs[0].control
-        _run(args.save_world, endpoint, "bench-elastic", ckpt, args.mib, "save")
-        results = _run(args.restore_world, endpoint, "bench-elastic", ckpt, args.mib,
-                       "restore")
+        controls = [spec.control for spec in cluster.specs]
+        _run(args.save_world, controls if args.lost else controls[:1], "bench-elastic", ckpt,
+             args.mib, "save")
+        if args.lost:
+            _lose(cluster, 2, "bench-elastic")
+        results = _run(args.restore_world, controls[:2] if args.lost else controls[:1],
+                       "bench-elastic", ckpt, args.mib, "restore")
     finally:
         cluster.stop()
         shutil.rmtree(ckpt, ignore_errors=True)
@@ -127,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     memory = max(r[1] for r in results)
     disk = max(r[2] for r in results)
     print(f"state: {args.mib} MiB of parameters + AdamW ({3 * args.mib} MiB), FSDP2 saved by "
-          f"{args.save_world} ranks, restored by {args.restore_world} (2 cores, gloo)\n")
+          f"{args.save_world} ranks, restored by {args.restore_world} (2 cores, gloo)"
+          + (", node 2 of 3 lost for good in between (RS(2,1): its ranks decoded)"
+             if args.lost else "") + "\n")
     print("| restore at another world size | slowest rank | median rank | vs dcp.load |")
     print("| --- | ---: | ---: | ---: |")
     print(f"| snapshotd, from memory (resharded) | {memory * 1e3:.0f} ms | "

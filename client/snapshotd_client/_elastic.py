@@ -57,6 +57,9 @@ class Survey:
     slots: list[int]
     held: list[dict[tuple[int, int], int]]
     elsewhere: dict[int, dict[tuple[int, int], int]] = field(default_factory=dict)
+    #: Nodes that reported ranks of the job and did not answer a rank's daemon just now (of
+    #: those, ``elsewhere`` lists only the steps they reported protected: decodable).
+    down: set[int] = field(default_factory=set)
 
     def _all(self) -> list[dict[tuple[int, int], int]]:
         return [*self.held, *self.elsewhere.values()]
@@ -128,8 +131,9 @@ def survey(client: SnapshotClient) -> Survey:
         except SnapshotError:
             nodes = ()                  # a daemon without peers, or one that predates Where
         reported = {n.slot: {(r, s): n.world for r in n.ranks for s in n.steps} for n in nodes}
+        down = {n.slot for n in nodes if not n.up and n.ranks}
         mine: Any = (status.node_slot, {(v.rank, v.step): v.world for v in versions},
-                     reported)
+                     reported, down)
     except SnapshotError as exc:
         mine = f"{type(exc).__name__}: {exc}"
     everyone: list[Any] = [None] * dist.get_world_size()
@@ -139,11 +143,12 @@ def survey(client: SnapshotClient) -> Survey:
         raise SnapshotError("cannot survey the job's versions: " + "; ".join(errors))
     slots = [e[0] for e in everyone]
     elsewhere: dict[int, dict[tuple[int, int], int]] = {}
-    for _, _, reported in everyone:
+    for _, _, reported, _ in everyone:
         for slot, held in reported.items():
             if slot not in slots:                       # exact lists win over reports
                 elsewhere.setdefault(slot, {}).update(held)
-    return Survey(slots, [e[1] for e in everyone], elsewhere)
+    down = set().union(*(e[3] for e in everyone)) - set(slots)
+    return Survey(slots, [e[1] for e in everyone], elsewhere, down)
 
 
 def seed_for(step: int, rank: int) -> int:

@@ -496,6 +496,17 @@ class TrainingState:
             chosen = found.choose()
             self.last_restore_seconds["agree"] = time.perf_counter() - t1
             if chosen is None:
+                if found.down:
+                    # Not "nothing to restore": nodes that hold ranks of the job do not
+                    # answer, and what they reported protected (decodable) does not complete
+                    # a layout. Starting over would drop this rank's versions for good.
+                    raise SnapshotError(
+                        f"job {client.job!r}: no step is held whole by the nodes that answer; "
+                        f"nodes {sorted(found.down)} hold ranks of the job and do not answer "
+                        "(a node lost before its newest steps were protected, or more than m "
+                        "nodes of a group lost). Bring them back (or a replacement, which "
+                        "rebuilds them) and restart; to start from scratch instead, drop the "
+                        "job's versions (snapshotctl drop --job ...)")
                 client._start_over()
                 return None
             step, saved_world = chosen

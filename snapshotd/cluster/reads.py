@@ -40,14 +40,17 @@ from .codec import Codec, make_codec
 from .peers import PeerError
 from .placement import Group, group_of
 from .protection import Protector, frames_checksum
-from .rebuild import Recovery, _Blob, _my_manifests
+from .rebuild import RebuildError, Recovery, _Blob, _my_manifests
 
 __all__ = ["PeerReads"]
 
 #: Seconds a node has to answer a drop before it is told again later (the reader waits).
 DROP_TIMEOUT = 5.0
-#: Seconds a ping's verdict (a node answers, or not) is used before a node is pinged again.
-VERDICT_SECONDS = 3.0
+#: Seconds a "does not answer" verdict stands before the node is pinged again (one restore
+#: asks several times: a lost node costs one wait, not one per question).
+VERDICT_SECONDS = 10.0
+#: Seconds a lost node's decoded version is kept for the other reads of its ranks.
+DECODED_SECONDS = 30.0
 
 log = logging.getLogger("snapshotd.reads")
 
@@ -60,14 +63,21 @@ class PeerReads:
 
     def __init__(self, me: int, store: Store, protector: Protector, links: Any,
                  timeout: float = 60.0, groups: list[Group] | None = None,
-                 codec: str = "isal", ping_timeout: float = 1.0, metrics: Any = None) -> None:
+                 codec: str = "isal", ping_timeout: float = 5.0, metrics: Any = None) -> None:
         self.me, self.store, self.protector, self.links = me, store, protector, links
+        #: ``ping_timeout``: how long a node of another group may take to answer before it is
+        #: called down (the cluster's --peer-timeout: the failure detector the heartbeats use
+        #: for the group's own peers).
         self.timeout, self.ping_timeout = timeout, ping_timeout
         #: Every group of the cluster and the codec's name: to decode a lost node's ranks.
         self.groups, self.codec_name = groups or [], codec
         self._codecs: dict[int, Codec] = {}
         self.metrics = metrics
-        self._verdicts: dict[int, tuple[float, bool]] = {}      # slot -> (when, answered)
+        self._down: dict[int, float] = {}           # slot -> when it did not answer
+        #: (job, lost slot, step) -> (when, manifest, decoded chunks), and one lock per key:
+        #: the reads of a lost node's ranks decode its version once.
+        self._decoded: dict[tuple[str, int, int], tuple[float, str, list[Any]]] = {}
+        self._decoding: dict[tuple[str, int, int], threading.Lock] = {}
         self._lock = threading.RLock()
         self._ids = itertools.count(self.FIRST_LEASE)
         self._held: dict[int, tuple[str, int, float | None, int]] = {}  # lease -> path, pid, id, n
@@ -163,30 +173,32 @@ class PeerReads:
     # ------------------------------------------------------------------ the reader's side
 
     def live(self, slots: Any) -> set[int]:
-        """The nodes of ``slots`` that answer a ping (all at once, ``ping_timeout``). A group
-        peer the heartbeats call down is down without a ping; a verdict stands for
-        ``VERDICT_SECONDS`` (one restore asks several times: a lost node costs one timeout)."""
+        """The nodes of ``slots`` that are up. A node of this group: as the heartbeats say
+        (called down after ``--peer-timeout`` without an answer). Another node: it answers a
+        ping within ``ping_timeout`` (the same timeout; pings go in rounds, so a thread's
+        first ping, not sent until its connection is up, or a node paused for a moment, is
+        not called down). A "down" verdict stands ``VERDICT_SECONDS``."""
         slots = set(slots)
         now = time.monotonic()
         mine = set(self.protector.group.slots)
-        down = {s for s in slots & mine if s != self.me and not self.protector.up(s)}
+        up = {s for s in slots & mine if s == self.me or self.protector.up(s)}
         with self._lock:
-            known = {s: up for s, (at, up) in self._verdicts.items()
-                     if s in slots and now - at < VERDICT_SECONDS}
-        ask = sorted(slots - {self.me} - down - set(known))
+            down = {s for s, at in self._down.items() if now - at < VERDICT_SECONDS}
+        ask = sorted(slots - mine - down)
         answered: set[int] = set()
         deadline = now + self.ping_timeout
-        # In rounds: a thread's first ping to a node is not sent until its connection is up
-        # (peers.PeerLinks: IMMEDIATE), which takes a moment, not the whole timeout.
         while (left := deadline - time.monotonic()) > 0 and set(ask) - answered:
             answered |= self.links.ping_all(sorted(set(ask) - answered),
-                                            pp.Ping(self.me, "snapshotd"), min(left, 0.2))
+                                            pp.Ping(self.me, "snapshotd"), min(left, 0.25))
             if set(ask) - answered:
                 time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
         with self._lock:
             for s in ask:
-                self._verdicts[s] = (now, s in answered)
-        return ({self.me} & slots) | answered | {s for s, up in known.items() if up}
+                if s in answered:
+                    self._down.pop(s, None)
+                else:
+                    self._down[s] = now
+        return up | answered
 
     def where(self, job: str) -> p.WhereReply:
         """What every other node last reported holding of ``job``; of a node that does not
@@ -219,9 +231,7 @@ class PeerReads:
                                                 timeout=timedelta(seconds=self.timeout))
             except (PeerError, StoreError, OSError) as exc:
                 problems.append(f"node {slot}: {exc}")
-                with self._lock:
-                    self._verdicts.pop(slot, None)
-                if slot not in self.live([slot]):
+                if isinstance(exc, PeerError) and slot not in self.live([slot]):
                     up.discard(slot)                    # gone meanwhile: decoded below
                 continue
             bufs = [f.buffer for f in frames]
@@ -237,7 +247,7 @@ class PeerReads:
                 continue
             try:
                 reply, payload = self.decode(job, rank, step, slot)
-            except (StoreError, PeerError, OSError, RuntimeError) as exc:
+            except (StoreError, PeerError, RebuildError, OSError, RuntimeError) as exc:
                 problems.append(f"node {slot} does not answer, and decoding its version from "
                                 f"its group failed: {exc}")
                 log.warning("job %r rank %d step %d: %s", job, rank, step, problems[-1])
@@ -250,33 +260,29 @@ class PeerReads:
     def decode(self, job: str, rank: int, step: int, lost: int) -> tuple[pp.VersionData, Any]:
         """Rank ``rank``'s version ``step`` of lost node ``lost``, decoded from its group's
         fragments (the newest version of that step its group's parity records know), every
-        tensor checked against its checksum."""
-        try:
-            group = group_of(lost, self.groups)
-        except ValueError as exc:
-            raise StoreError("not_found", str(exc)) from None
-        if group.index not in self._codecs:
-            self._codecs[group.index] = make_codec(self.codec_name, group.k, group.m)
-        up = self.live(group.slots)
-        rec = Recovery(lost, group, self._codecs[group.index], self.store, self.protector,
-                       self.links, up.__contains__)
-        started = time.perf_counter()
-        try:
-            inv = rec._inventories()
-            manifest = _my_manifests(inv, job, lost).get(step)
-            if manifest is None:
-                raise StoreError("not_found", f"no parity record of group {group.index} "
-                                 f"(answering: {sorted(up)}) covers step {step} of node {lost}")
-            ranks = json.loads(manifest)["ranks"]
-            if rank not in [r["rank"] for r in ranks]:
-                raise StoreError("not_found", f"node {lost}'s step {step} has no rank {rank}")
-            plan = rec._plan(job, step, inv, manifest)
-            if plan is None:
-                raise StoreError("cannot_rebuild", f"group {group.index} cannot decode node "
-                                 f"{lost}'s step {step}: {rec._shortfall(job, step, inv)}")
-            blob = _Blob(rec.decode(job, step, manifest, plan))
-        finally:
-            self.links.close_thread()
+        tensor checked against its checksum. The node version is decoded once for all the
+        reads of its ranks that come within ``DECODED_SECONDS``."""
+        key = (job, lost, step)
+        with self._lock:
+            lock = self._decoding.setdefault(key, threading.Lock())
+        with lock:                         # one decode at a time per version; others wait
+            now = time.monotonic()
+            with self._lock:
+                for k in [k for k, (at, _, _) in self._decoded.items()
+                          if now - at > DECODED_SECONDS]:
+                    del self._decoded[k]
+                cached = self._decoded.get(key)
+            started = time.perf_counter()
+            if cached is not None:
+                manifest, chunks = cached[1], cached[2]
+            else:
+                manifest, chunks = self._decode_node(job, step, lost)
+                with self._lock:
+                    self._decoded = {key: (now, manifest, chunks)}  # the newest one only
+        ranks = json.loads(manifest)["ranks"]
+        if rank not in [r["rank"] for r in ranks]:
+            raise StoreError("not_found", f"node {lost}'s step {step} has no rank {rank}")
+        blob = _Blob(chunks)
         offset = 0
         for r in ranks:
             if r["rank"] == rank:
@@ -289,18 +295,47 @@ class PeerReads:
         bad = [t.name for t, c in zip(tensors, _checksums(memoryview(payload), tensors))
                if c != t.checksum]
         if bad:
+            with self._lock:
+                self._decoded.pop(key, None)
             raise StoreError("corrupt", f"node {lost}'s rank {rank} step {step} decoded from "
-                             f"group {group.index} fails the checksums of {bad[:4]}")
+                             f"its group fails the checksums of {bad[:4]}")
         decoded, seconds = sum(x["nbytes"] for x in ranks), time.perf_counter() - started
-        if self.metrics is not None:
+        if self.metrics is not None and cached is None:
             self.metrics.rebuilds.inc()
             self.metrics.rebuilt_bytes.inc(decoded)
             self.metrics.rebuild_seconds.observe(seconds)
-        log.info("job %r rank %d step %d of lost node %d decoded from group %d (%d bytes of "
-                 "its %d in %.2fs)", job, rank, step, lost, group.index, len(payload), decoded,
-                 seconds)
+        log.info("job %r rank %d step %d of lost node %d %s (%d bytes of its %d in %.2fs)",
+                 job, rank, step, lost, "decoded from its group" if cached is None else
+                 "served from its version decoded moments ago", len(payload), decoded, seconds)
         return pp.VersionData(step, len(payload), tensors, r["meta"],
                               frames_checksum([payload]), int(r.get("world_size", 0))), payload
+
+    def _decode_node(self, job: str, step: int, lost: int) -> tuple[str, list[Any]]:
+        """Lost node ``lost``'s version of (job, step) from its group: (manifest, chunks)."""
+        try:
+            group = group_of(lost, self.groups)
+        except ValueError as exc:
+            raise StoreError("not_found", str(exc)) from None
+        with self._lock:
+            if group.index not in self._codecs:
+                self._codecs[group.index] = make_codec(self.codec_name, group.k, group.m)
+            codec = self._codecs[group.index]
+        up = self.live(group.slots)
+        rec = Recovery(lost, group, codec, self.store, self.protector, self.links,
+                       up.__contains__)
+        try:
+            inv = rec._inventories()
+            manifest = _my_manifests(inv, job, lost).get(step)
+            if manifest is None:
+                raise StoreError("not_found", f"no parity record of group {group.index} "
+                                 f"(up: {sorted(up)}) covers step {step} of node {lost}")
+            plan = rec._plan(job, step, inv, manifest)
+            if plan is None:
+                raise StoreError("cannot_rebuild", f"group {group.index} cannot decode node "
+                                 f"{lost}'s step {step}: {rec._shortfall(job, step, inv)}")
+            return manifest, rec.decode(job, step, manifest, plan)
+        finally:
+            self.links.close_thread()
 
     def _keep(self, job: str, rank: int, reply: pp.VersionData, bufs: list[Any],
               pid: int) -> p.OpenReply:

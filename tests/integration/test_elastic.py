@@ -76,6 +76,9 @@ def test_fsdp2_resharded_2_to_3_then_continues_at_2_after_a_node_loss(cluster_fa
                              for n in where(spec, job)) for spec in cluster.specs[:2]))
     cluster.kill(2)
     shutil.rmtree(node2.shm_dir, ignore_errors=True)
+    # Called down by the heartbeats (--peer-timeout): of a node that does not answer, Where
+    # lists the steps it reported protected (its group can decode them).
+    wait_for(lambda: any(n.slot == 2 and not n.up for n in where(cluster.specs[0], job)))
     lost = [n for n in where(cluster.specs[0], job) if n.slot == 2]
     assert len(lost) == 1 and not lost[0].up and 4 in lost[0].steps
 
@@ -162,3 +165,60 @@ def test_ddp_with_replicas_split_restored_at_another_world_size(cluster_factory,
     assert [r["step"] for r in restored] == [3] * 3
     assert [r["world_from"] for r in restored] == [2] * 3
     same(saved, torch.load(tmp_path / "restored-3.pt"))
+
+
+RESTORE_ONE = """
+import sys, torch, torch.distributed as dist
+from snapshotd_client import SnapshotClient, SnapshotError, TrainingState
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:%d", rank=0, world_size=1)
+model = torch.nn.Linear(4, 4)
+state = TrainingState(model, torch.optim.AdamW(model.parameters()), state_dicts="dcp")
+with SnapshotClient(sys.argv[1], job=sys.argv[2], rank=0) as client:
+    try:
+        print("RETURNED", state.restore(client))
+    except SnapshotError as exc:
+        print("RAISED", exc)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.timeout(180)
+def test_a_layout_that_a_down_node_keeps_from_completing_fails_loudly_and_keeps_the_rest(
+        cluster_factory, tmp_path):
+    """Review of issue 14 (F1): when no step is held whole by the nodes that answer because a
+    node holding ranks of the job does not answer (its newest steps not protected, or more
+    than m nodes lost, or a node paused), a restore is not "nothing to restore": it fails
+    loudly, naming the node, and drops nothing (a silent start over dropped this rank's
+    versions for good)."""
+    import subprocess
+    import sys
+
+    from snapshotd.tools.localcluster import free_ports
+    from snapshotd_client import SnapshotClient
+
+    # 3 nodes RS(2,1); ranks 0 and 1 of a 2-rank job on nodes 0 and 1 (node 2 holds none:
+    # nothing of the job is protected), then node 1 lost.
+    cluster = cluster_factory(3, k=2, m=1, args=["--keep", "3", "--insecure"])
+    cluster.start()
+    job = f"el-{uuid.uuid4().hex[:6]}"
+    os.environ["WORLD_SIZE"] = "2"                    # what the clients say the job has
+    try:
+        for rank in (0, 1):
+            with SnapshotClient(cluster.specs[rank].control, job=job, rank=rank) as client:
+                for step in range(3):
+                    client.save(step, {"w": torch.full((64,), float(step))}).result()
+    finally:
+        del os.environ["WORLD_SIZE"]
+    wait_for(lambda: any(n.slot == 1 and 2 in n.steps for n in where(cluster.specs[0], job)))
+    cluster.kill(1)
+    shutil.rmtree(cluster.specs[1].shm_dir, ignore_errors=True)
+    # Called down by node 0's heartbeats (--peer-timeout): then it lists none of its steps,
+    # none being protected.
+    wait_for(lambda: any(n.slot == 1 and not n.up and not n.steps
+                         for n in where(cluster.specs[0], job)))
+    script = tmp_path / "restore_one.py"
+    script.write_text(RESTORE_ONE % free_ports(1)[0])
+    out = subprocess.run([sys.executable, str(script), cluster.specs[0].control, job],
+                         capture_output=True, text=True, timeout=150)
+    assert "RAISED" in out.stdout and "nodes [1]" in out.stdout, out.stdout + out.stderr
+    assert sorted(v.step for v in list_versions(cluster.specs[0], job)) == [0, 1, 2]
