@@ -766,8 +766,10 @@ def test_regression_an_unprotected_job_wide_step_waits_an_encode_timeout_to_be_s
              explain=lambda: cluster_state(cluster, "job"))
     lose(cluster, 1)
     cluster.replace(1)
-    both = common()
-    assert 3 in both, f"{both}\n{cluster_state(cluster, 'job', 40)}"
+    # (polled: right after the start a replacement may not have begun its rebuild; review of
+    # issue 16, finding 3)
+    wait_for(lambda: 3 in common(), RESUME_S, "every rank to hold step 3 after the loss",
+             explain=lambda: cluster_state(cluster, "job", 40))
     for r, s in ranks.items():
         ok, out = restore_check(zygote, cluster.specs[s], "job", r, 0.5, 3, step=3)
         assert ok, (r, out)
