@@ -59,7 +59,9 @@ def _worker(rank: int, world: int, port: int, endpoints: list[str], job: str, ck
     endpoint = endpoints[rank % len(endpoints)]
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                        "RANK": str(rank), "WORLD_SIZE": str(world),
-                       "LOCAL_WORLD_SIZE": str(world)})
+                       # ranks on this rank's node (ranks go to the nodes in turn)
+                       "LOCAL_WORLD_SIZE": str(len(range(rank % len(endpoints), world,
+                                                         len(endpoints))))})
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     import torch.distributed.checkpoint as dcp
@@ -123,9 +125,13 @@ def _lose(cluster: LocalCluster, slot: int, job: str) -> None:
     ch = Channel(spec.control, timedelta(seconds=30))
     try:
         deadline = time.monotonic() + 120
-        while not all(v.state == "protected" for v in ch.call(p.ListVersions(job)).versions):
+        while True:
+            versions = ch.call(p.ListVersions(job)).versions
+            if all(v.state == "protected" for v in versions):
+                break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"node {slot}'s versions were not protected in 120 s")
+                raise RuntimeError(f"node {slot}'s versions were not protected in 120 s: "
+                                   f"{[(v.rank, v.step, v.state) for v in versions]}")
             time.sleep(0.2)
     finally:
         ch.close()
@@ -147,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = tempfile.mkdtemp(prefix="snapbench-elastic-dcp-", dir="/dev/shm")
     nodes, k = (3, 2) if args.lost else (2, 1)
     cluster = LocalCluster(nodes, workdir, k=k, m=1, args=[
-        "--insecure", "--memory-limit", f"{20 * args.mib}MiB", "--log-level", "WARNING"])
+        "--insecure", "--memory-limit", f"{20 * args.mib}MiB", "--log-level",
+        os.environ.get("BENCH_LOG_LEVEL", "WARNING")])
     cluster.start()
     try:
         controls = [spec.control for spec in cluster.specs]
@@ -170,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| restore at another world size | slowest rank | median rank | vs dcp.load |")
     print("| --- | ---: | ---: | ---: |")
     print(f"| snapshotd, from memory (resharded) | {memory * 1e3:.0f} ms | "
-          f"{statistics.median(r[1] for r in results) * 1e3:.0f} ms | {disk / memory:.2f}x "
-          "faster |")
+          f"{statistics.median(r[1] for r in results) * 1e3:.0f} ms | "
+          + (f"{disk / memory:.2f}x faster |" if disk >= memory else
+             f"{memory / disk:.2f}x slower |"))
     print(f"| dcp.load from /dev/shm | {disk * 1e3:.0f} ms | "
           f"{statistics.median(r[2] for r in results) * 1e3:.0f} ms | 1.00x |")
     print(f"\nbytes each rank received from other ranks (median): "

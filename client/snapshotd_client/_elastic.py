@@ -94,8 +94,8 @@ class Survey:
     def holders(self, step: int, world: int) -> dict[int, tuple[int, bool]]:
         """Old rank (< ``world``) -> (the new rank that reads it, whether from another node).
         A rank a daemon of the job holds is read there by one of that daemon's new ranks (the
-        one nearest to the same place in rank order); the others are read through new rank
-        ``old % new world``'s daemon from a node that holds them."""
+        one nearest to the same place in rank order); the others are read through the daemon
+        of the new rank nearest to that place, from a node that holds them."""
         local = self._at(step, world)
         # Among the new ranks on a daemon that holds it, the one whose new shard most likely
         # overlaps the saved one (the same place in rank order: new rank o * new / old), so
@@ -107,8 +107,8 @@ class Survey:
 
         out = {old: (nearest(old, news), False) for old, news in local.items() if old < world}
         for old in sorted(self._remote(step, world) - set(out)):
-            if old < world:
-                out[old] = (old % len(self.slots), True)
+            if old < world:                     # through the daemon of the nearest new rank
+                out[old] = (nearest(old, list(range(size))), True)
         return out
 
     def own(self, step: int, world: int, new_world: int) -> bool:
