@@ -300,6 +300,19 @@ class Protector:
             pin = self.store.pins.get(job)
             if pin is not None and any(v.step == pin for v in held):
                 steps.add(pin)
+            # The newest step every node holds: the job-wide step prefers one protected on
+            # every node, so a step every rank holds whose encode this node skipped (a newer
+            # step came first) would stay unprotected here, and the job-wide step below it
+            # (review of issue 16, finding 2).
+            common = self._common_step(job)
+            if common is not None and any(v.step == common for v in held):
+                steps.add(common)
+                if pin is None or common > pin:
+                    pin_like = common
+                else:
+                    pin_like = None
+            else:
+                pin_like = None
             for step in sorted(steps, reverse=True):
                 nv = self.node_version(job, step)
                 if nv is None or all(v.protected for v in nv.versions):
@@ -308,7 +321,8 @@ class Protector:
                 # The pin is what the job falls back to: asked again after a few seconds (a
                 # holder whose stripe is complete confirms a re-sent fragment at once, and one
                 # whose confirmation went to a peer it thought down is asked again).
-                wait = self.encode_timeout if step != pin else min(self.encode_timeout, 3.0)
+                wait = (self.encode_timeout if step not in (pin, pin_like)
+                        else min(self.encode_timeout, 3.0))
                 with self._lock:
                     sent = self._sent.get(key)
                     if sent is not None and self._clock() - sent[0] < wait:
@@ -318,10 +332,22 @@ class Protector:
                 started += 1
         return started
 
+    def _common_step(self, job: str) -> int | None:
+        """The newest step every node of the job's current layout reports holding (this
+        node's own report included), or None."""
+        with self._lock:
+            views = current_views(self._views(job))
+        held = [set(v.held) for v in views.values() if v.held]
+        if not held or self.me not in views:
+            return None
+        shared = set.intersection(*held)
+        return max(shared) if shared else None
+
     def _send_data(self, job: str, step: int) -> None:
         started = time.perf_counter()
         held = [v.step for v in self.store.versions(job)]
-        if held and step < max(held) and step != self.store.pins.get(job):
+        if held and step < max(held) and step not in (self.store.pins.get(job),
+                                                      self._common_step(job)):
             # A newer step was committed while this one waited: that one is sent (or retried)
             # instead, and queued sends cannot pile up behind a slow peer.
             log.debug("job %r step %d not sent: step %d is newer", job, step, max(held))

@@ -13,12 +13,13 @@ it when the reader's process is gone)::
                            write remote-<lease>.bin ◄──VersionData + bytes──
     rank ◄──OpenReply(tier "peer", path)── ; ... ──Release──► unlink
 
-A node that is lost and not replaced (it answers no ping) cannot send its ranks; its group
+A node that is lost and not replaced (its group's heartbeats, or for a node of another group
+the lack of its job-wide retention reports, say it is down) cannot send its ranks; its group
 still holds them, coded. Then the reader's daemon decodes the lost node's version itself, as a
 replacement would rebuild it (rebuild.py: the group's inventories, ``k`` fragments of every
 stripe, decoded), checks the rank's tensors against their checksums and serves that rank's
-bytes the same way; nothing is installed as the lost node's. ``Where`` says which nodes answer:
-of one that does not, only the steps it reported *protected* (the ones its group can decode).
+bytes the same way; nothing is installed as the lost node's. ``Where`` says which nodes are up:
+of one that is not, only the steps it reported *protected* (the ones its group can decode).
 """
 
 from __future__ import annotations
@@ -46,9 +47,6 @@ __all__ = ["PeerReads"]
 
 #: Seconds a node has to answer a drop before it is told again later (the reader waits).
 DROP_TIMEOUT = 5.0
-#: Seconds a "does not answer" verdict stands before the node is pinged again (one restore
-#: asks several times: a lost node costs one wait, not one per question).
-VERDICT_SECONDS = 10.0
 #: Seconds a lost node's decoded version is kept for the other reads of its ranks.
 DECODED_SECONDS = 30.0
 
@@ -63,17 +61,13 @@ class PeerReads:
 
     def __init__(self, me: int, store: Store, protector: Protector, links: Any,
                  timeout: float = 60.0, groups: list[Group] | None = None,
-                 codec: str = "isal", ping_timeout: float = 5.0, metrics: Any = None) -> None:
+                 codec: str = "isal", metrics: Any = None) -> None:
         self.me, self.store, self.protector, self.links = me, store, protector, links
-        #: ``ping_timeout``: how long a node of another group may take to answer before it is
-        #: called down (the cluster's --peer-timeout: the failure detector the heartbeats use
-        #: for the group's own peers).
-        self.timeout, self.ping_timeout = timeout, ping_timeout
+        self.timeout = timeout
         #: Every group of the cluster and the codec's name: to decode a lost node's ranks.
         self.groups, self.codec_name = groups or [], codec
         self._codecs: dict[int, Codec] = {}
         self.metrics = metrics
-        self._down: dict[int, float] = {}           # slot -> when it did not answer
         #: (job, lost slot, step) -> (when, manifest, decoded chunks), and one lock per key:
         #: the reads of a lost node's ranks decode its version once.
         self._decoded: dict[tuple[str, int, int], tuple[float, str, list[Any]]] = {}
@@ -135,7 +129,7 @@ class PeerReads:
         for slot in holders:
             try:
                 if slot not in up:
-                    raise PeerError(f"node {slot} does not answer a ping")
+                    raise PeerError(f"node {slot} is down")
                 count += self._send_drop(slot, pp.DropNewer(job, rank, newer_than))
             except (PeerError, OSError) as exc:
                 log.warning("job %r rank %d: node %d did not drop its versions newer than "
@@ -173,36 +167,19 @@ class PeerReads:
     # ------------------------------------------------------------------ the reader's side
 
     def live(self, slots: Any) -> set[int]:
-        """The nodes of ``slots`` that are up. A node of this group: as the heartbeats say
-        (called down after ``--peer-timeout`` without an answer). Another node: it answers a
-        ping within ``ping_timeout`` (the same timeout; pings go in rounds, so a thread's
-        first ping, not sent until its connection is up, or a node paused for a moment, is
-        not called down). A "down" verdict stands ``VERDICT_SECONDS``."""
+        """The nodes of ``slots`` that are up, by the failure detectors the daemon has: a
+        node of this group as the heartbeats say (down after ``--peer-timeout`` without an
+        answer), any other node while its job-wide retention reports keep coming (a newer
+        one taken within the hold the relay's latency allows for: ``Protector.reporting``).
+        Nothing is sent: asking would open a connection to every node of the cluster."""
         slots = set(slots)
-        now = time.monotonic()
         mine = set(self.protector.group.slots)
         up = {s for s in slots & mine if s == self.me or self.protector.up(s)}
-        with self._lock:
-            down = {s for s, at in self._down.items() if now - at < VERDICT_SECONDS}
-        ask = sorted(slots - mine - down)
-        answered: set[int] = set()
-        deadline = now + self.ping_timeout
-        while (left := deadline - time.monotonic()) > 0 and set(ask) - answered:
-            answered |= self.links.ping_all(sorted(set(ask) - answered),
-                                            pp.Ping(self.me, "snapshotd"), min(left, 0.25))
-            if set(ask) - answered:
-                time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
-        with self._lock:
-            for s in ask:
-                if s in answered:
-                    self._down.pop(s, None)
-                else:
-                    self._down[s] = now
-        return up | answered
+        return up | (slots - mine) & self.protector.reporting()
 
     def where(self, job: str) -> p.WhereReply:
-        """What every other node last reported holding of ``job``; of a node that does not
-        answer now, only the steps it reported protected (its group can decode those)."""
+        """What every other node last reported holding of ``job``; of a node that is down
+        now, only the steps it reported protected (its group can decode those)."""
         with self.protector._lock:
             views = {slot: v for slot, v in self.protector._views(job).items()
                      if slot != self.me}
@@ -242,13 +219,13 @@ class PeerReads:
             return self._keep(job, rank, reply, bufs, pid)
         for slot in sorted(set(holders) - up):          # lost: decoded from its group
             if step not in views[slot].protected:
-                problems.append(f"node {slot} does not answer and did not report step {step} "
+                problems.append(f"node {slot} is down and did not report step {step} "
                                 "protected")
                 continue
             try:
                 reply, payload = self.decode(job, rank, step, slot)
             except (StoreError, PeerError, RebuildError, OSError, RuntimeError) as exc:
-                problems.append(f"node {slot} does not answer, and decoding its version from "
+                problems.append(f"node {slot} is down, and decoding its version from "
                                 f"its group failed: {exc}")
                 log.warning("job %r rank %d step %d: %s", job, rank, step, problems[-1])
                 continue

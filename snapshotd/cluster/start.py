@@ -99,7 +99,7 @@ def start_cluster(config: Config, store: Store, context: zmq.Context, metrics: A
     reads = PeerReads(me, store, protector, all_links, timeout=max(60.0, config.encode_timeout),
                       groups=make_groups(len(endpoints), config.k, config.m,
                                          slot_domains(config, len(endpoints))),
-                      codec=config.codec, ping_timeout=config.peer_timeout,
+                      codec=config.codec,
                       metrics=metrics)
     server = PeerServer(listen, context, security, protector, me, metrics,
                         ready=lambda: recovery.ready, reads=reads).start()

@@ -340,9 +340,10 @@ class OpenReply:
 @dataclass(frozen=True)
 class NodeHolding:
     """What one node said it holds of a job: its ranks, the steps every one of them holds,
-    and the job's number of ranks when its newest version was saved. ``up``: the node answered
-    a ping just now; of one that did not, ``steps`` lists only those it reported protected
-    (its group can decode them for a reader)."""
+    and the job's number of ranks when its newest version was saved. ``up``: the node is up
+    by the daemon's failure detectors (heartbeats in its group, fresh retention reports
+    otherwise); of one that is down, ``steps`` lists only those it reported protected (its
+    group can decode them for a reader)."""
 
     slot: int
     ranks: tuple[int, ...]

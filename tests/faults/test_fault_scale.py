@@ -106,6 +106,9 @@ def batches_sent(cluster, slots) -> float:
                for s in slots)
 
 
+@pytest.mark.skipif(not LONG, reason="make faults (SNAPSHOTD_FAULT_RUNS=long): 32 daemons, "
+                    "about 35 s; tests/unit/test_overlay.py relays reports between real "
+                    "Protectors in every run")
 def test_32_daemons_relay_every_report_with_connections_bounded_by_the_group(
         clusters, zygote) -> None:
     groups = make_groups(NODES, K, M, DOMAINS)

@@ -85,7 +85,8 @@ def six(tmp_path_factory, keys):
 def test_any_two_lost_nodes_are_rebuilt_bit_exactly(six):
     # adjacent; the two parity holders of stripe 5 (wrapping); apart (node 0 again: a node
     # that was itself rebuilt is a source now)
-    for pair in [(1, 2), (5, 0), (0, 3)]:
+    long = os.environ.get("SNAPSHOTD_FAULT_RUNS", "quick").strip().lower() == "long"
+    for pair in [(1, 2), (5, 0), (0, 3)] if long else [(5, 0)]:     # make faults: all three
         for slot in pair:
             six.kill(slot)
         for slot in pair:

@@ -23,6 +23,8 @@ from snapshotd.common.channel import Channel
 from snapshotd.ops.export import export_global
 
 WORKER = os.path.join(os.path.dirname(__file__), "elastic_worker.py")
+#: A lost node is called down by its group's heartbeats after --peer-timeout (5 s by default).
+FAST_DOWN = ["--heartbeat-interval", "0.5", "--peer-timeout", "2"]
 
 
 def run(tmp_path, cluster, world, per_node, phase, job, *args):
@@ -52,7 +54,7 @@ def test_fsdp2_resharded_2_to_3_then_continues_at_2_after_a_node_loss(cluster_fa
     moment is the one saved, bit for bit; so is the global export of the step, decoded the
     same way. (2 -> 4 -> 3 under torchrun: test_torchrun_sharded.py; 4 -> 2 with a holder
     lost during the restore: tests/faults/test_fault_elastic.py.)"""
-    cluster = cluster_factory(3, k=2, m=1, args=["--keep", "3", "--insecure"])
+    cluster = cluster_factory(3, k=2, m=1, args=["--keep", "3", "--insecure", *FAST_DOWN])
     cluster.start()
     job = f"el-{uuid.uuid4().hex[:6]}"
     saved = run(tmp_path, cluster, 2, 1, "save", job)
@@ -198,7 +200,7 @@ def test_a_layout_that_a_down_node_keeps_from_completing_fails_loudly_and_keeps_
 
     # 3 nodes RS(2,1); ranks 0 and 1 of a 2-rank job on nodes 0 and 1 (node 2 holds none:
     # nothing of the job is protected), then node 1 lost.
-    cluster = cluster_factory(3, k=2, m=1, args=["--keep", "3", "--insecure"])
+    cluster = cluster_factory(3, k=2, m=1, args=["--keep", "3", "--insecure", *FAST_DOWN])
     cluster.start()
     job = f"el-{uuid.uuid4().hex[:6]}"
     os.environ["WORLD_SIZE"] = "2"                    # what the clients say the job has
