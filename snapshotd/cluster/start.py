@@ -117,12 +117,16 @@ def start_cluster(config: Config, store: Store, context: zmq.Context, metrics: A
 
 def timing(protector: Protector, mesh: Overlay, interval: float, peer_timeout: float) -> None:
     """The waits that allow for the relay (docs/protocol.md, "Job-wide retention"): a report
-    takes at most ``mesh.hops`` intervals to reach every node (one per hop), plus, while a
-    relay is down, the time heartbeats take to say so (``peer_timeout``; the other side of an
-    edge tries the next member after one batch it did not take). A recovering node's reports
-    hold the job-wide steps that long beyond the old hold (``max(3 intervals,
-    peer_timeout)``, unchanged where the overlay is flat: reports go straight to every node)."""
-    protector.relay_latency = 0.0 if mesh.flat else mesh.hops * interval + peer_timeout
+    takes at most ``mesh.hops`` rounds to reach every node (one per hop), a round being an
+    interval plus, when a neighbour is dead, the ``report_timeout`` its batch waits for it
+    (review of issue 16, finding 5: with intervals under 1 s that wait is the longer part),
+    plus, while a relay is down, the time heartbeats take to say so (``peer_timeout``; the
+    other side of an edge tries the next member after one batch it did not take). A
+    recovering node's reports hold the job-wide steps that long beyond the old hold
+    (``max(3 intervals, peer_timeout)``, unchanged where the overlay is flat: reports go
+    straight to every node)."""
+    protector.relay_latency = 0.0 if mesh.flat else (
+        mesh.hops * (interval + protector.report_timeout) + peer_timeout)
     protector.recovering_hold = max(3 * interval, peer_timeout) + protector.relay_latency
 
 
