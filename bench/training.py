@@ -2,6 +2,9 @@
 
 Both runs use the same model, data and seeds on the same machine, alternating, with a real
 daemon for the snapshot runs. Steps/s is measured from rank 0's per-step log after a warm-up.
+
+``python -m bench.training --script train_fsdp.py [--nproc 2] [--daemon-core]``: the same for
+another example (the sharded one: FSDP2, ``--state-dicts dcp`` by default), printed as a row.
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(out: str, steps: int, snapshot: bool, endpoint: str, nproc: int, size: str,
-         cores: list[int] | None = None, copy_cpus: list[int] | None = None) -> float:
+         cores: list[int] | None = None, copy_cpus: list[int] | None = None,
+         script: str = "train.py", script_args: tuple[str, ...] = ()) -> float:
     (port,) = free_ports(1)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", f"--master-port={port}",
-           os.path.join(ROOT, "examples", "train.py"), "--steps", str(steps), "--out", out,
+           os.path.join(ROOT, "examples", script), "--steps", str(steps), "--out", out,
            "--size", size, "--job", f"bench-{os.path.basename(out)}",
-           "--snapshot" if snapshot else "--no-snapshot"]
+           "--snapshot" if snapshot else "--no-snapshot", *script_args]
     env = {**os.environ, "SNAPSHOTD_ENDPOINT": endpoint, "OMP_NUM_THREADS": "1"}
     if copy_cpus:
         env["SNAPSHOTD_COPY_CPUS"] = ",".join(map(str, copy_cpus))
@@ -45,7 +49,8 @@ def _run(out: str, steps: int, snapshot: bool, endpoint: str, nproc: int, size: 
 
 
 def training_case(steps: int, repeats: int = 2, nproc: int = 2, size: str = "small",
-                  daemon_core: bool = False, copy_on_daemon_core: bool = False
+                  daemon_core: bool = False, copy_on_daemon_core: bool = False,
+                  script: str = "train.py", script_args: tuple[str, ...] = ()
                   ) -> dict[str, Any]:
     """Steps/s with and without a snapshot every step, alternating runs.
 
@@ -69,9 +74,11 @@ def training_case(steps: int, repeats: int = 2, nproc: int = 2, size: str = "sma
         for i in range(repeats):
             copy = [daemon] if cores and copy_on_daemon_core else None
             without.append(_run(os.path.join(workdir, f"none{i}"), steps, False,
-                                cluster.specs[0].control, nproc, size, cores, copy))
+                                cluster.specs[0].control, nproc, size, cores, copy,
+                                script, script_args))
             with_snap.append(_run(os.path.join(workdir, f"snap{i}"), steps, True,
-                                  cluster.specs[0].control, nproc, size, cores, copy))
+                                  cluster.specs[0].control, nproc, size, cores, copy,
+                                  script, script_args))
     finally:
         cluster.stop()
     return {"steps": steps, "nproc": nproc, "size": size, "daemon_core": daemon_core,
@@ -85,3 +92,34 @@ def _tree(pid: int) -> list[int]:
         return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
     except FileNotFoundError:
         return [pid]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--script", default="train_fsdp.py", help="an example in examples/")
+    ap.add_argument("--args", default="--state-dicts dcp",
+                    help="extra arguments of the script (default: DCP state dicts)")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--size", default="small")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--daemon-core", action="store_true",
+                    help="trainers pinned to a core each, the daemon to the next one")
+    args = ap.parse_args(argv)
+    r = training_case(args.steps, args.repeats, args.nproc, args.size, args.daemon_core,
+                      script=args.script, script_args=tuple(args.args.split()))
+    snap, none = r["steps_per_s_snapshot"], r["steps_per_s_none"]
+    cores = (f"{args.nproc} + 1 for the daemon" if r["daemon_core"] else "shared")
+    print("| run | ranks | cores | model | steps/s with snapshots | steps/s without | slowdown |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| {args.script} {args.args}, {args.steps} steps | {args.nproc} | {cores} | "
+          f"{args.size} | {snap['median']:.2f} ({snap['min']:.2f}-{snap['max']:.2f}) | "
+          f"{none['median']:.2f} ({none['min']:.2f}-{none['max']:.2f}) | "
+          f"{100 * (1 - snap['median'] / none['median']):.1f}% |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
