@@ -305,14 +305,11 @@ class Protector:
             # step came first) would stay unprotected here, and the job-wide step below it
             # (review of issue 16, finding 2).
             common = self._common_step(job)
+            soon = {pin}                  # asked again after a few seconds, not encode_timeout
             if common is not None and any(v.step == common for v in held):
                 steps.add(common)
                 if pin is None or common > pin:
-                    pin_like = common
-                else:
-                    pin_like = None
-            else:
-                pin_like = None
+                    soon.add(common)
             for step in sorted(steps, reverse=True):
                 nv = self.node_version(job, step)
                 if nv is None or all(v.protected for v in nv.versions):
@@ -321,7 +318,7 @@ class Protector:
                 # The pin is what the job falls back to: asked again after a few seconds (a
                 # holder whose stripe is complete confirms a re-sent fragment at once, and one
                 # whose confirmation went to a peer it thought down is asked again).
-                wait = (self.encode_timeout if step not in (pin, pin_like)
+                wait = (self.encode_timeout if step not in soon
                         else min(self.encode_timeout, 3.0))
                 with self._lock:
                     sent = self._sent.get(key)
@@ -332,16 +329,20 @@ class Protector:
                 started += 1
         return started
 
+    def held_in_common(self, job: str, skip: int | None = None) -> set[int]:
+        """The steps every node of the job's current layout reports holding (``skip``'s
+        report left out; without it, none unless this node is in that layout)."""
+        with self._lock:
+            views = current_views(self._views(job, skip=skip))
+        held = [set(v.held) for v in views.values() if v.held]
+        if not held or (skip is None and self.me not in views):
+            return set()
+        return set.intersection(*held)
+
     def _common_step(self, job: str) -> int | None:
         """The newest step every node of the job's current layout reports holding (this
         node's own report included), or None."""
-        with self._lock:
-            views = current_views(self._views(job))
-        held = [set(v.held) for v in views.values() if v.held]
-        if not held or self.me not in views:
-            return None
-        shared = set.intersection(*held)
-        return max(shared) if shared else None
+        return max(self.held_in_common(job), default=None)
 
     def _send_data(self, job: str, step: int) -> None:
         started = time.perf_counter()

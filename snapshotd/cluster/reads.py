@@ -248,6 +248,9 @@ class PeerReads:
                 for k in [k for k, (at, _, _) in self._decoded.items()
                           if now - at > DECODED_SECONDS]:
                     del self._decoded[k]
+                for k in [k for k, other in self._decoding.items()      # idle ones go
+                          if k != key and k not in self._decoded and not other.locked()]:
+                    del self._decoding[k]
                 cached = self._decoded.get(key)
             started = time.perf_counter()
             if cached is not None:

@@ -25,7 +25,7 @@ from ..node.store import Store, StoreError
 from . import peerproto as pp
 from .codec import Codec
 from .placement import Group, Stripe, data_stripes, parity_stripes
-from .protection import ParityRecord, Protector, contiguous, current_views, frames_checksum
+from .protection import ParityRecord, Protector, contiguous, frames_checksum
 
 __all__ = ["Recovery", "RebuildError"]
 
@@ -189,16 +189,11 @@ class Recovery:
         # node, which can be older than one every rank holds (a node's encode of a step
         # skipped for a newer one); without it, the job would come back at the pin (review
         # of issue 16, finding 1: step 1 restored where step 3 was held by every rank).
-        with self.protector._lock:
-            views = current_views(self.protector._views(job, skip=self.me))
-        held = [set(v.held) for v in views.values() if v.held]
-        if not held:
-            return
-        shared = set.intersection(*held) & set(mine)
         pin = max(done, default=-1)
-        for step in sorted((s for s in shared if pin < s < rebuilt), reverse=True):
-            self._rebuild_if_missing(job, step, inv, mine)
-            return
+        shared = [s for s in self.protector.held_in_common(job, skip=self.me) & set(mine)
+                  if pin < s < rebuilt]
+        if shared:
+            self._rebuild_if_missing(job, max(shared), inv, mine)
 
     def _rebuild_if_missing(self, job: str, step: int, inv: dict[int, pp.InventoryReply],
                             mine: dict[int, str]) -> bool:
