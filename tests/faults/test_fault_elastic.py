@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import LONG, Fault, Outcome, campaign
+from harness import LONG, Fault, Outcome, call, campaign
 
 from snapshotd.common import protocol as p
 from snapshotd.common.channel import Channel
@@ -70,11 +70,7 @@ def finish(procs: list, timeout: float = 240) -> list[tuple[int, str]]:
 
 
 def versions(spec, job):
-    ch = Channel(spec.control, timedelta(seconds=30))
-    try:
-        return ch.call(p.ListVersions(job)).versions
-    finally:
-        ch.close()
+    return call(spec, p.ListVersions(job), timeout=30).versions
 
 
 def wait_for(what, timeout=90.0):
@@ -96,15 +92,34 @@ def stand_in(cluster, job: str) -> None:
         ch.close()
 
 
-def inject(env, rng: random.Random):
-    clusters, tmp = env["clusters"], env["tmp"]
-    cluster = clusters(2, k=1, m=1, args=["--insecure", "--keep", "3"])
+def saved_job(env, nodes: int, k: int, world: int, per_node: int):
+    """A cluster of ``nodes`` (RS k, m=1) and a ``world``-rank job that saved steps 0-3 into
+    it: (cluster, job, its output directory)."""
+    cluster = env["clusters"](nodes, k=k, m=1, args=["--insecure", "--keep", "3"])
     cluster.start()
     job = f"el-{uuid.uuid4().hex[:6]}"
-    out = tmp / job
+    out = env["tmp"] / job
     out.mkdir()
-    saved = finish(start(out, cluster, 4, 2, "save", job))
+    saved = finish(start(out, cluster, world, per_node, "save", job))
     assert all(rc == 0 for rc, _ in saved), saved
+    return cluster, job, out
+
+
+def restore_again(out: Path, cluster, job: str, per_node: int) -> tuple[dict, list]:
+    """Set the first 2-rank restore's results aside (its JSON lines, and its state as
+    during.pt / during-after.pt) and run a second one: (the first's results, the second's)."""
+    first = {r: json.loads((out / f"restore-2-rank{r}.json").read_text())
+             for r in range(2) if (out / f"restore-2-rank{r}.json").exists()}
+    for name, to in (("restored-2.pt", "during.pt"), ("after-2.pt", "during-after.pt")):
+        if (out / name).exists():
+            (out / name).rename(out / to)
+    for r in range(2):
+        (out / f"restore-2-rank{r}.json").unlink(missing_ok=True)
+    return first, finish(start(out, cluster, 2, per_node, "restore", job))
+
+
+def inject(env, rng: random.Random):
+    cluster, job, out = saved_job(env, 2, 1, 4, 2)
     wait_for(lambda: {(v.rank, v.state) for v in versions(cluster.specs[1], job)
                       if v.step == 3} == {(2, "protected"), (3, "protected")})
     stand_in(cluster, job)
@@ -114,14 +129,7 @@ def inject(env, rng: random.Random):
     cluster.kill(1)                                   # the stand-in lost mid-restore
     during = finish(procs)
     stand_in(cluster, job)                            # a second stand-in
-    first = {r: json.loads((out / f"restore-2-rank{r}.json").read_text())
-             for r in range(2) if (out / f"restore-2-rank{r}.json").exists()}
-    for name, to in (("restored-2.pt", "during.pt"), ("after-2.pt", "during-after.pt")):
-        if (out / name).exists():
-            (out / name).rename(out / to)
-    for r in range(2):
-        (out / f"restore-2-rank{r}.json").unlink(missing_ok=True)
-    again = finish(start(out, cluster, 2, 2, "restore", job))
+    first, again = restore_again(out, cluster, job, 2)
     cluster.stop()
     return {"out": out, "during": during, "first": first, "again": again, "delay": delay}
 
@@ -177,14 +185,7 @@ def inject_lost(env, rng: random.Random):
     layout (rank 2's version read from node 2) and node 2 is lost for good at a random moment
     of it: nothing takes its slot. Then a second 2-rank restore (rank 2's version decoded
     from nodes 0-1, node 2 gone)."""
-    clusters, tmp = env["clusters"], env["tmp"]
-    cluster = clusters(3, k=2, m=1, args=["--insecure", "--keep", "3"])
-    cluster.start()
-    job = f"el-{uuid.uuid4().hex[:6]}"
-    out = tmp / job
-    out.mkdir()
-    saved = finish(start(out, cluster, 3, 1, "save", job))
-    assert all(rc == 0 for rc, _ in saved), saved
+    cluster, job, out = saved_job(env, 3, 2, 3, 1)
     wait_for(lambda: {(v.rank, v.state) for v in versions(cluster.specs[2], job)
                       if v.step == 3} == {(2, "protected")})
     time.sleep(3.0)                 # node 2's reports say step 3 is protected (every heartbeat)
@@ -194,14 +195,7 @@ def inject_lost(env, rng: random.Random):
     cluster.kill(2)                                   # lost for good: memory removed too
     shutil.rmtree(cluster.specs[2].shm_dir, ignore_errors=True)
     during = finish(procs)
-    first = {r: json.loads((out / f"restore-2-rank{r}.json").read_text())
-             for r in range(2) if (out / f"restore-2-rank{r}.json").exists()}
-    for name, to in (("restored-2.pt", "during.pt"), ("after-2.pt", "during-after.pt")):
-        if (out / name).exists():
-            (out / name).rename(out / to)
-    for r in range(2):
-        (out / f"restore-2-rank{r}.json").unlink(missing_ok=True)
-    again = finish(start(out, cluster, 2, 1, "restore", job))
+    first, again = restore_again(out, cluster, job, 1)
     cluster.stop()
     return {"out": out, "during": during, "first": first, "again": again, "delay": delay,
             "what": "node 2 lost"}

@@ -101,12 +101,17 @@ def torchrun_standalone(script, nproc, endpoint, out, *args, timeout=180):
     return text
 
 
-def list_versions(spec, job):
+def ask(spec, msg):
+    """The reply of the daemon at ``spec`` to one control request."""
     ch = Channel(spec.control, timedelta(seconds=30))
     try:
-        return ch.call(p.ListVersions(job)).versions
+        return ch.call(msg)
     finally:
         ch.close()
+
+
+def list_versions(spec, job):
+    return ask(spec, p.ListVersions(job)).versions
 
 
 def run_ranks(script, world, per_node, *args, timeout=150):
@@ -141,8 +146,4 @@ def run_ranks(script, world, per_node, *args, timeout=150):
 
 def where(spec, job):
     """What the daemon at ``spec`` heard the other nodes hold of ``job`` (``Where``)."""
-    ch = Channel(spec.control, timedelta(seconds=30))
-    try:
-        return ch.call(p.Where(job)).nodes
-    finally:
-        ch.close()
+    return ask(spec, p.Where(job)).nodes
