@@ -71,7 +71,8 @@ class Daemon:
             node_slot=self.config.node_slot, workers=self.config.workers,
             reap_interval=self.config.reap_interval,
             on_commit=self._on_commit,
-            on_drop=self.cluster.protector.node_dropped if self.cluster else lambda j, s: None,
+            on_drop=(self.cluster.protector.node_dropped if self.cluster
+                     else lambda job, steps, timeline=None: None),
             recovery=self.cluster.recovery if self.cluster else None,
             peers=self.cluster.heartbeats.status if self.cluster else None,
             persister=self.persister, job_isolation=self.config.job_isolation,

@@ -36,7 +36,8 @@ from ._flatten import (
 )
 
 __all__ = ["SnapshotClient", "SnapshotSkipped", "RestoreInfo", "SaveStats", "ENV_ENDPOINT",
-           "ENV_TOKEN", "ENV_COPY_CPUS", "COPY_MODES", "MAX_META_BYTES", "agree_step"]
+           "ENV_TOKEN", "ENV_COPY_CPUS", "COPY_MODES", "MAX_META_BYTES", "agree_step",
+           "agree_timeline", "timeline_token"]
 
 log = logging.getLogger("snapshotd_client")
 ENV_ENDPOINT = "SNAPSHOTD_ENDPOINT"
@@ -242,6 +243,9 @@ class SnapshotClient:
         self._last_step: int | None = None       # newest step committed or restored here
         self._warned_pinned = False
         self._pinned_from = 100                  # warn of mapped leases alive from this step
+        #: The token of the timeline the next restore starts, where the caller agreed on it
+        #: with the other ranks (TrainingState's survey); 0: the restore derives it.
+        self._next_timeline = 0
 
     # ------------------------------------------------------------------ saving
 
@@ -675,10 +679,11 @@ class SnapshotClient:
                  meshes: tuple = (), local_shards: bool = False,
                  timeline: bool = True, zero_copy: bool = True,
                  remote: bool = False) -> tuple[int, Any] | None:
+        token, self._next_timeline = self._next_timeline, 0
         if step is None and timeline and _distributed():
-            step = self._agree()
+            step, token = agree_timeline(self)
             if step is None:
-                self._start_over()
+                self._start_over(token)
                 return None
         try:
             lease = self._channel.call(p.Open(self.job, self.rank, os.getpid(), step,
@@ -705,9 +710,13 @@ class SnapshotClient:
             # The restored step is where this rank's timeline continues: what was saved after
             # it is abandoned and must never be served again (here, in parity, after a crash).
             # Dropped before anything is written, so a failure here leaves the live state as is.
-            if timeline and lease.newer != 0:      # -1: a daemon that does not say
+            # Sent even when nothing is newer: the drop names the new timeline (the same
+            # token on every rank of this restore), which the daemon's retention reports carry.
+            if timeline:
                 self._channel.call(p.Drop(self.job, self.rank, newer_than=lease.step,
-                                          token=self._token))
+                                          token=self._token,
+                                          timeline=token or timeline_token(self.job,
+                                                                           lease.step)))
             tensors, mapped = self._copy_out(lease, targets, zero_copy)
         finally:
             if not mapped:
@@ -721,15 +730,14 @@ class SnapshotClient:
                      self.rank, lease.step, lease.tier, lease.nbytes)
         return lease.step, unflatten(lease.meta, tensors, placer)
 
-    def _start_over(self) -> None:
+    def _start_over(self, token: int = 0) -> None:
         """The job has no common step and starts from scratch: a new timeline from nothing, so
-        this rank's older versions must not be served again (nor block its new saves)."""
+        this rank's older versions must not be served again (nor block its new saves).
+        ``token``: the timeline's, as the restore's agreement named it."""
         if self.steps():
-            self._channel.call(p.Drop(self.job, self.rank, token=self._token))
+            self._channel.call(p.Drop(self.job, self.rank, token=self._token,
+                                      timeline=token or timeline_token(self.job, -1)))
         self._last_step = None
-
-    def _agree(self) -> int | None:
-        return agree_step(self)
 
     def _release(self, lease: int) -> None:
         try:
@@ -930,6 +938,16 @@ class _MapCache:
             self._drop(next(iter(self._maps)))
 
 
+def timeline_token(*parts: Any) -> int:
+    """A nonzero 63-bit token naming a timeline: the same on every rank given the same parts.
+
+    >>> timeline_token("gpt", 7) == timeline_token("gpt", 7) != timeline_token("gpt", 8)
+    True
+    """
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1 or 1
+
+
 def agree_step(client: SnapshotClient, group: Any = None) -> int | None:
     """The newest step that every rank of ``group`` holds, or None if there is none.
 
@@ -940,6 +958,13 @@ def agree_step(client: SnapshotClient, group: Any = None) -> int | None:
     version, the minimum of the newest steps can be a step some rank no longer holds. If any
     rank cannot list its steps, every rank raises the same ``SnapshotError``.
     """
+    return agree_timeline(client, group)[0]
+
+
+def agree_timeline(client: SnapshotClient, group: Any = None) -> tuple[int | None, int]:
+    """:func:`agree_step`, and the token that names the timeline the restore starts (from
+    every rank's random nonce, gathered in the same exchange: the same on every rank, and
+    another one for every restore)."""
     import torch.distributed as dist
 
     try:
@@ -947,14 +972,15 @@ def agree_step(client: SnapshotClient, group: Any = None) -> int | None:
     except SnapshotError as exc:
         mine = f"{type(exc).__name__}: {exc}"
     everyone: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, (client.rank, mine), group=group)
-    errors = [f"rank {rank}: {held}" for rank, held in everyone if isinstance(held, str)]
+    dist.all_gather_object(everyone, (client.rank, mine, os.urandom(8)), group=group)
+    errors = [f"rank {rank}: {held}" for rank, held, _ in everyone if isinstance(held, str)]
     if errors:
         raise SnapshotError("cannot agree on a step to restore: " + "; ".join(errors))
     common = set(everyone[0][1])
-    for _, held in everyone[1:]:
+    for _, held, _ in everyone[1:]:
         common &= set(held)
-    return max(common) if common else None
+    step = max(common) if common else None
+    return step, timeline_token(step, [nonce for _, _, nonce in everyone])
 
 
 

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from . import _protocol as p
-from ._client import RestoreInfo, SnapshotClient, SnapshotError
+from ._client import RestoreInfo, SnapshotClient, SnapshotError, timeline_token
 from ._flatten import sharding_of, unflatten
 from ._replicas import collective_device, is_marker
 
@@ -60,6 +60,9 @@ class Survey:
     #: Nodes that reported ranks of the job and did not answer a rank's daemon just now (of
     #: those, ``elsewhere`` lists only the steps they reported protected: decodable).
     down: set[int] = field(default_factory=set)
+    #: The token naming the timeline a restore from this survey starts (the same on every
+    #: rank: from every rank's random nonce, gathered in the survey).
+    token: int = 0
 
     def _all(self) -> list[dict[tuple[int, int], int]]:
         return [*self.held, *self.elsewhere.values()]
@@ -133,7 +136,7 @@ def survey(client: SnapshotClient) -> Survey:
         reported = {n.slot: {(r, s): n.world for r in n.ranks for s in n.steps} for n in nodes}
         down = {n.slot for n in nodes if not n.up and n.ranks}
         mine: Any = (status.node_slot, {(v.rank, v.step): v.world for v in versions},
-                     reported, down)
+                     reported, down, os.urandom(8))
     except SnapshotError as exc:
         mine = f"{type(exc).__name__}: {exc}"
     everyone: list[Any] = [None] * dist.get_world_size()
@@ -143,12 +146,13 @@ def survey(client: SnapshotClient) -> Survey:
         raise SnapshotError("cannot survey the job's versions: " + "; ".join(errors))
     slots = [e[0] for e in everyone]
     elsewhere: dict[int, dict[tuple[int, int], int]] = {}
-    for _, _, reported, _ in everyone:
+    for _, _, reported, _, _ in everyone:
         for slot, held in reported.items():
             if slot not in slots:                       # exact lists win over reports
                 elsewhere.setdefault(slot, {}).update(held)
     down = set().union(*(e[3] for e in everyone)) - set(slots)
-    return Survey(slots, [e[1] for e in everyone], elsewhere, down)
+    return Survey(slots, [e[1] for e in everyone], elsewhere, down,
+                  timeline_token(client.job, [e[4] for e in everyone]))
 
 
 def seed_for(step: int, rank: int) -> int:
@@ -574,7 +578,8 @@ def load(state: Any, client: SnapshotClient, found: Survey, step: int, world: in
     # would be refused as older than its newest.
     for rank in sorted({me, *read}):
         client._channel.call(p.Drop(client.job, rank=rank, newer_than=step,
-                                    token=client._token, everywhere=True))
+                                    token=client._token, everywhere=True,
+                                    timeline=found.token or timeline_token(client.job, step)))
     client.last_restore = RestoreInfo(step, "memory", sum(
         t.numel() * t.element_size() for t in _tensors(target)), time.perf_counter() - started,
         world_from=agreed.world, bytes_from_peers=reader.received + remote)

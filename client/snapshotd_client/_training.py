@@ -507,7 +507,7 @@ class TrainingState:
                         "nodes of a group lost). Bring them back (or a replacement, which "
                         "rebuilds them) and restart; to start from scratch instead, drop the "
                         "job's versions (snapshotctl drop --job ...)")
-                client._start_over()
+                client._start_over(found.token)
                 return None
             step, saved_world = chosen
             if not found.own(step, saved_world, dist.get_world_size()):
@@ -515,6 +515,7 @@ class TrainingState:
                 loaded = _elastic.load(self, client, found, step, saved_world)
                 self.last_restore_seconds["load"] = time.perf_counter() - t2
                 return loaded
+            client._next_timeline = found.token     # the timeline this restore starts
         t2 = time.perf_counter()
         # The model exists already: fill its tensors in place (no fresh memory to fault in),
         # once the whole snapshot is known to fit (checked before any byte is written). In a

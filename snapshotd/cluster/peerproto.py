@@ -147,6 +147,11 @@ class JobFloor:
     #: The steps of ``held`` that every local rank of the sending node holds *protected*:
     #: the job-wide step is one of these where one exists (a single loss cannot take it).
     protected: tuple[int, ...] = ()
+    #: The timeline the sending node's ranks last restored: the token the restore named it
+    #: (0: the job never restored there) and the step it started from (-1: from nothing).
+    #: A report of another timeline counts only up to the lower base (protection.on_timeline).
+    timeline: int = 0
+    base: int = -1
 
 
 @dataclass(frozen=True)

@@ -160,6 +160,9 @@ class Protector:
         self._held: dict[int, dict[str, NodeView]] = {}
         #: job -> this node's job-wide step: it only moves up (see job_wide).
         self._pin: dict[str, int] = {}
+        #: job -> (token, base) of the timeline this node's ranks last restored (a restore
+        #: names it, every rank the same; absent: the job never restored here).
+        self._timelines: dict[str, tuple[int, int]] = {}
         #: Reports are relayed (see overlay, relay), so each carries its origin's incarnation
         #: and sequence number (Held.mark); per node: the newest mark taken (a report no newer
         #: is refused), the mark of the report its floors come from (kept in floors.json),
@@ -446,7 +449,9 @@ class Protector:
         protected = tuple(sorted(set.intersection(*safe.values()))) if safe else ()
         with self._lock:
             pin = self._pin.get(job, -1)
-        return NodeView(self.job_floor(job), held, tuple(sorted(per)), world, pin, protected)
+            token, base = self._timelines.get(job, (0, -1))
+        return NodeView(self.job_floor(job), held, tuple(sorted(per)), world, pin, protected,
+                        token, base)
 
     def on_protected(self, msg: pp.Protected) -> None:
         stripe = self._stripe(msg.stripe)
@@ -649,14 +654,21 @@ class Protector:
 
     # ------------------------------------------------------------------ dropped versions
 
-    def node_dropped(self, job: str, steps: set[int]) -> None:
+    def node_dropped(self, job: str, steps: set[int],
+                     timeline: tuple[int, int] | None = None) -> None:
         """This node no longer holds ``steps`` of ``job`` (dropped): tell the group's parity
         holders, which free the parity of the stripes this node's data is part of.
+        ``timeline``: the (token, base) of the restore that dropped them (see
+        :meth:`new_timeline`).
 
         A drop that lowers this node's floor (a restore that started a new timeline) is
         pushed at once (an urgent report, forwarded at once by every relay), and taken by
         this node's overlay neighbours before the drop returns: until the others hear it, a
-        node that commits a newer step could let the step this node now relies on go."""
+        node that commits a newer step could let the step this node now relies on go. The
+        nodes further away (tree mode) may take it later than the first commit of the new
+        timeline: the timeline's token in every report is what keeps them from raising a pin
+        on this node's stale report meanwhile (:func:`on_timeline`)."""
+        renewed = timeline is not None and self.new_timeline(job, *timeline)
         with self._lock:
             now = time.time()
             for step in steps:
@@ -667,7 +679,7 @@ class Protector:
             if self._pin.get(job, -1) in steps:  # a new timeline: the pin was dropped
                 del self._pin[job]
                 self.store.pins = {j: p for j, p in self._pin.items() if p >= 0}
-        if steps and (last is None or self.job_floor(job) < last):
+        if renewed or (steps and (last is None or self.job_floor(job) < last)):
             self.push()
         if self.group.m == 0 or not steps:
             return
@@ -675,6 +687,24 @@ class Protector:
             for key in [k for k in self._sent if k[0] == job and k[1] in steps]:
                 del self._sent[key]
         self._tell_dropped(job, steps, time.time())
+
+    def new_timeline(self, job: str, token: int, base: int) -> bool:
+        """A restore of this node's ranks started a new timeline of ``job`` from step ``base``
+        (-1: from nothing), which the job's ranks named ``token`` (every rank of one restore
+        sends the same): from now on this node's reports carry it, and a report of another
+        node that carries another timeline counts for the job-wide step only up to the base
+        (:func:`on_timeline`). Step numbers above the base are reused by the new timeline, so
+        a stale report of the old one, relayed late, would otherwise let a pin rise to a step
+        that node does not hold. Returns whether the timeline changed."""
+        if not token:
+            return False
+        with self._lock:
+            if self._timelines.get(job) == (token, base):
+                return False
+            self._timelines[job] = (token, base)
+            self._save_floors()
+        log.info("job %r: new timeline %x from step %d", job, token, base)
+        return True
 
     def abandoned(self, job: str, step: int, manifest: str) -> bool:
         """This node dropped (job, step) after the version ``manifest`` describes was
@@ -904,7 +934,7 @@ class Protector:
             return msg, False
         floors = {j.job: j.floor for j in msg.jobs}
         held = {j.job: NodeView(j.floor, tuple(j.held), tuple(j.ranks), j.world, j.pin,
-                                tuple(j.protected))
+                                tuple(j.protected), j.timeline, j.base)
                 for j in msg.jobs}
         self._floor_marks[msg.src] = msg.mark
         back = self._recovering.pop(msg.src, None) is not None
@@ -930,10 +960,17 @@ class Protector:
         with self._lock:
             return dict(self._latest)
 
-    def _views(self, job: str, skip: int | None = None) -> dict[int, NodeView]:
-        """slot -> what it reported of ``job``, for every node that did (lock held)."""
-        return {slot: self._held.get(slot, {}).get(job, NodeView(f[job]))
-                for slot, f in self._floors.items() if job in f and slot != skip}
+    def _views(self, job: str, skip: int | None = None,
+               timeline: bool = True) -> dict[int, NodeView]:
+        """slot -> what it reported of ``job``, for every node that did (lock held); with
+        ``timeline``, a report of another timeline than this node's only up to the steps
+        the two share (:func:`on_timeline`)."""
+        views = {slot: self._held.get(slot, {}).get(job, NodeView(f[job]))
+                 for slot, f in self._floors.items() if job in f and slot != skip}
+        if not timeline:
+            return views
+        token, base = self._timelines.get(job, (0, -1))
+        return {slot: on_timeline(v, token, base) for slot, v in views.items()}
 
     def _set_pins(self) -> None:
         """The job-wide step of every job (lock held): the newest :func:`job_wide` gave, and
@@ -992,16 +1029,20 @@ class Protector:
             self._held = {int(slot): {str(job): NodeView(int(v[0]), tuple(v[1]), tuple(v[2]),
                                                          int(v[3]),
                                                          int(v[4]) if len(v) > 4 else -1,
-                                                         tuple(v[5]) if len(v) > 5 else ())
+                                                         tuple(v[5]) if len(v) > 5 else (),
+                                                         int(v[6]) if len(v) > 6 else 0,
+                                                         int(v[7]) if len(v) > 7 else -1)
                                       for job, v in jobs.items()}
                           for slot, jobs in saved["held"].items()}
             self._pin = {str(job): int(pin) for job, pin in saved.get("pins", {}).items()}
+            self._timelines = {str(job): (int(t[0]), int(t[1]))
+                               for job, t in saved.get("timelines", {}).items()}
         except FileNotFoundError:
             return
         except (OSError, ValueError, TypeError, AttributeError, IndexError) as exc:
             log.warning("ignored %s (%s): the job-wide steps are learnt again from the peers",
                         self._floors_path(), exc)
-            self._floors, self._held, self._pin = {}, {}, {}
+            self._floors, self._held, self._pin, self._timelines = {}, {}, {}, {}
             return
         # Stale but standing: each node's floors count until a newer report of it comes, and
         # the relay forwards them as the report they came from (its mark; (0, 0) when the
@@ -1024,7 +1065,8 @@ class Protector:
                 json.dump({"floors": {str(s): f for s, f in self._floors.items()},
                            "held": {str(s): h for s, h in self._held.items()},
                            "marks": {str(s): list(m) for s, m in self._floor_marks.items()},
-                           "pins": self._pin}, fh)
+                           "pins": self._pin,
+                           "timelines": {j: list(t) for j, t in self._timelines.items()}}, fh)
             os.replace(path + ".tmp", path)
         except OSError as exc:
             log.warning("could not keep the job-wide steps in %s: %s", path, exc)
@@ -1206,6 +1248,37 @@ class NodeView(NamedTuple):
     world: int = 0
     pin: int = -1
     protected: tuple[int, ...] = ()
+    #: The timeline the node's ranks last restored: its token (0: none) and base step.
+    timeline: int = 0
+    base: int = -1
+
+
+def on_timeline(view: NodeView, token: int, base: int) -> NodeView:
+    """``view`` (another node's report of a job) as far as it speaks of this node's timeline
+    (``token`` from step ``base``; token 0: the job never restored here): all of it when its
+    timeline is the same; else only the steps up to the lower base of the two (a timeline
+    without a token has none), the only step numbers both timelines certainly share. Either
+    the report is stale (its node restored since, in the restore this node's ranks took part
+    in, and its steps above the base are abandoned or reused), or this node has not restored
+    yet (its own steps above the base are about to go).
+
+    >>> V = NodeView
+    >>> old = V(10, (8, 9, 10), (1,), 2, 8, (8, 9, 10))   # a stale report, before the restore
+    >>> on_timeline(old, 0x51, 8)[:6]
+    (8, (8,), (1,), 2, 8, (8,))
+    >>> on_timeline(V(10, (8, 9, 10), timeline=0x51, base=8), 0x51, 8).held  # same timeline
+    (8, 9, 10)
+    >>> on_timeline(V(9, (5, 9), timeline=0x52, base=5), 0x51, 8).held  # an older restore
+    (5,)
+    >>> on_timeline(V(7, (7,), timeline=0x51, base=-1), 0, -1).held     # it started over
+    ()
+    """
+    if view.timeline == token:
+        return view
+    cap = min(b for t, b in ((token, base), (view.timeline, view.base)) if t)
+    return view._replace(floor=min(view.floor, cap),
+                         held=tuple(s for s in view.held if s <= cap),
+                         protected=tuple(s for s in view.protected if s <= cap))
 
 
 def current_views(views: dict[int, NodeView]) -> dict[int, NodeView]:

@@ -122,7 +122,7 @@ class PeerReads:
         notices): the versions it holds belong to the abandoned timeline, and a later
         restore must never combine them with the new one's."""
         with self.protector._lock:
-            views = self.protector._views(job)
+            views = self.protector._views(job, timeline=False)
         count = 0
         holders = sorted(s for s, v in views.items() if s != self.me and rank in v.ranks)
         up = self.live(holders) if self.groups else set(holders)
@@ -181,7 +181,7 @@ class PeerReads:
         """What every other node last reported holding of ``job``; of a node that is down
         now, only the steps it reported protected (its group can decode those)."""
         with self.protector._lock:
-            views = {slot: v for slot, v in self.protector._views(job).items()
+            views = {slot: v for slot, v in self.protector._views(job, timeline=False).items()
                      if slot != self.me}
         up = self.live(views) if self.groups else set(views)
         return p.WhereReply(tuple(

@@ -241,6 +241,12 @@ class Drop:
     #: only): a job that starts a new timeline at a step it restored at another world size
     #: abandons the newer versions of the saved ranks wherever they are.
     everywhere: bool = False
+    #: Nonzero: this drop is a restore's, starting a new timeline of the job from
+    #: ``newer_than`` (from nothing without it), which the job's ranks named with this token
+    #: (every rank of one restore sends the same; the client derives it in the restore's
+    #: agreement). The node's job-wide retention reports carry it, so that no node raises
+    #: the job's pin on a stale report of the old timeline (docs/protocol.md).
+    timeline: int = 0
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ class ControlServer(RouterLoop):
                  metrics: Metrics, node_slot: int = 0, workers: int = 4,
                  reap_interval: float = 1.0,
                  on_commit: Callable[[Any], None] = lambda version: None,
-                 on_drop: Callable[[str, set[int]], None] = lambda job, steps: None,
+                 on_drop: Callable[..., None] = lambda job, steps, timeline=None: None,
                  recovery: Any = None,
                  peers: Callable[[], dict[int, bool]] | None = None,
                  persister: Any = None, job_isolation: bool = False,
@@ -268,9 +268,12 @@ class ControlServer(RouterLoop):
         before = {v.step for v in self.store.versions(m.job)}
         count = self.store.drop(m.job, m.rank, m.step, m.newer_than)
         gone = before - {v.step for v in self.store.versions(m.job)}
-        if gone:
+        timeline = None
+        if m.timeline and m.step is None:
+            timeline = (m.timeline, -1 if m.newer_than is None else m.newer_than)
+        if gone or timeline:
             try:
-                self.on_drop(m.job, gone)
+                self.on_drop(m.job, gone, timeline)
             except Exception:  # noqa: BLE001 - the local drop stands either way
                 log.exception("telling peers that job %r steps %s were dropped failed", m.job,
                               sorted(gone))

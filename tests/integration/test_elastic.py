@@ -68,6 +68,19 @@ def test_fsdp2_resharded_2_to_3_then_continues_at_2_after_a_node_loss(cluster_fa
     # seed (deterministic, and not another rank's).
     assert [r["rng"] for r in restored[:2]] == [s["rng"] for s in saved]
     assert restored[2]["rng"] not in [s["rng"] for s in saved]
+    # The restore named its new timeline: the same token on every node (each got it from its
+    # own rank's drop), and each node's reports carry it to the others (floors.json).
+    def timelines():
+        out = []
+        for spec in cluster.specs:
+            floors = json.loads(open(os.path.join(spec.shm_dir, "floors.json")).read())
+            out.append((tuple(floors.get("timelines", {}).get(job, (0, -1))),
+                        {h[job][6] for h in floors["held"].values() if job in h}))
+        return out
+
+    wait_for(lambda: len({t for t, _ in timelines()}) == 1 and timelines()[0][0][0] != 0
+             and all(heard == {timelines()[0][0][0]} for _, heard in timelines()))
+    assert timelines()[0][0][1] == 3                  # the base: the restored step
 
     # Step 4 of the 3-rank layout protected on every node, and node 0 told of it; then node 2
     # is lost for good.

@@ -121,6 +121,15 @@ def test_agree_step_takes_the_newest_step_every_rank_holds(one_rank_group):
         agree_step(FakeClient(DaemonUnavailable("no daemon")))
 
 
+def test_every_restore_names_a_new_timeline(one_rank_group):
+    from snapshotd_client._client import agree_timeline, timeline_token
+
+    step, token = agree_timeline(FakeClient([3, 9, 4]))
+    again = agree_timeline(FakeClient([3, 9, 4]))
+    assert step == again[0] == 9 and 0 < token < 1 << 63 and again[1] not in (0, token)
+    assert timeline_token("j", 9) == timeline_token("j", 9) != timeline_token("j", 8)
+
+
 def test_a_restarted_torchrun_worker_without_the_rendezvous_setting_is_warned_once(monkeypatch):
     from snapshotd_client import _client
 
