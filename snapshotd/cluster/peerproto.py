@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 from ..common import protocol as p
 
 __all__ = ["FragInfo", "Ping", "Pong", "PutData", "PutParity", "Protected", "Dropped", "Held",
-           "JobFloor", "Reports", "Inventory",
+           "JobFloor", "Reports", "ReportsReply", "Inventory",
            "DataHolding", "ParityHolding", "InventoryReply", "GetData", "GetParity", "Chunk",
            "GetVersion", "VersionData", "DropNewer",
            "decode", "manifest_id"]
@@ -195,12 +195,23 @@ class Reports:
     ``sender`` to a neighbour of the overlay (:mod:`snapshotd.cluster.overlay`) every report
     interval: its own newest report and those of other nodes the neighbour may lack.
     ``urgent``: sent at once after a drop lowered a floor; a receiver that learns something
-    new from it forwards at once too. Reply: ``Ok(count)``, the reports that were new."""
+    new from it forwards at once too. Reply: :class:`ReportsReply`."""
 
     OP: ClassVar[str] = "reports"
     sender: int
     reports: tuple[Held, ...]
     urgent: bool = False
+
+
+@dataclass(frozen=True)
+class ReportsReply:
+    """The answer to :class:`Reports`: how many of its reports were new, and the reports its
+    sender is not known to have (to a neighbour of the overlay: an edge carries reports both
+    ways whenever either side can reach the other)."""
+
+    OP: ClassVar[str] = "reports_reply"
+    count: int
+    reports: tuple[Held, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -311,7 +322,7 @@ class DropNewer:
 
 
 _PEER_MESSAGES = p.registry(Ping, Pong, PutData, PutParity, Protected, Dropped, Held, Reports,
-                            Inventory,
+                            ReportsReply, Inventory,
                             InventoryReply, GetData, GetParity, Chunk, GetVersion, VersionData,
                             DropNewer, p.Ok, p.Error)
 

@@ -138,11 +138,12 @@ class PeerLinks:
         return self._fan_out(slots, msg, timeout, lambda req_id, got_id, reply: (
             None if got_id != req_id else not isinstance(reply, p.Error)))
 
-    def call_each(self, msgs: dict[int, Any], timeout: float) -> set[int]:
+    def call_each(self, msgs: dict[int, Any], timeout: float,
+                  replies: dict[int, Any] | None = None) -> set[int]:
         """Send each slot its own message at once; return the slots that answered it (not
-        with an error) within ``timeout`` in all."""
+        with an error) within ``timeout`` in all (their answers into ``replies``)."""
         return self._fan_out(list(msgs), msgs, timeout, lambda req_id, got_id, reply: (
-            None if got_id != req_id else not isinstance(reply, p.Error)))
+            None if got_id != req_id else not isinstance(reply, p.Error)), replies)
 
     def ping_all(self, slots: Sequence[int], msg: Any, timeout: float) -> set[int]:
         """Send ``msg`` to every slot at once; return the slots that answered in ``timeout``."""
@@ -151,7 +152,8 @@ class PeerLinks:
                              lambda _req, _got, reply: True if isinstance(reply, Pong) else None)
 
     def _fan_out(self, slots: Sequence[int], msg: Any, timeout: float,
-                 judge: Callable[[int, int, Any], bool | None]) -> set[int]:
+                 judge: Callable[[int, int, Any], bool | None],
+                 replies: dict[int, Any] | None = None) -> set[int]:
         """Send ``msg`` (or ``msg[slot]``, a dict) to every slot at once and read replies until
         ``timeout``:
         ``judge(request id, reply id, reply)`` says whether a reply answers (True), ends the
@@ -181,6 +183,8 @@ class PeerLinks:
                     continue
                 if verdict:
                     answered.add(slot)
+                    if replies is not None:
+                        replies[slot] = reply
                 poller.unregister(sock)
                 del pending[sock]
         return answered

@@ -78,10 +78,10 @@ class PeerServer(RouterLoop):
     def _on_held(self, m: pp.Held, _: Any) -> p.Ok:
         return p.Ok(int(self.protector.on_held(m)))
 
-    def _on_reports(self, m: pp.Reports, _: Any) -> p.Ok:
+    def _on_reports(self, m: pp.Reports, _: Any) -> pp.ReportsReply:
         if self.protector.relay is None:
             raise p.ProtocolError("bad_request", "this node relays no reports")
-        return p.Ok(self.protector.relay.on_reports(m))
+        return self.protector.relay.answer(m)
 
     def _on_inventory(self, m: pp.Inventory, _: Any) -> pp.InventoryReply:
         return self.protector.inventory()

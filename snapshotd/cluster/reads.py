@@ -139,6 +139,7 @@ class PeerReads:
                     self._pending.setdefault(slot, []).append(pp.DropNewer(job, rank,
                                                                            newer_than))
                 self._wake.set()
+        self.links.close_thread()           # a worker thread of the control server
         return count
 
     def _send_drop(self, slot: int, msg: pp.DropNewer) -> int:
@@ -192,11 +193,19 @@ class PeerReads:
             for slot, v in sorted(views.items())))
 
     def fetch(self, job: str, rank: int, step: int | None, pid: int) -> p.OpenReply:
-        """Fetch (job, rank, step) from a node that reported holding it; a lease on the copy."""
+        """Fetch (job, rank, step) from a node that reported holding it; a lease on the copy.
+        The connections it opened (on the control server's worker thread) are closed when it
+        returns: a daemon's peers stay bounded by its group, not by the nodes it read from."""
         if step is None:
             raise StoreError("bad_request", "a remote read names its step")
+        try:
+            return self._fetch(job, rank, step, pid)
+        finally:
+            self.links.close_thread()
+
+    def _fetch(self, job: str, rank: int, step: int, pid: int) -> p.OpenReply:
         with self.protector._lock:
-            views = self.protector._views(job)
+            views = self.protector._views(job, timeline=False)
         holders = [slot for slot, v in views.items() if slot != self.me and rank in v.ranks]
         up = self.live(holders) if self.groups else set(holders)
         candidates = sorted((slot for slot in holders if slot in up),

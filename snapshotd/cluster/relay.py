@@ -17,6 +17,12 @@ it received from it, by each report's mark). Which reports go where:
   That member is the first of its group's order for the edge that has not failed to take a
   batch within ``retry`` seconds.
 
+A receiver answers a batch with the reports its sender is not known to have (by the same
+rules): an edge carries reports both ways whenever either side can reach the other, so a
+carrier that its group's heartbeats keep as the gateway but that cannot reach the other group
+(a cut link, a one-way partition) does not cut the tree: the other side reaches it, or falls
+over to the next member of its group, and takes this group's reports from the answers.
+
 A receiver takes a report only if it is newer than the one it holds of its origin, so one that
 is relayed late, twice, or round a fall-over is refused, and a relay that is down only delays
 what passes through it (nothing is made up, nothing is taken as newer than it is). A batch
@@ -71,6 +77,9 @@ class ReportRelay:
         #: that was not has been missing batches.
         self._failed: dict[int, float] = {}
         self._missing: dict[int, float] = {}
+        #: member of another group -> when it last sent this node a batch across a tree edge
+        #: (it chose this node as its partner: what it is known to have is kept, for answers).
+        self._across: dict[int, float] = {}
         self._urgent = False
         self._fresh = False
         self._wake = threading.Event()
@@ -151,16 +160,16 @@ class ReportRelay:
         with self._lock:
             partners = self.partners(now)
             for slot in [*self.overlay.local, *partners]:
-                known = self._known.get(slot, {})
-                inside = slot in self._local
-                out = tuple(msg for src, msg in sorted(latest.items())
-                            if known.get(src, _NONE) < msg.mark
-                            and (not inside or src == slot or self._due_inside(src, now)))
+                out = self._lacking(slot, latest, now)
                 if out:
                     batches[slot] = pp.Reports(self.me, out, urgent)
         if not batches:
             return 0
-        answered = self.links.call_each(batches, self.timeout)
+        replies: dict[int, Any] = {}
+        answered = self.links.call_each(batches, self.timeout, replies)
+        for slot, reply in replies.items():         # what the neighbour answered with
+            if isinstance(reply, pp.ReportsReply) and reply.reports:
+                self.on_reports(pp.Reports(slot, reply.reports))
         with self._lock:
             for slot, batch in batches.items():
                 if slot in answered:
@@ -181,10 +190,14 @@ class ReportRelay:
                                  partners[slot].other)
                     self._failed[slot] = now
                     self._missing.pop(slot, None)
-            # Partners no longer used: forget them and close their sockets.
+            # Partners no longer used (nor sending here across an edge): forget them, and
+            # close the sockets to them.
             used = self._local | set(self.partners(now))
-            for slot in [s for s in self._known if s not in used]:
+            callers = {s for s, t in self._across.items() if now - t < self.retry}
+            for slot in [s for s in self._known if s not in used | callers]:
                 del self._known[slot]
+            for slot in [s for s in self._across if s not in callers]:
+                del self._across[slot]
         for slot in self.links.open_slots():
             if slot not in used:
                 self.links.close(slot)
@@ -192,6 +205,14 @@ class ReportRelay:
         if self.metrics is not None:
             self.metrics.report_batches.labels(direction="sent").inc(len(batches))
         return len(batches)
+
+    def _lacking(self, slot: int, latest: dict[int, pp.Held], now: float) -> tuple[pp.Held, ...]:
+        """The reports neighbour ``slot`` is not known to have and gets from here (lock held)."""
+        known = self._known.get(slot, {})
+        inside = slot in self._local
+        return tuple(msg for src, msg in sorted(latest.items())
+                     if known.get(src, _NONE) < msg.mark
+                     and (not inside or src == slot or self._due_inside(src, now)))
 
     def _due_inside(self, src: int, now: float) -> bool:
         """Whether the newest report of ``src`` goes to group peers from here (lock held)."""
@@ -202,12 +223,33 @@ class ReportRelay:
 
     # ------------------------------------------------------------------ receiving
 
+    def answer(self, msg: pp.Reports) -> pp.ReportsReply:
+        """Take a batch (:meth:`on_reports`) and answer it with the reports its sender is not
+        known to have, where the sender is a neighbour of this node (a group peer, or a
+        member of a group across one of its tree edges): an edge carries reports both ways
+        whenever either side can reach the other (a carrier that cannot reach the other
+        group, but is reached by it, keeps the edge: its heartbeats say it is up)."""
+        taken = self.on_reports(msg)
+        slot = msg.sender
+        if slot not in self._local and not any(slot in e.theirs for e in self.overlay.edges):
+            return pp.ReportsReply(taken)
+        latest = self.protector.latest()
+        with self._lock:
+            back = self._lacking(slot, latest, self._clock())
+            known = self._known.setdefault(slot, {})
+            for report in back:
+                known[report.src] = report.mark
+        return pp.ReportsReply(taken, back)
+
     def on_reports(self, msg: pp.Reports) -> int:
         """Take the reports of a batch that are newer than those held; return how many."""
         if msg.sender == self.me or not 0 <= msg.sender < self.nodes:
             raise StoreError("bad_request", f"node {msg.sender} is not another node of this "
                              f"cluster of {self.nodes}")
         outside = msg.sender not in self._local
+        if outside:
+            with self._lock:
+                self._across[msg.sender] = self._clock()
         reports = []
         for report in msg.reports:
             if report.src == self.me:

@@ -110,23 +110,31 @@ def test_depth_and_hops():
 
 
 class Net:
-    """Batches handed over in memory; a node that is down takes nothing."""
+    """Batches handed over in memory; a node that is down takes nothing, and the reports of
+    an origin in ``hidden`` never reach the slots listed for it (a relay cut off)."""
 
     def __init__(self):
         self.relays, self.down = {}, set()
+        self.hidden: dict[int, set[int]] = {}
+        self.cut: set[tuple[int, int]] = set()    # (a, b): a cannot reach b (b may reach a)
         self.batches = 0
 
     def links(self, me):
         net = self
 
         class Links:
-            def call_each(self, msgs, timeout):
+            def call_each(self, msgs, timeout, replies=None):
                 answered = set()
                 for slot, msg in msgs.items():
                     net.batches += 1
-                    if slot not in net.down and me not in net.down:
-                        net.relays[slot].on_reports(msg)
+                    if slot not in net.down and me not in net.down and (me, slot) not in net.cut:
+                        reports = tuple(r for r in msg.reports
+                                        if slot not in net.hidden.get(r.src, ()))
+                        reply = net.relays[slot].answer(dataclasses.replace(msg, reports=reports))
                         answered.add(slot)
+                        if replies is not None:
+                            replies[slot] = dataclasses.replace(reply, reports=tuple(
+                                r for r in reply.reports if me not in net.hidden.get(r.src, ())))
                 return answered
 
             def open_slots(self):
@@ -298,3 +306,90 @@ def test_a_restart_whose_clock_is_behind_takes_a_higher_incarnation_and_is_heard
     assert again.inc == old + 1
     run(net, clock, ov.overlay(0, groups).hops)
     assert all(p._held[5]["j"].held == (4,) for s, p in prots.items() if s != 5)
+
+
+def test_a_stale_report_of_the_old_timeline_raises_no_pin_over_a_reused_step(cluster):
+    """Finding 4 of the issue-16 review: after a restore (a new timeline from step 8) the
+    steps 9 and 10 are trained again; a far node still holding a report of the old timeline
+    (which listed the old 9 and 10: its post-drop report is slow to come round the tree)
+    must not take it for the new steps, raise its pin to 10 and let go of step 8, which the
+    slow node still needs."""
+    groups, net, clock, prots = cluster
+    mesh = ov.overlay(0, groups)
+    slow, lagging, far = 33, 20, 1                # three groups (8, 5, 0) far apart
+    for prot in prots.values():
+        prot.push = prot.report                  # no relay thread here: report at once
+    for prot in prots.values():
+        for step in (7, 8):
+            commit(prot.store, step)
+    run(net, clock, mesh.hops + 1)
+    assert {p.pin("j") for p in prots.values()} == {8}
+    for slot, prot in prots.items():
+        if slot != lagging:                      # node 20's ranks never saved 9 and 10
+            for step in (9, 10):
+                commit(prot.store, step)
+    run(net, clock, mesh.hops + 1)
+    assert {p.pin("j") for p in prots.values()} == {8}
+    assert prots[far]._held[slow]["j"].held == (8, 9, 10)       # the old timeline's 9, 10
+    # The job restores step 8 everywhere (what every rank holds): a new timeline, the same
+    # token on every node. The slow node's report after its drop does not reach the far
+    # node's group (its relay is cut off).
+    net.hidden[slow] = set(range(0, 4))
+    for prot in prots.values():
+        gone = {v.step for v in prot.store.versions("j") if v.step > 8}
+        prot.store.drop("j", newer_than=8)
+        prot.node_dropped("j", gone, (0x5EED, 8))
+    # Everyone but the slow node trains 9 and 10 again and saves them (its saves are late).
+    for slot, prot in prots.items():
+        if slot != slow:
+            for step in (9, 10):
+                commit(prot.store, step)
+    run(net, clock, mesh.hops + 1)
+    far_view = prots[far]._held
+    assert far_view[slow]["j"].held == (8, 9, 10) and far_view[slow]["j"].timeline == 0
+    assert all(far_view[s]["j"].timeline == 0x5EED for s in prots if s not in (slow, far))
+    # On the stale report alone the far node would take 10 as held everywhere and let 8 go.
+    assert prots[far].pin("j") == 8
+    assert 8 in {v.step for v in prots[far].store.versions("j")}
+    # The report comes round: still 8 (the slow node holds nothing newer yet); once it has
+    # saved 9 and 10 of the new timeline, every node raises its pin to 10.
+    net.hidden.clear()
+    run(net, clock, mesh.hops + 1)
+    assert {p.pin("j") for p in prots.values()} == {8}
+    for step in (9, 10):
+        commit(prots[slow].store, step)
+    run(net, clock, mesh.hops + 1)
+    assert {p.pin("j") for p in prots.values()} == {10}
+
+
+@pytest.mark.parametrize("both_ways", [False, True], ids=["one-way", "both-ways"])
+def test_an_edge_carrier_cut_off_from_the_other_group_but_up_in_its_own_is_routed_around(
+        cluster, both_ways):
+    """Finding 4 of the issue-16 review, second part, and finding A of the tree-mode review:
+    the member carrying an edge is up for its group (heartbeats) but reaches no member of the
+    other group. One way (the other group still reaches it): it answers their batches with its
+    group's reports. Both ways: the other side falls over to the next member of this group
+    after ``retry``, which answers the same way. Either way both directions flow again."""
+    groups, net, clock, prots = cluster
+    mesh = ov.overlay(0, groups)
+    run(net, clock, mesh.hops)
+    edge = next(e for e in ov.overlay(36, groups).edges if e.other == 2)   # group 9 -> 2
+    carrier = edge.mine[0]
+    net.cut |= {(carrier, s) for s in edge.theirs}
+    if both_ways:
+        net.cut |= {(s, carrier) for s in edge.theirs}
+    below, above = edge.mine[1], edge.theirs[1]       # a node on each side that changes
+    commit(prots[below].store, 5)
+    commit(prots[above].store, 6)
+    run(net, clock, 1)
+    sent = {s: prots[s].report_marks()[s] for s in (below, above)}
+    run(net, clock, 5 + 2 * mesh.hops)
+    for slot, prot in prots.items():
+        if slot != below:
+            assert prot._held[below]["j"].held == (5,), slot
+            assert prot.report_marks()[below] >= sent[below]
+        if slot != above:
+            assert prot._held[above]["j"].held == (6,), slot
+    # The carrier is still everybody's gateway in its group (it is up) and still cut off.
+    assert ov.gateway(edge.mine, lambda s: True) == carrier
+    assert all(carrier not in net.relays[s].partners() for s in edge.theirs) == both_ways
