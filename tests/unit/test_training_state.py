@@ -149,3 +149,45 @@ def test_a_restarted_torchrun_worker_without_the_rendezvous_setting_is_warned_on
         warnings.simplefilter("always")
         _client._check_torchrun_env()
     assert not seen
+
+
+def test_a_dcp_restore_into_a_fresh_optimizer_skips_dcp_s_warm_up_step_and_is_bit_exact(
+        one_rank_group):
+    """A new process's optimizer holds no state: DCP's set_state_dict would first run a step
+    with zero gradients to create it (0.8 s for a small FSDP2 model); TrainingState skips it,
+    and the resumed run is the uninterrupted one, bit for bit. A load that fails leaves the
+    optimizer without state, as it was."""
+    def fresh():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Linear(16, 3))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        return model, optimizer, TrainingState(model, optimizer, state_dicts="dcp", rng=False)
+
+    def train(model, optimizer, steps):
+        for i in range(steps):
+            model(torch.full((5, 6), float(i))).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    model, optimizer, state = fresh()
+    train(model, optimizer, 3)
+    saved = through_snapshot(state.state_dict(step=3))
+    train(model, optimizer, 2)
+    expected = copy.deepcopy(model.state_dict())
+
+    model, optimizer, state = fresh()
+    steps = []
+    optimizer.register_step_pre_hook(lambda *a: steps.append(1))
+    assert state.load(saved) == 3
+    assert not steps                                        # no warm-up step ran
+    assert all(set(s) == {"step", "exp_avg", "exp_avg_sq"} for s in optimizer.state.values())
+    train(model, optimizer, 2)
+    got = model.state_dict()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+    model, optimizer, state = fresh()
+    broken = copy.deepcopy(saved)
+    broken["optimizer"]["state"].pop(next(iter(broken["optimizer"]["state"])))
+    with pytest.raises(RuntimeError, match="Missing optimizer state"):
+        state.load(broken)
+    assert not optimizer.state
