@@ -11,6 +11,7 @@ assembled, the parity this node holds, which versions are protected. Bytes move 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -336,7 +337,9 @@ class Protector:
         """The steps every node of the job's current layout reports holding (``skip``'s
         report left out; without it, none unless this node is in that layout)."""
         with self._lock:
-            views = current_views(self._views(job, skip=skip))
+            # The others' reports as they are when this node is left out (a replacement
+            # asks what they hold in common; it takes their timeline, adopt_timelines).
+            views = current_views(self._views(job, skip=skip, timeline=skip is None))
         held = [set(v.held) for v in views.values() if v.held]
         if not held or (skip is None and self.me not in views):
             return set()
@@ -688,6 +691,28 @@ class Protector:
                 del self._sent[key]
         self._tell_dropped(job, steps, time.time())
 
+    def adopt_timelines(self) -> None:
+        """A replacement, its memory rebuilt from its group, takes for every job it holds no
+        timeline of the one the other nodes report most (then the higher base): its versions
+        were rebuilt from the parity of that timeline. Without it the others would count its
+        report only up to their base until the job restores again."""
+        with self._lock:
+            changed = False
+            for job in sorted({v.job for v in self.store.versions()} - set(self._timelines)):
+                seen = collections.Counter(
+                    (v.timeline, v.base)
+                    for v in self._views(job, skip=self.me, timeline=False).values()
+                    if v.timeline)
+                if seen:
+                    (token, base), _ = max(seen.items(),
+                                           key=lambda kv: (kv[1], kv[0][1], kv[0][0]))
+                    self._timelines[job] = (token, base)
+                    changed = True
+                    log.info("job %r: timeline %x from step %d, as the others report", job,
+                             token, base)
+            if changed:
+                self._save_floors()
+
     def new_timeline(self, job: str, token: int, base: int) -> bool:
         """A restore of this node's ranks started a new timeline of ``job`` from step ``base``
         (-1: from nothing), which the job's ranks named ``token`` (every rank of one restore
@@ -992,8 +1017,12 @@ class Protector:
             views = self._views(job)
             step = job_wide(views) if everyone and self.me in views else -1
             views = current_views(views)
+            # Whether a node no longer holds the pin: by what it reported, not capped to this
+            # node's timeline (a stale report of an older timeline holds it back from rising,
+            # it must not make it fall: a pin below what every node holds keeps nothing).
+            raw = current_views(self._views(job, timeline=False))
             pin = new = self._pin.get(job, -1)
-            if pin >= 0 and any(v.held and pin not in v.held for v in views.values()):
+            if pin >= 0 and any(v.held and pin not in v.held for v in raw.values()):
                 # A node no longer holds the pin (it restored an older step: a new timeline;
                 # or it was replaced): the pin goes to what is common now, which keeps more
                 # (not higher while a node recovers).
@@ -1082,7 +1111,7 @@ class Protector:
         pin one of them reports (a step every node held when it was adopted, which its node
         keeps), else the step their reports have in common."""
         with self._lock:
-            views = self._views(job, skip=self.me)
+            views = self._views(job, skip=self.me, timeline=False)
         pins = [v.pin for v in views.values() if v.pin >= 0]
         if pins:
             return max(pins)

@@ -83,6 +83,10 @@ class Recovery:
         except Exception:  # noqa: BLE001 - recovery problems must not stop the daemon
             log.exception("recovery failed")
         finally:
+            try:
+                self.protector.adopt_timelines()    # of the versions it rebuilt
+            except Exception:  # noqa: BLE001
+                log.exception("taking the jobs' timelines failed")
             self._ready.set()           # ranks may restore now; parity follows
         try:
             with self._lock:

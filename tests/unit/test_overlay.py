@@ -393,3 +393,50 @@ def test_an_edge_carrier_cut_off_from_the_other_group_but_up_in_its_own_is_route
     # The carrier is still everybody's gateway in its group (it is up) and still cut off.
     assert ov.gateway(edge.mine, lambda s: True) == carrier
     assert all(carrier not in net.relays[s].partners() for s in edge.theirs) == both_ways
+
+
+def test_a_stale_report_of_an_older_timeline_never_lowers_a_pin_and_a_replacement_adopts(
+        cluster):
+    """A report of an older timeline counts only up to the lower base for raising a pin; it
+    must not make a pin fall (the pin is what every node keeps). Restore X from step 8, then
+    restore Y from step 14 with the pin at 14: a far node still holding a node's report of
+    timeline X (base 8) keeps its pin at 14. A replacement (no timeline of its own) takes the
+    one the others report."""
+    groups, net, clock, prots = cluster
+    mesh = ov.overlay(0, groups)
+    slow, far = 33, 1
+    for prot in prots.values():
+        prot.push = prot.report
+        for step in (7, 8):
+            commit(prot.store, step)
+    run(net, clock, mesh.hops + 1)
+    for prot in prots.values():
+        prot.node_dropped("j", set(), (0xA, 8))          # restore X: back to step 8
+        for step in (13, 14):
+            commit(prot.store, step)
+    run(net, clock, mesh.hops + 1)
+    assert {p.pin("j") for p in prots.values()} == {14}
+    net.hidden[slow] = set(range(0, 4))
+    for prot in prots.values():
+        prot.node_dropped("j", set(), (0xB, 14))         # restore Y: back to step 14
+    run(net, clock, mesh.hops + 1)
+    assert prots[far]._held[slow]["j"].timeline == 0xA   # stale, of timeline X
+    assert prots[far].pin("j") == 14
+    # A late report of timeline X from the slow node that also lists step 8 (kept there):
+    # capped to X's base it holds {8}, not the pin; yet it says it holds 14.
+    last = prots[far].latest()[slow]
+    late = dataclasses.replace(last, seq=last.seq + 1, jobs=tuple(
+        dataclasses.replace(j, held=(8, 13, 14)) for j in last.jobs))
+    assert prots[far].on_held(late)
+    assert prots[far].pin("j") == 14
+    assert 14 in {v.step for v in prots[far].store.versions("j")}
+    net.hidden.clear()
+    for prot in prots.values():
+        for step in (15, 16):
+            commit(prot.store, step)
+    run(net, clock, mesh.hops + 1)
+    assert {p.pin("j") for p in prots.values()} == {16}
+    # Node 12 is replaced: its memory rebuilt, it has no timeline until its ranks restore.
+    prots[12]._timelines.clear()
+    prots[12].adopt_timelines()
+    assert prots[12]._timelines["j"] == (0xB, 14)
