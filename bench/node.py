@@ -105,10 +105,16 @@ def _dcp(state: dict[str, Any], directory: str) -> dict[str, Any]:
     return out
 
 
+#: Where the daemons of the single-node rows keep their segments (``--shm-dir``'s parent):
+#: ``SNAPSHOTD_BENCH_SHM_ROOT`` measures another tmpfs, e.g. one mounted ``huge=within_size``.
+SHM_ROOT = os.environ.get("SNAPSHOTD_BENCH_SHM_ROOT", "/dev/shm")
+
+
 def _cluster(nbytes: int) -> LocalCluster:
     limit = 5 * nbytes + 256 * MIB
     cluster = LocalCluster(1, tempfile.mkdtemp(prefix="snapbench-"),
-                           args=["--memory-limit", str(limit), "--log-level", "WARNING"])
+                           args=["--memory-limit", str(limit), "--log-level", "WARNING"],
+                           shm_root=SHM_ROOT)
     cluster.start()
     return cluster
 
