@@ -37,7 +37,7 @@ from ._flatten import (
 
 __all__ = ["SnapshotClient", "SnapshotSkipped", "RestoreInfo", "SaveStats", "ENV_ENDPOINT",
            "ENV_TOKEN", "ENV_COPY_CPUS", "COPY_MODES", "MAX_META_BYTES", "agree_step",
-           "agree_timeline", "timeline_token"]
+           "agree_timeline", "agree_token", "timeline_token"]
 
 log = logging.getLogger("snapshotd_client")
 ENV_ENDPOINT = "SNAPSHOTD_ENDPOINT"
@@ -734,9 +734,11 @@ class SnapshotClient:
         """The job has no common step and starts from scratch: a new timeline from nothing, so
         this rank's older versions must not be served again (nor block its new saves).
         ``token``: the timeline's, as the restore's agreement named it."""
-        if self.steps():
-            self._channel.call(p.Drop(self.job, self.rank, token=self._token,
-                                      timeline=token or timeline_token(self.job, -1)))
+        # Sent even when this rank holds nothing: the drop names the new timeline, and a node
+        # that does not take it would hold back the job's retention (review of the
+        # timelines, F1: no pin rose again on any node).
+        self._channel.call(p.Drop(self.job, self.rank, token=self._token,
+                                  timeline=token or timeline_token(self.job, -1)))
         self._last_step = None
 
     def _release(self, lease: int) -> None:
@@ -959,6 +961,17 @@ def agree_step(client: SnapshotClient, group: Any = None) -> int | None:
     rank cannot list its steps, every rank raises the same ``SnapshotError``.
     """
     return agree_timeline(client, group)[0]
+
+
+def agree_token(step: int, group: Any = None) -> int:
+    """The token of a new timeline from ``step`` that the ranks of ``group`` restore together
+    (an explicit step, which needs no agreement on the step): every rank's random nonce,
+    gathered (a collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, os.urandom(8), group=group)
+    return timeline_token(step, everyone)
 
 
 def agree_timeline(client: SnapshotClient, group: Any = None) -> tuple[int | None, int]:

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from . import _replicas
-from ._client import SnapshotError, agree_step, log
+from ._client import SnapshotError, agree_step, agree_token, log
 from ._flatten import is_dtensor
 
 if TYPE_CHECKING:
@@ -540,6 +540,11 @@ class TrainingState:
                 self.last_restore_seconds["load"] = time.perf_counter() - t2
                 return loaded
             client._next_timeline = found.token     # the timeline this restore starts
+        elif step is not None and _distributed():
+            # An explicit step: the ranks name this restore's timeline together (a token
+            # derived from the step alone would be the same for two restores of one step,
+            # and a late report of the first could raise a pin in the second: review F3).
+            client._next_timeline = agree_token(step)
         t2 = time.perf_counter()
         # The model exists already: fill its tensors in place (no fresh memory to fault in),
         # once the whole snapshot is known to fit (checked before any byte is written). In a

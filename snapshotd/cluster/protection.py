@@ -266,6 +266,10 @@ class Protector:
         the group is told at once, like a drop of the older version (kept and told again to a
         holder that is down), so that a loss of this node before the new version is encoded
         never rebuilds the replaced bytes."""
+        if version.job not in self._timelines:
+            # A daemon that holds no timeline of the job (a fresh one under live trainers:
+            # its node's daemon was replaced and the job did not restore) takes the others'.
+            self.adopt_timelines(version.job)
         if self.group.m == 0:
             return
         if version.replaces:
@@ -691,14 +695,16 @@ class Protector:
                 del self._sent[key]
         self._tell_dropped(job, steps, time.time())
 
-    def adopt_timelines(self) -> None:
+    def adopt_timelines(self, job: str | None = None) -> None:
         """A replacement, its memory rebuilt from its group, takes for every job it holds no
-        timeline of the one the other nodes report most (then the higher base): its versions
-        were rebuilt from the parity of that timeline. Without it the others would count its
-        report only up to their base until the job restores again."""
+        timeline of (or for ``job``) the one the other nodes report most (then the higher
+        base): its versions were rebuilt from the parity of that timeline, or its trainers go
+        on with it. Without it the others would count its reports only up to their base
+        until the job restores again (review of the timelines, F2)."""
         with self._lock:
             changed = False
-            for job in sorted({v.job for v in self.store.versions()} - set(self._timelines)):
+            jobs = {v.job for v in self.store.versions()} if job is None else {job}
+            for job in sorted(jobs - set(self._timelines)):
                 seen = collections.Counter(
                     (v.timeline, v.base)
                     for v in self._views(job, skip=self.me, timeline=False).values()

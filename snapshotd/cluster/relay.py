@@ -234,11 +234,17 @@ class ReportRelay:
         if slot not in self._local and not any(slot in e.theirs for e in self.overlay.edges):
             return pp.ReportsReply(taken)
         latest = self.protector.latest()
+        now = self._clock()
         with self._lock:
-            back = self._lacking(slot, latest, self._clock())
+            back = self._lacking(slot, latest, now)
             known = self._known.setdefault(slot, {})
             for report in back:
-                known[report.src] = report.mark
+                # Taken as delivered, except a report that no longer changes (its origin is
+                # down): an answer that arrives after the sender gave up waiting is lost, and
+                # nothing newer of that origin would ever be sent in its place.
+                if report.src == self.me or now - self._came.get(report.src, (-1e18,))[0] \
+                        < self.stable:
+                    known[report.src] = report.mark
         return pp.ReportsReply(taken, back)
 
     def on_reports(self, msg: pp.Reports) -> int:

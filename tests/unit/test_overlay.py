@@ -440,3 +440,9 @@ def test_a_stale_report_of_an_older_timeline_never_lowers_a_pin_and_a_replacemen
     prots[12]._timelines.clear()
     prots[12].adopt_timelines()
     assert prots[12]._timelines["j"] == (0xB, 14)
+    # Node 13's daemon is replaced under live trainers (nothing rebuilt, no restore): its
+    # first commit takes the others' timeline (review of the timelines, F2: pins froze).
+    prots[13]._timelines.clear()
+    commit(prots[13].store, 17)
+    prots[13].on_commit(next(v for v in prots[13].store.versions("j") if v.step == 17))
+    assert prots[13]._timelines["j"] == (0xB, 14)

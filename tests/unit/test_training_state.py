@@ -122,12 +122,31 @@ def test_agree_step_takes_the_newest_step_every_rank_holds(one_rank_group):
 
 
 def test_every_restore_names_a_new_timeline(one_rank_group):
-    from snapshotd_client._client import agree_timeline, timeline_token
+    from snapshotd_client._client import agree_timeline, agree_token, timeline_token
 
     step, token = agree_timeline(FakeClient([3, 9, 4]))
     again = agree_timeline(FakeClient([3, 9, 4]))
     assert step == again[0] == 9 and 0 < token < 1 << 63 and again[1] not in (0, token)
     assert timeline_token("j", 9) == timeline_token("j", 9) != timeline_token("j", 8)
+    # Two restores of one explicit step are two timelines (review of the timelines, F3).
+    assert agree_token(9) != agree_token(9)
+
+
+def test_a_start_over_names_the_timeline_even_where_the_rank_holds_nothing():
+    """Review of the timelines, F1: a rank without versions sent no drop, so its node kept
+    no timeline, every other node counted its reports up to base -1, and no pin rose again."""
+    from types import SimpleNamespace
+
+    from snapshotd_client import _protocol as p
+    from snapshotd_client._client import SnapshotClient
+
+    sent = []
+    client = SnapshotClient.__new__(SnapshotClient)
+    client.job, client.rank, client._token = "j", 1, ""
+    client._channel = SimpleNamespace(call=lambda msg, *a, **k: sent.append(msg))
+    client.steps = lambda: []
+    client._start_over(0x77)
+    assert sent == [p.Drop("j", 1, timeline=0x77)]
 
 
 def test_a_restarted_torchrun_worker_without_the_rendezvous_setting_is_warned_once(monkeypatch):
