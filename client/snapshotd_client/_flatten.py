@@ -174,16 +174,17 @@ def _mesh_text(desc: Mapping[str, Any]) -> str:
     return f"{desc['device']} mesh {'x'.join(map(str, shape)) or '()'}{names} ranks {desc['ranks']}"
 
 
-#: (id(mesh), placements, global shape, local shape) -> (mesh, record without the mesh index):
-#: computing a shard's offsets costs tens of microseconds, and a state dict's DTensors are new
-#: objects at every save (``detach()``) that share a handful of (mesh, placements, shape).
+#: (id(mesh), placements, global shape and stride, local shape) -> (mesh, record without the
+#: mesh index): computing a shard's offsets costs tens of microseconds, and a state dict's
+#: DTensors are new objects at every save (``detach()``) that share a handful of (mesh,
+#: placements, shape). The stride is part of the key: it is part of the record.
 _SHARD_CACHE: dict[tuple, tuple[Any, dict[str, Any]]] = {}
 
 
 def _shard_record(t: Any, local: torch.Tensor, path: str) -> tuple[Any, dict[str, Any]]:
     """Where ``t``'s local shard sits in the global tensor (DCP's chunk metadata and more)."""
     mesh, placements = t.device_mesh, tuple(t.placements)
-    key = (id(mesh), placements, tuple(t.shape), tuple(local.shape))
+    key = (id(mesh), placements, tuple(t.shape), t.stride(), tuple(local.shape))
     hit = _SHARD_CACHE.get(key)
     if hit is not None and hit[0] is mesh:
         return hit
