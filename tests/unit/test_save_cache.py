@@ -1,6 +1,7 @@
 """Issue 15, per-save cost: what a save keeps per structure gives exactly what the uncached path
-gives, and is dropped when the structure changes. DTensor records and the mesh table
-(``LayoutCache``) against ``flatten``.
+gives, and is dropped when the structure changes. DCP's FQN mapping and option checks
+(``TrainingState(state_dicts="dcp")``, ``_statedicts.DcpStateDicts``) against DCP's own
+``get_state_dict``; DTensor records and the mesh table (``LayoutCache``) against ``flatten``.
 
 Single process, a gloo world of one (a real ``DeviceMesh``, real ``fully_shard``); 4 ranks with
 shards at non-zero offsets go through the same caches in tests/integration/test_sharded_state.py.
@@ -9,12 +10,15 @@ shards at non-zero offsets go through the same caches in tests/integration/test_
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from snapshotd.tools.localcluster import free_ports
+from snapshotd_client import TrainingState
 from snapshotd_client._flatten import LayoutCache, flatten
+from snapshotd_client._statedicts import DcpStateDicts
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -58,6 +62,45 @@ def backward(model):
     model(torch.randn(3, 4)).pow(2).mean().backward()
 
 
+def local(t):
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def assert_same_tensors(a, b, what):
+    assert isinstance(a, torch.Tensor) == isinstance(b, torch.Tensor), what
+    if isinstance(a, torch.Tensor):
+        assert type(a) is type(b) and a.dtype == b.dtype and a.shape == b.shape, what
+        assert torch.equal(local(a), local(b)), what
+        if isinstance(a, DTensor):
+            assert (a.placements, a.device_mesh, a.stride()) == (b.placements, b.device_mesh,
+                                                                  b.stride()), what
+    else:
+        assert a == b, what
+
+
+def assert_same_as_dcp(got, model, optimizer):
+    """``got`` (DcpStateDicts.get) is what DCP's own functions return now: the same keys in
+    the same order, the same tensors (values, placements), the same plain values."""
+    if optimizer is None:
+        want, want_optim = get_model_state_dict(model), None
+    else:
+        want, want_optim = get_state_dict(model, optimizer)
+    model_sd, optim_sd = got
+    assert list(model_sd) == list(want)
+    for key in want:
+        assert_same_tensors(model_sd[key], want[key], key)
+    if optimizer is None:
+        assert optim_sd is None
+        return
+    assert list(optim_sd) == list(want_optim)
+    assert list(optim_sd["state"]) == list(want_optim["state"])
+    for fqn, moments in want_optim["state"].items():
+        assert list(optim_sd["state"][fqn]) == list(moments)
+        for name, value in moments.items():
+            assert_same_tensors(optim_sd["state"][fqn][name], value, f"{fqn}/{name}")
+    assert optim_sd["param_groups"] == want_optim["param_groups"]
+
+
 def assert_same_layout(got, want):
     """Two layouts that would store the same bytes with the same table and metadata."""
     assert got.meta == want.meta
@@ -67,6 +110,121 @@ def assert_same_layout(got, want):
     assert got.sharding == want.sharding
     assert {i: id(t) for i, t in got.dtensors.items()} == {i: id(t) for i, t in
                                                            want.dtensors.items()}
+
+
+# ------------------------------------------------------------------ DCP state dicts
+
+
+def test_fsdp2_state_dicts_are_dcps_as_optimizer_state_appears_and_params_are_added(mesh):
+    model = fsdp_net(mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    dcp = DcpStateDicts()
+    backward(model)                 # gradients, no optimizer state yet: DCP adds none
+    got = dcp.get(model, optimizer)
+    assert got[1]["state"] == {}
+    assert_same_as_dcp(got, model, optimizer)
+    optimizer.step()                # the optimizer's state appears
+    for _ in range(3):
+        assert_same_as_dcp(dcp.get(model, optimizer), model, optimizer)
+    assert dcp.hits == 3
+    assert_same_as_dcp(dcp.get(model, None), model, None)     # another call: asked again
+    assert dcp.hits == 3
+
+    # A parameter added (a new module, a new parameter group): asked again, then kept.
+    model.head = torch.nn.Linear(8, 2)
+    optimizer.add_param_group({"params": list(model.head.parameters()), "lr": 1e-3})
+    hits = dcp.hits
+    assert_same_as_dcp(dcp.get(model, optimizer), model, optimizer)
+    assert dcp.hits == hits
+    model.head(torch.randn(2, 8)).sum().backward()
+    optimizer.step()
+    got = dcp.get(model, optimizer)
+    assert "head.weight" in got[0] and "head.weight" in got[1]["state"]
+    assert_same_as_dcp(got, model, optimizer)
+    assert dcp.hits == hits + 1
+
+    # The same modules under another name: other keys, asked again.
+    model.tail = model.head
+    del model.head
+    got = dcp.get(model, optimizer)
+    assert "tail.weight" in got[0] and "head.weight" not in got[0]
+    assert_same_as_dcp(got, model, optimizer)
+    assert dcp.hits == hits + 1
+
+
+def test_renamed_keys_tied_weights_and_a_warm_up_step_are_dcps(mesh):
+    # DDP (looked through by name: "module." is not in the FQNs), a weight tied across two
+    # modules, and an optimizer without state or gradients (DCP's warm-up step creates it).
+    torch.manual_seed(0)
+    inner = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 5, bias=False))
+    inner[1].weight = inner[0].weight
+    model = torch.nn.parallel.DistributedDataParallel(inner)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    dcp = DcpStateDicts()
+    got = dcp.get(model, optimizer)
+    assert list(got[0]) == ["0.weight", "1.weight"] and len(got[1]["state"]) == 1
+    assert_same_as_dcp(got, model, optimizer)
+    for _ in range(2):
+        model(torch.tensor([[1, 2]])).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert_same_as_dcp(dcp.get(model, optimizer), model, optimizer)
+    assert dcp.hits == 2
+
+
+def test_a_parameter_replaced_behind_the_optimizers_back_fails_as_dcp_fails(mesh):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    dcp = DcpStateDicts()
+    model(torch.randn(2, 3)).sum().backward()
+    optimizer.step()
+    assert_same_as_dcp(dcp.get(model, optimizer), model, optimizer)
+    assert_same_as_dcp(dcp.get(model, optimizer), model, optimizer)
+    assert dcp.hits == 1
+    # Same name, same shape, another object: the optimizer's parameter has no name now.
+    model[0].weight = torch.nn.Parameter(torch.zeros(3, 3))
+    with pytest.raises(KeyError) as dcps:
+        get_state_dict(model, optimizer)
+    with pytest.raises(KeyError) as ours:
+        dcp.get(model, optimizer)
+    assert str(ours.value) == str(dcps.value)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)   # fixed
+    assert_same_as_dcp(dcp.get(model, optimizer), model, optimizer)
+
+
+def test_training_state_saves_exactly_what_dcp_and_flatten_give(mesh):
+    """The saved table, metadata and tensors of a TrainingState(state_dicts="dcp") save with
+    every cache warm equal those of DCP's get_state_dict laid out by flatten, step after step
+    (DCP's warm-up step at the first save, the optimizer's state, a parameter added)."""
+    model = fsdp_net(mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2)
+    position = {"epoch": 0, "offset": 0}
+    state = TrainingState(model, optimizer, scheduler, data=position, state_dicts="dcp")
+    cache = LayoutCache()
+
+    def compare(step):
+        snap = state.state_dict(step)
+        assert_same_layout(cache.flatten(snap), flatten(snap))
+        snap = state.state_dict(step)
+        dcp_model, dcp_optim = get_state_dict(model, optimizer)
+        want = flatten(dict(snap, model=dcp_model, optimizer=dcp_optim))
+        got = cache.flatten(snap)
+        assert got.meta == want.meta and got.entries == want.entries
+        assert [t.data_ptr() for t in got.tensors] == [t.data_ptr() for t in want.tensors]
+
+    compare(0)                      # no gradients, no state: DCP's warm-up step
+    for step in range(1, 5):
+        backward(model)
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+        position["offset"] += 3
+        if step == 3:
+            model.head = torch.nn.Linear(8, 2)
+            optimizer.add_param_group({"params": list(model.head.parameters())})
+        compare(step)
+    assert state._dcp.hits >= 4 and cache.hits >= 4
 
 
 # ------------------------------------------------------------------ DTensor layouts
@@ -116,7 +274,6 @@ def test_a_dtensor_of_another_layout_is_laid_out_afresh(mesh, change):
                                                first.entries)
     assert_same_layout(cache.flatten({"x": b, "n": 4}), flatten({"x": b, "n": 4}))
     assert cache.hits == 2
-
 
 
 def test_a_plain_value_that_holds_the_tensor_marker_is_laid_out_as_flatten_does(mesh):
