@@ -174,16 +174,17 @@ def _mesh_text(desc: Mapping[str, Any]) -> str:
     return f"{desc['device']} mesh {'x'.join(map(str, shape)) or '()'}{names} ranks {desc['ranks']}"
 
 
-#: (id(mesh), placements, global shape, local shape) -> (mesh, record without the mesh index):
-#: computing a shard's offsets costs tens of microseconds, and a state dict's DTensors are new
-#: objects at every save (``detach()``) that share a handful of (mesh, placements, shape).
+#: (id(mesh), placements, global shape and stride, local shape) -> (mesh, record without the
+#: mesh index): computing a shard's offsets costs tens of microseconds, and a state dict's
+#: DTensors are new objects at every save (``detach()``) that share a handful of (mesh,
+#: placements, shape). The stride is part of the key: it is part of the record.
 _SHARD_CACHE: dict[tuple, tuple[Any, dict[str, Any]]] = {}
 
 
 def _shard_record(t: Any, local: torch.Tensor, path: str) -> tuple[Any, dict[str, Any]]:
     """Where ``t``'s local shard sits in the global tensor (DCP's chunk metadata and more)."""
     mesh, placements = t.device_mesh, tuple(t.placements)
-    key = (id(mesh), placements, tuple(t.shape), tuple(local.shape))
+    key = (id(mesh), placements, tuple(t.shape), t.stride(), tuple(local.shape))
     hit = _SHARD_CACHE.get(key)
     if hit is not None and hit[0] is mesh:
         return hit
@@ -247,6 +248,13 @@ def flatten(state: Any) -> Layout:
 
     Nothing is copied: ``Layout.tensors`` are the caller's tensors (detached).
     """
+    return _flatten(state)[0]
+
+
+def _flatten(state: Any) -> tuple[Layout, list[dict[str, Any]], dict[str, Any] | None]:
+    """:func:`flatten`; the skeleton's tensor nodes (``__tensor__``, ``__ndarray__``,
+    ``__dtensor__``) in walk order, one per tensor reached (a tied one at each path); the
+    ``__sharded__`` header (the mesh table), None without DTensors."""
     tensors: list[torch.Tensor] = []
     entries: list[dict[str, Any]] = []
     offset = 0
@@ -257,6 +265,7 @@ def flatten(state: Any) -> Layout:
     mesh_index: dict[int, tuple[Any, int]] = {}        # id(mesh) -> (mesh, table index)
     dtensors: dict[int, Any] = {}
     sharding: dict[int, dict[str, Any]] = {}
+    nodes: list[dict[str, Any]] = []
 
     def add(t: torch.Tensor, path: str) -> int:
         nonlocal offset
@@ -309,6 +318,7 @@ def flatten(state: Any) -> Layout:
         out: dict[str, Any] = {"__ndarray__": add(tensor, path)}
         if native.dtype.str != value.dtype.str:
             out["dtype"] = value.dtype.str
+        nodes.append(out)
         return out
 
     def dtensor(value: Any, path: str) -> dict[str, Any]:
@@ -330,13 +340,16 @@ def flatten(state: Any) -> Layout:
         if idx not in dtensors:
             dtensors[idx] = value
             sharding[idx] = {**node, "mesh": meshes[known[1]]}
+        nodes.append(node)
         return node
 
     def walk(value: Any, path: str) -> Any:
         if isinstance(value, torch.Tensor):
             if is_dtensor(value):
                 return dtensor(value, path)
-            return {"__tensor__": add(value, path)}
+            node = {"__tensor__": add(value, path)}
+            nodes.append(node)
+            return node
         if isinstance(value, (list, tuple, dict)) and len(value) > MAX_CONTAINER:
             raise TypeError(f"{path or '<state>'}: a {type(value).__name__} of {len(value)} "
                             f"elements (over {MAX_CONTAINER}) is too large for plain values; "
@@ -378,11 +391,12 @@ def flatten(state: Any) -> Layout:
     except RecursionError:
         raise TypeError("<state>: nested too deeply (or contains a reference cycle) to be "
                         "snapshotted") from None
+    header = None
     if meshes:
-        skeleton = {"__sharded__": {"format": SHARDED_FORMAT, "meshes": meshes},
-                    "state": skeleton}
+        header = {"format": SHARDED_FORMAT, "meshes": meshes}
+        skeleton = {"__sharded__": header, "state": skeleton}
     return Layout(tensors, entries, json.dumps(skeleton, separators=(",", ":")), offset,
-                  dtensors, sharding)
+                  dtensors, sharding), nodes, header
 
 
 class _Fallback(Exception):
@@ -391,22 +405,32 @@ class _Fallback(Exception):
 
 _PLAIN_TOKEN = 0
 _FAST_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_TAG_SET = frozenset(_TAGS)
+_STR, _INT, _STR_INT = {str}, {int}, {str, int}
+#: What the fast scan puts where a tensor's skeleton node goes. The skeleton's JSON text is cut
+#: at the marker's JSON form, and the nodes' texts (kept per structure) go in between; a plain
+#: value of the state that holds the marker shows as one cut too many (laid out afresh then).
+_HOLE = "\x00snapshotd:tensor\x00"
+_HOLE_JSON = json.dumps(_HOLE)
 
 
-def _scan(state: Any) -> tuple[list[Any], list[torch.Tensor], Any, list[dict[str, int]]]:
+def _scan(state: Any) -> _Scan:
     """Walk ``state`` the way :func:`flatten` does, for the common value types only (tensors,
-    numpy arrays of native byte order, dicts with str or int keys, lists, tuples, None, bool,
-    int, str, finite floats); raise :class:`_Fallback` on anything else.
+    DTensors whose local tensor is a plain tensor, numpy arrays of native byte order, dicts
+    with str or int keys, lists, tuples, None, bool, int, str, finite floats); raise
+    :class:`_Fallback` on anything else.
 
-    Returns the structure's signature (container kinds, keys, each tensor's dtype, shape,
-    layout and device; a token per plain value), the tensors in walk order, the JSON skeleton
-    and its tensor nodes in walk order (their ``__tensor__`` index is filled in later)."""
+    The walk's ``sig`` is the structure's signature (container kinds, keys, each tensor's
+    dtype, shape, layout and device, and for a DTensor its mesh, placements, global shape and
+    stride; a token per plain value); ``leaves`` the tensors in walk order (a DTensor's local
+    tensor) and ``kinds`` their skeleton tags; ``skeleton`` the JSON skeleton with
+    :data:`_HOLE` in place of every tensor's node."""
     scan = _Scan()
     try:
-        skeleton = scan.walk(state)
+        scan.skeleton = scan.walk(state)
     except RecursionError:
         raise _Fallback from None
-    return scan.sig, scan.leaves, skeleton, scan.holes
+    return scan
 
 
 class _Scan:
@@ -416,31 +440,50 @@ class _Scan:
     def __init__(self) -> None:
         self.sig: list[Any] = []
         self.leaves: list[torch.Tensor] = []
-        self.holes: list[dict[str, int]] = []
+        self.kinds: list[str] = []
+        self.skeleton: Any = None
+        #: (walk position, DTensor) of every DTensor reached, and their meshes.
+        self.dtensors: list[tuple[int, Any]] = []
+        self.meshes: list[Any] = []
+        self._dtensor = _dtensor_type()
 
     def walk(self, value: Any) -> Any:
         kind = type(value)
         if kind in _FAST_TENSORS:
             self.sig.append((value.dtype, value.shape, value.layout, value.device))
             self.leaves.append(value)
-            node = {"__tensor__": -1}
-            self.holes.append(node)
-            return node
+            self.kinds.append("__tensor__")
+            return _HOLE
+        if kind is self._dtensor:
+            local = value._local_tensor
+            if type(local) not in _FAST_TENSORS:
+                raise _Fallback
+            spec = value._spec
+            # The mesh by identity: the cache that compares signatures holds the meshes, so
+            # an equal id is the same mesh.
+            self.sig.append(("dt", local.dtype, local.shape, local.layout, local.device,
+                             id(spec.mesh), spec.placements, value.shape, value.stride()))
+            self.dtensors.append((len(self.leaves), value))
+            self.meshes.append(spec.mesh)
+            self.leaves.append(local)
+            self.kinds.append("__dtensor__")
+            return _HOLE
         if kind is dict or kind is OrderedDict:
             if len(value) > MAX_CONTAINER:
                 raise _Fallback
             keys = tuple(value)
             self.sig.append(keys)
-            if all(type(k) is str and k not in _TAGS for k in keys):
+            types = set(map(type, keys))
+            if (not types or types == _STR) and _TAG_SET.isdisjoint(keys):
                 return {k: self.walk(v) for k, v in value.items()}
-            if not all(type(k) is str or type(k) is int for k in keys):
+            if not types <= _STR_INT:
                 raise _Fallback
             self.sig.append(tuple(type(k) is int for k in keys))    # 1 and "1" differ
             return {"__dict__": [[k, self.walk(v)] for k, v in value.items()]}
         if kind is list or kind is tuple:
             if len(value) > MAX_CONTAINER:
                 raise _Fallback
-            if value and all(type(v) is int for v in value):   # e.g. Python's RNG state
+            if value and set(map(type, value)) == _INT:   # e.g. Python's RNG state
                 self.sig.append((kind, len(value), int))
                 items = list(value)
                 return items if kind is list else {"__tuple__": items}
@@ -467,9 +510,8 @@ class _Scan:
                 raise _Fallback from None
             self.sig.append(("nd", tensor.dtype, tensor.shape))
             self.leaves.append(tensor)
-            node = {"__ndarray__": -1}
-            self.holes.append(node)
-            return node
+            self.kinds.append("__ndarray__")
+            return _HOLE
         raise _Fallback
 
 
@@ -487,14 +529,24 @@ class _Cached:
     entries: list[dict[str, Any]]
     nbytes: int
     plan: dict[str, Any]
+    texts: list[str]               # walk position -> its node's JSON (a DTensor's record)
+    prefix: str                    # the JSON before the skeleton's (the mesh table), and after
+    suffix: str
+    sharding: dict[int, dict[str, Any]]
+    meshes: list[Any]              # held: the signature names them by id
+
+
+_SEPARATORS = (",", ":")
 
 
 class LayoutCache:
     """Lays out states of one structure once: a later state whose structure (containers, keys,
-    tensor dtypes, shapes, devices, which tensors are tied) is the same reuses the table,
-    and only the JSON skeleton of the plain values is rebuilt. Anything else (DTensors, numpy
-    scalars, tagged values, a changed structure) goes through :func:`flatten`, whose result is
-    kept for the next state. Not thread-safe: one per client, used under its lock."""
+    tensor dtypes, shapes, devices, which tensors are tied; for a DTensor also its mesh,
+    placements, global shape and stride) is the same reuses the table, the tensors' skeleton
+    nodes (a DTensor's record) and the mesh table, and only the JSON of the plain values is
+    rebuilt. Anything else (numpy scalars, tagged values, tensor subclasses other than DTensor,
+    a changed structure) goes through :func:`flatten`, whose result is kept for the next
+    state. Not thread-safe: one per client, used under its lock."""
 
     def __init__(self) -> None:
         self._last: _Cached | None = None
@@ -504,22 +556,26 @@ class LayoutCache:
         """Like :func:`flatten` (same table, skeleton and errors), faster for a state of the
         structure of the previous one."""
         try:
-            sig, leaves, skeleton, holes = _scan(state)
+            scan = _scan(state)
         except _Fallback:
             self._last = None
             return flatten(state)
+        leaves = scan.leaves
         last = self._last
-        if last is not None and last.sig == sig and self._same_ties(leaves, last):
-            for node, idx in zip(holes, last.index):
-                node["__tensor__" if "__tensor__" in node else "__ndarray__"] = idx
-            self.hits += 1
-            return Layout([leaves[i] for i in last.first], last.entries,
-                          json.dumps(skeleton, separators=(",", ":")), last.nbytes,
-                          plan=last.plan)
-        layout = flatten(state)
-        if layout.dtensors:
-            self._last = None
-            return layout
+        if last is not None and last.sig == scan.sig and self._same_ties(leaves, last):
+            parts = json.dumps(scan.skeleton, separators=_SEPARATORS).split(_HOLE_JSON)
+            if len(parts) == len(last.texts) + 1:     # else a plain value holds the marker
+                pieces = [""] * (2 * len(parts) - 1)
+                pieces[0::2] = parts
+                pieces[1::2] = last.texts
+                dtensors: dict[int, Any] = {}
+                for pos, value in scan.dtensors:
+                    dtensors.setdefault(last.index[pos], value)
+                self.hits += 1
+                return Layout([leaves[i] for i in last.first], last.entries,
+                              last.prefix + "".join(pieces) + last.suffix, last.nbytes,
+                              dtensors, last.sharding, plan=last.plan)
+        layout, nodes, header = _flatten(state)
         index: list[int] = []
         first: list[int] = []
         seen: dict[tuple, int] = {}
@@ -532,11 +588,30 @@ class LayoutCache:
                 seen[ident] = len(first)
             index.append(len(first))
             first.append(pos)
-        if len(first) != len(layout.entries):       # not the walk flatten took: no caching
-            self._last = None
+        if not self._same_walk(scan, index, first, layout, nodes):
+            self._last = None                       # not the walk flatten took: no caching
             return layout
-        self._last = _Cached(sig, index, first, layout.entries, layout.nbytes, layout.plan)
+        prefix, suffix = "", ""
+        if header is not None:
+            prefix = '{"__sharded__":' + json.dumps(header, separators=_SEPARATORS) + ',"state":'
+            suffix = "}"
+        texts = [json.dumps(node, separators=_SEPARATORS) for node in nodes]
+        self._last = _Cached(scan.sig, index, first, layout.entries, layout.nbytes, layout.plan,
+                             texts, prefix, suffix, layout.sharding, scan.meshes)
         return layout
+
+    @staticmethod
+    def _same_walk(scan: _Scan, index: list[int], first: list[int], layout: Layout,
+                   nodes: list[dict[str, Any]]) -> bool:
+        """The scan met the tensors :func:`flatten` laid out, in its order: each node of
+        the same kind and table index, each first one the tensor flatten stored."""
+        if len(first) != len(layout.entries) or len(nodes) != len(scan.leaves):
+            return False
+        for kind, node, idx in zip(scan.kinds, nodes, index):
+            if next(iter(node)) != kind or node[kind] != idx:
+                return False
+        return all(scan.leaves[pos].data_ptr() == t.data_ptr()
+                   for pos, t in zip(first, layout.tensors))
 
     @staticmethod
     def _same_ties(leaves: list[torch.Tensor], last: _Cached) -> bool:

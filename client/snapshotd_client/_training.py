@@ -59,6 +59,7 @@ import torch
 from . import _replicas
 from ._client import SnapshotError, agree_step, agree_token, log
 from ._flatten import is_dtensor
+from ._statedicts import DcpStateDicts
 
 if TYPE_CHECKING:
     from ._client import SnapshotClient
@@ -191,6 +192,7 @@ class TrainingState:
         self.generators = dict(generators or {})
         self.rng = rng
         self.state_dicts = state_dicts
+        self._dcp = DcpStateDicts()
         #: Seconds the last :meth:`restore` spent: ``wait`` (saves in flight), ``agree`` (the
         #: ranks agreeing on a step), ``load`` (reading, checking, gathering split replicas
         #: and loading into the objects); the time-to-resume breakdown of the demo uses them.
@@ -218,16 +220,12 @@ class TrainingState:
 
             state["world"] = dist.get_world_size()   # an elastic restore checks its layout
         if self.state_dicts == "dcp":
-            from torch.distributed.checkpoint.state_dict import (
-                get_model_state_dict,
-                get_state_dict,
-            )
-
+            # DCP's get_state_dict / get_model_state_dict, with its FQN mapping kept per
+            # structure (the same dicts; _statedicts.py)
+            model_state, optim_state = self._dcp.get(_unwrap(self.model), self.optimizer)
+            state["model"] = model_state
             if self.optimizer is not None:
-                state["model"], state["optimizer"] = get_state_dict(_unwrap(self.model),
-                                                                    self.optimizer)
-            else:
-                state["model"] = get_model_state_dict(_unwrap(self.model))
+                state["optimizer"] = optim_state
         else:
             state["model"] = _unwrap(self.model).state_dict()
             if self.optimizer is not None:

@@ -244,7 +244,9 @@ def run_layout(layout: str, state_dicts: str, args: argparse.Namespace) -> dict:
     same(snapshot_of(model3, optimizer3), before, f"{layout}: refused restore wrote")
     return {"layout": layout, "state_dicts": state_dicts, "steps": steps,
             "reassembled": reassembled, "strided": strided, "refused": refused,
-            "eager_bytes": stats.eager_bytes, "split": split, "local_bytes": local_bytes}
+            "eager_bytes": stats.eager_bytes, "split": split, "local_bytes": local_bytes,
+            # saves laid out from the previous one's layout, with DCP's FQN mapping kept
+            "layout_hits": client._layouts.hits, "dcp_hits": state._dcp.hits}
 
 
 def main() -> int:

@@ -40,6 +40,10 @@ def test_fsdp_tp_and_hsdp_on_2x2_meshes_snapshot_and_restore_in_place(node, tmp_
         assert tp["strided"] > 0 and tp["reassembled"] > 0 and hsdp["reassembled"] == 8
         assert all(r["eager_bytes"] == 0 and "issue 14" in r["refused"] for r in results)
         assert all(r["split"] == 0 for r in results)        # one daemon, m = 0: stored whole
+        # Every save after the first reused the layout (DTensor records included) and, with
+        # DCP state dicts, DCP's FQN mapping: the snapshots checked above are those saves'.
+        assert all(r["layout_hits"] == r["steps"] - 1 for r in results), results
+        assert hsdp["dcp_hits"] == hsdp["steps"] - 1 and tp["dcp_hits"] == 0, results
 
     # snapshotctl export, outside the job: every rank's local shards, as plain tensors.
     out = tmp_path / "export"
@@ -69,6 +73,7 @@ def test_hsdp_replicas_split_across_coded_nodes_store_half_and_restore_bit_for_b
         (hsdp,) = results
         assert hsdp["split"] == hsdp["steps"] - 1 and hsdp["eager_bytes"] == 0, hsdp
         assert hsdp["reassembled"] == 8 and "issue 14" in hsdp["refused"], hsdp
+        assert hsdp["layout_hits"] == hsdp["dcp_hits"] == hsdp["steps"] - 1, hsdp
     # Stored per rank, newest step: its share of the model and both AdamW moments. Whole, a
     # rank of a replica pair would hold all 3 x its local shard bytes; split, the pair's two
     # versions together hold it once (plus small tensors kept whole and the skeleton).

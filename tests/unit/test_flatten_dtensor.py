@@ -102,6 +102,17 @@ def test_restore_into_fills_the_live_dtensor_in_place(mesh):
     assert torch.equal(live["w"].to_local(), state["w"].to_local())
 
 
+def test_a_dtensor_record_has_its_own_stride(mesh):
+    """Two DTensors alike in mesh, placements and shapes but not in stride: each record has
+    its own (the records are cached by what they depend on, the stride included)."""
+    a = distribute_tensor(torch.randn(4, 6), mesh, [Replicate()])
+    b = distribute_tensor(torch.randn(6, 4), mesh, [Replicate()]).t()
+    assert a.shape == b.shape and a.stride() != b.stride()
+    layout = flatten({"a": a, "b": b})
+    assert [layout.sharding[i]["stride"] for i in (0, 1)] == [list(a.stride()),
+                                                               list(b.stride())]
+
+
 def test_dtensors_of_one_shape_are_not_merged(mesh):
     """DTensor.data_ptr() is 0: taken as the identity of tied weights, every DTensor of one
     shape would be stored once (one moment restored as the other)."""
