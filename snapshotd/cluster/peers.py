@@ -139,21 +139,33 @@ class PeerLinks:
             None if got_id != req_id else not isinstance(reply, p.Error)))
 
     def call_each(self, msgs: dict[int, Any], timeout: float,
-                  replies: dict[int, Any] | None = None) -> set[int]:
+                  replies: dict[int, Any] | None = None, stale: float | None = None
+                  ) -> set[int]:
         """Send each slot its own message at once; return the slots that answered it (not
-        with an error) within ``timeout`` in all (their answers into ``replies``)."""
+        with an error) within ``timeout`` in all (their answers into ``replies``). ``stale``:
+        see :meth:`ping_all`."""
         return self._fan_out(list(msgs), msgs, timeout, lambda req_id, got_id, reply: (
-            None if got_id != req_id else not isinstance(reply, p.Error)), replies)
+            None if got_id != req_id else not isinstance(reply, p.Error)), replies, stale)
 
-    def ping_all(self, slots: Sequence[int], msg: Any, timeout: float) -> set[int]:
-        """Send ``msg`` to every slot at once; return the slots that answered in ``timeout``."""
+    def ping_all(self, slots: Sequence[int], msg: Any, timeout: float,
+                 stale: float | None = None) -> set[int]:
+        """Send ``msg`` to every slot at once; return the slots that answered in ``timeout``.
+
+        ``stale``: a slot that has answered nothing on this thread for that many seconds gets
+        a fresh connection (then again every ``stale`` seconds while it stays silent). A
+        connection through a partition keeps what it sends in TCP's retransmission backoff,
+        and a connect attempt waits for SYN retries, each growing to tens of seconds: without
+        a fresh one a peer stayed unheard for about 35 s after a partition healed (review of
+        issue 16, round 4)."""
         # this ping's answer or a late one: alive
         return self._fan_out(slots, msg, timeout,
-                             lambda _req, _got, reply: True if isinstance(reply, Pong) else None)
+                             lambda _req, _got, reply: True if isinstance(reply, Pong) else None,
+                             stale=stale)
 
     def _fan_out(self, slots: Sequence[int], msg: Any, timeout: float,
                  judge: Callable[[int, int, Any], bool | None],
-                 replies: dict[int, Any] | None = None) -> set[int]:
+                 replies: dict[int, Any] | None = None,
+                 stale: float | None = None) -> set[int]:
         """Send ``msg`` (or ``msg[slot]``, a dict) to every slot at once and read replies until
         ``timeout``:
         ``judge(request id, reply id, reply)`` says whether a reply answers (True), ends the
@@ -187,6 +199,15 @@ class PeerLinks:
                         replies[slot] = reply
                 poller.unregister(sock)
                 del pending[sock]
+        if stale is not None:
+            now = time.monotonic()
+            heard = self._local.__dict__.setdefault("heard", {})
+            for slot in slots:
+                if slot in answered:
+                    heard[slot] = now
+                elif now - heard.setdefault(slot, now) > stale:
+                    self._reset(slot)                # the next call connects afresh
+                    heard[slot] = now
         return answered
 
     def late_pongs(self) -> set[int]:
@@ -263,7 +284,7 @@ class Heartbeats:
     def beat_once(self) -> None:
         """Ping every peer once and update who is up."""
         answered = self.links.ping_all(list(self._up), Ping(self.me, self.cluster),
-                                       max(0.2, self.interval * 0.8))
+                                       max(0.2, self.interval * 0.8), stale=self.timeout)
         answered |= self.links.late_pongs()
         for slot in self._up:
             if slot in answered:

@@ -164,6 +164,9 @@ class Protector:
         #: job -> (token, base) of the timeline this node's ranks last restored (a restore
         #: names it, every rank the same; absent: the job never restored here).
         self._timelines: dict[str, tuple[int, int]] = {}
+        #: Jobs whose timeline this node took from the others' reports (adopt_timelines),
+        #: not from a restore of its own ranks: taken again when the reports move on.
+        self._adopted: set[str] = set()
         #: Reports are relayed (see overlay, relay), so each carries its origin's incarnation
         #: and sequence number (Held.mark); per node: the newest mark taken (a report no newer
         #: is refused), the mark of the report its floors come from (kept in floors.json),
@@ -700,24 +703,31 @@ class Protector:
         timeline of (or for ``job``) the one the other nodes report most (then the higher
         base): its versions were rebuilt from the parity of that timeline, or its trainers go
         on with it. Without it the others would count its reports only up to their base
-        until the job restores again (review of the timelines, F2)."""
+        until the job restores again (review of the timelines, F2). A timeline taken so is
+        taken again whenever the others' reports move to another (it may have been taken
+        from stale reports, behind a partition), until this node's own ranks restore."""
         with self._lock:
-            changed = False
             jobs = {v.job for v in self.store.versions()} if job is None else {job}
-            for job in sorted(jobs - set(self._timelines)):
-                seen = collections.Counter(
-                    (v.timeline, v.base)
-                    for v in self._views(job, skip=self.me, timeline=False).values()
-                    if v.timeline)
-                if seen:
-                    (token, base), _ = max(seen.items(),
-                                           key=lambda kv: (kv[1], kv[0][1], kv[0][0]))
-                    self._timelines[job] = (token, base)
-                    changed = True
-                    log.info("job %r: timeline %x from step %d, as the others report", job,
-                             token, base)
-            if changed:
+            if self._take_timelines(jobs - set(self._timelines)):
                 self._save_floors()
+
+    def _take_timelines(self, jobs: set[str]) -> bool:
+        """Take the others' timeline of ``jobs`` (lock held); whether one changed."""
+        changed = False
+        for job in sorted(jobs):
+            seen = collections.Counter(
+                (v.timeline, v.base)
+                for v in self._views(job, skip=self.me, timeline=False).values() if v.timeline)
+            if not seen:
+                continue
+            best = max(seen.items(), key=lambda kv: (kv[1], kv[0][1], kv[0][0]))[0]
+            if self._timelines.get(job) != best:
+                self._timelines[job] = best
+                self._adopted.add(job)
+                changed = True
+                log.info("job %r: timeline %x from step %d, as the others report", job,
+                         *best)
+        return changed
 
     def new_timeline(self, job: str, token: int, base: int) -> bool:
         """A restore of this node's ranks started a new timeline of ``job`` from step ``base``
@@ -730,6 +740,7 @@ class Protector:
         if not token:
             return False
         with self._lock:
+            self._adopted.discard(job)                  # this node's own restore now
             if self._timelines.get(job) == (token, base):
                 return False
             self._timelines[job] = (token, base)
@@ -932,6 +943,8 @@ class Protector:
                 moved |= changed
             if not moved:
                 return taken
+            if self._adopted:
+                self._take_timelines(set(self._adopted))
             before = dict(self.store.pins)
             self._set_pins()
             self._save_floors()
@@ -1072,6 +1085,7 @@ class Protector:
             self._pin = {str(job): int(pin) for job, pin in saved.get("pins", {}).items()}
             self._timelines = {str(job): (int(t[0]), int(t[1]))
                                for job, t in saved.get("timelines", {}).items()}
+            self._adopted = {str(job) for job in saved.get("adopted", [])}
         except FileNotFoundError:
             return
         except (OSError, ValueError, TypeError, AttributeError, IndexError) as exc:
@@ -1101,7 +1115,8 @@ class Protector:
                            "held": {str(s): h for s, h in self._held.items()},
                            "marks": {str(s): list(m) for s, m in self._floor_marks.items()},
                            "pins": self._pin,
-                           "timelines": {j: list(t) for j, t in self._timelines.items()}}, fh)
+                           "timelines": {j: list(t) for j, t in self._timelines.items()},
+                           "adopted": sorted(self._adopted)}, fh)
             os.replace(path + ".tmp", path)
         except OSError as exc:
             log.warning("could not keep the job-wide steps in %s: %s", path, exc)

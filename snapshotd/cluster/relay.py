@@ -166,7 +166,7 @@ class ReportRelay:
         if not batches:
             return 0
         replies: dict[int, Any] = {}
-        answered = self.links.call_each(batches, self.timeout, replies)
+        answered = self.links.call_each(batches, self.timeout, replies, stale=self.retry)
         for slot, reply in replies.items():         # what the neighbour answered with
             if isinstance(reply, pp.ReportsReply) and reply.reports:
                 self.on_reports(pp.Reports(slot, reply.reports))

@@ -123,7 +123,7 @@ class Net:
         net = self
 
         class Links:
-            def call_each(self, msgs, timeout, replies=None):
+            def call_each(self, msgs, timeout, replies=None, stale=None):
                 answered = set()
                 for slot, msg in msgs.items():
                     net.batches += 1
@@ -446,3 +446,14 @@ def test_a_stale_report_of_an_older_timeline_never_lowers_a_pin_and_a_replacemen
     commit(prots[13].store, 17)
     prots[13].on_commit(next(v for v in prots[13].store.versions("j") if v.step == 17))
     assert prots[13]._timelines["j"] == (0xB, 14)
+    # A timeline taken from the others is taken again when theirs moves on (it may have come
+    # from stale reports, behind a partition: round 4, S-a); one of its own ranks' restores
+    # is not.
+    for slot, prot in prots.items():
+        if slot != 13:
+            prot.node_dropped("j", set(), (0xC, 16))
+    run(net, clock, mesh.hops + 1)
+    assert prots[13]._timelines["j"] == (0xC, 16)
+    prots[13].node_dropped("j", set(), (0xD, 17))
+    run(net, clock, mesh.hops + 1)
+    assert prots[13]._timelines["j"] == (0xD, 17)
