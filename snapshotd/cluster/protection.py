@@ -167,6 +167,11 @@ class Protector:
         #: Jobs whose timeline this node took from the others' reports (adopt_timelines),
         #: not from a restore of its own ranks: taken again when the reports move on.
         self._adopted: set[str] = set()
+        #: Bumped whenever what is known of the other nodes changes (_held, _floors), and per
+        #: job the value at which a commit last tried adopt_timelines: a commit of a job
+        #: without a timeline tries again only when the reports changed (not O(nodes) a save).
+        self._held_gen = 0
+        self._adopt_tried: dict[str, int] = {}
         #: Reports are relayed (see overlay, relay), so each carries its origin's incarnation
         #: and sequence number (Held.mark); per node: the newest mark taken (a report no newer
         #: is refused), the mark of the report its floors come from (kept in floors.json),
@@ -269,9 +274,11 @@ class Protector:
         the group is told at once, like a drop of the older version (kept and told again to a
         holder that is down), so that a loss of this node before the new version is encoded
         never rebuilds the replaced bytes."""
-        if version.job not in self._timelines:
+        if version.job not in self._timelines and \
+                self._adopt_tried.get(version.job) != self._held_gen:
             # A daemon that holds no timeline of the job (a fresh one under live trainers:
             # its node's daemon was replaced and the job did not restore) takes the others'.
+            self._adopt_tried[version.job] = self._held_gen
             self.adopt_timelines(version.job)
         if self.group.m == 0:
             return
@@ -987,6 +994,7 @@ class Protector:
             return msg, False
         self._floors[msg.src] = floors
         self._held[msg.src] = held
+        self._held_gen += 1
         return msg, True
 
     def heard_of_self(self, msg: pp.Held) -> None:

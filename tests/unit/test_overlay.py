@@ -457,3 +457,36 @@ def test_a_stale_report_of_an_older_timeline_never_lowers_a_pin_and_a_replacemen
     prots[13].node_dropped("j", set(), (0xD, 17))
     run(net, clock, mesh.hops + 1)
     assert prots[13]._timelines["j"] == (0xD, 17)
+
+
+def test_a_commit_without_a_timeline_looks_for_one_only_when_the_reports_changed(cluster):
+    """A job that never restored has no timeline anywhere: a commit looks at the others'
+    reports for one (adopt_timelines, O(nodes)) only when they changed since it last looked,
+    not at every save; and once one is reported, the next commit takes it."""
+    groups, net, clock, prots = cluster
+    mesh = ov.overlay(0, groups)
+    for p in prots.values():
+        p.push = p.report
+        commit(p.store, 1)
+    run(net, clock, mesh.hops + 1)
+    prot = prots[5]
+    looked: list[set] = []
+    take = prot._take_timelines
+    prot._take_timelines = lambda jobs: looked.append(set(jobs)) or take(jobs)
+
+    def save(step):
+        commit(prot.store, step)
+        prot.on_commit(next(v for v in prot.store.versions("j") if v.step == step))
+
+    for step in (2, 3, 4):
+        save(step)
+    assert looked == [{"j"}]
+    for slot, p in prots.items():          # the others restore: a timeline in their reports
+        if slot != 5:
+            p.node_dropped("j", set(), (0x7, 1))
+    run(net, clock, mesh.hops + 1)
+    save(5)
+    assert prot._timelines["j"] == (0x7, 1)
+    for step in (6, 7, 8):                 # it has one now: no more looking
+        save(step)
+    assert looked == [{"j"}, {"j"}]
