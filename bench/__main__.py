@@ -26,6 +26,7 @@ SIZES: dict[str, list[Any]] = {
     "codec": [256 * MIB], "rebuild": [256 * MIB], "memory": [256 * MIB],
     "scaling": [[64 * MIB, 256 * MIB, 1024 * MIB, 2048 * MIB, 4096 * MIB]],
     "training": [200], "training1": [200], "training1c": [200],
+    "fsdp1": [200], "fsdp1c": [200],
     "dlrover": [[64 * MIB, 256 * MIB, 1024 * MIB]],
     "savecpu": [9]}
 #: ``--quick``: the issue-15 rows (restore, CPU per save) at sizes that run in about a minute.
@@ -36,7 +37,9 @@ FULL_EXTRA: dict[str, list[Any]] = {"restore": [4096 * MIB]}
 SMOKE: dict[str, list[Any]] = {
     "save": [4 * MIB], "restore": [4 * MIB], "codec": [8 * MIB], "rebuild": [4 * MIB],
     "memory": [4 * MIB], "scaling": [[2 * MIB, 4 * MIB]], "training": [12], "savecpu": [1]}
-#: ``training1`` is ``training`` with one rank pinned to a core: ``make bench`` runs it.
+#: ``training1`` is ``training`` with one rank pinned to a core, ``training1c`` its copy thread
+#: on the daemon's core; ``fsdp1`` / ``fsdp1c`` the same for the sharded example (FSDP2, DCP
+#: state dicts). ``make bench`` runs them all.
 
 
 def machine() -> str:
@@ -77,6 +80,12 @@ def run_case(name: str, size: Any, repeats: int) -> Any:
         return training_case(size, repeats=2 if size > 50 else 1, nproc=1,
                              size="small" if size > 50 else "tiny", daemon_core=True,
                              copy_on_daemon_core=True)
+    if name in ("fsdp1", "fsdp1c"):  # the sharded example (FSDP2, DCP state dicts), as training1(c)
+        from .training import training_case
+        return training_case(size, repeats=2 if size > 50 else 1, nproc=1,
+                             size="small" if size > 50 else "tiny", daemon_core=True,
+                             copy_on_daemon_core=name == "fsdp1c", script="train_fsdp.py",
+                             script_args=("--state-dicts", "dcp"))
     if name == "savecpu":
         from .savecpu import savecpu_case
         return savecpu_case(saves=40 if size > 1 else 5, repeats=max(1, repeats),

@@ -190,11 +190,12 @@ def _scaling(rows: list[dict]) -> list[str]:
 
 
 def _training(rows: list[dict]) -> list[str]:
-    out = ["## Training overhead", "", "`examples/train.py` under torchrun on this machine, a "
-           "snapshot of model, optimizer, scheduler, RNG and data position every step, against "
-           "the same run without snapshots (target: at most 3% slower, with one core left to "
-           "the daemon: the shape of a real node; the 2-ranks-on-2-cores row shares every core "
-           "between trainers and daemon).", "",
+    out = ["## Training overhead", "", "`examples/train.py` (DDP) and `examples/train_fsdp.py "
+           "--state-dicts dcp` (FSDP2: parameters and AdamW moments as DTensors) under torchrun "
+           "on this machine, a snapshot of model, optimizer, scheduler, RNG and data position "
+           "every step, against the same run without snapshots, alternating (target: at most 3% "
+           "slower, with one core left to the daemon: the shape of a real node; the "
+           "2-ranks-on-2-cores row shares every core between trainers and daemon).", "",
            "| run | ranks | cores | model | steps/s with snapshots | steps/s without | "
            "slowdown |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -204,7 +205,8 @@ def _training(rows: list[dict]) -> list[str]:
                  else "shared (2 cores)")
         if r.get("copy_on_daemon_core"):
             cores += " and the copy thread"
-        out.append(f"| {r['steps']} steps | {r['nproc']} | {cores} | {r['size']} | "
+        script = r.get("script", "train.py")
+        out.append(f"| {script}, {r['steps']} steps | {r['nproc']} | {cores} | {r['size']} | "
                    f"{a:.2f} ({r['steps_per_s_snapshot']['min']:.2f}–"
                    f"{r['steps_per_s_snapshot']['max']:.2f}) | {b:.2f} "
                    f"({r['steps_per_s_none']['min']:.2f}–{r['steps_per_s_none']['max']:.2f}) | "
@@ -280,7 +282,7 @@ def render(results: dict[str, Any]) -> str:
     parts = [f"Machine: {results['machine']}. Measured {results['when']}; absolute times are "
              "specific to this machine, ratios are against baselines from the same run.", ""]
     training = cases.get("training1", []) + cases.get("training1c", []) + \
-        cases.get("training", [])
+        cases.get("training", []) + cases.get("fsdp1", []) + cases.get("fsdp1c", [])
     for name, fn in (("save", _save), ("restore", _restore), ("savecpu", _savecpu),
                      ("codec", _codec),
                      ("rebuild", _rebuild), ("memory", _memory), ("scaling", _scaling),

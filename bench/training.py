@@ -82,6 +82,7 @@ def training_case(steps: int, repeats: int = 2, nproc: int = 2, size: str = "sma
     finally:
         cluster.stop()
     return {"steps": steps, "nproc": nproc, "size": size, "daemon_core": daemon_core,
+            "script": " ".join([script, *script_args]),
             "copy_on_daemon_core": bool(cores and copy_on_daemon_core),
             "steps_per_s_snapshot": stats(with_snap), "steps_per_s_none": stats(without)}
 
@@ -107,11 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--daemon-core", action="store_true",
                     help="trainers pinned to a core each, the daemon to the next one")
+    ap.add_argument("--copy-on-daemon-core", action="store_true",
+                    help="with --daemon-core: the trainers' copy threads on the daemon's core "
+                         "too (SNAPSHOTD_COPY_CPUS)")
     args = ap.parse_args(argv)
     r = training_case(args.steps, args.repeats, args.nproc, args.size, args.daemon_core,
-                      script=args.script, script_args=tuple(args.args.split()))
+                      args.copy_on_daemon_core, script=args.script,
+                      script_args=tuple(args.args.split()))
     snap, none = r["steps_per_s_snapshot"], r["steps_per_s_none"]
     cores = (f"{args.nproc} + 1 for the daemon" if r["daemon_core"] else "shared")
+    if r["copy_on_daemon_core"]:
+        cores += " and the copy thread"
     print("| run | ranks | cores | model | steps/s with snapshots | steps/s without | slowdown |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     print(f"| {args.script} {args.args}, {args.steps} steps | {args.nproc} | {cores} | "
