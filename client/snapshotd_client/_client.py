@@ -145,6 +145,10 @@ class _Job:
     copied: threading.Event = field(default_factory=threading.Event)
     superseded: bool = False
     started: float = field(default_factory=time.monotonic)
+    #: The spare slot the tensors copied at save() went straight into, and their indices in
+    #: the layout (the background copy skips them).
+    spare: _Spare | None = None
+    written: frozenset = frozenset()
 
 
 class SnapshotClient:
@@ -282,9 +286,13 @@ class SnapshotClient:
                 if prev.copying.is_set():
                     prev.copied.wait()          # a local memcpy, never the network
             try:
-                eager = self._eager_copies(layout, copy_now)
-                job = _Job(step, layout, mark_ready(layout.tensors) if self._cuda else {})
+                job = _Job(step, layout)
+                eager = self._eager_copies(job, copy_now, prev)
+                if self._cuda:
+                    job.events = mark_ready(layout.tensors)
             except (RuntimeError, MemoryError) as exc:   # e.g. no memory for the copies
+                if job.spare is not None:
+                    self._abort(job.spare.slot)
                 return self._failed(step, SnapshotError(
                     f"step {step} not saved: copying its unguarded tensors at save() failed: "
                     f"{exc}; free memory, or protect() the optimizer so they are copied in "
@@ -302,8 +310,12 @@ class SnapshotClient:
                         "zero_copy=False", len(self._releaser.held))
         return job.future
 
-    def _eager_copies(self, layout: Layout, copy_now: Any = ()) -> int:
-        """Replace, in ``layout``, the tensors to copy now by copies; return their bytes."""
+    def _eager_copies(self, job: _Job, copy_now: Any = (), prev: _Job | None = None) -> int:
+        """Copy the tensors of ``job`` that cannot wait for the background copy; return their
+        bytes. Where the previous save is done and the spare slot its commit reserved fits,
+        they go straight into that slot (memory the daemon already faulted in: one memcpy,
+        and the job then uses the slot); else each is replaced in the layout by a clone."""
+        layout = job.layout
         now = {local_tensor(t).data_ptr() for t in copy_now if local_tensor(t).numel()}
         if self.copy_mode == "lazy" and not now:
             return 0
@@ -313,12 +325,31 @@ class SnapshotClient:
             guarded = self._guarded_ptrs() - now
         else:
             guarded = frozenset()
-        copied = 0
+        todo = [i for i, t in enumerate(layout.tensors)
+                if t.numel() and t.data_ptr() not in guarded]
+        if not todo:
+            return 0
+        copied = sum(layout.tensors[i].numel() * layout.tensors[i].element_size() for i in todo)
         with torch.no_grad():
-            for i, t in enumerate(layout.tensors):
-                if t.numel() and t.data_ptr() not in guarded:
-                    layout.tensors[i] = t.clone()
-                    copied += t.numel() * t.element_size()
+            if (prev is None or prev.future.done()) and self._spare is not None \
+                    and not any(layout.tensors[i].is_cuda for i in todo):
+                # The worker is idle (the previous save is done): the spare is ours to take.
+                job.spare = self._take_spare(job)
+            if job.spare is not None:
+                try:
+                    _, views = self._maps.views(job.spare.path, job.spare.nbytes, layout,
+                                                job.spare.mm)
+                    dst = [views[i] for i in todo]          # none is None: no empty tensor
+                    _copy_all(dst, [layout.tensors[i] for i in todo])  # type: ignore[arg-type]
+                except BaseException:
+                    spare, job.spare = job.spare, None
+                    if spare is not None:
+                        self._abort(spare.slot)
+                    raise
+                job.written = frozenset(todo)
+                return copied
+            for i in todo:
+                layout.tensors[i] = layout.tensors[i].clone()
         return copied
 
     def _guarded_ptrs(self) -> frozenset:
@@ -370,13 +401,13 @@ class SnapshotClient:
         return self._failed(step, exc, stacklevel=5)   # the warning points at save()'s caller
 
     def _run(self, job: _Job) -> None:
-        slot = None
+        slot = job.spare.slot if job.spare is not None else None
         try:
             if job.superseded:
                 raise SnapshotSkipped(f"step {job.step} not saved: superseded (a newer save, or "
                                       "an optimizer step that could not wait) while it waited "
                                       "for snapshotd")
-            spare = self._take_spare(job)
+            spare = job.spare if job.spare is not None else self._take_spare(job)
             if spare is not None:                 # reserved at the last commit: no Alloc
                 slot, path, nbytes, mapping = spare.slot, spare.path, spare.nbytes, spare.mm
             else:
@@ -390,7 +421,7 @@ class SnapshotClient:
                     raise SnapshotSkipped(f"step {job.step} not saved: a newer save superseded "
                                           "it while it waited for snapshotd")
                 job.copying.set()
-            self._copy_in(path, nbytes, job.layout, job.events, mapping)
+            self._copy_in(path, nbytes, job.layout, job.events, mapping, job.written)
             job.copied.set()
             job.layout.tensors.clear()            # release eager copies early
             self._commit(slot, job.layout, job.step, job.started)
@@ -476,7 +507,9 @@ class SnapshotClient:
         self._spare = _Spare(reply.next_slot, reply.next_path, reply.next_nbytes, mm, inode)
 
     def _copy_in(self, path: str, nbytes: int, layout: Layout, events: dict,
-                 mapping: mmap.mmap | None = None) -> None:
+                 mapping: mmap.mmap | None = None, written: frozenset = frozenset()) -> None:
+        """Copy ``layout``'s tensors into the slot ``path``, but those at the indices
+        ``written`` (copied there at ``save()``)."""
         if nbytes == 0:
             return
         mm, views = self._maps.views(path, nbytes, layout, mapping)
@@ -484,8 +517,8 @@ class SnapshotClient:
         dst: list[torch.Tensor] = []
         src: list[torch.Tensor] = []
         with torch.no_grad():
-            for tensor, view in zip(layout.tensors, views):
-                if view is None:
+            for i, (tensor, view) in enumerate(zip(layout.tensors, views)):
+                if view is None or i in written:
                     continue
                 if tensor.is_cuda:
                     on_device.append((view, tensor))

@@ -170,6 +170,31 @@ def test_regression_in_place_change_after_save_torn_silently(keep3, mode):
         assert torch.count_nonzero(back["t"]) == 0
 
 
+def test_tensors_copied_at_save_go_straight_into_the_slot_the_last_commit_reserved(keep3):
+    """Without protect() every tensor is copied at save(): once the previous save is done,
+    into the spare slot its commit reserved (memory the daemon faulted in already), not into
+    clones; the snapshot is still the state at save() though the tensor changes as soon as
+    save() returns, and that save sends no Alloc."""
+    t = torch.arange(1 << 20, dtype=torch.float32)
+    with client(keep3) as c:
+        ops = []
+        call = c._channel.call
+        c._channel.call = lambda msg, timeout=None: ops.append(msg.OP) or call(msg, timeout)
+        for step in range(6):
+            t.fill_(step)
+            future = c.save(step, {"t": t, "step": step})
+            t.fill_(-1.0)                      # changed right after save() returns
+            assert future.result(30) == step
+            if step >= 2:                      # a spare from the second commit on
+                assert c._current.written == frozenset({0}), step
+        assert ops.count("alloc") == 2, ops
+        for step in (5, 4, 3):                 # (restoring one drops the newer ones)
+            got = c.restore(step=step, zero_copy=False)
+            assert got is not None and got[1]["step"] == step
+            assert torch.equal(got[1]["t"], torch.full_like(t, step)), step
+        assert c.stats().eager_bytes == 6 * t.numel() * 4 and c.stats().failed == 0
+
+
 def test_client_copy_mode_is_validated(keep3):
     with pytest.raises(ValueError, match="copy='sometimes'"):
         SnapshotClient(keep3.control, job="x", rank=0, copy="sometimes")

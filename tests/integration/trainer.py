@@ -5,7 +5,8 @@
 
 The state of (rank, step) is regenerated from a seed, so a new process can check a restore
 bit for bit. ``--hang-step`` is fault injection for the tests: the copy of that step stops after
-its first tensor, writes the marker file and waits to be killed.
+its first tensor (at save() or in the background, wherever it is copied), writes the marker
+file and waits to be killed.
 """
 
 import argparse
@@ -43,17 +44,22 @@ def hang_after_first_tensor(marker: str) -> None:
     cached per layout, so the hook is on the views handed to the copy, not on their making)."""
     real = snapshotd_client._client._MapCache.views
 
+    class Hanging(list):
+        """The views, but reaching the second one (by index or iteration) hangs."""
+
+        def __getitem__(self, i):
+            if i == 1:
+                with open(marker, "w") as fh:
+                    fh.write(str(os.getpid()))
+                time.sleep(3600)
+            return super().__getitem__(i)
+
+        def __iter__(self):
+            return (self[i] for i in range(len(self)))
+
     def views(self, path, nbytes, layout, mapping=None):
         mm, got = real(self, path, nbytes, layout, mapping)
-
-        def hanging():
-            for i, view in enumerate(got):
-                if i == 1:
-                    with open(marker, "w") as fh:
-                        fh.write(str(os.getpid()))
-                    time.sleep(3600)
-                yield view
-        return mm, hanging()
+        return mm, Hanging(got)
 
     snapshotd_client._client._MapCache.views = views
 
