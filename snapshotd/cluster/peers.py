@@ -31,6 +31,8 @@ from .peerproto import Ping, Pong, decode
 __all__ = ["Security", "PeerLinks", "PeerError", "Heartbeats", "load_security"]
 
 log = logging.getLogger("snapshotd.peers")
+#: How long a send waits for a connection to the peer (ZeroMQ SNDTIMEO, ms).
+_SEND_TIMEOUT_MS = 5000
 
 
 class PeerError(Exception):
@@ -103,22 +105,44 @@ class PeerLinks:
         self._lock = threading.Lock()
 
     def call(self, slot: int, msg: Any, frames: Sequence[Any] = (),
-             timeout: timedelta = timedelta(seconds=30)) -> tuple[Any, list[zmq.Frame]]:
-        """Send ``msg`` (and payload ``frames``) to ``slot``; return the reply and its frames."""
+             timeout: timedelta = timedelta(seconds=30),
+             while_up: Callable[[], bool] | None = None) -> tuple[Any, list[zmq.Frame]]:
+        """Send ``msg`` (and payload ``frames``) to ``slot``; return the reply and its frames.
+
+        A connection not established within the send timeout (5 s: on a loaded node the
+        peer's CURVE handshake can take longer) fails the call as not reachable; with
+        ``while_up`` the send keeps waiting for it, within ``timeout``, while ``while_up()``
+        (the heartbeats) says the peer is up (a large transfer that failed so was sent again
+        from its first chunk), and the wait for the answer ends once it says the peer is
+        down."""
         sock = self._socket(slot)
         with self._lock:
             req_id = next(self._ids)
         sent = sum(memoryview(f).nbytes for f in frames)
-        try:
-            sock.send_multipart([p.encode(msg, req_id), *frames], copy=False)
-        except zmq.Again:
-            self._reset(slot)
-            raise PeerError(f"node {slot} ({self.endpoints[slot]}) is not reachable") from None
-        self._on_bytes("sent", sent)
         deadline = time.monotonic() + timeout.total_seconds()
+        if while_up is not None:                 # tries of a quarter second, see below
+            sock.setsockopt(zmq.SNDTIMEO, 250)
+        try:
+            while True:
+                try:
+                    sock.send_multipart([p.encode(msg, req_id), *frames], copy=False)
+                    break
+                except zmq.Again:
+                    if while_up is None or time.monotonic() >= deadline or not while_up():
+                        raise PeerError(f"node {slot} ({self.endpoints[slot]}) is not "
+                                        "reachable") from None
+        finally:
+            if while_up is not None:
+                sock.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
+        self._on_bytes("sent", sent)
         while (left := deadline - time.monotonic()) > 0:
-            if not sock.poll(int(left * 1000) + 1):
-                break
+            # With while_up, the wait for the answer ends as soon as the peer is down (or
+            # this daemon stops): a peer that died mid-transfer costs its peer timeout, not
+            # the whole transfer timeout.
+            if not sock.poll(int((left if while_up is None else min(left, 0.25)) * 1000) + 1):
+                if while_up is None or not while_up():
+                    break
+                continue
             parts = sock.recv_multipart(copy=False)
             got_id, reply = decode(parts[0].bytes)
             if got_id != req_id:
@@ -227,7 +251,7 @@ class PeerLinks:
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.IMMEDIATE, 1)
-            sock.setsockopt(zmq.SNDTIMEO, 5000)
+            sock.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
             self._security.client(sock)
             sock.connect(self.endpoints[slot])
             socks[slot] = sock

@@ -138,14 +138,20 @@ class Protector:
         self._clock = clock
         self._lock = threading.Lock()
         self._closed = False
+        self._stopping = False
         #: (job, step) -> when this node dropped it (wall clock, like commit times): a rebuild
         #: never installs a version committed before that (see abandoned()).
         self._dropped_here: dict[tuple[str, int], float] = {}
         self._parity: dict[tuple[str, int, int], ParityRecord] = {}  # (job, stripe, step)
         self._assembling: dict[tuple[str, int, int], _Assembly] = {}  # (job, step, stripe)
         self._protected: dict[tuple[str, int, str], set[int]] = {}  # (job, step, vid)
-        #: (job, step) -> (when its chunks went out, the version id sent)
+        #: (job, step) -> (when its chunks went out, the version id sent): when the send was
+        #: queued, then when it ended (a retry waits from there, see retry()).
         self._sent: dict[tuple[str, int], tuple[float, str]] = {}
+        #: (job, step) being sent now, and how long its last send took.
+        self._sending: set[tuple[str, int]] = set()
+        self._send_again: set[tuple[str, int]] = set()
+        self._send_took: dict[tuple[str, int], float] = {}
         #: (job, step) whose send failed already (its next failures are logged at DEBUG).
         self._unprotected: set[tuple[str, int]] = set()
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="snapshotd-encode")
@@ -311,6 +317,8 @@ class Protector:
         with self._lock:
             for key in [k for k in self._sent if k not in present]:
                 del self._sent[key]
+            for key in [k for k in self._send_took if k not in present]:
+                del self._send_took[key]
             self._unprotected &= present         # steps no longer held: forgotten
         for job in sorted({job for job, _ in present}):
             held = self.store.versions(job)
@@ -336,9 +344,16 @@ class Protector:
                 # The pin is what the job falls back to: asked again after a few seconds (a
                 # holder whose stripe is complete confirms a re-sent fragment at once, and one
                 # whose confirmation went to a peer it thought down is asked again).
-                wait = (self.encode_timeout if step not in soon
-                        else min(self.encode_timeout, 3.0))
                 with self._lock:
+                    # Never while its chunks are still going out, and the pin no sooner than
+                    # twice as long as its last send took after that send ended: the holders
+                    # encode and forward as many bytes before they confirm (a large version on
+                    # a loaded node was otherwise sent again every 3 s while its first send
+                    # still ran: 3-4 times its bytes, measured by bench.cluster).
+                    if key in self._sending:
+                        continue
+                    wait = (self.encode_timeout if step not in soon else min(
+                        self.encode_timeout, max(3.0, 2 * self._send_took.get(key, 0.0))))
                     sent = self._sent.get(key)
                     if sent is not None and self._clock() - sent[0] < wait:
                         continue
@@ -365,6 +380,26 @@ class Protector:
         return max(self.held_in_common(job), default=None)
 
     def _send_data(self, job: str, step: int) -> None:
+        key = (job, step)
+        with self._lock:
+            if key in self._sending:     # sent again once that send ends (a re-commit of the
+                self._send_again.add(key)    # step may have changed its bytes meanwhile)
+                return
+            self._sending.add(key)
+        try:
+            self._send_data_once(job, step)
+        finally:
+            with self._lock:
+                self._sending.discard(key)
+                again = key in self._send_again and not self._stopping
+                self._send_again.discard(key)
+            if again:
+                try:
+                    self._pool.submit(self._send_data, job, step)
+                except RuntimeError:     # the pool is shutting down
+                    pass
+
+    def _send_data_once(self, job: str, step: int) -> None:
         started = time.perf_counter()
         held = [v.step for v in self.store.versions(job)]
         if held and step < max(held) and step not in (self.store.pins.get(job),
@@ -377,6 +412,12 @@ class Protector:
             return
         try:
             self._send_data_chunks(job, step)
+            with self._lock:                      # a retry waits from the end of the send
+                took = time.perf_counter() - started
+                self._send_took[(job, step)] = took
+                sent = self._sent.get((job, step))
+                if sent is not None:
+                    self._sent[(job, step)] = (max(sent[0], self._clock()), sent[1])
         except Exception as exc:  # noqa: BLE001 - a failed encode leaves the version local
             with self._lock:  # try again in a couple of seconds
                 self._sent[(job, step)] = (self._clock() - self.encode_timeout + 2.0, "")
@@ -397,6 +438,8 @@ class Protector:
             floor = self.floor(job)
             cs = chunk_size(nv.total, self.group.k)
             for chunk, (stripe, _) in enumerate(data_stripes(self.me, self.group)):
+                if self._stopping:
+                    raise StoreError("stopping", "this daemon is stopping")
                 if not self.up(stripe.parity[0]):
                     raise StoreError("peer_down", f"node {stripe.parity[0]}, first parity "
                                      f"holder of stripe {stripe.index}, is down")
@@ -405,7 +448,8 @@ class Protector:
                 frames = nv.chunk_frames(self.store, start, length)
                 info = pp.FragInfo(self.me, chunk, length, manifest, floor)
                 msg = pp.PutData(job, step, stripe.index, info, frames_checksum(frames))
-                self.links.call(stripe.parity[0], msg, frames, timeout=self._transfer)
+                self.links.call(stripe.parity[0], msg, frames, timeout=self._transfer,
+                                while_up=lambda s=stripe.parity[0]: self._still_up(s))
         finally:
             for lease in leases:
                 self.store.release(lease)
@@ -418,6 +462,11 @@ class Protector:
         for v in nv.versions:
             leases.append(self.store.lease(job, v.rank, os.getpid(), step=step).id)
         return leases, nv
+
+    def _still_up(self, slot: int) -> bool:
+        """Whether a send to ``slot`` may keep waiting for its connection: the heartbeats say
+        it is up and this daemon is not stopping (its heartbeats stop first)."""
+        return not self._stopping and self.up(slot)
 
     def floor(self, job: str) -> int:
         """The newest step of ``job`` every local rank holds as protected (-1: none)."""
@@ -566,7 +615,8 @@ class Protector:
                 chunk = [s.index for s, _ in data_stripes(slot, self.group)].index(
                     stripe.index)
                 reply, frames = self.links.call(slot, pp.GetData(job, step, chunk),
-                                                timeout=self._transfer)
+                                                timeout=self._transfer,
+                                                while_up=lambda s=slot: self._still_up(s))
                 bufs = [f.buffer for f in frames]
                 self._room(reply.length, f"a data fragment of node {slot}")
                 if frames_checksum(bufs) != reply.checksum:
@@ -621,7 +671,8 @@ class Protector:
                 msg = pp.PutParity(job, step, stripe.index, index, length, infos,
                                    frames_checksum([parity[index]]))
                 self.links.call(stripe.parity[index], msg, [parity[index]],
-                                timeout=self._transfer)
+                                timeout=self._transfer,
+                                while_up=lambda s=stripe.parity[index]: self._still_up(s))
             self._mark_complete(job, stripe.index, step)
             for slot in stripe.parity[1:]:
                 self._tell(slot, pp.Protected(job, step, stripe.index))
@@ -1280,7 +1331,10 @@ class Protector:
 
     def close(self) -> None:
         """Stop (a graceful stop also removes the parity files, like the segments)."""
-        self._pool.shutdown(wait=True)
+        self._stopping = True                    # sends stop waiting for a connection
+        # Sends still queued are dropped (this node's versions go with it): only those
+        # running are waited for, and they give up within a quarter second.
+        self._pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             self._closed = True                  # nothing is written after this
             for key in list(self._parity):
