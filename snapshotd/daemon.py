@@ -9,6 +9,7 @@ adopts the committed versions in it and removes the rest.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import fcntl
 import logging
 import os
@@ -178,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop())
+    # `kill -USR1 <pid>` writes every thread's stack to the log (stderr): what a daemon that
+    # does not stop, or does not answer, is waiting for.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         daemon.serve()
     finally:
