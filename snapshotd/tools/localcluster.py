@@ -179,12 +179,18 @@ class LocalCluster:
         return self.daemons[slot]
 
     def stop(self) -> None:
-        for daemon in self.daemons.values():
-            if daemon.alive():
-                try:
-                    daemon.kill(signal.SIGTERM, timeout=30)
-                except subprocess.TimeoutExpired:
-                    daemon.kill(signal.SIGKILL)
+        """SIGTERM every daemon at once, then wait for each (SIGKILL after 30 s): each drains
+        what it has in flight, in parallel rather than one after the other."""
+        alive = [d for d in self.daemons.values() if d.alive()]
+        for daemon in alive:
+            assert daemon.proc is not None
+            daemon.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        for daemon in alive:
+            try:
+                daemon.kill(signal.SIGTERM, timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                daemon.kill(signal.SIGKILL)
         for spec in self.specs:
             shutil.rmtree(spec.shm_dir, ignore_errors=True)
 

@@ -684,9 +684,6 @@ def restore_everywhere(zygote, cluster, step):
         assert ok, (s, out)
 
 
-@pytest.mark.skipif(not LONG, reason="make faults: 8-10 s alone, but 73-76 s (once over 180 s) "
-                    "late in the full suite since the 2026-11-28 session, cause not found yet "
-                    "(notes of that stop); keeps make test within its 12 minutes")
 def test_regression_a_rank_not_reported_yet_loses_its_steps(clusters, zygote):
     """Nodes 0-2 save 1-5 before node 3 (its rank not heard of yet) saves 1-3: with the job's
     world size known, nodes 0-2 must keep steps until every rank is reported (before: the pin
@@ -705,9 +702,6 @@ def test_regression_a_rank_not_reported_yet_loses_its_steps(clusters, zygote):
     restore_everywhere(zygote, cluster, 3)
 
 
-@pytest.mark.skipif(not LONG, reason="make faults: 8-10 s alone, but 73-76 s (once over 180 s) "
-                    "late in the full suite since the 2026-11-28 session, cause not found yet "
-                    "(notes of that stop); keeps make test within its 12 minutes")
 def test_regression_job_wide_step_moves_back_and_a_node_loss_leaves_no_common_step(
         clusters, zygote):
     """All save 1; then nodes 0-2 save 2-12 while node 3 saves 2-6, at once. Before: the pin
