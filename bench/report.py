@@ -32,18 +32,25 @@ def _verdict(ok: bool) -> str:
 
 def _save(rows: list[dict]) -> list[str]:
     out = ["## Save stall and ingest", "",
-           "Stall: how long `save()` blocks the calling thread. Ingest: `save()` until the daemon "
-           "committed (copy into daemon memory, checksums, manifest), against one single-core "
-           "numpy `copyto` of the same bytes.", "",
-           "| state | stall | memcpy (torch) | stall / memcpy (≤ 5%) | torch.save /dev/shm | "
-           "torch.save / stall (≥ 20x) | torch.save disk | DCP save | DCP async_save blocking |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "Stall: how long `save()` blocks the calling thread, with the tensors copied in the "
+           "background (what `protect()` and `TrainingState` give parameters and optimizer "
+           "state). *Bare save()*: the default `copy=\"auto\"` with nothing protected copies "
+           "every tensor at `save()` (into the slot the last commit reserved). Ingest: "
+           "`save()` until the daemon committed (copy into daemon memory, checksums, manifest), "
+           "against one single-core numpy `copyto` of the same bytes.", "",
+           "| state | stall | memcpy (torch) | stall / memcpy (≤ 5%) | bare save() | "
+           "torch.save /dev/shm | torch.save / stall (≥ 20x) | torch.save disk | DCP save | "
+           "DCP async_save blocking |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         ratio = _med(r["stall"]) / _med(r["memcpy_torch"])
         speed = _med(r["torch_save_shm"]) / _med(r["stall"])
         dcp = r.get("dcp", {})
+        auto = (f"{_s(r['stall_auto'])}, {_med(r['stall_auto']) / _med(r['memcpy_torch']):.2f}x "
+                "memcpy" if "stall_auto" in r else "-")
         out.append(f"| {_mib(r['bytes'])} | {_s(r['stall'])} | {_s(r['memcpy_torch'])} | "
-                   f"{ratio:.2%} ({_verdict(ratio <= 0.05)}) | {_s(r['torch_save_shm'])} | "
+                   f"{ratio:.2%} ({_verdict(ratio <= 0.05)}) | {auto} | "
+                   f"{_s(r['torch_save_shm'])} | "
                    f"{speed:.0f}x ({_verdict(speed >= 20)}) | {_s(r['torch_save_disk'])} | "
                    f"{_s(dcp['save']) if 'save' in dcp else dcp.get('error', '-')} | "
                    f"{_s(dcp['async_save_blocking']) if 'async_save_blocking' in dcp else '-'} |")
