@@ -37,7 +37,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) -m bench all
+	$(PY) -m bench all --full
 
 faults: $(STAMP)
 	SNAPSHOTD_FAULT_RUNS=long $(PY) -m pytest -q tests/faults tests/integration/test_torchrun_sharded.py \

@@ -299,7 +299,8 @@ def _scaling_point(nbytes: int, repeats: int) -> dict[str, Any]:
                                  "--log-level", "WARNING"])
     cluster.start()
     try:
-        with SnapshotClient(cluster.specs[0].control, job="bench", rank=0) as client:
+        with SnapshotClient(cluster.specs[0].control, job="bench", rank=0,
+                            copy="lazy") as client:          # as in save_case
             state: dict[str, Any] | None = make_state(nbytes)
             client.save(0, state).result()             # warm the segment pool
             stall, total = [], []
