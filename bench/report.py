@@ -211,7 +211,9 @@ def _training(rows: list[dict]) -> list[str]:
         cores = (f"{r['nproc']} + 1 for the daemon" if r.get("daemon_core")
                  else "shared (2 cores)")
         if r.get("copy_on_daemon_core"):
-            cores += " and the copy thread"
+            cores += " and the copy thread (the default)"
+        elif r.get("daemon_core"):
+            cores += ", the copy thread on the trainer's (`SNAPSHOTD_COPY_CPUS=any`)"
         script = r.get("script", "train.py")
         verdict = (_verdict(slow <= 0.03) if r.get("daemon_core")
                    else "no core left to the daemon: reported beside")

@@ -35,8 +35,10 @@ def _run(out: str, steps: int, snapshot: bool, endpoint: str, nproc: int, size: 
            "--size", size, "--job", f"bench-{os.path.basename(out)}",
            "--snapshot" if snapshot else "--no-snapshot", *script_args]
     env = {**os.environ, "SNAPSHOTD_ENDPOINT": endpoint, "OMP_NUM_THREADS": "1"}
-    if copy_cpus:
-        env["SNAPSHOTD_COPY_CPUS"] = ",".join(map(str, copy_cpus))
+    env.pop("SNAPSHOTD_COPY_CPUS", None)
+    if cores and not copy_cpus:  # the daemon is pinned: the copy thread would follow it
+        env["SNAPSHOTD_COPY_CPUS"] = "any"
+    # copy_cpus (the daemon's core): nothing set, the client's default moves it there
     pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None   # inherited by workers
     # The copy thread may leave the trainer's core for the daemon's (SNAPSHOTD_COPY_CPUS): a
     # process pinned to {0} can still move one of its threads to {1}.
@@ -72,6 +74,8 @@ def training_case(steps: int, repeats: int = 2, nproc: int = 2, size: str = "sma
     try:
         with_snap, without = [], []
         for i in range(repeats):
+            # With the daemon pinned, the copy thread follows it (the client's default);
+            # without copy_on_daemon_core it is kept on the trainer's core (see _run).
             copy = [daemon] if cores and copy_on_daemon_core else None
             without.append(_run(os.path.join(workdir, f"none{i}"), steps, False,
                                 cluster.specs[0].control, nproc, size, cores, copy,

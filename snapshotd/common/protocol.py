@@ -300,6 +300,10 @@ class AllocReply:
     slot: int
     path: str
     nbytes: int
+    #: The CPUs the daemon runs on, where it is pinned to some of the machine's (an operator's
+    #: choice: systemd's CPUAffinity, taskset, a cpuset); empty where it may run on all. A
+    #: client moves its copy thread there unless ``$SNAPSHOTD_COPY_CPUS`` says otherwise.
+    cpus: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -117,7 +117,8 @@ class ControlServer(RouterLoop):
             raise StoreError("shutting_down", "the daemon is shutting down; retry on restart")
         slot = self.store.alloc(m.job, m.rank, m.step, m.nbytes, m.pid, m.local_world_size,
                                 world_size=m.world_size)
-        return p.AllocReply(slot.handle, self.store.dir.seg_path(slot.number), slot.nbytes)
+        return p.AllocReply(slot.handle, self.store.dir.seg_path(slot.number), slot.nbytes,
+                            _pinned_cpus())
 
     def _on_commit(self, m: p.Commit, _: Any = None) -> p.CommitReply:
         started = time.perf_counter()
@@ -324,3 +325,13 @@ def _bind(sock: zmq.Socket, endpoint: str) -> str:
 def _info(v: Any) -> p.VersionInfo:
     return p.VersionInfo(v.job, v.rank, v.step, v.nbytes, v.state, v.committed_at,
                          v.world_size)
+
+
+def _pinned_cpus() -> tuple[int, ...]:
+    """The CPUs this thread may run on, where that is fewer than the machine has (the daemon
+    was pinned); empty otherwise (see :class:`~snapshotd.common.protocol.AllocReply`)."""
+    try:
+        mine = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        return ()
+    return tuple(sorted(mine)) if len(mine) < (os.cpu_count() or 0) else ()

@@ -5,6 +5,7 @@ Each failed before its fix (checked against the client as it was); the review's 
 they are built from are named in the docstrings.
 """
 
+import os
 import threading
 import time
 import uuid
@@ -193,6 +194,26 @@ def test_tensors_copied_at_save_go_straight_into_the_slot_the_last_commit_reserv
             assert got is not None and got[1]["step"] == step
             assert torch.equal(got[1]["t"], torch.full_like(t, step)), step
         assert c.stats().eager_bytes == 6 * t.numel() * 4 and c.stats().failed == 0
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+@pytest.mark.parametrize("env", [None, "any"])
+def test_the_copy_thread_moves_to_the_cpus_the_daemon_is_pinned_to(keep3, monkeypatch, env):
+    """A daemon pinned to some CPUs (the cores left to snapshotd) gets the client's copy
+    thread there, off the trainer's core; SNAPSHOTD_COPY_CPUS=any leaves it alone."""
+    if env is None:
+        monkeypatch.delenv("SNAPSHOTD_COPY_CPUS", raising=False)
+    else:
+        monkeypatch.setenv("SNAPSHOTD_COPY_CPUS", env)
+    daemon_cpu = max(os.sched_getaffinity(0))
+    pid = status(keep3).pid
+    for tid in os.listdir(f"/proc/{pid}/task"):          # affinity is per thread
+        os.sched_setaffinity(int(tid), {daemon_cpu})
+    with client(keep3) as c:
+        c.save(1, {"t": torch.ones(1024)}).result(30)
+        (worker,) = c._worker._threads
+        got = os.sched_getaffinity(worker.native_id)
+    assert got == ({daemon_cpu} if env is None else os.sched_getaffinity(0)), got
 
 
 def test_client_copy_mode_is_validated(keep3):
