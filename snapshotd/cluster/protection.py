@@ -30,6 +30,7 @@ from ..node.store import Store, StoreError, Version
 from . import peerproto as pp
 from .codec import Codec
 from .parityfiles import ParityFiles, frag_infos
+from .peers import PeerError
 from .placement import Group, Stripe, data_stripes, stripes
 
 __all__ = ["Protector", "ParityRecord", "NodeVersion", "frames_checksum", "contiguous"]
@@ -115,6 +116,10 @@ class _Assembly:
         return sum(info.length for info, _ in self.frags.values())
 
 
+class _Replaced(Exception):
+    """The version being sent is no longer the node's version of its step."""
+
+
 class Protector:
     """Runs the encode pipeline and keeps this node's parity."""
 
@@ -142,6 +147,11 @@ class Protector:
         #: (job, step) -> when this node dropped it (wall clock, like commit times): a rebuild
         #: never installs a version committed before that (see abandoned()).
         self._dropped_here: dict[tuple[str, int], float] = {}
+        #: (src, job, step) -> the newest drop time a peer sent for its versions of that step
+        #: (see on_dropped): a fragment or parity of a version it committed before that is
+        #: refused, so what is left of a send that a re-commit replaced (or a parity forward
+        #: behind it) never completes the replaced bytes' parity after the notice.
+        self._dropped_by: dict[tuple[int, str, int], float] = {}
         self._parity: dict[tuple[str, int, int], ParityRecord] = {}  # (job, stripe, step)
         self._assembling: dict[tuple[str, int, int], _Assembly] = {}  # (job, step, stripe)
         self._protected: dict[tuple[str, int, str], set[int]] = {}  # (job, step, vid)
@@ -155,6 +165,9 @@ class Protector:
         #: (job, step) whose send failed already (its next failures are logged at DEBUG).
         self._unprotected: set[tuple[str, int]] = set()
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="snapshotd-encode")
+        #: Drop notices go on their own threads: behind a large send on the encode pool a
+        #: re-commit's notice reached the holders seconds late (review of issue 15, F1).
+        self._notices = ThreadPoolExecutor(2, thread_name_prefix="snapshotd-notice")
         #: Drop notices a peer could not be given yet: slot -> messages (see resend_drops).
         self._undelivered: dict[int, list[pp.Dropped]] = {}
         #: Bytes of data fragments and parity buffers held by stripes being assembled or
@@ -411,13 +424,22 @@ class Protector:
                 self._sent.pop((job, step), None)
             return
         try:
-            self._send_data_chunks(job, step)
+            try:
+                self._send_data_chunks(job, step)
+            except PeerError as exc:
+                if "refused put_data: dropped" not in str(exc):
+                    raise
+                raise _Replaced(str(exc)) from None
             with self._lock:                      # a retry waits from the end of the send
                 took = time.perf_counter() - started
                 self._send_took[(job, step)] = took
                 sent = self._sent.get((job, step))
                 if sent is not None:
                     self._sent[(job, step)] = (max(sent[0], self._clock()), sent[1])
+        except _Replaced as exc:
+            # The bytes being sent were replaced (a re-commit of the step: its own send
+            # follows) or dropped: what is left of them is not sent (review of issue 15, F1).
+            log.info("job %r step %d: send of a replaced version stopped (%s)", job, step, exc)
         except Exception as exc:  # noqa: BLE001 - a failed encode leaves the version local
             with self._lock:  # try again in a couple of seconds
                 self._sent[(job, step)] = (self._clock() - self.encode_timeout + 2.0, "")
@@ -435,11 +457,16 @@ class Protector:
         leases, nv = self._lease_node_version(job, step)
         try:
             manifest = nv.manifest(self.me, self.store.owner(nv.job))
+            vid = pp.manifest_id(manifest)
             floor = self.floor(job)
             cs = chunk_size(nv.total, self.group.k)
             for chunk, (stripe, _) in enumerate(data_stripes(self.me, self.group)):
                 if self._stopping:
                     raise StoreError("stopping", "this daemon is stopping")
+                with self._lock:
+                    sent = self._sent.get((job, step))
+                if sent is not None and sent[1] and sent[1] != vid:
+                    raise _Replaced(f"job {job!r} step {step} was committed again")
                 if not self.up(stripe.parity[0]):
                     raise StoreError("peer_down", f"node {stripe.parity[0]}, first parity "
                                      f"holder of stripe {stripe.index}, is down")
@@ -462,6 +489,15 @@ class Protector:
         for v in nv.versions:
             leases.append(self.store.lease(job, v.rank, os.getpid(), step=step).id)
         return leases, nv
+
+    def _was_dropped(self, job: str, step: int, frags: Any) -> Any:
+        """The first of ``frags`` (FragInfos) whose version its node said it dropped (a
+        re-commit or a new timeline, :meth:`on_dropped`), or None (lock held)."""
+        for f in frags:
+            at = self._dropped_by.get((f.src, job, step))
+            if at is not None and _committed_at(f.manifest) <= at:
+                return f
+        return None
 
     def _still_up(self, slot: int) -> bool:
         """Whether a send to ``slot`` may keep waiting for its connection: the heartbeats say
@@ -558,6 +594,9 @@ class Protector:
         self._room(got, f"the data fragment of node {msg.info.src} for job {msg.job!r} step "
                    f"{msg.step}")
         with self._lock:
+            if self._was_dropped(msg.job, msg.step, (msg.info,)) is not None:
+                raise StoreError("dropped", f"node {msg.info.src} dropped this version of job "
+                                 f"{msg.job!r} step {msg.step} (a re-commit or a new timeline)")
             record = self._parity.get((msg.job, msg.stripe, msg.step))
             if record is not None and record.complete and any(
                     msg.info.same_fragment(f) for f in record.frags):
@@ -693,7 +732,8 @@ class Protector:
         if not self.up(slot):
             return
         try:
-            self.links.call(slot, msg, timeout=self._small)
+            self.links.call(slot, msg, timeout=self._small,
+                            while_up=lambda: self._still_up(slot))
         except Exception as exc:  # noqa: BLE001 - the other peers are still told
             log.info("node %d did not hear %s: %s", slot, msg, exc)
 
@@ -713,7 +753,7 @@ class Protector:
         slot = info.src
         try:
             self.links.call(slot, pp.Protected(job, step, stripe, pp.manifest_id(info.manifest)),
-                            timeout=self._small)
+                            timeout=self._small, while_up=lambda: self._still_up(slot))
         except Exception as exc:  # noqa: BLE001 - the node retries its PutData later
             log.info("could not confirm stripe %d of job %r step %d to node %d: %s", stripe, job,
                      step, slot, exc)
@@ -822,7 +862,7 @@ class Protector:
             if slot == self.me:
                 continue
             if self.up(slot):
-                self._pool.submit(self._notify, slot, msg)
+                self._notices.submit(self._notify, slot, msg)
             else:                       # told once it is up (resend_drops)
                 with self._lock:
                     self._undelivered.setdefault(slot, []).append(msg)
@@ -832,7 +872,8 @@ class Protector:
         """Tell ``slot`` about a drop; a peer that cannot be told now is told again once it
         is up (:meth:`resend_drops`), so drops converge."""
         try:
-            self.links.call(slot, msg, timeout=self._small)
+            self.links.call(slot, msg, timeout=self._small,
+                            while_up=lambda: self._still_up(slot))
         except Exception as exc:  # noqa: BLE001 - kept and sent again later
             log.warning("node %d did not hear that job %r steps %s were dropped here (told "
                         "again once it answers): %s", slot, msg.job, list(msg.steps), exc)
@@ -853,7 +894,7 @@ class Protector:
                 del self._undelivered[slot]
         for slot, msgs in due.items():
             for msg in msgs:
-                self._pool.submit(self._notify, slot, msg)
+                self._notices.submit(self._notify, slot, msg)
         return sum(len(m) for m in due.values())
 
     def on_dropped(self, msg: pp.Dropped) -> None:
@@ -872,6 +913,12 @@ class Protector:
             return not at or not mine or _committed_at(mine[0].manifest) <= at
 
         with self._lock:
+            if at:
+                for step in steps:
+                    key3 = (src, job, step)
+                    self._dropped_by[key3] = max(self._dropped_by.pop(key3, at), at)
+                while len(self._dropped_by) > _MAX_DROPPED_KEPT:     # oldest first
+                    del self._dropped_by[next(iter(self._dropped_by))]
             gone = [key for key, r in self._parity.items() if key[0] == job
                     and key[2] in steps and src in self.stripes[key[1]].data
                     and before(r.frags)]
@@ -910,6 +957,10 @@ class Protector:
         with self._lock:
             if self._closed:
                 raise StoreError("shutting_down", "the daemon is shutting down; retry on restart")
+            gone = self._was_dropped(record.job, record.step, record.frags)
+            if gone is not None:     # a drop came while it was encoded or forwarded
+                raise StoreError("dropped", f"node {gone.src} dropped this version of job "
+                                 f"{record.job!r} step {record.step}: its parity is not kept")
             key = (record.job, record.stripe, record.step)
             try:
                 self.files.write(record)
@@ -1335,6 +1386,7 @@ class Protector:
         # Sends still queued are dropped (this node's versions go with it): only those
         # running are waited for, and they give up within a quarter second.
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._notices.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             self._closed = True                  # nothing is written after this
             for key in list(self._parity):
