@@ -339,10 +339,8 @@ class SnapshotClient:
                 job.spare = self._take_spare(job)
             if job.spare is not None:
                 try:
-                    _, views = self._maps.views(job.spare.path, job.spare.nbytes, layout,
-                                                job.spare.mm)
-                    dst = [views[i] for i in todo]          # none is None: no empty tensor
-                    _copy_all(dst, [layout.tensors[i] for i in todo])  # type: ignore[arg-type]
+                    dst = self._maps.some_views(job.spare.path, layout, job.spare.mm, todo)
+                    _copy_all(dst, [layout.tensors[i] for i in todo])
                 except BaseException:
                     spare, job.spare = job.spare, None
                     if spare is not None:
@@ -946,6 +944,17 @@ class _MapCache:
         if self._maps.get(path, (0, None))[1] is mm:       # kept only with a cached mapping
             self._views[path] = (layout.entries, views, mm)
         return mm, views
+
+    def some_views(self, path: str, layout: Layout, mm: mmap.mmap, indices: list[int]
+                   ) -> list[torch.Tensor]:
+        """Views of ``mm`` for the table entries at ``indices`` only (none of them empty):
+        the cached ones when this layout's views of ``path`` are cached, else made for these
+        entries alone (a state laid out afresh at every save, as FSDP2's can be, would
+        otherwise have every view made on the training thread, not just these)."""
+        known = self._views.get(path)
+        if known is not None and known[0] is layout.entries and known[2] is mm:
+            return [known[1][i] for i in indices]  # type: ignore[misc]
+        return [view_of(mm, layout.entries[i]) for i in indices]
 
     def inode(self, path: str) -> int:
         """The inode of the cached mapping of ``path``."""
