@@ -949,7 +949,7 @@ class _MapCache:
                    ) -> list[torch.Tensor]:
         """Views of ``mm`` for the table entries at ``indices`` only (none of them empty):
         the cached ones when this layout's views of ``path`` are cached, else made for these
-        entries alone (a state laid out afresh at every save, as FSDP2's can be, would
+        entries alone (a layout whose views of ``path`` are not cached, as with FSDP2 states, would
         otherwise have every view made on the training thread, not just these)."""
         known = self._views.get(path)
         if known is not None and known[0] is layout.entries and known[2] is mm:
