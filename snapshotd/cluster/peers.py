@@ -36,7 +36,12 @@ _SEND_TIMEOUT_MS = 5000
 
 
 class PeerError(Exception):
-    """A peer did not answer in time, or answered with an error."""
+    """A peer did not answer in time, or answered with an error (``code``: the error's code,
+    empty when it did not answer)."""
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -149,7 +154,8 @@ class PeerLinks:
                 continue
             self._on_bytes("received", sum(f.buffer.nbytes for f in parts[1:]))
             if isinstance(reply, p.Error):
-                raise PeerError(f"node {slot} refused {msg.OP}: {reply.code}: {reply.message}")
+                raise PeerError(f"node {slot} refused {msg.OP}: {reply.code}: {reply.message}",
+                                reply.code)
             return reply, parts[1:]
         self._reset(slot)
         raise PeerError(f"node {slot} ({self.endpoints[slot]}) did not answer {msg.OP} within "

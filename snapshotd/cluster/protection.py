@@ -427,7 +427,7 @@ class Protector:
             try:
                 self._send_data_chunks(job, step)
             except PeerError as exc:
-                if "refused put_data: dropped" not in str(exc):
+                if exc.code != "dropped":        # (the holder heard of the drop first)
                     raise
                 raise _Replaced(str(exc)) from None
             with self._lock:                      # a retry waits from the end of the send
@@ -475,8 +475,7 @@ class Protector:
                 frames = nv.chunk_frames(self.store, start, length)
                 info = pp.FragInfo(self.me, chunk, length, manifest, floor)
                 msg = pp.PutData(job, step, stripe.index, info, frames_checksum(frames))
-                self.links.call(stripe.parity[0], msg, frames, timeout=self._transfer,
-                                while_up=lambda s=stripe.parity[0]: self._still_up(s))
+                self._call(stripe.parity[0], msg, frames)
         finally:
             for lease in leases:
                 self.store.release(lease)
@@ -503,6 +502,13 @@ class Protector:
         """Whether a send to ``slot`` may keep waiting for its connection: the heartbeats say
         it is up and this daemon is not stopping (its heartbeats stop first)."""
         return not self._stopping and self.up(slot)
+
+    def _call(self, slot: int, msg: Any, frames: Sequence[Any] = (),
+              timeout: timedelta | None = None) -> tuple[Any, list[Any]]:
+        """``links.call`` (``timeout``: the transfer timeout by default) that waits for the
+        connection and the answer only while :meth:`_still_up`."""
+        return self.links.call(slot, msg, frames, timeout=timeout or self._transfer,
+                               while_up=lambda: self._still_up(slot))
 
     def floor(self, job: str) -> int:
         """The newest step of ``job`` every local rank holds as protected (-1: none)."""
@@ -653,9 +659,7 @@ class Protector:
                     continue
                 chunk = [s.index for s, _ in data_stripes(slot, self.group)].index(
                     stripe.index)
-                reply, frames = self.links.call(slot, pp.GetData(job, step, chunk),
-                                                timeout=self._transfer,
-                                                while_up=lambda s=slot: self._still_up(s))
+                reply, frames = self._call(slot, pp.GetData(job, step, chunk))
                 bufs = [f.buffer for f in frames]
                 self._room(reply.length, f"a data fragment of node {slot}")
                 if frames_checksum(bufs) != reply.checksum:
@@ -709,9 +713,7 @@ class Protector:
             for index in range(1, self.group.m):
                 msg = pp.PutParity(job, step, stripe.index, index, length, infos,
                                    frames_checksum([parity[index]]))
-                self.links.call(stripe.parity[index], msg, [parity[index]],
-                                timeout=self._transfer,
-                                while_up=lambda s=stripe.parity[index]: self._still_up(s))
+                self._call(stripe.parity[index], msg, [parity[index]])
             self._mark_complete(job, stripe.index, step)
             for slot in stripe.parity[1:]:
                 self._tell(slot, pp.Protected(job, step, stripe.index))
@@ -732,8 +734,7 @@ class Protector:
         if not self.up(slot):
             return
         try:
-            self.links.call(slot, msg, timeout=self._small,
-                            while_up=lambda: self._still_up(slot))
+            self._call(slot, msg, timeout=self._small)
         except Exception as exc:  # noqa: BLE001 - the other peers are still told
             log.info("node %d did not hear %s: %s", slot, msg, exc)
 
@@ -752,8 +753,8 @@ class Protector:
     def _confirm(self, job: str, step: int, stripe: int, info: pp.FragInfo) -> None:
         slot = info.src
         try:
-            self.links.call(slot, pp.Protected(job, step, stripe, pp.manifest_id(info.manifest)),
-                            timeout=self._small, while_up=lambda: self._still_up(slot))
+            self._call(slot, pp.Protected(job, step, stripe, pp.manifest_id(info.manifest)),
+                       timeout=self._small)
         except Exception as exc:  # noqa: BLE001 - the node retries its PutData later
             log.info("could not confirm stripe %d of job %r step %d to node %d: %s", stripe, job,
                      step, slot, exc)
@@ -872,8 +873,7 @@ class Protector:
         """Tell ``slot`` about a drop; a peer that cannot be told now is told again once it
         is up (:meth:`resend_drops`), so drops converge."""
         try:
-            self.links.call(slot, msg, timeout=self._small,
-                            while_up=lambda: self._still_up(slot))
+            self._call(slot, msg, timeout=self._small)
         except Exception as exc:  # noqa: BLE001 - kept and sent again later
             log.warning("node %d did not hear that job %r steps %s were dropped here (told "
                         "again once it answers): %s", slot, msg.job, list(msg.steps), exc)

@@ -597,16 +597,8 @@ class FaultCluster(LocalCluster):
         self.replace(slot, wipe=False, timeout=timeout)
 
     def stop(self) -> None:
-        """SIGTERM every daemon at once (faster than one after another), then clean up."""
+        """Stop the daemons (LocalCluster.stop: all at once), then the proxy."""
         try:
-            for daemon in self.daemons.values():
-                if daemon.alive():
-                    daemon.proc.send_signal(signal.SIGTERM)
-            for daemon in self.daemons.values():
-                try:
-                    daemon.proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    daemon.kill(signal.SIGKILL)
             super().stop()
         finally:
             if self.proxy is not None:
