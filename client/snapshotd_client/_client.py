@@ -937,9 +937,9 @@ class _MapCache:
         slot mapped when it was reserved, never re-mapped by path) and a view of it per table
         entry (None: an empty tensor)."""
         mm = mapping if mapping is not None else self.get(path, nbytes)
-        known = self._views.get(path)
-        if known is not None and known[0] is layout.entries and known[2] is mm:
-            return mm, known[1]
+        known = self._cached_views(path, layout, mm)
+        if known is not None:
+            return mm, known
         views = [view_of(mm, e) if e["nbytes"] else None for e in layout.entries]
         if self._maps.get(path, (0, None))[1] is mm:       # kept only with a cached mapping
             self._views[path] = (layout.entries, views, mm)
@@ -951,10 +951,18 @@ class _MapCache:
         the cached ones when this layout's views of ``path`` are cached, else made for these
         entries alone (a layout whose views of ``path`` are not cached, as with FSDP2 states, would
         otherwise have every view made on the training thread, not just these)."""
+        known = self._cached_views(path, layout, mm)
+        if known is not None:
+            return [known[i] for i in indices]  # type: ignore[misc]
+        return [view_of(mm, layout.entries[i]) for i in indices]
+
+    def _cached_views(self, path: str, layout: Layout, mm: mmap.mmap
+                      ) -> list[torch.Tensor | None] | None:
+        """The views of ``mm`` made for ``layout``'s table, if still cached for ``path``."""
         known = self._views.get(path)
         if known is not None and known[0] is layout.entries and known[2] is mm:
-            return [known[1][i] for i in indices]  # type: ignore[misc]
-        return [view_of(mm, layout.entries[i]) for i in indices]
+            return known[1]
+        return None
 
     def inode(self, path: str) -> int:
         """The inode of the cached mapping of ``path``."""
