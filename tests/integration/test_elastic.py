@@ -89,6 +89,14 @@ def test_fsdp2_resharded_2_to_3_then_continues_at_2_after_a_node_loss(cluster_fa
              == {(2, "protected")})
     wait_for(lambda: all(any(n.slot == 2 and 4 in n.steps and set(n.ranks) == {2}
                              for n in where(spec, job)) for spec in cluster.specs[:2]))
+    # Where lists what an up node holds; what it reported *protected* (all a down node's
+    # entry keeps) is in the report each node took (floors.json: held[slot][job][5]). Node 2's
+    # report of step 4 as protected may come a heartbeat after the one saying it holds it.
+    def told_protected(spec):
+        floors = json.loads(open(os.path.join(spec.shm_dir, "floors.json")).read())
+        return 4 in floors["held"].get("2", {}).get(job, [0, [], [], 0, -1, []])[5]
+
+    wait_for(lambda: all(told_protected(spec) for spec in cluster.specs[:2]))
     cluster.kill(2)
     shutil.rmtree(node2.shm_dir, ignore_errors=True)
     # Called down by the heartbeats (--peer-timeout): of a node that does not answer, Where
