@@ -33,7 +33,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -523,6 +523,14 @@ def load(state: Any, client: SnapshotClient, found: Survey, step: int, world: in
     model = _unwrap(state.model)
     if state.optimizer is not None:
         msd, osd = get_state_dict(model, state.optimizer)
+        # DCP created state for every parameter of a fresh optimizer (a step with zero
+        # gradients); a parameter the saved layout holds no state of (it had received no
+        # gradient) gets none here either, as in the run that saved it (TrainingState.load).
+        saved = agreed.metadata.state_dict_metadata
+        held: dict[str, Any] = cast(dict, osd["state"])
+        for fqn in [fqn for fqn, entries in held.items()
+                    if not any(f"optimizer.state.{fqn}.{name}" in saved for name in entries)]:
+            del held[fqn]
         target: dict[str, Any] = {"model": msd, "optimizer": osd}
     else:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict

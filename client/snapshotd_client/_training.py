@@ -112,6 +112,19 @@ def _skip_warm_up(optimizer: torch.optim.Optimizer) -> list[Any]:
     return params
 
 
+def _stateless(optim_state: Mapping[str, Any]) -> list[str]:
+    """The parameters (their names) that a DCP optimizer state dict lists in its groups but
+    holds no state of: the ones that had received no gradient when it was taken.
+
+    >>> _stateless({"state": {"a.weight": {"step": 1}}, "param_groups": [
+    ...     {"params": ["a.weight", "unused.weight"]}]})
+    ['unused.weight']
+    """
+    held = optim_state.get("state", {})
+    return [fqn for group in optim_state.get("param_groups", [])
+            for fqn in group.get("params", []) if isinstance(fqn, str) and fqn not in held]
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DistributedDataParallel/DataParallel wrapper (stable keys)."""
     wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
@@ -260,16 +273,37 @@ class TrainingState:
         self.check(state)
         if self.state_dicts == "dcp":
             from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
                 set_model_state_dict,
+                set_optimizer_state_dict,
                 set_state_dict,
             )
 
             if self.optimizer is not None:
+                # A parameter that had no optimizer state when saved (it never got a
+                # gradient: an unused layer, an expert no token reached) has none after the
+                # restore either, as in the run that saved it. DCP's strict load refuses such
+                # a state dict ("Missing optimizer state"); check() has matched the groups'
+                # sizes and the model's keys, and the model itself still loads strictly. Only
+                # names of the model's own parameters count: any other name missing its state
+                # is left to DCP's strict load to refuse.
+                stateless = _stateless(state["optimizer"])
+                if any(fqn not in state["model"] for fqn in stateless):
+                    stateless = []
                 placeholders = _skip_warm_up(self.optimizer)
                 try:
-                    set_state_dict(_unwrap(self.model), self.optimizer,
-                                   model_state_dict=state["model"],
-                                   optim_state_dict=state["optimizer"])
+                    if stateless:
+                        log.info("parameters without optimizer state in the snapshot (no "
+                                 "gradient before it was taken), restored without: %s",
+                                 stateless[:8])
+                        set_model_state_dict(_unwrap(self.model), state["model"])
+                        set_optimizer_state_dict(_unwrap(self.model), self.optimizer,
+                                                 state["optimizer"],
+                                                 options=StateDictOptions(strict=False))
+                    else:
+                        set_state_dict(_unwrap(self.model), self.optimizer,
+                                       model_state_dict=state["model"],
+                                       optim_state_dict=state["optimizer"])
                 except BaseException:
                     for param in placeholders:          # as they were (none held state)
                         if not self.optimizer.state.get(param):

@@ -32,6 +32,9 @@ class Net(nn.Module):
         super().__init__()
         self.inp, self.up = nn.Linear(8, 15), nn.Linear(15, 64)
         self.down, self.out = nn.Linear(64, 15), nn.Linear(15, 3)
+        # Never used: no gradient, so no optimizer state is saved, and none may be invented
+        # by a restore (DCP's strict load refused such a state).
+        self.spare = nn.Linear(15, 15)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.inp(x))
@@ -47,7 +50,7 @@ def build(layout: str, seed: int) -> tuple[nn.Module, nn.Module, torch.optim.Opt
         fully_shard(model, mesh=mesh)
         wrapped = model
     elif layout == "ddp":
-        wrapped = nn.parallel.DistributedDataParallel(model)
+        wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     else:
         fully_shard(model, mesh=init_device_mesh("cpu", (world,), mesh_dim_names=("dp",)))
         wrapped = model

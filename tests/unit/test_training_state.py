@@ -206,7 +206,52 @@ def test_a_dcp_restore_into_a_fresh_optimizer_skips_dcp_s_warm_up_step_and_is_bi
 
     model, optimizer, state = fresh()
     broken = copy.deepcopy(saved)
-    broken["optimizer"]["state"].pop(next(iter(broken["optimizer"]["state"])))
+    first = next(iter(broken["optimizer"]["state"]))
+    broken["optimizer"]["state"].pop(first)
+    broken["optimizer"]["param_groups"][0]["params"][0] = "not.a.parameter"
     with pytest.raises(RuntimeError, match="Missing optimizer state"):
         state.load(broken)
     assert not optimizer.state
+
+
+def test_a_dcp_restore_of_a_parameter_that_never_got_a_gradient_is_the_saved_run(
+        one_rank_group):
+    """A parameter with requires_grad that received no gradient before the save (an unused
+    layer, an expert no token was routed to) holds no optimizer state; DCP's strict load
+    refused every restore of such a job ("Missing optimizer state"). It is restored without
+    state, as it was saved, and training goes on bit for bit as the uninterrupted run,
+    through the step where that parameter first gets a gradient."""
+    class Gated(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = torch.nn.Linear(6, 3)
+            self.late = torch.nn.Linear(6, 3)          # first used at step 4
+
+        def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
+            return self.used(x) + (self.late(x) if step >= 4 else 0)
+
+    def fresh():
+        torch.manual_seed(0)
+        model = Gated()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        return model, optimizer, TrainingState(model, optimizer, state_dicts="dcp", rng=False)
+
+    def train(model, optimizer, steps):
+        for i in steps:
+            model(torch.full((5, 6), float(i)), i).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    model, optimizer, state = fresh()
+    train(model, optimizer, range(3))
+    saved = through_snapshot(state.state_dict(step=2))
+    assert sorted(saved["optimizer"]["state"]) == ["used.bias", "used.weight"]
+    train(model, optimizer, range(3, 6))
+    expected = copy.deepcopy(model.state_dict())
+
+    model, optimizer, state = fresh()
+    assert state.load(saved) == 2
+    assert {len(optimizer.state[p]) for p in model.late.parameters()} <= {0}
+    train(model, optimizer, range(3, 6))
+    got = model.state_dict()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
