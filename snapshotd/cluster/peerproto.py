@@ -28,8 +28,8 @@ from typing import Any, ClassVar
 
 from ..common import protocol as p
 
-__all__ = ["FragInfo", "Ping", "Pong", "PutData", "PutParity", "Protected", "Dropped", "Held",
-           "JobFloor", "Reports", "ReportsReply", "Inventory",
+__all__ = ["FragInfo", "Ping", "Pong", "PutData", "HaveData", "PutParity", "Protected",
+           "Dropped", "Held", "JobFloor", "Reports", "ReportsReply", "Inventory",
            "DataHolding", "ParityHolding", "InventoryReply", "GetData", "GetParity", "Chunk",
            "GetVersion", "VersionData", "DropNewer",
            "decode", "manifest_id"]
@@ -80,6 +80,20 @@ class PutData:
     stripe: int
     info: FragInfo
     checksum: str
+
+
+@dataclass(frozen=True)
+class HaveData:
+    """Asked of a stripe's first parity holder before a data fragment is sent again (a
+    retry): does it hold ``info``'s bytes already, waiting for the other data nodes' or
+    encoded (then it confirms the stripe again)? Answer ``Ok(1)``: held, not sent; ``Ok(0)``:
+    send it (``PutData``); ``Error("dropped")``: its node dropped that version."""
+
+    OP: ClassVar[str] = "have_data"
+    job: str
+    step: int
+    stripe: int
+    info: FragInfo
 
 
 @dataclass(frozen=True)
@@ -321,8 +335,8 @@ class DropNewer:
     newer_than: int
 
 
-_PEER_MESSAGES = p.registry(Ping, Pong, PutData, PutParity, Protected, Dropped, Held, Reports,
-                            ReportsReply, Inventory,
+_PEER_MESSAGES = p.registry(Ping, Pong, PutData, HaveData, PutParity, Protected, Dropped,
+                            Held, Reports, ReportsReply, Inventory,
                             InventoryReply, GetData, GetParity, Chunk, GetVersion, VersionData,
                             DropNewer, p.Ok, p.Error)
 

@@ -63,6 +63,9 @@ class PeerServer(RouterLoop):
         self.protector.on_put_data(m, [f.buffer for f in frames])
         return p.Ok(1)
 
+    def _on_have_data(self, m: pp.HaveData, _: Any) -> p.Ok:
+        return p.Ok(int(self.protector.on_have_data(m)))
+
     def _on_put_parity(self, m: pp.PutParity, frames: list[Any]) -> p.Ok:
         self.protector.on_put_parity(m, [f.buffer for f in frames])
         return p.Ok(1)

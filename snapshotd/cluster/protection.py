@@ -162,6 +162,9 @@ class Protector:
         self._sending: set[tuple[str, int]] = set()
         self._send_again: set[tuple[str, int]] = set()
         self._send_took: dict[tuple[str, int], float] = {}
+        #: (job, step) -> the version (manifest id) whose every fragment last went out: a
+        #: retry of that version asks each holder first (HaveData) instead of re-sending.
+        self._sent_vid: dict[tuple[str, int], str] = {}
         #: (job, step) whose send failed already (its next failures are logged at DEBUG).
         self._unprotected: set[tuple[str, int]] = set()
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="snapshotd-encode")
@@ -332,6 +335,8 @@ class Protector:
                 del self._sent[key]
             for key in [k for k in self._send_took if k not in present]:
                 del self._send_took[key]
+            for key in [k for k in self._sent_vid if k not in present]:
+                del self._sent_vid[key]
             self._unprotected &= present         # steps no longer held: forgotten
         for job in sorted({job for job, _ in present}):
             held = self.store.versions(job)
@@ -458,6 +463,9 @@ class Protector:
         try:
             manifest = nv.manifest(self.me, self.store.owner(nv.job))
             vid = pp.manifest_id(manifest)
+            with self._lock:                # sent before: a retry (see on_have_data)
+                again = self._sent_vid.get((job, step)) == vid
+            skipped = 0
             floor = self.floor(job)
             cs = chunk_size(nv.total, self.group.k)
             for chunk, (stripe, _) in enumerate(data_stripes(self.me, self.group)):
@@ -472,10 +480,30 @@ class Protector:
                                      f"holder of stripe {stripe.index}, is down")
                 start = chunk * cs
                 length = max(0, min(cs, nv.total - start))
-                frames = nv.chunk_frames(self.store, start, length)
                 info = pp.FragInfo(self.me, chunk, length, manifest, floor)
+                if again:
+                    # A retry: the holder may hold the fragment already, in a stripe still
+                    # waiting for another data node's (one that saves later): asked, not sent.
+                    try:
+                        reply, _ = self._call(stripe.parity[0],
+                                              pp.HaveData(job, step, stripe.index, info),
+                                              timeout=self._small)
+                        held = bool(reply.count)
+                    except PeerError as exc:
+                        if exc.code in ("dropped", ""):     # (""): no answer: peer away
+                            raise
+                        held = False                # a daemon that predates HaveData
+                    if held:
+                        skipped += length
+                        continue
+                frames = nv.chunk_frames(self.store, start, length)
                 msg = pp.PutData(job, step, stripe.index, info, frames_checksum(frames))
                 self._call(stripe.parity[0], msg, frames)
+            with self._lock:
+                self._sent_vid[(job, step)] = vid
+            if skipped:
+                log.debug("job %r step %d: %d bytes already at their parity holders, not "
+                          "sent again", job, step, skipped)
         finally:
             for lease in leases:
                 self.store.release(lease)
@@ -624,6 +652,33 @@ class Protector:
                                       reencode=record is not None)
         if pull:
             self._pool.submit(self._pull, msg.job, msg.step, stripe)
+
+    def on_have_data(self, msg: pp.HaveData) -> bool:
+        """Whether this node, first parity holder of ``msg.stripe``, holds the data fragment
+        ``msg.info`` names (the same bytes of the same version): waiting in the stripe's
+        assembly for the other data nodes' (its floor is taken as news), or encoded, when the
+        node is told again that the stripe is protected. A data node asks before it sends a
+        fragment again (see ``_send_data_chunks``): not its bytes a second time."""
+        stripe = self._stripe(msg.stripe)
+        if stripe.parity[0] != self.me or msg.info.src not in stripe.data:
+            raise StoreError("bad_request", f"stripe {msg.stripe}: node {self.me} is not its "
+                             f"first parity holder, or node {msg.info.src} is not a data node")
+        with self._lock:
+            if self._was_dropped(msg.job, msg.step, (msg.info,)) is not None:
+                raise StoreError("dropped", f"node {msg.info.src} dropped this version of job "
+                                 f"{msg.job!r} step {msg.step} (a re-commit or a new timeline)")
+            record = self._parity.get((msg.job, msg.stripe, msg.step))
+            if record is not None and record.complete and any(
+                    msg.info.same_fragment(f) for f in record.frags):
+                self._pool.submit(self._confirm, msg.job, msg.step, msg.stripe, msg.info)
+                return True
+            assembly = self._assembling.get((msg.job, msg.step, msg.stripe))
+            pos = stripe.data.index(msg.info.src)
+            got = None if assembly is None else assembly.frags.get(pos)
+            if assembly is None or got is None or not msg.info.same_fragment(got[0]):
+                return False
+            assembly.frags[pos] = (msg.info, got[1])
+            return True
 
     def _add_fragment(self, stripe: Stripe, job: str, step: int, info: pp.FragInfo,
                       frames: list[Any], reencode: bool = False) -> bool:
