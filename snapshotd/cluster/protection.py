@@ -869,12 +869,9 @@ class Protector:
         """Take the others' timeline of ``jobs`` (lock held); whether one changed."""
         changed = False
         for job in sorted(jobs):
-            seen = collections.Counter(
-                (v.timeline, v.base)
-                for v in self._views(job, skip=self.me, timeline=False).values() if v.timeline)
-            if not seen:
+            best = most_reported(self._views(job, skip=self.me, timeline=False))
+            if best is None:
                 continue
-            best = max(seen.items(), key=lambda kv: (kv[1], kv[0][1], kv[0][0]))[0]
             if self._timelines.get(job) != best:
                 self._timelines[job] = best
                 self._adopted.add(job)
@@ -1298,6 +1295,12 @@ class Protector:
         keeps), else the step their reports have in common."""
         with self._lock:
             views = self._views(job, skip=self.me, timeline=False)
+        # Of the timeline the others report most (the one this node takes, adopt_timelines):
+        # a stale report of another one counts only up to the steps both share, its pin too
+        # (a pin of an abandoned timeline, above the new base, names a step no node keeps).
+        best = most_reported(views)
+        if best is not None:
+            views = {slot: on_timeline(v, *best) for slot, v in views.items()}
         pins = [v.pin for v in views.values() if v.pin >= 0]
         if pins:
             return max(pins)
@@ -1497,7 +1500,25 @@ def on_timeline(view: NodeView, token: int, base: int) -> NodeView:
     cap = min(b for t, b in ((token, base), (view.timeline, view.base)) if t)
     return view._replace(floor=min(view.floor, cap),
                          held=tuple(s for s in view.held if s <= cap),
-                         protected=tuple(s for s in view.protected if s <= cap))
+                         protected=tuple(s for s in view.protected if s <= cap),
+                         pin=min(view.pin, cap))
+
+
+def most_reported(views: dict[int, NodeView]) -> tuple[int, int] | None:
+    """The timeline (token, base) most of ``views`` report (then the higher base, then the
+    higher token); None when none reports one.
+
+    >>> V = NodeView
+    >>> most_reported({1: V(9, timeline=0x51, base=8), 2: V(9, timeline=0x51, base=8),
+    ...                3: V(12, timeline=0x52, base=3), 4: V(5)})
+    (81, 8)
+    >>> most_reported({1: V(5)}) is None
+    True
+    """
+    seen = collections.Counter((v.timeline, v.base) for v in views.values() if v.timeline)
+    if not seen:
+        return None
+    return max(seen.items(), key=lambda kv: (kv[1], kv[0][1], kv[0][0]))[0]
 
 
 def current_views(views: dict[int, NodeView]) -> dict[int, NodeView]:

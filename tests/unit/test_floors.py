@@ -229,6 +229,23 @@ def test_others_floor_is_the_newest_pin_reported_else_the_common_step(tmp_path):
     assert prot.others_floor("j") == 6              # the newest pin any node reports
 
 
+def test_others_floor_takes_no_pin_of_a_timeline_the_others_left(tmp_path):
+    """Review of the timelines in tree mode, S-b: a replacement rebuilt the newest pin any
+    report named, a stale report of the abandoned timeline (from behind a partition) included:
+    a step above the new timeline's base, which no node keeps. Now only the pins of the
+    timeline most reports name count, and a stale one up to the steps both timelines share."""
+    prot = protector(open_store(tmp_path))
+    for src in (1, 2):          # restored step 8 (timeline 0x51), saved 9, pins 9
+        hear(prot, pp.Held(src, (pp.JobFloor("j", 9, (8, 9), (src,), 4, 9, (8, 9), 0x51, 8),)))
+    # Node 3's report from before the restore: its old timeline went on to step 12.
+    hear(prot, pp.Held(3, (pp.JobFloor("j", 12, (10, 11, 12), (3,), 4, 12, (10, 11, 12)),)))
+    assert prot.others_floor("j") == 9
+    # Once node 3 reports the new timeline too, its pin counts whole.
+    hear(prot, pp.Held(3, (pp.JobFloor("j", 10, (8, 9, 10), (3,), 4, 10, (8, 9, 10), 0x51,
+                                       8),)))
+    assert prot.others_floor("j") == 10
+
+
 def test_before_any_report_a_daemon_with_peers_keeps_every_version(tmp_path):
     store = open_store(tmp_path)
     store.hold_unpinned = True
