@@ -321,29 +321,40 @@ class Recovery:
         """Fetch, decode and install this node's data for (job, step); with ``keep_held``,
         ranks already held at that step are kept (a repair replaces them)."""
         started = time.perf_counter()
-        chunks = self.decode(job, step, manifest, plan)
+        timing: dict[str, float] = {}
+        chunks = self.decode(job, step, manifest, plan, timing)
+        installed = time.perf_counter()
         self._install(json.loads(manifest), chunks, keep_held)
         seconds = time.perf_counter() - started
+        timing["install"] = time.perf_counter() - installed
         total = sum(c.nbytes for c in chunks)
         self.rebuilt_bytes += total
         if self.metrics is not None:
             self.metrics.rebuilds.inc()
             self.metrics.rebuilt_bytes.inc(total)
             self.metrics.rebuild_seconds.observe(seconds)
-        log.info("rebuilt job %r step %d for slot %d: %d bytes in %.2fs", job, step, self.me,
-                 total, seconds)
+        log.info("rebuilt job %r step %d for slot %d: %d bytes in %.2fs (fetch %.2fs, decode "
+                 "%.2fs, install %.2fs)", job, step, self.me, total, seconds,
+                 timing.get("fetch", 0.0), timing.get("decode", 0.0), timing["install"])
 
-    def decode(self, job: str, step: int, manifest: str, plan: list) -> list[Any]:
+    def decode(self, job: str, step: int, manifest: str, plan: list,
+               timing: dict[str, float] | None = None) -> list[Any]:
         """Fetch ``k`` fragments of every stripe of ``plan`` and decode this node's chunks of
         its version ``manifest`` of (job, step), in chunk order (not installed: a read of a lost
-        node's ranks by another node serves them from these, see reads.py)."""
+        node's ranks by another node serves them from these, see reads.py). ``timing`` gets
+        the seconds spent fetching and decoding."""
         chunks: list[Any] = []
+        timing = {} if timing is None else timing
         self._not_abandoned(job, step, manifest)
         for _stripe, pos, length, my_length, sources in plan:
+            started = time.perf_counter()
             present = self._fetch_k(sources, length)
+            fetched = time.perf_counter()
             out = bytearray(length)
             self.codec.reconstruct(present, {pos: out})
             chunks.append(memoryview(out)[:my_length])
+            timing["fetch"] = timing.get("fetch", 0.0) + fetched - started
+            timing["decode"] = timing.get("decode", 0.0) + time.perf_counter() - fetched
         self._not_abandoned(job, step, manifest)          # a drop may have come meanwhile
         return chunks
 
