@@ -526,13 +526,26 @@ def load(state: Any, client: SnapshotClient, found: Survey, step: int, world: in
         # DCP created state for every parameter of a fresh optimizer (a step with zero
         # gradients); a parameter the saved layout holds no state of (it had received no
         # gradient) gets none here either, as in the run that saved it (TrainingState.load).
+        # Only where the saved groups name this optimizer's parameters, group by group: a
+        # layout of an optimizer over other parameters is left to DCP's load to refuse.
         saved = agreed.metadata.state_dict_metadata
         held: dict[str, Any] = cast(dict, osd["state"])
-        for fqn in [fqn for fqn, entries in held.items()
-                    if not any(f"optimizer.state.{fqn}.{name}" in saved for name in entries)]:
-            del held[fqn]
+        groups = cast(list, osd["param_groups"])
+        if [set(g["params"]) for g in groups] == [
+                set(agreed.values.get(f"optimizer.param_groups.{i}.params", ()))
+                for i in range(len(groups))]:
+            for fqn in [fqn for fqn, entries in held.items() if not any(
+                    f"optimizer.state.{fqn}.{name}" in saved for name in entries)]:
+                del held[fqn]
+        # The other way round: state the layout holds of a parameter this optimizer holds
+        # none of (it holds some already: DCP created none) would never be read, and the
+        # parameter restored without it. Refused below, on every rank.
+        with_state = {key.removeprefix("optimizer.state.").rsplit(".", 1)[0]
+                      for key in saved if key.startswith("optimizer.state.")}
+        unread = sorted(fqn for fqn in with_state & set(msd) if fqn not in held)
         target: dict[str, Any] = {"model": msd, "optimizer": osd}
     else:
+        unread = []
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         target = {"model": get_model_state_dict(model)}
@@ -554,6 +567,10 @@ def load(state: Any, client: SnapshotClient, found: Survey, step: int, world: in
     problem = ""
     try:
         state.check(full)
+        if unread:
+            raise ValueError(f"the optimizer holds state for some parameters but none for "
+                             f"{unread[:4]}, whose saved state would not be read; restore "
+                             "into an optimizer that holds no state yet (a new process's)")
     except Exception as exc:  # noqa: BLE001 - every rank must stop together
         problem = f"rank {me}: {exc}"
     flag = torch.tensor([0 if problem else 1], device=collective_device(None))

@@ -283,12 +283,13 @@ class TrainingState:
                 # A parameter that had no optimizer state when saved (it never got a
                 # gradient: an unused layer, an expert no token reached) has none after the
                 # restore either, as in the run that saved it. DCP's strict load refuses such
-                # a state dict ("Missing optimizer state"); check() has matched the groups'
-                # sizes and the model's keys, and the model itself still loads strictly. Only
-                # names of the model's own parameters count: any other name missing its state
-                # is left to DCP's strict load to refuse.
+                # a state dict ("Missing optimizer state"). Its check is lifted only where the
+                # snapshot's parameter groups name exactly the parameters of the optimizer's
+                # groups (so every parameter without state in it is one that had none when
+                # saved); any other snapshot is left to DCP's strict load to refuse (review of
+                # session 11, F1: an optimizer over other parameters was loaded).
                 stateless = _stateless(state["optimizer"])
-                if any(fqn not in state["model"] for fqn in stateless):
+                if stateless and not self._same_groups(state["optimizer"]):
                     stateless = []
                 placeholders = _skip_warm_up(self.optimizer)
                 try:
@@ -330,6 +331,27 @@ class TrainingState:
         for name, obj in self.extra.items():
             obj.load_state_dict(state["extra"][name])
         return int(state["step"])
+
+    def _same_groups(self, optim_state: Mapping[str, Any]) -> bool:
+        """Whether a DCP optimizer state dict's parameter groups name the parameters of this
+        optimizer's groups, group by group (every name DCP gives a parameter, tied ones
+        included); False when a name cannot be told."""
+        from ._statedicts import _dcp
+
+        dsd = _dcp()
+        if dsd is None or self.optimizer is None:
+            return False
+        model = _unwrap(self.model)
+        names: dict[int, set[str]] = {}
+        for key, param in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), set()).update(dsd._get_fqns(model, key))
+        live = []
+        for group in self.optimizer.param_groups:
+            if any(id(param) not in names for param in group["params"]):
+                return False
+            live.append(set().union(*(names[id(param)] for param in group["params"])))
+        saved = [set(g.get("params", ())) for g in optim_state.get("param_groups", ())]
+        return live == saved
 
     def _load_data(self, value: Mapping[str, Any]) -> None:
         data = self.data

@@ -869,7 +869,7 @@ class Protector:
         """Take the others' timeline of ``jobs`` (lock held); whether one changed."""
         changed = False
         for job in sorted(jobs):
-            best = most_reported(self._views(job, skip=self.me, timeline=False))
+            best = self._others_timeline(self._views(job, skip=self.me, timeline=False))
             if best is None:
                 continue
             if self._timelines.get(job) != best:
@@ -1289,16 +1289,27 @@ class Protector:
         with self._lock:
             return slot in self._accepted
 
+    def _others_timeline(self, views: dict[int, NodeView]) -> tuple[int, int] | None:
+        """The timeline the other nodes' ``views`` of a job report most (lock held), counting
+        only the nodes heard from lately when any was: a node that stopped reporting (down,
+        cut off) speaks of the timeline it was on then, and must not outvote, or tie with,
+        the ones that took part in a restore since (review of session 11, F2)."""
+        now = self._clock()
+        fresh = {slot: v for slot, v in views.items()
+                 if now - self._report_at.get(slot, float("-inf")) < self.recovering_hold}
+        best = most_reported(fresh)
+        return best if best is not None else most_reported(views)
+
     def others_floor(self, job: str) -> int | None:
         """The job-wide step of ``job`` by the other nodes' reports (None: none): the newest
         pin one of them reports (a step every node held when it was adopted, which its node
         keeps), else the step their reports have in common."""
         with self._lock:
             views = self._views(job, skip=self.me, timeline=False)
-        # Of the timeline the others report most (the one this node takes, adopt_timelines):
-        # a stale report of another one counts only up to the steps both share, its pin too
-        # (a pin of an abandoned timeline, above the new base, names a step no node keeps).
-        best = most_reported(views)
+            best = self._others_timeline(views)
+        # Of the timeline the others report (the one this node takes, adopt_timelines): a
+        # stale report of another one counts only up to the steps both share, its pin too (a
+        # pin of an abandoned timeline, above the new base, names a step no node keeps).
         if best is not None:
             views = {slot: on_timeline(v, *best) for slot, v in views.items()}
         pins = [v.pin for v in views.values() if v.pin >= 0]

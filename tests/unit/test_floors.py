@@ -246,6 +246,23 @@ def test_others_floor_takes_no_pin_of_a_timeline_the_others_left(tmp_path):
     assert prot.others_floor("j") == 10
 
 
+def test_a_node_that_stopped_reporting_does_not_tie_with_the_timeline_of_the_others(tmp_path):
+    """Review of session 11, F2: one node's fresh report of the new timeline (0x52 from step
+    5, pin 6) and one stale report of the abandoned one (0x51 from step 8, pin 11) tied, the
+    higher base won, and a replacement would have rebuilt step 11 of the new timeline, not its
+    pin. A node not heard from lately does not vote while another one was."""
+    now = [100.0]
+    prot = protector(open_store(tmp_path))
+    prot._clock = lambda: now[0]
+    hear(prot, pp.Held(2, (pp.JobFloor("j", 11, (9, 10, 11), (2,), 4, 11, (9, 10, 11), 0x51,
+                                       8),)))
+    now[0] += 2 * prot.recovering_hold              # node 2 has said nothing since
+    hear(prot, pp.Held(1, (pp.JobFloor("j", 6, (5, 6), (1,), 4, 6, (5, 6), 0x52, 5),)))
+    assert prot.others_floor("j") == 6
+    prot.adopt_timelines("j")
+    assert prot._timelines["j"] == (0x52, 5)
+
+
 def test_before_any_report_a_daemon_with_peers_keeps_every_version(tmp_path):
     store = open_store(tmp_path)
     store.hold_unpinned = True

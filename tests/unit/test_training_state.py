@@ -226,6 +226,7 @@ def test_a_dcp_restore_of_a_parameter_that_never_got_a_gradient_is_the_saved_run
             super().__init__()
             self.used = torch.nn.Linear(6, 3)
             self.late = torch.nn.Linear(6, 3)          # first used at step 4
+            self.frozen = torch.nn.Linear(6, 3)        # in no optimizer below but one
 
         def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
             return self.used(x) + (self.late(x) if step >= 4 else 0)
@@ -233,7 +234,8 @@ def test_a_dcp_restore_of_a_parameter_that_never_got_a_gradient_is_the_saved_run
     def fresh():
         torch.manual_seed(0)
         model = Gated()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        optimizer = torch.optim.AdamW([*model.used.parameters(), *model.late.parameters()],
+                                      lr=1e-2)
         return model, optimizer, TrainingState(model, optimizer, state_dicts="dcp", rng=False)
 
     def train(model, optimizer, steps):
@@ -248,6 +250,13 @@ def test_a_dcp_restore_of_a_parameter_that_never_got_a_gradient_is_the_saved_run
     assert sorted(saved["optimizer"]["state"]) == ["used.bias", "used.weight"]
     train(model, optimizer, range(3, 6))
     expected = copy.deepcopy(model.state_dict())
+
+    # An optimizer over other parameters (the same sizes) is not this snapshot's (review of
+    # session 11, F1: it was loaded, `frozen` without the state it would have had).
+    model, _, _ = fresh()
+    other = torch.optim.AdamW([*model.used.parameters(), *model.frozen.parameters()], lr=1e-2)
+    with pytest.raises(RuntimeError, match="Missing optimizer state"):
+        TrainingState(model, other, state_dicts="dcp", rng=False).load(saved)
 
     model, optimizer, state = fresh()
     assert state.load(saved) == 2
