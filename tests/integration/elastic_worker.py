@@ -36,8 +36,10 @@ class Net(nn.Module):
         # by a restore (DCP's strict load refused such a state).
         self.spare = nn.Linear(15, 15)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, short: bool = False) -> torch.Tensor:
         h = torch.tanh(self.inp(x))
+        if short:                                   # up and down get no gradient
+            return self.out(h)
         return self.out(h + self.down(torch.relu(self.up(h))))
 
 
@@ -79,6 +81,10 @@ def main() -> int:
     ap.add_argument("--phase", choices=["save", "restore"], required=True)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--layout", default="fsdp")
+    ap.add_argument("--warm-first", action="store_true",
+                    help="restore: first one step through inp and out only (the optimizer then "
+                         "holds state for those and none for up and down); the restore must "
+                         "be refused on every rank, nothing written")
     args = ap.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -101,6 +107,20 @@ def main() -> int:
         if rank == 0:
             torch.save(saved, os.path.join(args.out, "saved.pt"))
         result = {"rank": rank, "rng": torch.get_rng_state()[:16].tolist()}
+    elif args.warm_first:
+        wrapped(torch.randn(4, 8), short=True).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        before = full_state(model, optimizer)
+        try:
+            state.restore(client)
+            result = {"rank": rank, "refused": ""}
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            result = {"rank": rank, "refused": f"{type(exc).__name__}: {exc}"}
+        after = full_state(model, optimizer)
+        result["untouched"] = before.keys() == after.keys() and all(
+            torch.equal(before[k], after[k]) for k in before)
+        client.close()
     else:
         step = state.restore(client)
         restored = full_state(model, optimizer)

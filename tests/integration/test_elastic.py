@@ -160,6 +160,26 @@ def test_a_drop_everywhere_removes_a_ranks_newer_versions_on_the_node_that_holds
 
 
 @pytest.mark.timeout(240)
+def test_a_resharded_restore_into_an_optimizer_holding_some_state_is_refused_everywhere(
+        cluster_factory, tmp_path):
+    """Where the optimizer holds state already for some parameters (an in-process restore
+    after a step) but none for one the saved layout holds state of, DCP would not read that
+    state, and the parameter would come back without its moments: every rank refuses before
+    writing a byte, and a restore into fresh optimizers then works."""
+    cluster = cluster_factory(2, k=1, m=1, args=["--insecure"])
+    cluster.start()
+    job = f"el-{uuid.uuid4().hex[:6]}"
+    run(tmp_path, cluster, 2, 1, "save", job)
+    refused = run(tmp_path, cluster, 3, 2, "restore", job, "--warm-first")
+    assert all("saved state would not be read" in r["refused"] for r in refused), refused
+    assert all("up.weight" in r["refused"] for r in refused), refused
+    assert all(r["untouched"] for r in refused)
+    restored = run(tmp_path, cluster, 3, 2, "restore", job)
+    assert [r["step"] for r in restored] == [3] * 3
+    same(torch.load(tmp_path / "saved.pt"), torch.load(tmp_path / "restored-3.pt"))
+
+
+@pytest.mark.timeout(240)
 def test_ddp_with_replicas_split_restored_at_another_world_size(cluster_factory, tmp_path):
     """DDP on 2 coded nodes (RS k=1 m=1): each of the 2 ranks stores only its share of the
     replicated parameters and AdamW moments (split replicas, issue 13). A 3-rank DDP job
