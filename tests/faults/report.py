@@ -192,7 +192,7 @@ and checks that invariant.
 | | command | runs per fault | state per rank | time (2 cores) |
 | --- | --- | --- | --- | --- |
 | quick (CI, in `make test`) | `python -m pytest -q tests/faults` | 1-2 | 0.25-3 MiB | ~3 min |
-| long | `make faults` (`SNAPSHOTD_FAULT_RUNS=long`) | 15-40; load 3 min | to 16 MiB | ~60 min (58 min on 2026-12-06) |
+| long | `make faults` (`SNAPSHOTD_FAULT_RUNS=long`) | 15-40; load 3 min | to 16 MiB | ~60 min |
 
 Every run draws its choices (victims, sizes, kill delays, flipped bits, partition lengths)
 from `random.Random(seed)`; a failure prints the seed and the command that replays it
