@@ -617,10 +617,7 @@ class Protector:
     # ------------------------------------------------------------------ parity-holder side
 
     def on_put_data(self, msg: pp.PutData, frames: list[Any]) -> None:
-        stripe = self._stripe(msg.stripe)
-        if stripe.parity[0] != self.me or msg.info.src not in stripe.data:
-            raise StoreError("bad_request", f"stripe {msg.stripe}: node {self.me} is not its "
-                             f"first parity holder, or node {msg.info.src} is not a data node")
+        stripe = self._first_holder_of(msg)
         got = sum(memoryview(f).nbytes for f in frames)
         if got != msg.info.length or frames_checksum(frames) != msg.checksum:
             raise StoreError("corrupt", f"data fragment of node {msg.info.src} for job "
@@ -628,15 +625,10 @@ class Protector:
         self._room(got, f"the data fragment of node {msg.info.src} for job {msg.job!r} step "
                    f"{msg.step}")
         with self._lock:
-            if self._was_dropped(msg.job, msg.step, (msg.info,)) is not None:
-                raise StoreError("dropped", f"node {msg.info.src} dropped this version of job "
-                                 f"{msg.job!r} step {msg.step} (a re-commit or a new timeline)")
-            record = self._parity.get((msg.job, msg.stripe, msg.step))
-            if record is not None and record.complete and any(
-                    msg.info.same_fragment(f) for f in record.frags):
+            record, whole = self._known_fragment(msg)
+            if whole:
                 # A re-send of a fragment already encoded (its node restarted and lost the
-                # protected flag): the stripe is whole, say so again instead of re-encoding.
-                self._pool.submit(self._confirm, msg.job, msg.step, msg.stripe, msg.info)
+                # protected flag): the stripe is whole, said so again instead of re-encoding.
                 return
             if record is not None:
                 # Another version of a step already encoded (a re-commit): the old parity no
@@ -659,18 +651,9 @@ class Protector:
         assembly for the other data nodes' (its floor is taken as news), or encoded, when the
         node is told again that the stripe is protected. A data node asks before it sends a
         fragment again (see ``_send_data_chunks``): not its bytes a second time."""
-        stripe = self._stripe(msg.stripe)
-        if stripe.parity[0] != self.me or msg.info.src not in stripe.data:
-            raise StoreError("bad_request", f"stripe {msg.stripe}: node {self.me} is not its "
-                             f"first parity holder, or node {msg.info.src} is not a data node")
+        stripe = self._first_holder_of(msg)
         with self._lock:
-            if self._was_dropped(msg.job, msg.step, (msg.info,)) is not None:
-                raise StoreError("dropped", f"node {msg.info.src} dropped this version of job "
-                                 f"{msg.job!r} step {msg.step} (a re-commit or a new timeline)")
-            record = self._parity.get((msg.job, msg.stripe, msg.step))
-            if record is not None and record.complete and any(
-                    msg.info.same_fragment(f) for f in record.frags):
-                self._pool.submit(self._confirm, msg.job, msg.step, msg.stripe, msg.info)
+            if self._known_fragment(msg)[1]:
                 return True
             assembly = self._assembling.get((msg.job, msg.step, msg.stripe))
             pos = stripe.data.index(msg.info.src)
@@ -679,6 +662,31 @@ class Protector:
                 return False
             assembly.frags[pos] = (msg.info, got[1])
             return True
+
+    def _first_holder_of(self, msg: pp.PutData | pp.HaveData) -> Stripe:
+        """The stripe ``msg`` names, once this node is its first parity holder and the
+        fragment's node one of its data nodes (``bad_request`` otherwise)."""
+        stripe = self._stripe(msg.stripe)
+        if stripe.parity[0] != self.me or msg.info.src not in stripe.data:
+            raise StoreError("bad_request", f"stripe {msg.stripe}: node {self.me} is not its "
+                             f"first parity holder, or node {msg.info.src} is not a data node")
+        return stripe
+
+    def _known_fragment(self, msg: pp.PutData | pp.HaveData
+                        ) -> tuple[ParityRecord | None, bool]:
+        """What this holder has of ``msg``'s fragment (lock held): ``dropped`` when its node
+        dropped that version; else the stripe's parity record of the step (or None) and
+        whether that record encoded this very fragment whole, in which case the node is told
+        again that the stripe is protected."""
+        if self._was_dropped(msg.job, msg.step, (msg.info,)) is not None:
+            raise StoreError("dropped", f"node {msg.info.src} dropped this version of job "
+                             f"{msg.job!r} step {msg.step} (a re-commit or a new timeline)")
+        record = self._parity.get((msg.job, msg.stripe, msg.step))
+        if record is not None and record.complete and any(
+                msg.info.same_fragment(f) for f in record.frags):
+            self._pool.submit(self._confirm, msg.job, msg.step, msg.stripe, msg.info)
+            return record, True
+        return record, False
 
     def _add_fragment(self, stripe: Stripe, job: str, step: int, info: pp.FragInfo,
                       frames: list[Any], reencode: bool = False) -> bool:
@@ -1294,10 +1302,8 @@ class Protector:
         only the nodes heard from lately when any was: a node that stopped reporting (down,
         cut off) speaks of the timeline it was on then, and must not outvote, or tie with,
         the ones that took part in a restore since (review of session 11, F2)."""
-        now = self._clock()
-        fresh = {slot: v for slot, v in views.items()
-                 if now - self._report_at.get(slot, float("-inf")) < self.recovering_hold}
-        best = most_reported(fresh)
+        heard = self._heard_lately()
+        best = most_reported({slot: v for slot, v in views.items() if slot in heard})
         return best if best is not None else most_reported(views)
 
     def others_floor(self, job: str) -> int | None:
@@ -1335,10 +1341,14 @@ class Protector:
     def reporting(self) -> set[int]:
         """The other nodes (all groups) heard from lately: a newer report of theirs was taken
         within ``recovering_hold`` (a stale one relayed late does not count)."""
-        now = self._clock()
         with self._lock:
-            return {slot for slot, at in self._report_at.items()
-                    if slot != self.me and now - at < self.recovering_hold}
+            return self._heard_lately()
+
+    def _heard_lately(self) -> set[int]:
+        """:meth:`reporting`, the lock held."""
+        now = self._clock()
+        return {slot for slot, at in self._report_at.items()
+                if slot != self.me and now - at < self.recovering_hold}
 
     def pin(self, job: str) -> int | None:
         """The job-wide step: the lowest newest-protected step of all nodes holding ``job``."""

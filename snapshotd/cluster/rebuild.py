@@ -325,8 +325,8 @@ class Recovery:
         chunks = self.decode(job, step, manifest, plan, timing)
         installed = time.perf_counter()
         self._install(json.loads(manifest), chunks, keep_held)
-        seconds = time.perf_counter() - started
-        timing["install"] = time.perf_counter() - installed
+        done = time.perf_counter()
+        seconds, timing["install"] = done - started, done - installed
         total = sum(c.nbytes for c in chunks)
         self.rebuilt_bytes += total
         if self.metrics is not None:
