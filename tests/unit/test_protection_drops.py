@@ -45,10 +45,15 @@ def fragment(prot, step):
     return stripe, pp.PutData("j", step, stripe.index, info, frames_checksum(frames)), frames
 
 
-@pytest.fixture
-def group(tmp_path):
+def protectors(tmp_path):
+    """The four protectors of one RS(2,2) group, by slot (test_protection_resend.py too)."""
     groups = make_groups(4, 2, 2)
     return {s: protector(tmp_path, groups, s) for s in range(4)}
+
+
+@pytest.fixture
+def group(tmp_path):
+    return protectors(tmp_path)
 
 
 def test_a_holder_refuses_a_fragment_and_parity_of_a_version_its_node_dropped(group):

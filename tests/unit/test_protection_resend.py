@@ -8,13 +8,17 @@ Real stores and protectors; the peer messages are handed over in memory."""
 import dataclasses
 
 import pytest
-from test_protection_drops import commit, fragment, protector
+from test_protection_drops import commit, fragment, protectors
 
 from snapshotd.cluster import peerproto as pp
 from snapshotd.cluster.peers import PeerError
-from snapshotd.cluster.placement import make_groups
 from snapshotd.common import protocol as p
 from snapshotd.node.store import StoreError
+
+
+@pytest.fixture
+def group(tmp_path):
+    return protectors(tmp_path)
 
 
 class Wire:
@@ -38,12 +42,6 @@ class Wire:
 
     def close_thread(self):
         pass
-
-
-@pytest.fixture
-def group(tmp_path):
-    groups = make_groups(4, 2, 2)
-    return {s: protector(tmp_path, groups, s) for s in range(4)}
 
 
 def test_a_holder_says_whether_it_holds_a_fragment_of_that_very_version(group):
