@@ -25,6 +25,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from ..common import locks
 from ..common import protocol as p
 from .peerproto import Ping, Pong, decode
 
@@ -107,7 +108,7 @@ class PeerLinks:
         self._local = threading.local()
         self._on_bytes = on_bytes
         self._ids = iter(range(1, 1 << 62))
-        self._lock = threading.Lock()
+        self._lock = locks.lock("peers")
 
     def call(self, slot: int, msg: Any, frames: Sequence[Any] = (),
              timeout: timedelta = timedelta(seconds=30),

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ from typing import Any, NamedTuple
 
 import xxhash
 
+from ..common import locks
 from ..node.store import Store, StoreError, Version
 from . import peerproto as pp
 from .codec import Codec
@@ -141,7 +141,7 @@ class Protector:
         self.up = up
         self.metrics = metrics
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = locks.lock("protector")
         self._closed = False
         self._stopping = False
         #: (job, step) -> when this node dropped it (wall clock, like commit times): a rebuild
@@ -152,7 +152,9 @@ class Protector:
         #: refused, so what is left of a send that a re-commit replaced (or a parity forward
         #: behind it) never completes the replaced bytes' parity after the notice.
         self._dropped_by: dict[tuple[int, str, int], float] = {}
-        self._parity: dict[tuple[str, int, int], ParityRecord] = {}  # (job, stripe, step)
+        #: (job, stripe, step) -> parity kept; its bytes (``total``) are read without the lock
+        #: by the store's budget (design section 6: no lock is taken under another's).
+        self._parity: locks.Tally = locks.Tally(lambda r: r.length)
         self._assembling: dict[tuple[str, int, int], _Assembly] = {}  # (job, step, stripe)
         self._protected: dict[tuple[str, int, str], set[int]] = {}  # (job, step, vid)
         #: (job, step) -> (when its chunks went out, the version id sent): when the send was
@@ -210,7 +212,7 @@ class Protector:
         #: slot's earlier ones it heard of) and its reports' count (see report()).
         self.inc = time.time_ns() // 1000
         self._seq = 0
-        self._report_lock = threading.Lock()
+        self._report_lock = locks.lock("protector.report")
         #: How long a node's last "recovering" report holds the job-wide steps where they are
         #: (it reports every interval while it recovers; the cluster sets this, allowing for
         #: the relay's latency).
@@ -226,8 +228,8 @@ class Protector:
         self.relay_latency = 0.0
         self.ready: Callable[[], bool] = lambda: True
         self.stripes = {s.index: s for s in stripes(group)}
-        store.extra_kinds = lambda: {"parity": self.parity_bytes(),
-                                     "encoding": self.inflight_bytes()}
+        # Called under the store's lock: reads two sums, takes no lock (design section 6).
+        store.extra_kinds = lambda: {"parity": self._parity.total, "encoding": self._inflight}
         self.files = ParityFiles(store.dir.path)
         self._adopt()
         self._load_floors()
@@ -375,7 +377,11 @@ class Protector:
                     sent = self._sent.get(key)
                     if sent is not None and self._clock() - sent[0] < wait:
                         continue
-                    self._sent[key] = (self._clock(), self.vid(nv))
+                vid = self.vid(nv)                # asks the store: not under our lock
+                with self._lock:
+                    if key in self._sending:
+                        continue
+                    self._sent[key] = (self._clock(), vid)
                 self._pool.submit(self._send_data, job, step)
                 started += 1
         return started
@@ -868,8 +874,8 @@ class Protector:
         until the job restores again (review of the timelines, F2). A timeline taken so is
         taken again whenever the others' reports move to another (it may have been taken
         from stale reports, behind a partition), until this node's own ranks restore."""
+        jobs = {v.job for v in self.store.versions()} if job is None else {job}
         with self._lock:
-            jobs = {v.job for v in self.store.versions()} if job is None else {job}
             if self._take_timelines(jobs - set(self._timelines)):
                 self._save_floors()
 
@@ -1174,6 +1180,12 @@ class Protector:
         with self._lock:
             return dict(self._latest)
 
+    def views(self, job: str, timeline: bool = False) -> dict[int, NodeView]:
+        """slot -> what it last reported of ``job`` (see :meth:`_views`), for the readers
+        (remote reads, ``Where``, drops elsewhere)."""
+        with self._lock:
+            return self._views(job, timeline=timeline)
+
     def _views(self, job: str, skip: int | None = None,
                timeline: bool = True) -> dict[int, NodeView]:
         """slot -> what it reported of ``job``, for every node that did (lock held); with
@@ -1444,8 +1456,8 @@ class Protector:
         self._keep(record)
 
     def parity_bytes(self) -> int:
-        with self._lock:
-            return sum(r.length for r in self._parity.values())
+        """Bytes of parity kept (read without the lock: see ``locks.Tally``)."""
+        return int(self._parity.total)
 
     def parity_records(self) -> list[ParityRecord]:
         with self._lock:

@@ -33,6 +33,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
+from ..common import locks
 from ..common import protocol as p
 from ..common.protocol import TensorEntry
 from ..node.store import Store, StoreError, _checksums, process_identity
@@ -72,11 +73,13 @@ class PeerReads:
         #: the reads of a lost node's ranks decode its version once.
         self._decoded: dict[tuple[str, int, int], tuple[float, str, list[Any]]] = {}
         self._decoding: dict[tuple[str, int, int], threading.Lock] = {}
-        self._lock = threading.RLock()
+        self._lock = locks.rlock("reads")
         self._ids = itertools.count(self.FIRST_LEASE)
-        self._held: dict[int, tuple[str, int, float | None, int]] = {}  # lease -> path, pid, id, n
+        #: lease -> (path, pid, id, bytes): remote copies held; their bytes (``total``) are read
+        #: without the lock by the store's budget (design section 6).
+        self._held: locks.Tally = locks.Tally(lambda h: h[3])
         before = store.extra_kinds
-        store.extra_kinds = lambda: before() | {"remote": self.nbytes()}
+        store.extra_kinds = lambda: before() | {"remote": self._held.total}
         #: Drops a node did not answer, by slot: sent again until it does.
         self._pending: dict[int, list[pp.DropNewer]] = {}
         self._closed = False
@@ -121,8 +124,7 @@ class PeerReads:
         (down, partitioned, frozen) is told again until it does (kept in memory, like drop
         notices): the versions it holds belong to the abandoned timeline, and a later
         restore must never combine them with the new one's."""
-        with self.protector._lock:
-            views = self.protector._views(job, timeline=False)
+        views = self.protector.views(job)
         count = 0
         holders = sorted(s for s, v in views.items() if s != self.me and rank in v.ranks)
         up = self.live(holders) if self.groups else set(holders)
@@ -181,9 +183,7 @@ class PeerReads:
     def where(self, job: str) -> p.WhereReply:
         """What every other node last reported holding of ``job``; of a node that is down
         now, only the steps it reported protected (its group can decode those)."""
-        with self.protector._lock:
-            views = {slot: v for slot, v in self.protector._views(job, timeline=False).items()
-                     if slot != self.me}
+        views = {slot: v for slot, v in self.protector.views(job).items() if slot != self.me}
         up = self.live(views) if self.groups else set(views)
         return p.WhereReply(tuple(
             p.NodeHolding(slot, tuple(v.ranks),
@@ -204,8 +204,7 @@ class PeerReads:
             self.links.close_thread()
 
     def _fetch(self, job: str, rank: int, step: int, pid: int) -> p.OpenReply:
-        with self.protector._lock:
-            views = self.protector._views(job, timeline=False)
+        views = self.protector.views(job)
         holders = [slot for slot, v in views.items() if slot != self.me and rank in v.ranks]
         up = self.live(holders) if self.groups else set(holders)
         candidates = sorted((slot for slot in holders if slot in up),
@@ -250,7 +249,7 @@ class PeerReads:
         reads of its ranks that come within ``DECODED_SECONDS``."""
         key = (job, lost, step)
         with self._lock:
-            lock = self._decoding.setdefault(key, threading.Lock())
+            lock = self._decoding.setdefault(key, locks.lock("reads.decode"))
         with lock:                         # one decode at a time per version; others wait
             now = time.monotonic()
             with self._lock:
@@ -372,8 +371,8 @@ class PeerReads:
         return len(gone)
 
     def nbytes(self) -> int:
-        with self._lock:
-            return sum(n for _, _, _, n in self._held.values())
+        """Bytes of remote copies held (read without the lock: see ``locks.Tally``)."""
+        return int(self._held.total)
 
     def close(self) -> None:
         self._closed = True

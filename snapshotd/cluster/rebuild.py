@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from ..common import locks
 from ..common.protocol import TensorEntry
 from ..node.store import Store, StoreError
 from . import peerproto as pp
@@ -61,7 +62,7 @@ class Recovery:
         self.failures: dict[str, str] = {}
         self.rebuilt_bytes = 0
         self._ready = threading.Event()
-        self._lock = threading.Lock()
+        self._lock = locks.lock("rebuild")
 
     def start(self) -> Recovery:
         threading.Thread(target=self._run, name="snapshotd-recovery", daemon=True).start()

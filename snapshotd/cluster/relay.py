@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..common import locks
 from ..node.store import StoreError
 from . import peerproto as pp
 from .overlay import Edge, Overlay, gateway
@@ -65,7 +66,7 @@ class ReportRelay:
         self.metrics = metrics
         self._clock = clock
         self._local = frozenset(overlay.local)
-        self._lock = threading.Lock()
+        self._lock = locks.lock("relay")
         #: neighbour -> origin -> the newest mark it is known to hold (sent to it, or received
         #: from it); forgotten when the neighbour restarts (a new incarnation).
         self._known: dict[int, dict[int, tuple[int, int]]] = {}
@@ -83,7 +84,7 @@ class ReportRelay:
         self._urgent = False
         self._fresh = False
         self._wake = threading.Event()
-        self._done = threading.Condition()
+        self._done = locks.condition("relay.done")
         self._pushed = 0
         self.stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="snapshotd-reports", daemon=True)

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import secrets
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +38,7 @@ from typing import Any
 import psutil
 import xxhash
 
+from ..common import locks
 from ..common.protocol import ProtocolError, TensorEntry, check_job, check_table
 from ._shm import SegmentDir
 
@@ -99,7 +99,7 @@ def checksum(buf: memoryview) -> str:
 _PARALLEL_BYTES = 32 << 20
 _HASHERS = max(1, min(4, os.cpu_count() or 1))
 _hash_pool: ThreadPoolExecutor | None = None
-_hash_pool_lock = threading.Lock()
+_hash_pool_lock = locks.lock("hash-pool")
 
 
 def _hash_span(view: memoryview, tensors: tuple[TensorEntry, ...] | list[TensorEntry]
@@ -257,7 +257,7 @@ class Store:
         self._clock = clock
         self._identity = identity
         self._pool_idle = pool_idle
-        self._lock = threading.Lock()
+        self._lock = locks.lock("store")
         self._next = 1
         self._slots: dict[int, Slot] = {}
         self._versions: dict[tuple[str, int], dict[int, Version]] = {}

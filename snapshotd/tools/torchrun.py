@@ -26,6 +26,7 @@ from typing import Any
 
 import psutil
 
+from ..common import locks
 from .localcluster import LocalCluster, free_ports
 
 __all__ = ["TorchrunJob", "JsonlTail", "compare_params", "find_script", "reference_run",
@@ -182,7 +183,7 @@ class TorchrunJob:
         self.lost: set[int] = set()
         self.generation: dict[int, int] = {}
         self.failures_seen: list[tuple[float, int, str]] = []
-        self._lock = threading.Lock()
+        self._lock = locks.lock("tool")
 
     def command(self, slot: int) -> list[str]:
         conf = (f"is_host=0,keep_alive_interval={self.keep_alive},"
