@@ -151,7 +151,11 @@ class Protector:
         #: (see on_dropped): a fragment or parity of a version it committed before that is
         #: refused, so what is left of a send that a re-commit replaced (or a parity forward
         #: behind it) never completes the replaced bytes' parity after the notice.
-        self._dropped_by: dict[tuple[int, str, int], float] = {}
+        #: With each, the incarnation of the node that the report then held for it had (0:
+        #: none heard): its stamps are ordered within a memory (Store.stamp), so a record
+        #: made under an earlier incarnation is not held against a replacement's commits,
+        #: whose clock may be behind the lost daemon's (issue 25, finding 3).
+        self._dropped_by: dict[tuple[int, str, int], tuple[float, int]] = {}
         #: (job, stripe, step) -> parity kept; its bytes (``total``) are read without the lock
         #: by the store's budget (design section 6: no lock is taken under another's).
         self._parity: locks.Tally = locks.Tally(lambda r: r.length)
@@ -527,8 +531,13 @@ class Protector:
         """The first of ``frags`` (FragInfos) whose version its node said it dropped (a
         re-commit or a new timeline, :meth:`on_dropped`), or None (lock held)."""
         for f in frags:
-            at = self._dropped_by.get((f.src, job, step))
-            if at is not None and _committed_at(f.manifest) <= at:
+            record = self._dropped_by.get((f.src, job, step))
+            if record is None:
+                continue
+            at, inc = record
+            if inc and self._marks.get(f.src, (0, 0))[0] > inc:
+                continue                     # told by an earlier incarnation of that node
+            if _committed_at(f.manifest) <= at:
                 return f
         return None
 
@@ -847,8 +856,8 @@ class Protector:
         timeline: the timeline's token in every report is what keeps them from raising a pin
         on this node's stale report meanwhile (:func:`on_timeline`)."""
         renewed = timeline is not None and self.new_timeline(job, *timeline)
-        with self._lock:
-            now = time.time()
+        now = self.store.stamp(durable=True)     # ordered after every commit here, whatever
+        with self._lock:                         # the wall clock did (issue 25, finding 3)
             for step in steps:
                 self._dropped_here[(job, step)] = now
             while len(self._dropped_here) > _MAX_DROPPED_KEPT:     # oldest first
@@ -864,7 +873,7 @@ class Protector:
         with self._lock:
             for key in [k for k in self._sent if k[0] == job and k[1] in steps]:
                 del self._sent[key]
-        self._tell_dropped(job, steps, time.time())
+        self._tell_dropped(job, steps, now)
 
     def adopt_timelines(self, job: str | None = None) -> None:
         """A replacement, its memory rebuilt from its group, takes for every job it holds no
@@ -982,7 +991,9 @@ class Protector:
             if at:
                 for step in steps:
                     key3 = (src, job, step)
-                    self._dropped_by[key3] = max(self._dropped_by.pop(key3, at), at)
+                    inc = max(0, self._marks.get(src, (0, 0))[0])
+                    old = self._dropped_by.pop(key3, (at, inc))
+                    self._dropped_by[key3] = (max(old[0], at) if old[1] == inc else at, inc)
                 while len(self._dropped_by) > _MAX_DROPPED_KEPT:     # oldest first
                     del self._dropped_by[next(iter(self._dropped_by))]
             gone = [key for key, r in self._parity.items() if key[0] == job

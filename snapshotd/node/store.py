@@ -24,11 +24,13 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -280,6 +282,9 @@ class Store:
         #: first round of reports has not said which steps the other nodes hold).
         self.hold_unpinned = False
         self._shed_jobs: set[str] = set()
+        #: The newest commit or drop stamp given (see :meth:`stamp`): never lower after a
+        #: restart (the adopted manifests and ``stamp.json``) nor after a rebuild (install).
+        self._stamp_hw = 0.0
 
     # ------------------------------------------------------------------ start and stop
 
@@ -318,9 +323,58 @@ class Store:
             if left.manifest and left.manifest.get("owner"):
                 self._owners.setdefault(version.job, left.manifest["owner"])
             report["adopted"] += 1
+        for name in os.listdir(self.dir.path):       # a stamp write cut short
+            if name.startswith("stamp.json.") and name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.dir.path, name))
+        self._stamp_hw = max([self._stamp_hw, self._saved_stamp()] + [
+            v.committed_at for vs in self._versions.values() for v in vs.values()])
         if retain:
             self.retain_all()
         return report
+
+    # ------------------------------------------------------------------ stamps
+
+    def stamp(self, durable: bool = False) -> float:
+        """A time for a commit or a drop on this node: the wall clock, but never at or below
+        one given before, by this daemon or (through the manifests and ``stamp.json``) an
+        earlier one on this memory. Drops and commits of one node are ordered by their
+        stamps (a holder refuses the fragments of a version committed before its node's drop
+        of the step): a wall clock stepped back (NTP) must not make a new commit look older
+        than a drop (issue 25, finding 3). ``durable``: kept in ``stamp.json`` (a drop: the
+        versions it removes take their stamps with them)."""
+        with self._lock:
+            now = self._stamp_hw = max(self._clock(), self._stamp_hw + 1e-6)
+        if durable:
+            self._save_stamp(now)
+        return now
+
+    def _raise_stamp(self, at: float) -> None:
+        """Stamps from now on come after ``at`` (a version rebuilt with its original's)."""
+        with self._lock:
+            self._stamp_hw = max(self._stamp_hw, at)
+
+    def _stamp_path(self) -> str:
+        return os.path.join(self.dir.path, "stamp.json")
+
+    def _saved_stamp(self) -> float:
+        try:
+            with open(self._stamp_path()) as fh:
+                value = json.load(fh).get("stamp", 0.0)
+            return float(value) if isinstance(value, int | float) else 0.0
+        except (OSError, ValueError, AttributeError):
+            return 0.0
+
+    def _save_stamp(self, at: float) -> None:
+        tmp = self._stamp_path() + f".{threading.get_ident()}.tmp"
+        try:
+            with open(tmp, "w") as fh:
+                json.dump({"stamp": at}, fh)
+            os.replace(tmp, self._stamp_path())
+        except OSError as exc:
+            log.warning("could not keep the newest drop stamp in %s (%s): after a restart "
+                        "with a wall clock stepped back, new commits may be refused by the "
+                        "parity holders until the clock passes it", self._stamp_path(), exc)
 
     def retain_all(self) -> None:
         """Apply retention to every (job, rank) held (after adoption)."""
@@ -564,7 +618,11 @@ class Store:
             summed = tuple(map(_with_checksum, tensors, _checksums(view, tensors)))
         finally:
             view.release()
-        now = self._clock() if committed_at is None else committed_at
+        if committed_at is None:
+            now = self.stamp()
+        else:
+            now = committed_at
+            self._raise_stamp(committed_at)
         version = Version(slot.number, slot.job, slot.rank, slot.step, slot.nbytes, slot.size,
                           summed, meta, now, 0, slot.local_world_size, protected,
                           world_size=slot.world_size)

@@ -94,3 +94,53 @@ def test_a_drop_of_another_node_or_step_refuses_nothing(group):
     holder.on_dropped(pp.Dropped("j", src.me, (3,), _committed_at(msg.info.manifest) + 1.0))
     holder.on_put_data(msg, frames)
     assert list(holder._assembling) == [("j", 2, stripe.index)]
+
+
+class _Clock:
+    """A wall clock a test steps (as NTP does)."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_regression_wall_clock_stepped_back_keeps_protection(tmp_path):
+    """Issue 25, finding 3: steps 1-4 committed, the job restored step 2 (steps 3-4 dropped
+    and the group told), then node 0's wall clock stepped back 120 s: its new steps 3-4 were
+    committed 'before' the drop on that clock, and the holders refused their fragments for
+    good ("node 0 dropped this version"). Commits and drops are ordered by the store's
+    stamps, which never go back, within a daemon and across a restart on its memory."""
+    groups = make_groups(4, 2, 2)
+    clock = _Clock(1_800_000_000.0)
+    store = Store(str(tmp_path / "n0"), memory_limit=1 << 22, keep=3,
+                  identity=lambda pid: 1.0, clock=clock)
+    store.open()
+    src = Protector(0, group_of(0, groups), make_codec("isal", 2, 2), store, links=None,
+                    up=lambda s: True)
+    others = {s: protector(tmp_path, groups, s) for s in (1, 2, 3)}
+    for step in (1, 2, 3, 4):
+        clock.now += 1.0
+        commit(store, step)
+    stripe, _, _ = fragment(src, 3)
+    holder = others[stripe.parity[0]]
+    store.drop("j", 0, None, 2)                   # restore(step=2): a new timeline
+    at = store.stamp(durable=True)
+    holder.on_dropped(pp.Dropped("j", 0, (3, 4), at))
+    for back in (120.0, 5.0):
+        clock.now -= back                         # the wall clock steps back
+        for step in (3, 4):
+            commit(store, step)
+            _, msg, frames = fragment(src, step)
+            holder.on_put_data(msg, frames)       # taken, not refused as dropped
+            assert _committed_at(msg.info.manifest) > at
+        store.drop("j", 0, None, 2)
+        at = store.stamp(durable=True)
+        holder.on_dropped(pp.Dropped("j", 0, (3, 4), at))
+    # A daemon restarted on this memory with its clock still behind: its stamps stay after
+    # the last drop (stamp.json) and after every adopted commit.
+    again = Store(str(tmp_path / "n0"), memory_limit=1 << 22, keep=3,
+                  identity=lambda pid: 1.0, clock=_Clock(clock.now - 300.0))
+    again.open()
+    assert again.stamp() > at
