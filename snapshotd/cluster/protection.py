@@ -224,7 +224,7 @@ class Protector:
         #: The other nodes of the cluster (None until the cluster sets it: no job-wide step is
         #: computed before), and how long a report pushed at once after a drop may take to be
         #: taken by this node's overlay neighbours.
-        self.report_to: list[int] | None = None
+        self._report_to: list[int] | None = None
         self.report_timeout = 1.0
         #: The relay that carries the reports (see relay.ReportRelay; set by the cluster), and
         #: the most seconds a report takes to reach every node through it.
@@ -1107,10 +1107,46 @@ class Protector:
         else:
             self.relay.push(self.report_timeout)
 
+    @property
+    def report_to(self) -> list[int] | None:
+        """The other nodes of the cluster (None until the cluster sets it: no job-wide step
+        is computed before). Setting it forgets what was heard of any other slot (a report
+        from outside the cluster kept in floors.json, issue 25 finding 7)."""
+        return self._report_to
+
+    @report_to.setter
+    def report_to(self, others: list[int] | None) -> None:
+        with self._lock:
+            self._report_to = None if others is None else list(others)
+            if others is None:
+                return
+            known = {self.me, *others}
+            foreign = {slot for slot in {*self._floors, *self._held, *self._marks,
+                                         *self._latest} if slot not in known}
+            for slot in foreign:
+                for table in (self._floors, self._held, self._marks, self._floor_marks,
+                              self._latest, self._report_at, self._recovering):
+                    table.pop(slot, None)
+                self._accepted.discard(slot)
+            if foreign:
+                log.warning("forgot the reports of slots %s: not nodes of this cluster",
+                            sorted(foreign))
+                self._held_gen += 1
+
+    def in_cluster(self, slot: int) -> bool:
+        """Whether ``slot`` is a node of this cluster (any slot >= 0 before the cluster set
+        :attr:`report_to`)."""
+        others = self._report_to
+        return slot == self.me or (slot >= 0 if others is None else slot in others)
+
     def on_held(self, msg: pp.Held) -> bool:
-        """Take another node's report if it is newer than the one held for it."""
+        """Take another node's report if it is newer than the one held for it. A report of a
+        slot that is not a node of this cluster is refused (it would hold the job-wide step
+        back for good: issue 25, finding 7)."""
         if msg.src == self.me:
             raise StoreError("bad_request", f"node {msg.src} is this node")
+        if not self.in_cluster(msg.src):
+            raise StoreError("bad_request", f"node {msg.src} is not a node of this cluster")
         return self._learn(msg) is not None
 
     def _learn(self, msg: pp.Held, own: bool = False) -> Any:
@@ -1124,6 +1160,9 @@ class Protector:
         with self._lock:
             moved = False
             for msg in msgs:
+                if not own and not self.in_cluster(msg.src):
+                    taken.append(None)            # never a slot outside the cluster
+                    continue
                 got, changed = self._take(msg, own)
                 taken.append(got)
                 moved |= changed

@@ -12,7 +12,7 @@ from snapshotd.cluster.codec import make_codec
 from snapshotd.cluster.placement import make_groups
 from snapshotd.cluster.protection import NodeView, Protector, job_wide
 from snapshotd.common.protocol import TensorEntry
-from snapshotd.node.store import Store
+from snapshotd.node.store import Store, StoreError
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -343,3 +343,34 @@ def test_a_step_dropped_here_is_never_rebuilt_from_parity_of_before_the_drop(tmp
     assert prot.abandoned("j", 4, before)           # the dropped version: not rebuilt
     assert not prot.abandoned("j", 4, after)        # a version of step 4 saved since: fine
     assert not prot.abandoned("j", 5, before)
+
+
+@pytest.mark.parametrize("slot", [99, -1])
+def test_regression_report_from_a_slot_outside_the_cluster_freezes_retention(tmp_path, slot):
+    """Issue 25, finding 7: one Held from slot 99 (or -1) claiming steps 1-2 was taken and
+    kept (through floors.json too): the job-wide step froze and every node kept every step
+    after it. It is refused, and one already in floors.json is forgotten at start."""
+    store = open_store(tmp_path)
+    store.hold_unpinned = True
+    prot = protector(store)
+    prot.report_to = [1]
+    hear(prot, pp.Held(1, (pp.JobFloor("j", 2, (1, 2), (1,), 2),)))
+    with pytest.raises(StoreError, match="not a node of this cluster"):
+        hear(prot, pp.Held(slot, (pp.JobFloor("j", 1, (1, 2), (0,), 2),)))
+    # Relayed in a batch (the relay's path): left out, not taken.
+    assert prot.learn_all([dataclasses.replace(held(slot, 1), inc=1, seq=next(_SEQ))]) == [None]
+    for step in range(1, 9):
+        commit_step(store, step)
+        prot.report()
+        hear(prot, pp.Held(1, (pp.JobFloor("j", step, (step - 1, step), (1,), 2),)))
+    assert prot.pin("j") == 8
+    assert sorted(v.step for v in store.versions("j")) == [7, 8]
+    # A floors.json that holds such a report (an older daemon took it) is cleaned at start.
+    prot._floors[slot] = {"j": 1}
+    prot._held[slot] = {"j": NodeView(1, (1, 2), (0,), 2)}
+    prot._save_floors()
+    again = protector(store)
+    assert slot in again._floors
+    again.report_to = [1]
+    assert slot not in again._floors and slot not in again._held
+    store.close()
