@@ -3,11 +3,13 @@ lock is checked for its order (snapshotd.common.locks): in this process and in e
 the tests start, which inherit the environment set here before anything makes a lock."""
 import json
 import os
+import shutil
 import tempfile
 
 import pytest
 
 os.environ.setdefault("SNAPSHOTD_LOCKDEP", "1")
+_MADE_DIR = "SNAPSHOTD_LOCKDEP_DIR" not in os.environ
 _LOCKDEP_DIR = os.environ.setdefault("SNAPSHOTD_LOCKDEP_DIR",
                                      tempfile.mkdtemp(prefix="snapshotd-lockdep-"))
 
@@ -50,3 +52,8 @@ def lock_order_checked(request):
                            f"{v.get('other', '')}" for v in found)
         pytest.fail(f"lock order violation (docs/design.md section 6, "
                     f"snapshotd/common/locks.py ORDER):\n{text}", pytrace=False)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _MADE_DIR:
+        shutil.rmtree(_LOCKDEP_DIR, ignore_errors=True)

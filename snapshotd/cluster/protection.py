@@ -1156,7 +1156,7 @@ class Protector:
 
     def learn_all(self, msgs: Sequence[pp.Held], own: bool = False) -> list[Any]:
         """Take the reports of one batch (see :meth:`_learn`), then set the pins once."""
-        taken = []
+        taken: list[Any] = []
         with self._lock:
             moved = False
             for msg in msgs:

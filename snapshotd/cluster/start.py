@@ -39,6 +39,7 @@ class ClusterNode:
     reads: PeerReads | None = field(default=None, repr=False)
 
     def stop(self) -> None:
+        self.recovery.stopping = True           # no more rebuild retries
         if self.reporter is not None:
             self.reporter.stop()
         self.heartbeats.stop()

@@ -42,6 +42,7 @@ log = logging.getLogger("snapshotd.locks")
 ORDER: tuple[str, ...] = (
     "reads.decode",       # one decode of a lost node's version at a time (held while decoding)
     "rebuild",            # the rebuild's progress (node replacement)
+    "rebuild.pass",       # the count of rebuild passes a restore waits on (condition)
     "reads",              # remote reads and decoded versions, pending drops
     "protector.report",   # this node's report: its sequence number and contents
     "protector",          # encode pipeline, parity kept, job-wide retention
