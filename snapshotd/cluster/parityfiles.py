@@ -175,7 +175,7 @@ class ParityFiles:
             self._next = max(self._next, number + 1)
             meta, problem = read_sealed(self._json(number))
             desc = None
-            if meta is not None:
+            if meta is not None and not problem:
                 try:
                     desc = decode_description(meta)
                 except p.ProtocolError as exc:

@@ -1378,8 +1378,8 @@ class Protector:
         if saved is None and not problem:
             return                                          # no file: a first start
         try:
-            if saved is None:
-                raise p.ProtocolError("malformed", problem)
+            if saved is None or problem:
+                raise p.ProtocolError("malformed", problem or "not a JSON object")
             loaded = _decode_floors(saved)
         except p.ProtocolError as exc:
             log.warning("ignored %s: %s; the job-wide steps are learnt again from the peers",

@@ -39,9 +39,11 @@ def seal(text: str) -> str:
 
 
 def unseal(data: bytes) -> tuple[dict[str, Any] | None, str]:
-    """The record in ``data`` (a file :func:`seal` wrote) and ``''``; or None and what is wrong
-    with it (not JSON, not an object, no check: written by an older daemon, or a check that
-    does not match its text: changed since it was written)."""
+    """The record in ``data`` (a file :func:`seal` wrote) and what is wrong with it: ``''``
+    when it can be trusted; else why not (not JSON, not an object, no check: written by an
+    older daemon, or a check that does not match its text: changed since it was written).
+    The record is None where ``data`` is not a JSON object; where it is one but cannot be
+    trusted, it is returned all the same, only to name it in a warning."""
     if not data:
         return None, "the file is empty"
     try:
@@ -52,11 +54,11 @@ def unseal(data: bytes) -> tuple[dict[str, Any] | None, str]:
         return None, f"not a JSON object but {type(record).__name__}"
     tail = data[-_CHECK_LEN:]
     if "check" not in record or not tail.startswith(_CHECK_HEAD) or not data.endswith(b'"}'):
-        return None, ("no checksum (written by a daemon older than the checksum, or the "
-                      "field itself was damaged)")
+        return record, ("no checksum (written by a daemon older than the checksum, or the "
+                        "field itself was damaged)")
     body = data[:-_CHECK_LEN] + b"}"
     if xxhash.xxh3_64_hexdigest(body) != tail[len(_CHECK_HEAD):-2].decode("ascii", "replace"):
-        return None, "its checksum does not match its contents (changed since it was written)"
+        return record, "its checksum does not match its contents (changed since it was written)"
     return record, ""
 
 
@@ -93,8 +95,8 @@ def numbered_files(path: str, pattern: re.Pattern[str]) -> list[int]:
 @dataclass
 class Leftover:
     """What a previous daemon left in the directory: a segment, its manifest (None when there
-    is none or it cannot be used) and, for a manifest file that is there but cannot be used,
-    why (see :func:`unseal`)."""
+    is none or it is not a JSON object) and, for a manifest file that is there but cannot be
+    trusted, why (see :func:`unseal`: the manifest is then only good for naming it)."""
 
     number: int
     size: int

@@ -410,7 +410,7 @@ class Store:
     def _adoptable(left: Any) -> tuple[Version | None, str]:
         """The version a leftover segment holds, or None and why it cannot be adopted (''
         for a segment without a manifest: a write that never committed, a free one)."""
-        if left.manifest is None:
+        if left.manifest is None or left.problem:
             return None, left.problem
         try:
             return _manifest_version(left.number, left.size, left.manifest), ""
