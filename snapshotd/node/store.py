@@ -53,6 +53,7 @@ _VERSION_OVERHEAD = 4096
 _POOL_MAX = 64
 #: Tables kept per (job, rank) for commits that name their layout by digest.
 _LAYOUTS_KEPT = 4
+_HEX = frozenset("0123456789abcdef")
 
 
 class StoreError(ProtocolError):
@@ -209,6 +210,10 @@ def _manifest_version(number: int, size: int, m: dict[str, Any]) -> Version:
     except ValueError as exc:
         raise ProtocolError("malformed", f"manifest.meta is not JSON: {exc}") from None
     check_table(r.tensors, r.nbytes)
+    for t in r.tensors:
+        if len(t.checksum) != 16 or not set(t.checksum) <= _HEX:
+            raise ProtocolError("malformed", f"tensor {t.name!r}: checksum {t.checksum!r} is "
+                                "not an XXH3-64 in hex")
     return Version(number, r.job, r.rank, r.step, r.nbytes, size, r.tensors, r.meta,
                    r.committed_at, _VERSION_OVERHEAD + len(r.meta), r.local_world_size,
                    r.protected, world_size=r.world_size, mapped=True)
