@@ -55,8 +55,12 @@ class Daemon:
         # Retention of what is adopted waits for the job-wide steps the cluster kept (the
         # floors file): evicting first would drop the step a lagging node relies on.
         report = self.store.open(adopt=self.config.adopt, retain=False)
-        log.info("segments in %s: adopted %d committed versions, removed %d leftovers (%d bytes)",
-                 self.config.shm_dir, report["adopted"], report["removed"], report["bytes_removed"])
+        log.log(logging.WARNING if report["discarded"] else logging.INFO,
+                "segments in %s: adopted %d committed versions, removed %d leftovers (%d bytes)%s",
+                self.config.shm_dir, report["adopted"], report["removed"],
+                report["bytes_removed"], f", {report['discarded']} of them committed versions "
+                "whose manifest could not be trusted (see the warnings above)"
+                if report["discarded"] else "")
         if self.config.persist_dir:
             self.persister = Persister(self.store, self.config.persist_dir,
                                        every=self.config.persist_every,

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,10 +27,12 @@ from typing import Any, NamedTuple
 import xxhash
 
 from ..common import locks
+from ..common import protocol as p
+from ..node._shm import read_sealed, seal
 from ..node.store import Store, StoreError, Version
 from . import peerproto as pp
 from .codec import Codec
-from .parityfiles import ParityFiles, frag_infos
+from .parityfiles import ParityFiles
 from .peers import PeerError
 from .placement import Group, Stripe, data_stripes, stripes
 
@@ -235,33 +238,168 @@ class Protector:
         # Called under the store's lock: reads two sums, takes no lock (design section 6).
         store.extra_kinds = lambda: {"parity": self._parity.total, "encoding": self._inflight}
         self.files = ParityFiles(store.dir.path)
+        #: Adopted parity records not scrubbed yet (see start_scrub), the scrub's thread, the
+        #: event that stops it, and how many bytes a second it reads at most.
+        self._scrub_due: list[ParityRecord] = []
+        self._scrub_thread: threading.Thread | None = None
+        self._scrub_stop = threading.Event()
+        self.scrub_rate = _SCRUB_RATE
         self._adopt()
         self._load_floors()
 
     def _adopt(self) -> None:
-        """Adopt the parity a previous daemon on this memory left (see parityfiles)."""
+        """Adopt the parity a previous daemon on this memory left (see parityfiles): each
+        description whose stripe this node holds that parity of; the rest are removed with a
+        warning. What is adopted is scrubbed once in the background (:meth:`start_scrub`)."""
         adopted = 0
-        for number, meta, buf in self.files.scan():
-            try:
-                record = ParityRecord(meta["job"], meta["step"], meta["stripe"], meta["index"],
-                                      meta["length"], frag_infos(meta), buf, meta["checksum"],
-                                      bool(meta["complete"]), number,
-                                      set(meta.get("stale", ())))
-                stripe = self.stripes[record.stripe]
-                ok = stripe.parity[record.index] == self.me
-            except (KeyError, TypeError, ValueError, IndexError):
-                ok = False
-            if not ok:
+        for number, d, buf in self.files.scan():
+            record = ParityRecord(d.job, d.step, d.stripe, d.index, d.length, d.frags, buf,
+                                  d.checksum, d.complete, number, set(d.stale))
+            stripe = self.stripes.get(d.stripe)
+            if stripe is None or not 0 <= d.index < len(stripe.parity) or \
+                    stripe.parity[d.index] != self.me:
+                why = (f"stripe {d.stripe} is not in group {self.group.index}"
+                       if stripe is None else
+                       f"node {self.me} does not hold parity {d.index} of stripe {d.stripe}")
+            elif sorted(f.src for f in d.frags) != sorted(stripe.data):
+                why = (f"its fragments come from nodes {[f.src for f in d.frags]}, the stripe's "
+                       f"data nodes are {list(stripe.data)}")
+            elif d.length != max((f.length for f in d.frags), default=0):
+                why = f"its length {d.length} is not its longest fragment's"
+            else:
+                why = ""
+            if why:
+                log.warning("discarded parity file %s (job %r step %d stripe %d): %s",
+                            self.files.path_of(number), d.job, d.step, d.stripe, why)
                 self.files.remove(ParityRecord("", 0, 0, 0, 0, (), buf, "", number=number))
                 continue
             key = (record.job, record.stripe, record.step)
             if key in self._parity:
                 self._forget(key)
             self._parity[key] = record
+            self._scrub_due.append(record)
             adopted += 1
         if adopted:
             log.info("adopted %d parity fragments (%d bytes) from %s", adopted,
                      self.parity_bytes(), self.files.path)
+
+    # ------------------------------------------------------------------ scrubbing adopted parity
+
+    def start_scrub(self) -> None:
+        """Scrub the adopted parity in the background (once the peer links are up): each
+        record's bytes checked against its checksum, at most :attr:`scrub_rate` bytes a
+        second; one that fails is counted (``snapshotd_parity_scrub_failures_total``) and
+        re-created from its stripe's data fragments, fetched from the data nodes while they
+        are up (tried again, less and less often, while the record is kept)."""
+        if self._scrub_due and self._scrub_thread is None:
+            self._scrub_thread = threading.Thread(target=self._scrub_loop, daemon=True,
+                                                  name="snapshotd-scrub")
+            self._scrub_thread.start()
+
+    def _scrub_loop(self) -> None:
+        try:
+            bad = self.scrub()
+            wait = 1.0
+            while bad and not self._scrub_stop.is_set():
+                bad = [r for r in bad if not self._recreate_adopted(r)]
+                if bad:
+                    self._scrub_stop.wait(wait)
+                    wait = min(30.0, 2 * wait)
+        except Exception:  # noqa: BLE001 - the daemon goes on; the parity is checked when served
+            log.exception("scrubbing the adopted parity failed")
+        finally:
+            if self.links is not None:
+                self.links.close_thread()
+
+    def scrub(self) -> list[ParityRecord]:
+        """Check every adopted parity record not checked yet against its checksum (at most
+        :attr:`scrub_rate` bytes a second); return those that fail, each counted and logged."""
+        with self._lock:
+            due, self._scrub_due = self._scrub_due, []
+        bad: list[ParityRecord] = []
+        started, done = time.monotonic(), 0
+        for record in due:
+            if self._scrub_stop.is_set():
+                break
+            with self._lock:
+                if self._parity.get((record.job, record.stripe, record.step)) is not record:
+                    continue                       # dropped or replaced since
+            h = xxhash.xxh3_64()
+            try:
+                view = memoryview(record.buf).cast("B")
+            except ValueError:                     # unmapped: forgotten meanwhile
+                continue
+            try:
+                for lo in range(0, view.nbytes, _SCRUB_PIECE):
+                    h.update(view[lo:lo + _SCRUB_PIECE])
+                    done += min(_SCRUB_PIECE, view.nbytes - lo)
+                    ahead = done / self.scrub_rate - (time.monotonic() - started)
+                    if ahead > 0 and self._scrub_stop.wait(ahead):
+                        return bad
+            finally:
+                view.release()
+            if h.hexdigest() != record.checksum:
+                bad.append(record)
+                if self.metrics is not None:
+                    self.metrics.parity_scrub_failures.inc()
+                    self.metrics.checksum_failures.inc()
+                log.warning("adopted parity %d of stripe %d for job %r step %d (%s) fails its "
+                            "checksum (changed while this daemon was down); re-creating it "
+                            "from the stripe's data nodes %s", record.index, record.stripe,
+                            record.job, record.step, self.files.path_of(record.number),
+                            sorted(f.src for f in record.frags))
+        return bad
+
+    def _recreate_adopted(self, record: ParityRecord) -> bool:
+        """Re-create a damaged adopted parity record in place from its stripe's data fragments
+        (the very versions it was encoded from: ``GetData`` with their ``vid``); whether it is
+        settled (re-created, or no longer kept). False: a data node is down or did not answer
+        (tried again later)."""
+        key = (record.job, record.stripe, record.step)
+        with self._lock:
+            if self._parity.get(key) is not record:
+                return True
+        stripe = self.stripes[record.stripe]
+        infos = sorted(record.frags, key=lambda f: stripe.data.index(f.src))
+        down = [f.src for f in infos if not self.up(f.src)]
+        if down:
+            log.debug("damaged parity of stripe %d job %r step %d: data nodes %s down",
+                      record.stripe, record.job, record.step, down)
+            return False
+        try:
+            self._room((len(infos) + self.group.m) * record.length,
+                       "re-creating a damaged parity fragment")
+            data = []
+            for info in infos:
+                reply, frames = self._call(info.src, pp.GetData(
+                    record.job, record.step, info.frag, pp.manifest_id(info.manifest)))
+                bufs = [f.buffer for f in frames]
+                if reply.length != info.length or frames_checksum(bufs) != reply.checksum:
+                    raise StoreError("corrupt", f"data fragment of node {info.src} is not the "
+                                     f"{info.length} bytes it was, or failed its checksum")
+                data.append(contiguous(bufs, record.length))
+            parity = [bytearray(record.length) for _ in range(self.group.m)]
+            self.codec.encode(data, parity)
+        except Exception as exc:  # noqa: BLE001 - tried again later
+            log.info("damaged parity of stripe %d job %r step %d not re-created yet: %s",
+                     record.stripe, record.job, record.step, exc)
+            return False
+        out = parity[record.index]
+        if frames_checksum([out]) != record.checksum:
+            log.warning("parity %d of stripe %d for job %r step %d: re-encoding its data nodes' "
+                        "fragments does not give its checksum; it stays refused when served",
+                        record.index, record.stripe, record.job, record.step)
+            return True
+        with self._lock:
+            if self._parity.get(key) is not record:
+                return True
+            try:
+                memoryview(record.buf).cast("B")[:] = out
+            except ValueError:
+                return True
+        log.warning("re-created damaged parity %d of stripe %d for job %r step %d from its data "
+                    "nodes", record.index, record.stripe, record.job, record.step)
+        return True
 
     def _forget(self, key: tuple[str, int, int]) -> None:
         """Drop a parity record and its files (lock held)."""
@@ -1295,36 +1433,22 @@ class Protector:
         return os.path.join(self.store.dir.path, "floors.json")
 
     def _load_floors(self) -> None:
+        """Take the job-wide retention state a previous daemon on this memory kept (see
+        :class:`SavedFloors`); a file that cannot be trusted (not sealed, or sealed by another
+        text, a field missing or of the wrong type) is ignored with a warning naming it and
+        what was wrong: the job-wide steps are then learnt again from the peers."""
+        saved, problem = read_sealed(self._floors_path())
+        if saved is None and not problem:
+            return                                          # no file: a first start
         try:
-            with open(self._floors_path()) as fh:
-                saved = json.load(fh)
-            # The mark of the report each node's floors come from: a report relayed later
-            # must be newer to replace them (absent, written before the relay: any report).
-            marks = {int(slot): (int(m[0]), int(m[1]))
-                     for slot, m in saved.get("marks", {}).items()}
-            if "floors" not in saved:                       # written before "held"
-                saved = {"floors": saved, "held": {}}
-            self._floors = {int(slot): {str(job): int(floor) for job, floor in jobs.items()}
-                            for slot, jobs in saved["floors"].items()}
-            self._held = {int(slot): {str(job): NodeView(int(v[0]), tuple(v[1]), tuple(v[2]),
-                                                         int(v[3]),
-                                                         int(v[4]) if len(v) > 4 else -1,
-                                                         tuple(v[5]) if len(v) > 5 else (),
-                                                         int(v[6]) if len(v) > 6 else 0,
-                                                         int(v[7]) if len(v) > 7 else -1)
-                                      for job, v in jobs.items()}
-                          for slot, jobs in saved["held"].items()}
-            self._pin = {str(job): int(pin) for job, pin in saved.get("pins", {}).items()}
-            self._timelines = {str(job): (int(t[0]), int(t[1]))
-                               for job, t in saved.get("timelines", {}).items()}
-            self._adopted = {str(job) for job in saved.get("adopted", [])}
-        except FileNotFoundError:
+            if saved is None or problem:
+                raise p.ProtocolError("malformed", problem or "not a JSON object")
+            loaded = _decode_floors(saved)
+        except p.ProtocolError as exc:
+            log.warning("ignored %s: %s; the job-wide steps are learnt again from the peers",
+                        self._floors_path(), exc.message)
             return
-        except (OSError, ValueError, TypeError, AttributeError, IndexError) as exc:
-            log.warning("ignored %s (%s): the job-wide steps are learnt again from the peers",
-                        self._floors_path(), exc)
-            self._floors, self._held, self._pin, self._timelines = {}, {}, {}, {}
-            return
+        self._floors, self._held, marks, self._pin, self._timelines, self._adopted = loaded
         # Stale but standing: each node's floors count until a newer report of it comes, and
         # the relay forwards them as the report they came from (its mark; (0, 0) when the
         # file predates marks, which any report replaces).
@@ -1343,12 +1467,13 @@ class Protector:
         path = self._floors_path()
         try:
             with open(path + ".tmp", "w") as fh:
-                json.dump({"floors": {str(s): f for s, f in self._floors.items()},
-                           "held": {str(s): h for s, h in self._held.items()},
-                           "marks": {str(s): list(m) for s, m in self._floor_marks.items()},
-                           "pins": self._pin,
-                           "timelines": {j: list(t) for j, t in self._timelines.items()},
-                           "adopted": sorted(self._adopted)}, fh)
+                fh.write(seal(json.dumps(
+                    {"floors": {str(s): f for s, f in self._floors.items()},
+                     "held": {str(s): h for s, h in self._held.items()},
+                     "marks": {str(s): list(m) for s, m in self._floor_marks.items()},
+                     "pins": self._pin,
+                     "timelines": {j: list(t) for j, t in self._timelines.items()},
+                     "adopted": sorted(self._adopted)}, separators=(",", ":"))))
             os.replace(path + ".tmp", path)
         except OSError as exc:
             log.warning("could not keep the job-wide steps in %s: %s", path, exc)
@@ -1526,8 +1651,11 @@ class Protector:
         self._stopping = True                    # sends stop waiting for a connection
         # Sends still queued are dropped (this node's versions go with it): only those
         # running are waited for, and they give up within a quarter second.
+        self._scrub_stop.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._notices.shutdown(wait=True, cancel_futures=True)
+        if self._scrub_thread is not None:
+            self._scrub_thread.join(timeout=5)
         with self._lock:
             self._closed = True                  # nothing is written after this
             for key in list(self._parity):
@@ -1538,6 +1666,9 @@ class Protector:
                 pass
 
 
+#: Bytes of adopted parity the background scrub reads at most per second, and per piece.
+_SCRUB_RATE = 256 << 20
+_SCRUB_PIECE = 4 << 20
 #: Local drops remembered (for abandoned()): the oldest go first beyond that.
 _MAX_DROPPED_KEPT = 4096
 #: Drop notices kept per unreachable peer (the oldest go first beyond that).
@@ -1675,6 +1806,59 @@ def job_wide(views: dict[int, NodeView], every_rank: bool = True) -> int:
     candidates = {s for s in set.intersection(*helds) if s <= low}
     safe = candidates.intersection(*(set(v.protected) for v in views.values()))
     return max(safe or candidates, default=-1)
+
+
+@dataclass(frozen=True)
+class SavedFloors:
+    """``floors.json`` (see ``Protector._load_floors``) as a restarted daemon reads it back,
+    with the protocol's typed decoding; slots are object keys (decimal strings), each view of
+    ``held`` a list of :class:`NodeView`'s fields in order (4 to 8 of them: older daemons
+    wrote fewer), each mark and timeline a pair."""
+
+    floors: dict[str, dict[str, int]]
+    held: dict[str, dict[str, list]]            # type: ignore[type-arg]
+    marks: dict[str, tuple[int, ...]]
+    pins: dict[str, int]
+    timelines: dict[str, tuple[int, ...]]
+    adopted: tuple[str, ...]
+    check: str = ""
+
+
+def _slot_key(key: str, where: str) -> int:
+    if not key.isdigit() or len(key) > 9:
+        raise p.ProtocolError("malformed", f"{where}: {key!r} is not a node slot")
+    return int(key)
+
+
+def _pair(value: tuple[int, ...], where: str) -> tuple[int, int]:
+    if len(value) != 2:
+        raise p.ProtocolError("malformed", f"{where} must be a pair of integers")
+    return value[0], value[1]
+
+
+def _decode_floors(saved: dict[str, Any]) -> tuple[
+        dict[int, dict[str, int]], dict[int, dict[str, NodeView]], dict[int, tuple[int, int]],
+        dict[str, int], dict[str, tuple[int, int]], set[str]]:
+    """The floors, views, marks, pins, timelines and adopted jobs of a sealed floors.json;
+    raise :class:`~snapshotd.common.protocol.ProtocolError` naming what is wrong."""
+    f = p.decode_as(SavedFloors, saved, "floors.json")
+    floors = {_slot_key(s, "floors.json.floors"): jobs for s, jobs in f.floors.items()}
+    held: dict[int, dict[str, NodeView]] = {}
+    for slot, jobs in f.held.items():
+        views = held.setdefault(_slot_key(slot, "floors.json.held"), {})
+        for job, row in jobs.items():
+            where = f"floors.json.held[{slot!r}][{job!r}]"
+            if not 4 <= len(row) <= len(NodeView._fields):
+                raise p.ProtocolError("malformed", f"{where} must list 4 to "
+                                      f"{len(NodeView._fields)} fields of a report")
+            jf = p.decode_as(pp.JobFloor, {"job": job, **dict(zip(NodeView._fields, row))},
+                             where)
+            views[job] = NodeView(*(getattr(jf, name) for name in NodeView._fields))
+    marks = {_slot_key(s, "floors.json.marks"): _pair(m, f"floors.json.marks[{s!r}]")
+             for s, m in f.marks.items()}
+    timelines = {job: _pair(t, f"floors.json.timelines[{job!r}]")
+                 for job, t in f.timelines.items()}
+    return floors, held, marks, f.pins, timelines, set(f.adopted)
 
 
 def _committed_at(manifest: str) -> float:

@@ -105,6 +105,7 @@ def start_cluster(config: Config, store: Store, context: zmq.Context, metrics: A
     server = PeerServer(listen, context, security, protector, me, metrics,
                         ready=lambda: recovery.ready, reads=reads).start()
     heartbeats.start()
+    protector.start_scrub()
     recovery.start()
     reporter.start()
     log.info("node %d in group %d %s (k=%d, m=%d, codec %s), peers listen on %s; reports %s",

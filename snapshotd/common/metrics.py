@@ -41,6 +41,10 @@ class Metrics:
         self.committed_bytes = c("snapshotd_committed_bytes_total", "Bytes of committed versions")
         self.checksum_failures = c("snapshotd_checksum_failures_total",
                                    "Tensors or chunks whose bytes failed their checksum")
+        self.parity_scrub_failures = c(
+            "snapshotd_parity_scrub_failures_total",
+            "Parity fragments adopted at start whose bytes failed their checksum in the "
+            "background scrub (each is re-created from its stripe's data nodes)")
         self.reclaimed = c("snapshotd_reclaimed_total",
                            "Slots and leases reclaimed because their process was gone")
         self.commit_seconds = h("snapshotd_commit_duration_seconds",

@@ -35,7 +35,7 @@ __all__ = [
     "TensorEntry", "Alloc", "Commit", "Abort", "ListVersions", "Open", "Release", "Status",
     "Drop", "Verify", "Persist", "Verified", "VerifyReply", "Error", "AllocReply", "CommitReply",
     "Ok", "VersionInfo", "ListReply", "OpenReply", "StatusReply", "Where", "NodeHolding",
-    "WhereReply", "encode", "decode", "registry",
+    "WhereReply", "encode", "decode", "decode_as", "registry",
     "check_table", "check_job",
 ]
 
@@ -496,6 +496,15 @@ def _build(cls: type, body: Any, where: str) -> Any:
     return _checker(cls)(body, where)
 
 
+def decode_as(cls: type, value: Any, where: str) -> Any:
+    """``value`` (decoded JSON) type-checked and built as the dataclass ``cls``, exactly as
+    :func:`decode` checks a message's fields: a field of the wrong type, a missing required
+    field or an unknown one raises :class:`ProtocolError` (``malformed``) naming it, with
+    ``where`` as the path's root. The daemon decodes the records it adopts from its directory
+    (manifests, parity descriptions, floors) with it."""
+    return _checker(cls)(value, where)
+
+
 @functools.cache
 def _fields(cls: type) -> tuple[tuple[str, Any, bool], ...]:
     """(name, resolved type, required) per field; resolving the hints costs ~0.3 ms a class."""
@@ -533,6 +542,17 @@ def _checker(hint: Any) -> _Checker:
                 return tuple(value)
             return tuple([item(v, f"{where}[{i}]") for i, v in enumerate(value)])
         return sequence
+    if origin is dict:
+        key_hint, value_hint = typing.get_args(hint)
+        if key_hint is not str:
+            raise TypeError(f"{hint}: JSON object keys are strings")
+        entry = _checker(value_hint)
+
+        def mapping(value: Any, where: str) -> Any:
+            if not isinstance(value, dict):
+                raise ProtocolError("malformed", f"{where} must be an object")
+            return {key: entry(v, f"{where}[{key!r}]") for key, v in value.items()}
+        return mapping
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         # (name, plain type or None, checker, required): a field of a plain type (int, str,
         # bool) is tested inline, without building its path unless it is wrong.

@@ -3,6 +3,11 @@
 Each daemon owns one directory (mode 0700) holding ``seg-N.bin`` segments (mode 0600) and their
 ``seg-N.json`` manifests. A segment's memory is reserved with ``posix_fallocate`` when it is
 created, so a full tmpfs is an error reply at allocation time, never a SIGBUS in a trainer.
+
+Every JSON record the daemon leaves in the directory for its successor (manifests, parity
+descriptions, ``floors.json``) is *sealed* (:func:`seal`): its last field, ``"check"``, is the
+XXH3-64 of the record's text before it, so a record changed while the daemon was down (a bit
+flipped in memory, a file edited) is told from one it wrote (:func:`unseal`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,58 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["SegmentDir", "Leftover"]
+import xxhash
+
+__all__ = ["SegmentDir", "Leftover", "seal", "unseal", "read_sealed"]
+
+#: What :func:`seal` appends: ``,"check":"`` + 16 hex digits + ``"}``.
+_CHECK_HEAD = b',"check":"'
+_CHECK_LEN = len(_CHECK_HEAD) + 16 + 2
+
+
+def seal(text: str) -> str:
+    """``text`` (a JSON object, compact, without a ``check`` field) with its check appended as
+    its last field: the XXH3-64 (hex) of ``text``'s UTF-8 bytes."""
+    if not text.endswith("}") or text == "{}":
+        raise ValueError("seal() takes a JSON object with at least one field")
+    digest = xxhash.xxh3_64_hexdigest(text.encode())
+    return f'{text[:-1]},"check":"{digest}"}}'
+
+
+def unseal(data: bytes) -> tuple[dict[str, Any] | None, str]:
+    """The record in ``data`` (a file :func:`seal` wrote) and what is wrong with it: ``''``
+    when it can be trusted; else why not (not JSON, not an object, no check: written by an
+    older daemon, or a check that does not match its text: changed since it was written).
+    The record is None where ``data`` is not a JSON object; where it is one but cannot be
+    trusted, it is returned all the same, only to name it in a warning."""
+    if not data:
+        return None, "the file is empty"
+    try:
+        record = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as exc:
+        return None, f"not JSON ({exc})"
+    if not isinstance(record, dict):
+        return None, f"not a JSON object but {type(record).__name__}"
+    tail = data[-_CHECK_LEN:]
+    if "check" not in record or not tail.startswith(_CHECK_HEAD) or not data.endswith(b'"}'):
+        return record, ("no checksum (written by a daemon older than the checksum, or the "
+                        "field itself was damaged)")
+    body = data[:-_CHECK_LEN] + b"}"
+    if xxhash.xxh3_64_hexdigest(body) != tail[len(_CHECK_HEAD):-2].decode("ascii", "replace"):
+        return record, "its checksum does not match its contents (changed since it was written)"
+    return record, ""
+
+
+def read_sealed(path: str) -> tuple[dict[str, Any] | None, str]:
+    """:func:`unseal` of the file at ``path``: (None, ``''``) when there is no such file."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        return None, ""
+    except OSError as exc:
+        return None, f"unreadable ({exc.strerror})"
+    return unseal(data)
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 _SEG_RE = re.compile(r"seg-(\d+)\.(bin|json|json\.tmp)")
@@ -38,11 +94,14 @@ def numbered_files(path: str, pattern: re.Pattern[str]) -> list[int]:
 
 @dataclass
 class Leftover:
-    """What a previous daemon left in the directory."""
+    """What a previous daemon left in the directory: a segment, its manifest (None when there
+    is none or it is not a JSON object) and, for a manifest file that is there but cannot be
+    trusted, why (see :func:`unseal`: the manifest is then only good for naming it)."""
 
     number: int
     size: int
     manifest: dict[str, Any] | None
+    problem: str = ""
 
 
 class SegmentDir:
@@ -101,12 +160,13 @@ class SegmentDir:
             pass
 
     def write_manifest(self, number: int, manifest: dict[str, Any]) -> int:
-        """Write the manifest atomically (temp file, fsync-free rename); return its size."""
+        """Write the manifest atomically (temp file, fsync-free rename), sealed (see
+        :func:`seal`); return its size."""
         return self.write_manifest_text(number, json.dumps(manifest, separators=(",", ":")))
 
     def write_manifest_text(self, number: int, text: str) -> int:
         """Write a manifest already encoded as JSON text (see :meth:`write_manifest`)."""
-        data = text.encode()
+        data = seal(text).encode()
         tmp = self.manifest_path(number) + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -140,12 +200,5 @@ class SegmentDir:
             except FileNotFoundError:
                 self.drop_manifest(number)
                 continue
-            yield Leftover(number, size, self._read_manifest(number))
-
-    def _read_manifest(self, number: int) -> dict[str, Any] | None:
-        try:
-            with open(self.manifest_path(number), "rb") as fh:
-                data = json.load(fh)
-        except (FileNotFoundError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
+            manifest, problem = read_sealed(self.manifest_path(number))
+            yield Leftover(number, size, manifest, problem)

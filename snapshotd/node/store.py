@@ -28,6 +28,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import os
 import secrets
 import threading
@@ -41,7 +42,7 @@ import psutil
 import xxhash
 
 from ..common import locks
-from ..common.protocol import ProtocolError, TensorEntry, check_job, check_table
+from ..common.protocol import ProtocolError, TensorEntry, check_job, check_table, decode_as
 from ._shm import SegmentDir
 
 log = logging.getLogger("snapshotd.store")
@@ -54,6 +55,7 @@ _VERSION_OVERHEAD = 4096
 _POOL_MAX = 64
 #: Tables kept per (job, rank) for commits that name their layout by digest.
 _LAYOUTS_KEPT = 4
+_HEX = frozenset("0123456789abcdef")
 
 
 class StoreError(ProtocolError):
@@ -164,6 +166,67 @@ def _with_checksum(t: TensorEntry, checksum: str) -> TensorEntry:
     fields.update(t.__dict__)
     fields["checksum"] = checksum
     return out
+
+
+@dataclass(frozen=True)
+class ManifestRecord:
+    """A version's manifest (``seg-N.json``) as a daemon restarted on its memory reads it back:
+    decoded with the protocol's typed decoding (:func:`~snapshotd.common.protocol.decode_as`),
+    so a field of the wrong type refuses the manifest instead of reaching the index."""
+
+    format: int
+    job: str
+    rank: int
+    step: int
+    nbytes: int
+    meta: str
+    committed_at: float
+    local_world_size: int
+    protected: bool
+    world_size: int
+    owner: str
+    tensors: tuple[TensorEntry, ...]
+    #: The seal (see ``_shm.seal``): checked before the fields are decoded.
+    check: str = ""
+
+
+def _manifest_version(number: int, size: int, m: dict[str, Any]) -> Version:
+    """The version a manifest ``m`` of segment ``number`` (``size`` bytes) describes; raise
+    :class:`ProtocolError` naming what is wrong with it."""
+    r = decode_as(ManifestRecord, m, "manifest")
+    if r.format != 1:
+        raise ProtocolError("malformed", f"manifest format {r.format}, this daemon reads 1")
+    check_job(r.job)
+    for name in ("rank", "step", "nbytes", "world_size"):
+        if getattr(r, name) < 0:
+            raise ProtocolError("malformed", f"manifest.{name} is {getattr(r, name)} (< 0)")
+    if r.local_world_size < 1:
+        raise ProtocolError("malformed", f"manifest.local_world_size is {r.local_world_size}")
+    if not math.isfinite(r.committed_at) or r.committed_at < 0:
+        raise ProtocolError("malformed", f"manifest.committed_at is {r.committed_at}")
+    if r.nbytes > size:
+        raise ProtocolError("malformed", f"manifest.nbytes is {r.nbytes}, the segment holds "
+                            f"{size} bytes (truncated?)")
+    try:
+        json.loads(r.meta)
+    except ValueError as exc:
+        raise ProtocolError("malformed", f"manifest.meta is not JSON: {exc}") from None
+    check_table(r.tensors, r.nbytes)
+    for t in r.tensors:
+        if len(t.checksum) != 16 or not set(t.checksum) <= _HEX:
+            raise ProtocolError("malformed", f"tensor {t.name!r}: checksum {t.checksum!r} is "
+                                "not an XXH3-64 in hex")
+    return Version(number, r.job, r.rank, r.step, r.nbytes, size, r.tensors, r.meta,
+                   r.committed_at, _VERSION_OVERHEAD + len(r.meta), r.local_world_size,
+                   r.protected, world_size=r.world_size, mapped=True)
+
+
+def _named(m: dict[str, Any] | None) -> str:
+    """The job, rank and step a manifest names, as far as they can be read (for warnings)."""
+    if not isinstance(m, dict):
+        return ""
+    said = [f"{key} {m[key]!r}" for key in ("job", "rank", "step") if key in m]
+    return f" (it says {', '.join(said)})" if said else ""
 
 
 @dataclass
@@ -292,17 +355,28 @@ class Store:
         """Prepare the directory and deal with what a crashed daemon left behind.
 
         Committed segments (with a manifest) are adopted when ``adopt``; everything else is removed.
+        A manifest that cannot be trusted (empty, not JSON, its checksum does not match, written
+        by an older daemon without one, a field of the wrong type, a table that does not fit its
+        segment) is discarded with its segment, each with a warning naming the file, what it
+        says of its job, rank and step, and what was wrong; the rest are adopted.
         Retention runs on the adopted versions unless ``retain`` is False (then the caller runs
         :meth:`retain_all` once it knows the job-wide steps: see ``Protector``'s floors).
-        Returns counts: ``adopted``, ``removed``, ``bytes_removed``.
+        Returns counts: ``adopted``, ``removed`` (``discarded`` of them had a manifest that
+        could not be trusted), ``bytes_removed``.
         """
         self.dir.prepare()
         self._retaining = retain
-        report = {"adopted": 0, "removed": 0, "bytes_removed": 0}
+        report = {"adopted": 0, "removed": 0, "discarded": 0, "bytes_removed": 0}
         for left in self.dir.scan():
             self._next = max(self._next, left.number + 1)
-            version = self._adoptable(left.number, left.size, left.manifest) if adopt else None
+            version, why = self._adoptable(left) if adopt else (None, "")
             if version is None:
+                if why:
+                    report["discarded"] += 1
+                    log.warning("discarded %s and its %d-byte segment%s: %s; that version is "
+                                "lost on this node (a coded group rebuilds it from its peers)",
+                                self.dir.manifest_path(left.number), left.size,
+                                _named(left.manifest), why)
                 self.dir.unlink(left.number)
                 report["removed"] += 1
                 report["bytes_removed"] += left.size
@@ -320,7 +394,7 @@ class Store:
                 report["bytes_removed"] += twin.size
                 report["adopted"] -= 1
             held[version.step] = version
-            if left.manifest and left.manifest.get("owner"):
+            if left.manifest and left.manifest["owner"]:
                 self._owners.setdefault(version.job, left.manifest["owner"])
             report["adopted"] += 1
         for name in os.listdir(self.dir.path):       # a stamp write cut short
@@ -391,19 +465,16 @@ class Store:
                 for key in [key for key in self._versions if key[0] == job]:
                     self._retain(key)
 
-    def _adoptable(self, number: int, size: int, m: dict | None) -> Version | None:
-        if m is None or m.get("format") != 1:
-            return None
+    @staticmethod
+    def _adoptable(left: Any) -> tuple[Version | None, str]:
+        """The version a leftover segment holds, or None and why it cannot be adopted (''
+        for a segment without a manifest: a write that never committed, a free one)."""
+        if left.manifest is None or left.problem:
+            return None, left.problem
         try:
-            tensors = tuple(TensorEntry(t["name"], t["dtype"], tuple(t["shape"]), t["offset"],
-                                        t["nbytes"], t["checksum"]) for t in m["tensors"])
-            check_table(tensors, size)
-            return Version(number, m["job"], m["rank"], m["step"], m["nbytes"], size, tensors,
-                           m["meta"], m["committed_at"], _VERSION_OVERHEAD + len(m["meta"]),
-                           m.get("local_world_size", 1), m.get("protected", False),
-                           world_size=int(m.get("world_size", 0)), mapped=True)
-        except (KeyError, TypeError, ProtocolError):
-            return None
+            return _manifest_version(left.number, left.size, left.manifest), ""
+        except ProtocolError as exc:
+            return None, exc.message
 
     def close(self) -> None:
         """Release every segment (graceful shutdown)."""

@@ -32,6 +32,7 @@ from harness import (
 from snapshotd.cluster import peerproto as pp
 from snapshotd.common import protocol as p
 from snapshotd.common.channel import DaemonError
+from snapshotd.node._shm import seal
 
 pytest_plugins = ["faultfixtures"]
 
@@ -183,11 +184,12 @@ def test_regression_rebuilt_version_loses_committed_at(clusters, zygote):
     for path in [os.path.join(cluster.specs[0].shm_dir, n)
                  for n in os.listdir(cluster.specs[0].shm_dir)
                  if n.startswith("seg-") and n.endswith(".json")]:
-        with open(path) as fh:               # as a manifest written without the flag
+        with open(path) as fh:               # as a manifest written before the flag was set
             m = json.load(fh)
-        m.pop("protected", None)
-        with open(path, "w") as fh:
-            json.dump(m, fh)
+        m.pop("check")
+        m["protected"] = False
+        with open(path, "w") as fh:          # sealed again, as the daemon writes it
+            fh.write(seal(json.dumps(m, separators=(",", ":"))))
     cluster.kill(0)
     cluster.restart(0)
     wait_for(lambda: protected(cluster.specs[0], "job", 1), RESUME_S,
