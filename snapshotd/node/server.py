@@ -164,9 +164,10 @@ class ControlServer(RouterLoop):
             # Complete persisted steps only (every rank of the step's world written), none
             # that a drop abandoned.
             in_memory = {(v.rank, v.step) for v in held}
-            held += [p.VersionInfo(m.job, rank, step, 0, "persisted", committed_at)
+            held += [p.VersionInfo(m.job, rank, step, 0, "persisted", e["committed_at"],
+                                   e["world_size"])
                      for step, ranks in self.persister.inventory(m.job).items()
-                     for rank, committed_at in ranks.items()
+                     for rank, e in ranks.items()
                      if (m.rank is None or rank == m.rank) and (rank, step) not in in_memory]
         return p.ListReply(tuple(sorted(held, key=lambda v: (v.rank, v.step))))
 

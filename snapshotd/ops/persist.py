@@ -91,7 +91,7 @@ class Persister:
         self.metrics = metrics
         self.node = node or node_name(0)
         self._sleep = sleep
-        self._queue: queue.Queue[tuple[str, int] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[str, int, list[Lease] | None] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="snapshotd-persist", daemon=True)
         #: Guards the drop logs' read-modify-write and ``_failing``.
         self._lock = threading.Lock()
@@ -114,17 +114,29 @@ class Persister:
         self._thread.join(timeout=60)
 
     def maybe(self, job: str, step: int) -> None:
-        """Called when a node version is complete (protected, for a node with peers)."""
+        """Called when a node version is complete (every local rank committed the step). Its
+        versions are leased now, so retention cannot evict them before the background write
+        reaches them (a trainer saving faster than the disk tier writes)."""
         if self.every and step % self.every == 0:
-            self.request(job, step)
+            self._queue.put((job, step, self._hold(job, step)))
 
     def request(self, job: str, step: int) -> None:
-        self._queue.put((job, step))
+        self._queue.put((job, step, None))
+
+    def _hold(self, job: str, step: int) -> list[Lease]:
+        """Lease this node's versions of (job, step) for a write."""
+        leases = []
+        for v in self.store.at_step(job, step):
+            try:
+                leases.append(self.store.lease(job, v.rank, os.getpid(), step=step))
+            except StoreError:
+                continue                   # evicted or dropped meanwhile
+        return leases
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             try:
-                self.write(*item)
+                self.write(item[0], item[1], item[2])
             except StoreError:
                 pass                       # logged and counted by write
             except Exception as exc:  # noqa: BLE001 - a failed write never stops the daemon
@@ -132,12 +144,14 @@ class Persister:
 
     # ------------------------------------------------------------------ writing
 
-    def write(self, job: str, step: int) -> str:
+    def write(self, job: str, step: int, held: list[Lease] | None = None) -> str:
         """Write every local rank's version of (job, step) and this node's marker; return the
-        step directory. Raises StoreError: ``disk_full``, ``disk_error``, ``forbidden``
-        (the job's directory belongs to another token), ``not_found``."""
+        step directory. ``held``: leases of the versions, taken before (released here).
+        Raises StoreError: ``disk_full``, ``disk_error``, ``forbidden`` (the job's directory
+        belongs to another token), ``not_found``."""
+        leases = self._hold(job, step) if held is None else held
         try:
-            final = self._write(job, step)
+            final = self._write(job, step, [lease.version for lease in leases])
         except StoreError as exc:
             self._failed(job, step, exc)
             raise
@@ -145,6 +159,9 @@ class Persister:
             err = _disk_error(exc, f"persisting job {job!r} step {step}")
             self._failed(job, step, err)
             raise err from None
+        finally:
+            for lease in leases:
+                self.store.release(lease.id)
         with self._lock:
             if self._failing:
                 log.info("persisting works again (job %r step %d)", job, step)
@@ -162,8 +179,7 @@ class Persister:
                 "%s%s", job, step, exc, " (the next failures of this kind are counted in "
                 "snapshotd_persist_failures_total, not logged)" if first else "")
 
-    def _write(self, job: str, step: int) -> str:
-        versions = self.store.at_step(job, step)
+    def _write(self, job: str, step: int, versions: list[Version]) -> str:
         if not versions:
             raise StoreError("not_found", f"job {job!r} step {step} is not in memory here")
         self._claim(job, self.store.owner(job))
@@ -171,12 +187,9 @@ class Persister:
         os.makedirs(final, mode=0o700, exist_ok=True)
         started = time.perf_counter()
         tag = secrets.token_hex(3)              # this write's temporaries
-        leases: list[int] = []
         written: list[Version] = []
         fresh = 0
         try:
-            for v in versions:
-                leases.append(self.store.lease(job, v.rank, os.getpid(), step=step).id)
             marked = self._markers(final)
             for v in versions:
                 if self._abandoned(job, v.rank, step, v.committed_at):
@@ -196,8 +209,6 @@ class Persister:
             if written:
                 self._write_marker(final, written, tag)
         finally:
-            for lease in leases:
-                self.store.release(lease)
             self._remove_temporaries_in(final, tag)
         try:
             self._trim(job)
@@ -428,11 +439,11 @@ class Persister:
                     out[r] = entry
         return out
 
-    def inventory(self, job: str) -> dict[int, dict[int, float]]:
-        """step -> {rank: committed_at} of the persisted versions that can be restored: the
-        step complete (every rank of its world marked and its manifest there), not abandoned;
-        an incomplete step maps to {}."""
-        out: dict[int, dict[int, float]] = {}
+    def inventory(self, job: str) -> dict[int, dict[int, dict[str, Any]]]:
+        """step -> {rank: {committed_at, world_size}} of the persisted versions that can be
+        restored: the step complete (every rank of its world marked and its manifest there),
+        not abandoned; an incomplete step maps to {}."""
+        out: dict[int, dict[int, dict[str, Any]]] = {}
         drops: dict[int, list[dict[str, Any]]] = {}
         for step in self._step_numbers(job):
             directory = self.step_dir(job, step)
@@ -448,7 +459,7 @@ class Persister:
                     drops[rank] = self._drops_of(job, rank)
                 if rank in present and not self._abandoned(job, rank, step,
                                                            entry["committed_at"], drops[rank]):
-                    ranks[rank] = entry["committed_at"]
+                    ranks[rank] = entry
             world = max((e["world_size"] for e in marked.values()), default=0)
             whole = bool(ranks) and (world <= 0 or set(ranks) >= set(range(world)))
             out[step] = ranks if whole else {}
