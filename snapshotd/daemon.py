@@ -27,7 +27,7 @@ from .common.metrics import Metrics, StoreCollector
 from .node.server import ControlServer
 from .node.store import Store, Version
 from .ops.http import MetricsServer
-from .ops.persist import Persister
+from .ops.persist import Persister, node_name
 
 __all__ = ["Daemon", "main"]
 
@@ -65,8 +65,14 @@ class Daemon:
             self.persister = Persister(self.store, self.config.persist_dir,
                                        every=self.config.persist_every,
                                        keep=self.config.persist_keep,
-                                       rate=self.config.persist_rate, metrics=self.metrics).start()
+                                       rate=self.config.persist_rate, metrics=self.metrics,
+                                       node=node_name(self.config.node_slot)).start()
         self.cluster = start_cluster(self.config, self.store, self.context, self.metrics)
+        if self.persister is not None and self.cluster is not None and \
+                self.cluster.reads is not None:
+            persister = self.persister
+            self.cluster.reads.on_dropped = lambda job, rank, newer_than: persister.dropped(
+                job, [rank], newer_than=newer_than)
         self.store.retain_all()
         self.registry.register(StoreCollector(
             self.store, peers=self.cluster.heartbeats.status if self.cluster else None,

@@ -30,6 +30,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -82,6 +83,9 @@ class PeerReads:
         store.extra_kinds = lambda: before() | {"remote": self._held.total}
         #: Drops a node did not answer, by slot: sent again until it does.
         self._pending: dict[int, list[pp.DropNewer]] = {}
+        #: Called with (job, rank, newer_than) after a drop asked by another node (the
+        #: daemon hooks the persistence tier in: the drop reaches persisted steps too).
+        self.on_dropped: Callable[[str, int, int], Any] = lambda job, rank, newer_than: None
         self._closed = False
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._resend, name="snapshotd-drops",
@@ -113,6 +117,7 @@ class PeerReads:
         gone = before - {v.step for v in self.store.versions(msg.job)}
         if gone:
             self.protector.node_dropped(msg.job, gone)
+        self.on_dropped(msg.job, msg.rank, msg.newer_than)
         if count:
             log.info("job %r rank %d: dropped %d versions newer than step %d (a new timeline "
                      "started elsewhere)", msg.job, msg.rank, count, msg.newer_than)

@@ -69,6 +69,9 @@ class Metrics:
                                  "Time to write one node version to the persistence tier")
         self.persisted_bytes = c("snapshotd_persisted_bytes_total",
                                  "Bytes written to the persistence tier")
+        self.persist_failures = c("snapshotd_persist_failures_total",
+                                  "Persists that failed, by reason (disk_full, disk_error, "
+                                  "forbidden, not_found)", "reason")
         self.peer_bytes = c("snapshotd_peer_bytes_total", "Payload bytes exchanged with peers",
                             "direction")
         self.report_batches = c("snapshotd_report_batches_total",

@@ -102,6 +102,12 @@ class ControlServer(RouterLoop):
         one its first writer presented) or the admin token."""
         if not self.job_isolation:
             return
+        if self.persister is not None and not self.store.owner(m.job):
+            # After a restart with memory lost the binding comes back from the disk tier,
+            # before anyone can read a persisted step or bind the job to another token.
+            owner = self.persister.owner(m.job)
+            if owner:
+                self.store.authorize(m.job, owner, bind=True)
         if not m.token:
             raise StoreError("forbidden", f"job {m.job!r}: this daemon runs with "
                              "--job-isolation; set SNAPSHOTD_JOB_TOKEN (SnapshotClient(token=...)"
@@ -155,11 +161,14 @@ class ControlServer(RouterLoop):
         self._wait_recovery(m.job)
         held = [_info(v) for v in self.store.versions(m.job, m.rank)]
         if self.persister is not None:
-            ranks = {v.rank for v in held} if m.rank is None else {m.rank}
-            for rank in sorted(ranks):
-                in_memory = {v.step for v in held if v.rank == rank}
-                held += [p.VersionInfo(m.job, rank, step, 0, "persisted", 0.0)
-                         for step in self.persister.steps(m.job, rank) if step not in in_memory]
+            # Complete persisted steps only (every rank of the step's world written), none
+            # that a drop abandoned.
+            in_memory = {(v.rank, v.step) for v in held}
+            held += [p.VersionInfo(m.job, rank, step, 0, "persisted", e["committed_at"],
+                                   e["world_size"])
+                     for step, ranks in self.persister.inventory(m.job).items()
+                     for rank, e in ranks.items()
+                     if (m.rank is None or rank == m.rank) and (rank, step) not in in_memory]
         return p.ListReply(tuple(sorted(held, key=lambda v: (v.rank, v.step))))
 
     def _wait_recovery(self, job: str) -> None:
@@ -187,7 +196,8 @@ class ControlServer(RouterLoop):
             self.metrics.open_seconds.observe(time.perf_counter() - started)
             return reply
         v = lease.version
-        bad = self.store.verify(v) if m.verify else []
+        # A version loaded from disk was checked as it was installed.
+        bad = self.store.verify(v) if m.verify and tier != "disk" else []
         if bad:
             self.store.release(lease.id)
             self.metrics.checksum_failures.inc(len(bad))
@@ -209,7 +219,9 @@ class ControlServer(RouterLoop):
                            v.nbytes, v.tensors, v.meta, tier, lease.newer)
 
     def _lease_any_tier(self, m: p.Open) -> tuple[Any, str]:
-        """Lease from memory; if memory has nothing fitting, load from the persistence tier."""
+        """Lease from memory; if memory has nothing fitting, load from the persistence tier:
+        the step asked for, or the newest complete persisted step, falling back to older ones
+        while the newer are damaged (``corrupt``: each is set aside as it is found)."""
         try:
             return self.store.lease(m.job, m.rank, m.pid, m.step, m.max_step,
                                     mapped=m.map), "memory"
@@ -221,12 +233,26 @@ class ControlServer(RouterLoop):
                        and (m.max_step is None or s <= m.max_step)]
             in_memory = [v.step for v in self.store.versions(m.job, m.rank)
                          if m.max_step is None or v.step <= m.max_step]
-            if not on_disk or (m.step is None and in_memory and max(in_memory) >= on_disk[-1]):
+            if m.step is None and in_memory:
+                on_disk = [s for s in on_disk if s > max(in_memory)]
+            if not on_disk:
                 raise
-            self.persister.load(m.job, m.rank, on_disk[-1])
-            log.warning("job %r rank %d step %d served from the persistence tier", m.job,
-                        m.rank, on_disk[-1])
-            return self.store.lease(m.job, m.rank, m.pid, on_disk[-1], mapped=m.map), "disk"
+            first: StoreError | None = None
+            for step in reversed(on_disk):
+                try:
+                    lease = self.persister.load(m.job, m.rank, step, m.pid, mapped=m.map)
+                except StoreError as err:
+                    if m.step is not None or err.code != "corrupt":
+                        raise
+                    first = first or err
+                    log.error("job %r rank %d: persisted step %d is damaged; trying an "
+                              "older one (%s)", m.job, m.rank, step, err.message)
+                    continue
+                log.warning("job %r rank %d step %d served from the persistence tier", m.job,
+                            m.rank, step)
+                return lease, "disk"
+            assert first is not None
+            raise first from None
 
     def _on_persist(self, m: p.Persist, _: Any = None) -> p.Ok:
         self._authorize(m)
@@ -266,9 +292,16 @@ class ControlServer(RouterLoop):
         self._authorize(m)
         if m.everywhere and (m.rank is None or m.newer_than is None or m.step is not None):
             raise StoreError("bad_request", "a drop everywhere names one rank and newer_than")
-        before = {v.step for v in self.store.versions(m.job)}
+        held = self.store.versions(m.job)
+        before = {v.step for v in held}
         count = self.store.drop(m.job, m.rank, m.step, m.newer_than)
         gone = before - {v.step for v in self.store.versions(m.job)}
+        if self.persister is not None:
+            # The drop reaches the disk tier too: a restore's new timeline must never come
+            # back to the abandoned steps from there (issue 24, finding 3).
+            ranks = {m.rank} if m.rank is not None else \
+                {v.rank for v in held} | self.persister.ranks_written(m.job)
+            self.persister.dropped(m.job, ranks, m.step, m.newer_than, m.timeline)
         timeline = None
         if m.timeline and m.step is None:
             timeline = (m.timeline, -1 if m.newer_than is None else m.newer_than)

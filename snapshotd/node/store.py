@@ -47,7 +47,7 @@ from ._shm import SegmentDir
 
 log = logging.getLogger("snapshotd.store")
 
-__all__ = ["Store", "StoreError", "Slot", "Version", "Lease", "process_identity"]
+__all__ = ["Store", "StoreError", "Slot", "Version", "Lease", "Hold", "process_identity"]
 
 #: Bookkeeping charged per version on top of its manifest (index entries, Python objects).
 _VERSION_OVERHEAD = 4096
@@ -291,6 +291,17 @@ class Lease:
     opened: float = 0.0
     #: Live versions of the same (job, rank) newer than the leased one, when it was leased.
     newer: int = 0
+
+
+@dataclass
+class Hold:
+    """A reader to lease a version to as it is published (:meth:`Store.install`): a step
+    loaded from disk that is older than those retention keeps would be evicted at once."""
+
+    pid: int
+    mapped: bool = False
+    #: The lease, set once the version is published.
+    lease: Lease | None = None
 
 
 @dataclass
@@ -612,7 +623,8 @@ class Store:
 
     def commit(self, number: int, tensors: tuple[TensorEntry, ...], meta: str,
                committed_at: float | None = None, protected: bool = False,
-               layout: str = "", step: int = -1) -> Version:
+               layout: str = "", step: int = -1, hold: Hold | None = None,
+               hold_start: float | None = None) -> Version:
         """Check the table, store checksums, write the manifest, and publish the version.
 
         ``committed_at`` (default: now) identifies the version across the group (a rebuilt
@@ -621,7 +633,9 @@ class Store:
         for the slot's (job, rank) (checked once); without (``tensors`` empty), the kept one is
         used, or ``unknown_layout`` is raised (the client then sends the table).
         ``step``: the step of a spare slot (reserved without one, :meth:`alloc_spare`); it is
-        refused ``stale_step`` here as ``alloc`` would, and the slot stays open (to abort)."""
+        refused ``stale_step`` here as ``alloc`` would, and the slot stays open (to abort).
+        ``hold``: lease the version to that reader (started at ``hold_start``) before retention
+        runs; the lease is set on it."""
         with self._lock:
             slot = self._slots.get(number)
             if slot is None or slot.committing:
@@ -679,6 +693,14 @@ class Store:
             if old is not None:
                 version.replaces = old.committed_at
                 self._evict(old)
+            if hold is not None:
+                version.leases += 1
+                version.mapped = version.mapped or hold.mapped
+                newer = sum(1 for s, v in self._versions[(slot.job, slot.rank)].items()
+                            if s > slot.step and not v.doomed)
+                hold.lease = Lease(self._new_handle(self._leases), version, hold.pid,
+                                   hold_start, time.monotonic(), newer)
+                self._leases[hold.lease.id] = hold.lease
             self._retain((slot.job, slot.rank))
         return version
 
@@ -719,12 +741,20 @@ class Store:
     def install(self, job: str, rank: int, step: int, nbytes: int,
                 tensors: tuple[TensorEntry, ...], meta: str, local_world_size: int,
                 fill: Callable[[memoryview], None], committed_at: float | None = None,
-                protected: bool = True, owner: str = "", world_size: int = 0) -> Version:
+                protected: bool = True, owner: str = "", world_size: int = 0,
+                hold: Hold | None = None) -> Version:
         """Publish a version rebuilt from peers: reserve, ``fill`` the bytes, verify, commit.
 
         The tensor checksums come with the table; bytes that do not match them are refused
-        (``checksum_mismatch``, naming the tensors) and nothing is published.
+        (``checksum_mismatch``, naming the tensors) and nothing is published; nor when
+        ``fill`` raises (the slot is aborted). ``hold``: see :meth:`commit`.
         """
+        hold_start = None
+        if hold is not None:
+            hold_start = self._identity(hold.pid)
+            if hold_start is None:
+                raise StoreError("bad_request", f"reader pid {hold.pid} is not a running "
+                                 "process")
         if owner:
             with self._lock:
                 self._owners.setdefault(job, owner)
@@ -734,15 +764,18 @@ class Store:
         try:
             fill(view[:nbytes])
             bad = [t.name for t, c in zip(tensors, _checksums(view, tensors)) if c != t.checksum]
-        finally:
+        except BaseException:
             view.release()
+            self.abort(slot.number)
+            raise
+        view.release()
         if bad:
             self.abort(slot.number)
             raise StoreError("checksum_mismatch", f"rebuilt job {job!r} rank {rank} step {step}: "
                              f"tensors {bad} do not match their checksums")
         return self.commit(slot.number, tuple(TensorEntry(t.name, t.dtype, t.shape, t.offset,
                                                            t.nbytes) for t in tensors), meta,
-                           committed_at, protected)
+                           committed_at, protected, hold=hold, hold_start=hold_start)
 
     def abort(self, number: int) -> None:
         with self._lock:
