@@ -382,6 +382,15 @@ class SnapshotClient:
         self._guarded = (key, ptrs)
         return ptrs
 
+    def _refused(self, step: Any, exc: SnapshotError, cause: BaseException | None = None
+                 ) -> Future:
+        """A save that failed before it reached :meth:`save` (``TrainingState.save``
+        gathering the state): counted as a save and a failure, logged, never raised."""
+        with self._stats_lock:
+            self._stats.saves += 1
+        exc.__cause__ = cause
+        return self._failed(step if isinstance(step, int) else -1, exc, stacklevel=5)
+
     def _failed(self, step: int, exc: BaseException, stacklevel: int = 3) -> Future:
         future: Future = Future()
         future.set_exception(exc)
@@ -603,12 +612,17 @@ class SnapshotClient:
         """Guard tensors so that they can be copied in the background.
 
         ``optimizer.step()`` waits for copies in flight, so the optimizer's parameters and
-        state may be copied after ``save()`` returns. ``modules``: their parameters change only
+        state may be copied after ``save()`` returns (a wrapper whose ``.optimizer`` is the torch
+        optimizer, like accelerate's ``AcceleratedOptimizer``, is looked through: the hook goes
+        on the optimizer it steps). ``modules``: their parameters change only
         in ``optimizer.step()`` (frozen ones never), so they may be too; their buffers are
         always copied at ``save()``. Calling it again with the same objects does nothing.
         """
+        from ._training import unwrap_optimizer
+
         added = False
-        for guard in ((optimizer,) if optimizer is not None else ()) + modules:
+        optimizers = (unwrap_optimizer(optimizer),) if optimizer is not None else ()
+        for guard in optimizers + modules:
             if any(g is guard for g in self._guards):
                 continue
             added = True

@@ -70,7 +70,7 @@ except ImportError:  # pragma: no cover
     np = None  # type: ignore[assignment]
 
 __all__ = ["TrainingState", "Stateful", "FORMAT", "STATE_DICTS", "agree_step", "capture_rng",
-           "restore_rng"]
+           "restore_rng", "unwrap_optimizer"]
 
 #: Version of the dict layout written by :meth:`TrainingState.state_dict`.
 FORMAT = 1
@@ -125,6 +125,25 @@ def _stateless(optim_state: Mapping[str, Any]) -> list[str]:
             for fqn in group.get("params", []) if isinstance(fqn, str) and fqn not in held]
 
 
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside optimizer wrappers: an object whose ``.optimizer`` is the
+    optimizer it steps and whose own optimizer machinery was never set up, like accelerate's
+    ``AcceleratedOptimizer`` (a ``torch.optim.Optimizer`` subclass that never ran
+    ``Optimizer.__init__``, so it has no step hooks). A complete optimizer is returned as is.
+
+    >>> class Wrapper(torch.optim.Optimizer):
+    ...     def __init__(self, optimizer): self.optimizer = optimizer
+    >>> inner = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    >>> unwrap_optimizer(Wrapper(Wrapper(inner))) is inner
+    True
+    """
+    seen = 0
+    while (not hasattr(optimizer, "_optimizer_step_pre_hooks")
+           and getattr(optimizer, "optimizer", None) is not None and seen < 16):
+        optimizer, seen = optimizer.optimizer, seen + 1
+    return optimizer
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DistributedDataParallel/DataParallel wrapper (stable keys)."""
     wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
@@ -141,7 +160,9 @@ class TrainingState:
         model: the model (a ``DistributedDataParallel`` wrapper is looked through, so the keys
             are the same with and without it).
         optimizer: optional optimizer; its state (moments, step counts, param groups with the
-            current learning rate) is restored through ``load_state_dict``.
+            current learning rate) is restored through ``load_state_dict``. A wrapper whose
+            ``.optimizer`` is the torch optimizer (accelerate's ``AcceleratedOptimizer``) is
+            looked through.
         scheduler: optional learning-rate scheduler (anything with ``state_dict``).
         data: optional data position. Either a mutable dict that the script keeps up to date
             (e.g. ``{"epoch": 3, "offset": 1024}``; it is updated in place on load) or an
@@ -199,7 +220,8 @@ class TrainingState:
         self.split_replicas = split_replicas
         self._split: Any = False          # False: not decided yet; None: whole; else a group
         self.model = model
-        self.optimizer = optimizer
+        # accelerate's AcceleratedOptimizer and other wrappers: the optimizer they step.
+        self.optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
         self.scheduler = scheduler
         self.data = data
         self.generators = dict(generators or {})
@@ -364,7 +386,21 @@ class TrainingState:
     # ------------------------------------------------------------------ with a client
 
     def save(self, client: SnapshotClient, step: int) -> Future:
-        """Snapshot the state after ``step`` through ``client`` (asynchronous, never raises)."""
+        """Snapshot the state after ``step`` through ``client`` (asynchronous, never raises).
+
+        Whatever fails while the state is gathered (``protect``, a ``state_dict()`` of the
+        scheduler, data position or an extra object, DCP's state dicts) fails the returned
+        future instead of the training step: counted in ``client.stats()``, the first one
+        logged as a warning, training goes on unprotected."""
+        try:
+            return self._save(client, step)
+        except Exception as exc:  # noqa: BLE001 - carried by the future, never raised
+            return client._refused(step, SnapshotError(
+                f"step {step} not saved: gathering the training state failed: "
+                f"{type(exc).__name__}: {exc}; training goes on unprotected until the cause "
+                "is fixed"), exc)
+
+    def _save(self, client: SnapshotClient, step: int) -> Future:
         if self.optimizer is not None:
             client.protect(self.optimizer, _unwrap(self.model))   # idempotent
         # Parameters that a forward renormalises in place are copied at save() too.
