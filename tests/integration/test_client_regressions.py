@@ -646,3 +646,54 @@ def test_regression_training_state_save_raises_into_the_step(keep3, caplog):
         assert "sampler state unavailable" in caplog.text
         data.fail = False
         assert state.save(c, 4).result() == 4 and c.stats().committed == 1
+
+
+# --------------------------------------------------------------------- issue 25, finding 2
+
+
+def test_regression_torn_snapshot_committed_silently(keep3, caplog):
+    """Issue 25, finding 2: with ``copy="lazy"`` a tensor changed in place before its
+    background copy ended was committed torn, without a word. Its version counter moved: the
+    save fails loudly (its future raises naming the tensor, counted as torn, logged once),
+    nothing of it is committed, and a save whose tensors stay untouched commits."""
+    import logging
+
+    caplog.set_level(logging.WARNING, "snapshotd_client")
+    with client(keep3, copy="lazy") as c:
+        c.save(1, {"w": torch.zeros(1024), "t": torch.zeros(1024)}).result()
+        w, t = torch.zeros(1024), torch.zeros(1024)
+        for step in (2, 3):
+            with c._handoff:                  # the copy cannot start before the change
+                future = c.save(step, {"w": w, "t": t})
+                t.add_(1.0)
+            with pytest.raises(SnapshotError, match=r"tensor '/t' was changed in place while "
+                                                    r"it was being copied"):
+                future.result()
+        assert c.stats().torn == 2 and c.stats().failed == 2 and c.stats().committed == 1
+        assert caplog.text.count("refused as torn") == 1
+        assert c.steps() == [1]                          # the torn bytes never committed
+        assert c.save(4, {"w": w, "t": t}).result() == 4   # untouched: committed
+        _, back = c.restore()
+        assert torch.equal(back["t"], torch.full((1024,), 2.0))
+
+
+def test_protected_training_never_trips_the_torn_check(keep3):
+    """Issue 25, finding 2: under ``copy="auto"`` and ``copy="lazy"`` with ``protect``,
+    ``optimizer.step()`` waits for the copy in flight, so training that saves every step and
+    never waits itself commits every save and none is refused as torn (the next forward and
+    backward overlap the copy; BatchNorm's buffers, changed by the forward, are copied at
+    save() under auto)."""
+    for mode in ("auto", "lazy"):
+        model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(6)])
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        with client(keep3, copy=mode) as c:
+            state = TrainingState(model, opt, rng=False)
+            for step in range(12):
+                model(torch.randn(64, 512)).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+                state.save(c, step)
+            c.wait()
+            stats = c.stats()
+            assert stats.torn == 0 and stats.failed == 0, (mode, stats)
+            assert stats.committed + stats.skipped == 12 and stats.committed >= 1, stats
