@@ -714,7 +714,7 @@ class SnapshotClient:
     def restore(self, step: int | None = None, into: Any = None,
                 check: Callable[[Any], None] | None = None, *,
                 meshes: Sequence[Any] = (), local_shards: bool = False,
-                zero_copy: bool = True) -> tuple[int, Any] | None:
+                zero_copy: bool = True, remote: bool = False) -> tuple[int, Any] | None:
         """Return ``(step, state)`` of the newest version (or of ``step``), or None if none.
 
         Inside a job with ``torch.distributed`` initialised and ``step`` None, every rank
@@ -749,12 +749,17 @@ class SnapshotClient:
         tensors is freed; keep them briefly (``load_state_dict`` into a model, ``.to(device)``)
         or ``clone()`` them. ``zero_copy=False`` copies them into fresh memory instead and
         returns the lease at once. Checksums are verified before either way.
+
+        ``remote`` (``step`` named): where this node's daemon does not hold this rank's
+        version, it fetches it from the node of the cluster that does (the job's ranks moved
+        to other nodes at the same world size); the new timeline's drop then reaches every
+        node that holds the rank (``Drop(everywhere=True)``).
         """
         step = None if step is None else _step(step)
         with self._lock:
             self.wait()
             return self._restore(step, into, check, tuple(meshes), local_shards,
-                                 zero_copy=zero_copy)
+                                 zero_copy=zero_copy, remote=remote)
 
     def read(self, step: int | None = None, *, local_shards: bool = True,
              zero_copy: bool = True, remote: bool = False) -> tuple[int, Any] | None:
@@ -816,7 +821,7 @@ class SnapshotClient:
             # token on every rank of this restore), which the daemon's retention reports carry.
             if timeline:
                 self._channel.call(p.Drop(self.job, self.rank, newer_than=lease.step,
-                                          token=self._token,
+                                          token=self._token, everywhere=remote,
                                           timeline=token or timeline_token(self.job,
                                                                            lease.step)))
             tensors, mapped = self._copy_out(lease, targets, zero_copy)
@@ -826,8 +831,9 @@ class SnapshotClient:
         if timeline:
             self._last_step = lease.step          # the timeline continues from here
             self._pinned_from = lease.step + 100
-            self.last_restore = RestoreInfo(lease.step, lease.tier, lease.nbytes,
-                                            time.perf_counter() - started)
+            self.last_restore = RestoreInfo(
+                lease.step, lease.tier, lease.nbytes, time.perf_counter() - started,
+                bytes_from_peers=lease.nbytes if lease.tier == "peer" else 0)
             log.info("restored job %r rank %d step %d from %s (%d bytes)", self.job,
                      self.rank, lease.step, lease.tier, lease.nbytes)
         return lease.step, unflatten(lease.meta, tensors, placer)

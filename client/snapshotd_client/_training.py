@@ -293,7 +293,8 @@ class TrainingState:
         copies them into the live model (on whatever device it is) and the optimizer.
         """
         self.check(state)
-        if self.state_dicts == "dcp":
+        # As the dict was captured (a resharded restore hands DCP's dicts to any state).
+        if state.get("state_dicts", self.state_dicts) == "dcp":
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
                 set_model_state_dict,
@@ -596,6 +597,7 @@ class TrainingState:
         client.wait()              # a save in flight may be the newest common step
         t1 = time.perf_counter()
         self.last_restore_seconds = {"wait": t1 - t0, "agree": 0.0, "load": 0.0}
+        moved = False             # the job's ranks are on other nodes than their versions
         if step is None and _distributed():
             import torch.distributed as dist
 
@@ -624,11 +626,17 @@ class TrainingState:
                 client._start_over(found.token)
                 return None
             step, saved_world = chosen
-            if not found.own(step, saved_world, dist.get_world_size()):
+            if saved_world != dist.get_world_size():
                 t2 = time.perf_counter()
                 loaded = _elastic.load(self, client, found, step, saved_world)
                 self.last_restore_seconds["load"] = time.perf_counter() - t2
                 return loaded
+            # The same world size: each rank restores its own saved rank, as always. Where
+            # the ranks moved to other nodes (a replacement host, a rendezvous that ordered
+            # the nodes otherwise: issue 24, finding 8), a rank whose daemon does not hold its
+            # version reads it through its daemon from the node that does, and every rank's
+            # new timeline is dropped into every node that holds the rank.
+            moved = not found.own(step, saved_world, saved_world)
             client._next_timeline = found.token     # the timeline this restore starts
         elif step is not None and _distributed():
             # An explicit step: the ranks name this restore's timeline together (a token
@@ -666,7 +674,7 @@ class TrainingState:
                                     "nothing was written (see that rank's error)")
         try:
             restored = client.restore(step, into=into, check=check, meshes=self.meshes(),
-                                      zero_copy=on_device)
+                                      zero_copy=on_device, remote=moved)
             if restored is None and guard is not None:
                 raise SnapshotError(f"step {step}, which every rank held, is gone")
         except Exception:
