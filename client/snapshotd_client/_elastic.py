@@ -2,9 +2,11 @@
 that overlap their new ones from the daemons that hold them, resharded by DCP's planners.
 
 A job restarted with another number of ranks (a node lost and not replaced, a job scaled up or
-down), or whose ranks moved to other nodes, finds its last layout's versions on the daemons of
-its nodes. :func:`survey` lists them on every rank (one ``all_gather_object``); the newest step
-that every rank of one saved layout holds somewhere is restored:
+down) finds its last layout's versions on the daemons of its nodes (a job restarted at the same
+size with its ranks on other nodes restores each rank's own version, read through its daemon:
+``TrainingState.restore``). :func:`survey` lists them on every rank (one
+``all_gather_object``); the newest step that every rank of one saved layout holds somewhere is
+restored:
 
 1. Every old rank's version is read by one new rank whose daemon holds it (its *holder*: the
    lowest such rank). From the snapshots' skeletons and DTensor records (global shape, the
@@ -538,8 +540,8 @@ def _exchange(found: Plan, plan: Any, planner: Any, byte_io: Any) -> int:
 
 
 def load(state: Any, client: SnapshotClient, found: Survey, step: int, world: int) -> int:
-    """Restore ``state`` (a TrainingState with ``state_dicts="dcp"``) from the ``world``-rank
-    layout's step ``step``; return the step. Every rank calls this (collectives)."""
+    """Restore ``state`` (a TrainingState) from the ``world``-rank layout's step ``step``;
+    return the step. Every rank calls this (collectives)."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict

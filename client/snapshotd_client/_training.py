@@ -741,8 +741,9 @@ def _check_markers(skeleton: Mapping[str, Any], model_state: Mapping[str, Any]) 
                             f"{value[_replicas.MARK]}) is {saved}, the live tensor {mine}")
     if problems:
         raise SnapshotError("the snapshot does not fit the live job, nothing was written: "
-                            + "; ".join(problems[:8]) + " (restoring at another layout: "
-                            "TrainingState(state_dicts='dcp'), issue 14)")
+                            + "; ".join(problems[:8]) + " (at the same world size the "
+                            "meshes and placements must be the saved ones; issue 14: at "
+                            "another world size, restore() reshards)")
 
 
 # ---------------------------------------------------------------------- agreement
