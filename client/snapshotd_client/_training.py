@@ -402,6 +402,9 @@ class TrainingState:
                 "is fixed"), exc)
 
     def _save(self, client: SnapshotClient, step: int) -> Future:
+        # First: the first save's split decision is a collective, which every rank must reach
+        # even where gathering its state then fails (and training goes on).
+        split = self._split_group(client)
         if self.optimizer is not None:
             client.protect(self.optimizer, _unwrap(self.model))   # idempotent
         # Parameters that a forward renormalises in place are copied at save() too.
@@ -409,7 +412,6 @@ class TrainingState:
                               if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
                               and m.max_norm is not None]
         state = self.state_dict(step)
-        split = self._split_group(client)
         if split is not None:
             import torch.distributed as dist
 
