@@ -20,9 +20,17 @@ on the CPU, hence ``zero_copy=False`` (``TrainingState`` chooses for you).
 """
 
 from ._channel import DaemonError, DaemonUnavailable, SnapshotError
-from ._client import ENV_COPY_CPUS, ENV_ENDPOINT, ENV_TOKEN, SnapshotClient, SnapshotSkipped
+from ._client import (
+    ENV_COPY_CPUS,
+    ENV_ENDPOINT,
+    ENV_TOKEN,
+    SnapshotClient,
+    SnapshotSkipped,
+    SnapshotTorn,
+)
 from ._training import TrainingState
 
 __all__ = ["SnapshotClient", "SnapshotError", "DaemonUnavailable", "DaemonError",
-           "SnapshotSkipped", "ENV_ENDPOINT", "ENV_TOKEN", "ENV_COPY_CPUS", "TrainingState"]
+           "SnapshotSkipped", "SnapshotTorn", "ENV_ENDPOINT", "ENV_TOKEN", "ENV_COPY_CPUS",
+           "TrainingState"]
 __version__ = "0.1.0"

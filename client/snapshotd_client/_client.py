@@ -35,9 +35,9 @@ from ._flatten import (
     view_of,
 )
 
-__all__ = ["SnapshotClient", "SnapshotSkipped", "RestoreInfo", "SaveStats", "ENV_ENDPOINT",
-           "ENV_TOKEN", "ENV_COPY_CPUS", "COPY_MODES", "MAX_META_BYTES", "agree_step",
-           "agree_timeline", "agree_token", "timeline_token"]
+__all__ = ["SnapshotClient", "SnapshotSkipped", "SnapshotTorn", "RestoreInfo", "SaveStats",
+           "ENV_ENDPOINT", "ENV_TOKEN", "ENV_COPY_CPUS", "COPY_MODES", "MAX_META_BYTES",
+           "agree_step", "agree_timeline", "agree_token", "timeline_token"]
 
 log = logging.getLogger("snapshotd_client")
 ENV_ENDPOINT = "SNAPSHOTD_ENDPOINT"
@@ -60,6 +60,12 @@ class SnapshotSkipped(SnapshotError):
     :meth:`SnapshotClient.stats`; the newest save is always the one that goes ahead)."""
 
 
+class SnapshotTorn(SnapshotError):
+    """A tensor copied in the background was changed in place before its copy ended: the save
+    is refused (its slot aborted, nothing committed) instead of storing a torn snapshot
+    (counted in :meth:`SnapshotClient.stats` as ``torn``, and as ``failed``)."""
+
+
 @dataclass
 class SaveStats:
     """Counts of what happened to this client's saves (:meth:`SnapshotClient.stats`)."""
@@ -71,6 +77,8 @@ class SaveStats:
     rejected: int = 0       #: refused at save() because a value cannot be stored (its path is
     #: named in the error, logged at ERROR level at the first one)
     eager_bytes: int = 0    #: bytes copied on the calling thread at save() (unguarded tensors)
+    torn: int = 0           #: refused because a tensor copied in the background changed in
+    #: place before its copy ended (SnapshotTorn; counted in failed too)
 
 
 _RDZV_WARNED = False
@@ -149,6 +157,9 @@ class _Job:
     #: the layout (the background copy skips them).
     spare: _Spare | None = None
     written: frozenset = frozenset()
+    #: Every layout tensor's ``_version`` (its in-place change counter) when save() was
+    #: called, compared when the background copy ends (None: everything copied at save()).
+    versions: list[int] | None = None
 
 
 class SnapshotClient:
@@ -181,7 +192,10 @@ class SnapshotClient:
       running statistics, which the next forward changes in place, and anything not guarded)
       is copied at ``save()`` on the calling thread. Without ``protect`` every tensor is.
     - ``"lazy"``: everything is copied in the background; the caller promises not to change any
-      tensor until :meth:`wait_copied`. A change made earlier is silently part of the snapshot.
+      tensor until :meth:`wait_copied`. A change made earlier through the tensor (its
+      ``_version`` counter moves) fails that save with :class:`SnapshotTorn` (nothing
+      committed); one that bypasses the counter (``.data``, another tensor over the same
+      storage, fused optimizers) is silently part of the snapshot.
     - ``"eager"``: everything is copied at ``save()`` (strict: costs a copy of the state in
       memory and time on the training thread, like ``torch.save`` to memory).
 
@@ -264,6 +278,13 @@ class SnapshotClient:
         """
         with self._stats_lock:
             self._stats.saves += 1
+        try:
+            return self._save(step, state, copy_now)
+        except Exception as exc:  # noqa: BLE001 - anything unforeseen: the future, not the step
+            return self._failed(step if isinstance(step, int) else -1, SnapshotError(
+                f"step {step} not saved: {type(exc).__name__}: {exc}"), stacklevel=4)
+
+    def _save(self, step: Any, state: Any, copy_now: Any) -> Future:
         if self._closed:
             return self._failed(step, SnapshotError("save() on a closed SnapshotClient"))
         try:
@@ -290,6 +311,8 @@ class SnapshotClient:
             try:
                 job = _Job(step, layout)
                 eager = self._eager_copies(job, copy_now, prev)
+                if self.copy_mode != "eager":
+                    job.versions = _versions(layout.tensors)
                 if self._cuda:
                     job.events = mark_ready(layout.tensors)
             except (RuntimeError, MemoryError) as exc:   # e.g. no memory for the copies
@@ -382,6 +405,15 @@ class SnapshotClient:
         self._guarded = (key, ptrs)
         return ptrs
 
+    def _refused(self, step: Any, exc: SnapshotError, cause: BaseException | None = None
+                 ) -> Future:
+        """A save that failed before it reached :meth:`save` (``TrainingState.save``
+        gathering the state): counted as a save and a failure, logged, never raised."""
+        with self._stats_lock:
+            self._stats.saves += 1
+        exc.__cause__ = cause
+        return self._failed(step if isinstance(step, int) else -1, exc, stacklevel=5)
+
     def _failed(self, step: int, exc: BaseException, stacklevel: int = 3) -> Future:
         future: Future = Future()
         future.set_exception(exc)
@@ -398,7 +430,7 @@ class SnapshotClient:
         if count == 1 or count % 100 == 0:
             log.error("snapshotd: the training state cannot be snapshotted, so training goes "
                       "on UNPROTECTED (%d saves refused so far): %s", count, exc)
-        return self._failed(step, exc, stacklevel=5)   # the warning points at save()'s caller
+        return self._failed(step, exc, stacklevel=6)   # the warning points at save()'s caller
 
     def _run(self, job: _Job) -> None:
         slot = job.spare.slot if job.spare is not None else None
@@ -425,6 +457,7 @@ class SnapshotClient:
                                           "it while it waited for snapshotd")
                 job.copying.set()
             self._copy_in(path, nbytes, job.layout, job.events, mapping, job.written)
+            self._check_untorn(job)           # before copied: the training may go on after
             job.copied.set()
             job.layout.tensors.clear()            # release eager copies early
             self._commit(slot, job.layout, job.step, job.started)
@@ -440,6 +473,26 @@ class SnapshotClient:
                 self._abort(slot)
             self._record(exc)
             job.future.set_exception(exc)
+
+    def _check_untorn(self, job: _Job) -> None:
+        """Refuse the save if a tensor copied in the background changed in place since save()
+        (its version counter moved): the bytes copied may mix before and after."""
+        if job.versions is None:
+            return
+        now = _versions(job.layout.tensors)
+        torn = [i for i, (a, b) in enumerate(zip(job.versions, now)) if a != b
+                and i not in job.written]
+        if not torn:
+            return
+        names = [job.layout.entries[i]["name"] for i in torn]
+        raise SnapshotTorn(
+            f"step {job.step} not saved: tensor {names[0]!r}"
+            + (f" (and {len(names) - 1} more: {names[1:4]})" if len(names) > 1 else "")
+            + " was changed in place while it was being copied in the background, so the "
+            "snapshot would be torn (nothing was committed). Do not change a saved tensor "
+            "until its copy ends: protect() the optimizer that changes it (its step() waits), "
+            "call client.wait_copied() before changing it (copy='lazy'), pass it to "
+            "save(copy_now=...), or use copy='eager'")
 
     def _take_spare(self, job: _Job) -> _Spare | None:
         """The spare slot the last commit reserved, if this save can use it: same size, a
@@ -540,13 +593,21 @@ class SnapshotClient:
 
     def _record(self, exc: BaseException, stacklevel: int = 3) -> None:
         skipped = isinstance(exc, SnapshotSkipped)
+        torn = 0
         with self._stats_lock:
             if skipped:
                 self._stats.skipped += 1
             else:
                 self._stats.failed += 1
+            if isinstance(exc, SnapshotTorn):
+                self._stats.torn += 1
+                torn = self._stats.torn
             count = self._stats.skipped if skipped else self._stats.failed
         self._last_error = exc
+        if torn:
+            if torn == 1 or torn % 100 == 0:
+                log.warning("snapshotd: %d save(s) refused as torn so far: %s", torn, exc)
+            return
         if skipped:
             if not self._warned_skip or count % 100 == 0:
                 self._warned_skip = True
@@ -603,12 +664,17 @@ class SnapshotClient:
         """Guard tensors so that they can be copied in the background.
 
         ``optimizer.step()`` waits for copies in flight, so the optimizer's parameters and
-        state may be copied after ``save()`` returns. ``modules``: their parameters change only
+        state may be copied after ``save()`` returns (a wrapper whose ``.optimizer`` is the torch
+        optimizer, like accelerate's ``AcceleratedOptimizer``, is looked through: the hook goes
+        on the optimizer it steps). ``modules``: their parameters change only
         in ``optimizer.step()`` (frozen ones never), so they may be too; their buffers are
         always copied at ``save()``. Calling it again with the same objects does nothing.
         """
+        from ._training import unwrap_optimizer
+
         added = False
-        for guard in ((optimizer,) if optimizer is not None else ()) + modules:
+        optimizers = (unwrap_optimizer(optimizer),) if optimizer is not None else ()
+        for guard in optimizers + modules:
             if any(g is guard for g in self._guards):
                 continue
             added = True
@@ -648,7 +714,7 @@ class SnapshotClient:
     def restore(self, step: int | None = None, into: Any = None,
                 check: Callable[[Any], None] | None = None, *,
                 meshes: Sequence[Any] = (), local_shards: bool = False,
-                zero_copy: bool = True) -> tuple[int, Any] | None:
+                zero_copy: bool = True, remote: bool = False) -> tuple[int, Any] | None:
         """Return ``(step, state)`` of the newest version (or of ``step``), or None if none.
 
         Inside a job with ``torch.distributed`` initialised and ``step`` None, every rank
@@ -683,12 +749,17 @@ class SnapshotClient:
         tensors is freed; keep them briefly (``load_state_dict`` into a model, ``.to(device)``)
         or ``clone()`` them. ``zero_copy=False`` copies them into fresh memory instead and
         returns the lease at once. Checksums are verified before either way.
+
+        ``remote`` (``step`` named): where this node's daemon does not hold this rank's
+        version, it fetches it from the node of the cluster that does (the job's ranks moved
+        to other nodes at the same world size); the new timeline's drop then reaches every
+        node that holds the rank (``Drop(everywhere=True)``).
         """
         step = None if step is None else _step(step)
         with self._lock:
             self.wait()
             return self._restore(step, into, check, tuple(meshes), local_shards,
-                                 zero_copy=zero_copy)
+                                 zero_copy=zero_copy, remote=remote)
 
     def read(self, step: int | None = None, *, local_shards: bool = True,
              zero_copy: bool = True, remote: bool = False) -> tuple[int, Any] | None:
@@ -750,7 +821,7 @@ class SnapshotClient:
             # token on every rank of this restore), which the daemon's retention reports carry.
             if timeline:
                 self._channel.call(p.Drop(self.job, self.rank, newer_than=lease.step,
-                                          token=self._token,
+                                          token=self._token, everywhere=remote,
                                           timeline=token or timeline_token(self.job,
                                                                            lease.step)))
             tensors, mapped = self._copy_out(lease, targets, zero_copy)
@@ -760,8 +831,9 @@ class SnapshotClient:
         if timeline:
             self._last_step = lease.step          # the timeline continues from here
             self._pinned_from = lease.step + 100
-            self.last_restore = RestoreInfo(lease.step, lease.tier, lease.nbytes,
-                                            time.perf_counter() - started)
+            self.last_restore = RestoreInfo(
+                lease.step, lease.tier, lease.nbytes, time.perf_counter() - started,
+                bytes_from_peers=lease.nbytes if lease.tier == "peer" else 0)
             log.info("restored job %r rank %d step %d from %s (%d bytes)", self.job,
                      self.rank, lease.step, lease.tier, lease.nbytes)
         return lease.step, unflatten(lease.meta, tensors, placer)
@@ -1181,6 +1253,22 @@ def _follow_daemon_cpus(cpus: Sequence[int]) -> None:
     except OSError as exc:              # e.g. outside this process's cpuset
         log.info("snapshotd: the copy thread stays where it is (daemon's CPUs %s: %s)",
                  list(cpus), exc)
+
+
+def _versions(tensors: list[torch.Tensor]) -> list[int]:
+    """Each tensor's in-place change counter (``Tensor._version``, which ``add_``, ``copy_``
+    and the optimizers' foreach ops bump; shared by a tensor's views and ``detach()``es).
+    An inference tensor keeps none: -1, never seen to change."""
+    try:
+        return [t._version for t in tensors]
+    except RuntimeError:              # an inference-mode tensor among them
+        out = []
+        for t in tensors:
+            try:
+                out.append(t._version)
+            except RuntimeError:
+                out.append(-1)
+        return out
 
 
 def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:

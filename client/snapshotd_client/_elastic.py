@@ -2,9 +2,11 @@
 that overlap their new ones from the daemons that hold them, resharded by DCP's planners.
 
 A job restarted with another number of ranks (a node lost and not replaced, a job scaled up or
-down), or whose ranks moved to other nodes, finds its last layout's versions on the daemons of
-its nodes. :func:`survey` lists them on every rank (one ``all_gather_object``); the newest step
-that every rank of one saved layout holds somewhere is restored:
+down) finds its last layout's versions on the daemons of its nodes (a job restarted at the same
+size with its ranks on other nodes restores each rank's own version, read through its daemon:
+``TrainingState.restore``). :func:`survey` lists them on every rank (one
+``all_gather_object``); the newest step that every rank of one saved layout holds somewhere is
+restored:
 
 1. Every old rank's version is read by one new rank whose daemon holds it (its *holder*: the
    lowest such rank). From the snapshots' skeletons and DTensor records (global shape, the
@@ -20,8 +22,12 @@ that every rank of one saved layout holds somewhere is restored:
    old layout are its own, and those of a new rank are derived from the step and its rank
    (``torch.manual_seed``, ``random.seed`` and ``numpy.random.seed`` of ``seed_for``).
 
-Only ``TrainingState(state_dicts="dcp")`` snapshots can be resharded (the optimizer state is
-keyed by parameter name); strided shards (FSDP x TP) and ``Partial`` placements cannot.
+Snapshots of both ``TrainingState`` state dicts are resharded. ``state_dicts="module"`` (the
+default) keys the optimizer state by index, as ``optimizer.state_dict()`` numbers the parameters
+(their order in the parameter groups); each index is renamed to the parameter's DCP name in the
+new job's optimizer (the same code builds the same groups in the same order; the group sizes are
+checked, and DCP checks every tensor's global shape), and the state is loaded through DCP's
+``set_state_dict``. Strided shards (FSDP x TP) and ``Partial`` placements cannot be resharded.
 """
 
 from __future__ import annotations
@@ -268,8 +274,36 @@ class Plan:
     client: Any = None
 
 
-def plan(client: SnapshotClient, found: Survey, step: int, world: int) -> Plan:
-    """Read this rank's old ranks and agree on the global metadata (a collective)."""
+def named_optimizer(optim: Any, names: list[str] | None) -> dict[str, Any]:
+    """A module optimizer state dict (state keyed by index, groups listing indices) keyed by
+    the parameters' DCP names instead: ``names[i]`` is index ``i``'s (the live optimizer's
+    parameters in group order, named as DCP's ``get_state_dict`` names them).
+
+    >>> named = named_optimizer({"state": {1: {"m": 0}}, "param_groups": [{"params": [0, 1]}]},
+    ...                         ["a.weight", "b.weight"])
+    >>> named["state"], named["param_groups"][0]["params"]
+    ({'b.weight': {'m': 0}}, ['a.weight', 'b.weight'])
+    """
+    if not isinstance(optim, dict):
+        raise SnapshotError("the snapshot's optimizer state is not a dict")
+    groups = optim.get("param_groups", [])
+    indices = [i for g in groups for i in g.get("params", [])]
+    if names is None or sorted(int(i) for i in indices) != list(range(len(names))):
+        raise SnapshotError(
+            f"the snapshot's optimizer numbers {len(indices)} parameters and the job's "
+            f"optimizer has {'no names for its' if names is None else len(names)} parameters "
+            "(state_dicts='module' state is matched by position): restore into the "
+            "optimizer the job saved with (same parameter groups, same order)")
+    state = {names[int(k)]: v for k, v in optim.get("state", {}).items()}
+    return {"state": state, "param_groups": [
+        dict(g, params=[names[int(i)] for i in g.get("params", [])]) for g in groups]}
+
+
+def plan(client: SnapshotClient, found: Survey, step: int, world: int,
+         names: list[str] | None = None) -> Plan:
+    """Read this rank's old ranks and agree on the global metadata (a collective).
+    ``names``: the DCP names of the live optimizer's parameters in group order, which key a
+    ``state_dicts="module"`` snapshot's optimizer state (saved by index)."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.metadata import (
         BytesStorageMetadata,
@@ -295,9 +329,9 @@ def plan(client: SnapshotClient, found: Survey, step: int, world: int) -> Plan:
                 raise SnapshotError(f"rank {old_rank} step {step}: not a TrainingState "
                                     "snapshot")
             if sk.get("state_dicts", "dcp") != "dcp" and "optimizer" in sk:
-                raise SnapshotError("only TrainingState(state_dicts='dcp') snapshots can be "
-                                    "restored at another world size (their optimizer state is "
-                                    "keyed by parameter name)")
+                # Keyed by index: renamed (the same tensors) to DCP's names.
+                sk["optimizer"] = named_optimizer(sk["optimizer"], names)
+                sk["state_dicts"] = "dcp"
             chunks, leaves = _chunks_of(old)
             rest = {k: v for k, v in sk.items() if k not in ("model", "optimizer")}
             payload[old_rank] = (chunks, leaves if old_rank == min(holders) else {}, rest)
@@ -506,23 +540,27 @@ def _exchange(found: Plan, plan: Any, planner: Any, byte_io: Any) -> int:
 
 
 def load(state: Any, client: SnapshotClient, found: Survey, step: int, world: int) -> int:
-    """Restore ``state`` (a TrainingState with ``state_dicts="dcp"``) from the ``world``-rank
-    layout's step ``step``; return the step. Every rank calls this (collectives)."""
+    """Restore ``state`` (a TrainingState) from the ``world``-rank layout's step ``step``;
+    return the step. Every rank calls this (collectives)."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from ._training import _unwrap
 
-    if state.state_dicts != "dcp" and state.optimizer is not None:
-        raise SnapshotError("restoring at another world size needs "
-                            "TrainingState(..., state_dicts='dcp')")
     started = time.perf_counter()
-    agreed = plan(client, found, step, world)
-    me = dist.get_rank()
     model = _unwrap(state.model)
+    names: list[str] | None = None
     if state.optimizer is not None:
         msd, osd = get_state_dict(model, state.optimizer)
+        # DCP's names of the optimizer's parameters in group order (what index i of a
+        # state_dicts="module" snapshot is): DCP lists each group's parameters in order.
+        named = [list(g["params"]) for g in cast(list, osd["param_groups"])]
+        if [len(g) for g in named] == [len(g["params"]) for g in state.optimizer.param_groups]:
+            names = [fqn for group in named for fqn in group]
+    agreed = plan(client, found, step, world, names)
+    me = dist.get_rank()
+    if state.optimizer is not None:
         # DCP created state for every parameter of a fresh optimizer (a step with zero
         # gradients); a parameter the saved layout holds no state of (it had received no
         # gradient) gets none here either, as in the run that saved it (TrainingState.load).
@@ -563,6 +601,7 @@ def load(state: Any, client: SnapshotClient, found: Survey, step: int, world: in
     if own_gens := agreed.rest.get(me, {}).get("generators"):
         full["generators"] = own_gens
     full.pop("replicas", None)
+    full["state_dicts"] = "dcp"             # the target's dicts are DCP's, whatever was saved
     # Everything that does not fit is found on some rank before any rank writes a byte.
     problem = ""
     try:

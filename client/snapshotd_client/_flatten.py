@@ -711,8 +711,8 @@ def _build(node: Any, tensors: list[torch.Tensor], placer: Placer | None) -> Any
 
 
 _RESHARD = ("restoring onto another mesh, placement or global shape at the same world size is "
-            "not supported (issue 14: at another world size, TrainingState(state_dicts='dcp') "
-            "reshards from memory): restore with the parallelism the job was saved with")
+            "not supported (issue 14: at another world size, TrainingState.restore reshards "
+            "from memory): restore with the parallelism the job was saved with")
 
 
 def _same_sharding(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:

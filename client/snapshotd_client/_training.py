@@ -70,7 +70,7 @@ except ImportError:  # pragma: no cover
     np = None  # type: ignore[assignment]
 
 __all__ = ["TrainingState", "Stateful", "FORMAT", "STATE_DICTS", "agree_step", "capture_rng",
-           "restore_rng"]
+           "restore_rng", "unwrap_optimizer"]
 
 #: Version of the dict layout written by :meth:`TrainingState.state_dict`.
 FORMAT = 1
@@ -125,6 +125,25 @@ def _stateless(optim_state: Mapping[str, Any]) -> list[str]:
             for fqn in group.get("params", []) if isinstance(fqn, str) and fqn not in held]
 
 
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside optimizer wrappers: an object whose ``.optimizer`` is the
+    optimizer it steps and whose own optimizer machinery was never set up, like accelerate's
+    ``AcceleratedOptimizer`` (a ``torch.optim.Optimizer`` subclass that never ran
+    ``Optimizer.__init__``, so it has no step hooks). A complete optimizer is returned as is.
+
+    >>> class Wrapper(torch.optim.Optimizer):
+    ...     def __init__(self, optimizer): self.optimizer = optimizer
+    >>> inner = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    >>> unwrap_optimizer(Wrapper(Wrapper(inner))) is inner
+    True
+    """
+    seen = 0
+    while (not hasattr(optimizer, "_optimizer_step_pre_hooks")
+           and getattr(optimizer, "optimizer", None) is not None and seen < 16):
+        optimizer, seen = optimizer.optimizer, seen + 1
+    return optimizer
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DistributedDataParallel/DataParallel wrapper (stable keys)."""
     wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
@@ -141,7 +160,9 @@ class TrainingState:
         model: the model (a ``DistributedDataParallel`` wrapper is looked through, so the keys
             are the same with and without it).
         optimizer: optional optimizer; its state (moments, step counts, param groups with the
-            current learning rate) is restored through ``load_state_dict``.
+            current learning rate) is restored through ``load_state_dict``. A wrapper whose
+            ``.optimizer`` is the torch optimizer (accelerate's ``AcceleratedOptimizer``) is
+            looked through.
         scheduler: optional learning-rate scheduler (anything with ``state_dict``).
         data: optional data position. Either a mutable dict that the script keeps up to date
             (e.g. ``{"epoch": 3, "offset": 1024}``; it is updated in place on load) or an
@@ -199,7 +220,8 @@ class TrainingState:
         self.split_replicas = split_replicas
         self._split: Any = False          # False: not decided yet; None: whole; else a group
         self.model = model
-        self.optimizer = optimizer
+        # accelerate's AcceleratedOptimizer and other wrappers: the optimizer they step.
+        self.optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
         self.scheduler = scheduler
         self.data = data
         self.generators = dict(generators or {})
@@ -271,7 +293,8 @@ class TrainingState:
         copies them into the live model (on whatever device it is) and the optimizer.
         """
         self.check(state)
-        if self.state_dicts == "dcp":
+        # As the dict was captured (a resharded restore hands DCP's dicts to any state).
+        if state.get("state_dicts", self.state_dicts) == "dcp":
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
                 set_model_state_dict,
@@ -364,7 +387,24 @@ class TrainingState:
     # ------------------------------------------------------------------ with a client
 
     def save(self, client: SnapshotClient, step: int) -> Future:
-        """Snapshot the state after ``step`` through ``client`` (asynchronous, never raises)."""
+        """Snapshot the state after ``step`` through ``client`` (asynchronous, never raises).
+
+        Whatever fails while the state is gathered (``protect``, a ``state_dict()`` of the
+        scheduler, data position or an extra object, DCP's state dicts) fails the returned
+        future instead of the training step: counted in ``client.stats()``, the first one
+        logged as a warning, training goes on unprotected."""
+        try:
+            return self._save(client, step)
+        except Exception as exc:  # noqa: BLE001 - carried by the future, never raised
+            return client._refused(step, SnapshotError(
+                f"step {step} not saved: gathering the training state failed: "
+                f"{type(exc).__name__}: {exc}; training goes on unprotected until the cause "
+                "is fixed"), exc)
+
+    def _save(self, client: SnapshotClient, step: int) -> Future:
+        # First: the first save's split decision is a collective, which every rank must reach
+        # even where gathering its state then fails (and training goes on).
+        split = self._split_group(client)
         if self.optimizer is not None:
             client.protect(self.optimizer, _unwrap(self.model))   # idempotent
         # Parameters that a forward renormalises in place are copied at save() too.
@@ -372,7 +412,6 @@ class TrainingState:
                               if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
                               and m.max_norm is not None]
         state = self.state_dict(step)
-        split = self._split_group(client)
         if split is not None:
             import torch.distributed as dist
 
@@ -560,6 +599,7 @@ class TrainingState:
         client.wait()              # a save in flight may be the newest common step
         t1 = time.perf_counter()
         self.last_restore_seconds = {"wait": t1 - t0, "agree": 0.0, "load": 0.0}
+        moved = False             # the job's ranks are on other nodes than their versions
         if step is None and _distributed():
             import torch.distributed as dist
 
@@ -588,11 +628,17 @@ class TrainingState:
                 client._start_over(found.token)
                 return None
             step, saved_world = chosen
-            if not found.own(step, saved_world, dist.get_world_size()):
+            if saved_world != dist.get_world_size():
                 t2 = time.perf_counter()
                 loaded = _elastic.load(self, client, found, step, saved_world)
                 self.last_restore_seconds["load"] = time.perf_counter() - t2
                 return loaded
+            # The same world size: each rank restores its own saved rank, as always. Where
+            # the ranks moved to other nodes (a replacement host, a rendezvous that ordered
+            # the nodes otherwise: issue 24, finding 8), a rank whose daemon does not hold its
+            # version reads it through its daemon from the node that does, and every rank's
+            # new timeline is dropped into every node that holds the rank.
+            moved = not found.own(step, saved_world, saved_world)
             client._next_timeline = found.token     # the timeline this restore starts
         elif step is not None and _distributed():
             # An explicit step: the ranks name this restore's timeline together (a token
@@ -630,7 +676,7 @@ class TrainingState:
                                     "nothing was written (see that rank's error)")
         try:
             restored = client.restore(step, into=into, check=check, meshes=self.meshes(),
-                                      zero_copy=on_device)
+                                      zero_copy=on_device, remote=moved)
             if restored is None and guard is not None:
                 raise SnapshotError(f"step {step}, which every rank held, is gone")
         except Exception:
@@ -697,8 +743,9 @@ def _check_markers(skeleton: Mapping[str, Any], model_state: Mapping[str, Any]) 
                             f"{value[_replicas.MARK]}) is {saved}, the live tensor {mine}")
     if problems:
         raise SnapshotError("the snapshot does not fit the live job, nothing was written: "
-                            + "; ".join(problems[:8]) + " (restoring at another layout: "
-                            "TrainingState(state_dicts='dcp'), issue 14)")
+                            + "; ".join(problems[:8]) + " (at the same world size the "
+                            "meshes and placements must be the saved ones; issue 14: at "
+                            "another world size, restore() reshards)")
 
 
 # ---------------------------------------------------------------------- agreement

@@ -3,7 +3,8 @@
 
 Each rank writes the items DCP's planner gives it (its shards, and the replicated items it was
 chosen to write) as one snapshot version of ``job`` at ``step`` in its node's daemon; the
-coordinator adds DCP's global ``Metadata`` as version ``step`` of rank 0 of ``job + ".dcp-meta"``.
+coordinator adds DCP's global ``Metadata`` as version ``step`` of rank 0 of ``job + ".dcp-meta"``
+(a job of one rank: retention keeps as many metadata versions as data versions).
 A load reads the metadata, then every item it needs from the version of the rank that wrote it:
 DCP's planners decide which saved chunks overlap which new shards, so a load at another world
 size reshards. The versions are ordinary snapshots: coded across the nodes, rebuilt after a node
@@ -155,6 +156,10 @@ class SnapshotdWriter(StorageWriter):
         blob = pickle.dumps(metadata)
         with SnapshotClient(self.endpoint, job=self.job + META_SUFFIX, rank=0, token=self.token,
                             copy="eager") as client:
+            # The metadata job has one rank, written by the coordinator alone: counted as the
+            # job's world size (WORLD_SIZE, say 2) the daemons would wait for its rank 1, which
+            # never comes, and keep every metadata version (issue 24, finding 10).
+            client.world_size = 1
             client.save(self._require_step(),
                         {"metadata": torch.frombuffer(bytearray(blob), dtype=torch.uint8)}
                         ).result()

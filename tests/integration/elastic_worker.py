@@ -3,13 +3,17 @@ test_elastic.py.
 
     RANK=r WORLD_SIZE=w MASTER_ADDR=127.0.0.1 MASTER_PORT=p \\
         python elastic_worker.py --endpoints ipc://a,ipc://b --per-node 2 --job J --out DIR \\
-            --phase save|restore [--steps 4] [--layout fsdp|hsdp|ddp]
+            --phase save|restore [--steps 4] [--layout fsdp|hsdp|ddp] [--swap]
+            [--state-dicts dcp|module|default]
 
 ``save``: train ``--steps`` steps of a small model (uneven shards), snapshot every step with
 ``TrainingState(state_dicts="dcp")`` through the daemon of the rank's node (rank // per-node),
 and write the full parameters and AdamW moments of the last step (rank 0: ``saved.pt``).
 ``restore``: build the model at this world size with other initial values, restore, and write
 the full state (``restored-<world>.pt``), the restored step and ``client.last_restore``.
+``--swap``: rank r uses the daemon of rank world-1-r's node (the ranks permuted across the
+nodes, as a rendezvous that orders the nodes otherwise does). ``--state-dicts default``: a
+``TrainingState(model, optimizer)`` as a user writes it (default state dicts).
 """
 
 import argparse
@@ -81,6 +85,8 @@ def main() -> int:
     ap.add_argument("--phase", choices=["save", "restore"], required=True)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--layout", default="fsdp")
+    ap.add_argument("--swap", action="store_true")
+    ap.add_argument("--state-dicts", default="dcp", choices=["dcp", "module", "default"])
     ap.add_argument("--warm-first", action="store_true",
                     help="restore: first one step through inp and out only (the optimizer then "
                          "holds state for those and none for up and down); the restore must "
@@ -89,9 +95,13 @@ def main() -> int:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    endpoint = args.endpoints.split(",")[rank // args.per_node]
+    place = world - 1 - rank if args.swap else rank
+    endpoint = args.endpoints.split(",")[place // args.per_node]
     model, wrapped, optimizer = build(args.layout, seed=0 if args.phase == "save" else 7)
-    state = TrainingState(wrapped, optimizer, state_dicts="dcp")
+    if args.state_dicts == "default":
+        state = TrainingState(wrapped, optimizer)
+    else:
+        state = TrainingState(wrapped, optimizer, state_dicts=args.state_dicts)
     client = SnapshotClient(endpoint, job=args.job, rank=rank)
     if args.phase == "save":
         g = torch.Generator().manual_seed(100 + rank)

@@ -550,3 +550,150 @@ def test_regression_export_of_an_older_step_drops_the_newer_ones(keep3, tmp_path
         result = export(keep3.control, job, None, str(tmp_path / "out"), progress=False)
         assert result["step"] == 2 and result["bytes"] == 2 * 16
         assert c0.steps() == [1, 2, 3] and c1.steps() == [1, 2]
+
+
+# --------------------------------------------------------------------- issue 24, finding 9
+
+
+class AcceleratedLike(torch.optim.Optimizer):
+    """What accelerate's ``AcceleratedOptimizer`` is to snapshotd: a ``torch.optim.Optimizer``
+    subclass that never ran ``Optimizer.__init__`` (no step hooks of its own) and steps the
+    optimizer it holds as ``.optimizer``."""
+
+    def __init__(self, optimizer):  # noqa: D107 - no super().__init__, as accelerate's
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    def state_dict(self):
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.optimizer.load_state_dict(state_dict)
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none)
+
+    def step(self, closure=None):
+        return self.optimizer.step(closure)
+
+
+def test_regression_accelerate_wrapped_optimizer_crashes_first_save(keep3):
+    """Issue 24, finding 9: with an accelerate-wrapped optimizer the first
+    ``TrainingState.save`` raised ``AttributeError: ... '_optimizer_step_pre_hooks'`` into the
+    training step (``client.protect`` ran outside the save's future). The wrapper is looked
+    through: every save commits, the optimizer's step waits for the copy (the hook is on the
+    optimizer it steps), and a restore puts the moments back."""
+    model = torch.nn.Linear(64, 64)
+    optimizer = AcceleratedLike(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    with client(keep3) as c:
+        state = TrainingState(model, optimizer, rng=False)
+        for step in range(3):
+            model(torch.randn(8, 64)).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            future = state.save(c, step)
+        assert future.result() == 2 and c.stats().failed == 0
+        assert state.optimizer is optimizer.optimizer
+        assert c.stats().committed == 3 and c.stats().saves == 3
+        assert len(optimizer.optimizer._optimizer_step_pre_hooks) == 1
+        saved = {k: v.clone() for k, v in optimizer.optimizer.state[model.weight].items()}
+        model(torch.randn(8, 64)).pow(2).mean().backward()
+        optimizer.step()
+        assert state.restore(c) == 2
+        back = optimizer.optimizer.state[model.weight]
+        assert all(torch.equal(back[k], saved[k]) for k in saved)
+
+
+def test_regression_training_state_save_raises_into_the_step(keep3, caplog):
+    """Issue 24, finding 9: no ``TrainingState.save`` path raises into the training step. A
+    data position whose ``state_dict()`` fails, and an object passed as the optimizer that
+    ``protect`` refuses: each save returns a failed future naming the cause, every one is
+    counted, the first is logged as a warning, and the next good save commits."""
+    class Flaky:
+        fail = True
+
+        def state_dict(self):
+            if self.fail:
+                raise RuntimeError("sampler state unavailable")
+            return {"offset": 3}
+
+        def load_state_dict(self, state):
+            pass
+
+    model = torch.nn.Linear(4, 4)
+    data = Flaky()
+    with client(keep3) as c:
+        state = TrainingState(model, torch.optim.SGD(model.parameters(), lr=0.1), data=data,
+                              rng=False)
+        with pytest.warns(RuntimeWarning, match="sampler state unavailable"):
+            first = state.save(c, 1)
+        second = state.save(c, 2)
+        for future in (first, second):
+            with pytest.raises(SnapshotError, match="gathering the training state failed: "
+                                                    "RuntimeError: sampler state unavailable"):
+                future.result()
+        bad = TrainingState(model, object(), rng=False)          # not an optimizer at all
+        with pytest.raises(SnapshotError, match="protect\\(\\) takes an optimizer"):
+            bad.save(c, 3).result()
+        assert c.stats().failed == 3 and c.stats().saves == 3
+        assert "sampler state unavailable" in caplog.text
+        data.fail = False
+        assert state.save(c, 4).result() == 4 and c.stats().committed == 1
+
+
+# --------------------------------------------------------------------- issue 25, finding 2
+
+
+def test_regression_torn_snapshot_committed_silently(keep3, caplog):
+    """Issue 25, finding 2: with ``copy="lazy"`` a tensor changed in place before its
+    background copy ended was committed torn, without a word. Its version counter moved: the
+    save fails loudly (its future raises naming the tensor, counted as torn, logged once),
+    nothing of it is committed, and a save whose tensors stay untouched commits."""
+    import logging
+
+    caplog.set_level(logging.WARNING, "snapshotd_client")
+    with client(keep3, copy="lazy") as c:
+        c.save(1, {"w": torch.zeros(1024), "t": torch.zeros(1024)}).result()
+        w, t = torch.zeros(1024), torch.zeros(1024)
+        for step in (2, 3):
+            with c._handoff:                  # the copy cannot start before the change
+                future = c.save(step, {"w": w, "t": t})
+                t.add_(1.0)
+            with pytest.raises(SnapshotError, match=r"tensor '/t' was changed in place while "
+                                                    r"it was being copied"):
+                future.result()
+        assert c.stats().torn == 2 and c.stats().failed == 2 and c.stats().committed == 1
+        assert caplog.text.count("refused as torn") == 1
+        assert c.steps() == [1]                          # the torn bytes never committed
+        assert c.save(4, {"w": w, "t": t}).result() == 4   # untouched: committed
+        _, back = c.restore()
+        assert torch.equal(back["t"], torch.full((1024,), 2.0))
+
+
+def test_protected_training_never_trips_the_torn_check(keep3):
+    """Issue 25, finding 2: under ``copy="auto"`` and ``copy="lazy"`` with ``protect``,
+    ``optimizer.step()`` waits for the copy in flight, so training that saves every step and
+    never waits itself commits every save and none is refused as torn (the next forward and
+    backward overlap the copy; BatchNorm's buffers, changed by the forward, are copied at
+    save() under auto)."""
+    for mode in ("auto", "lazy"):
+        model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(6)])
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        with client(keep3, copy=mode) as c:
+            state = TrainingState(model, opt, rng=False)
+            for step in range(12):
+                model(torch.randn(64, 512)).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+                state.save(c, step)
+            c.wait()
+            stats = c.stats()
+            assert stats.torn == 0 and stats.failed == 0, (mode, stats)
+            assert stats.committed + stats.skipped == 12 and stats.committed >= 1, stats

@@ -72,6 +72,12 @@ def _job(rank, world, port, daemon, action, queue):
                      "meta": {"step": 7}}
             dcp.save(state, storage_writer=SnapshotdWriter("dsh", step=7, endpoint=daemon))
             queue.put((rank, True))
+        elif action == "save-6":
+            for step in range(6):
+                state = {"w": distribute_tensor(GLOBAL + step, mesh, [Shard(0)])}
+                dcp.save(state, storage_writer=SnapshotdWriter("dtrim", step=step,
+                                                               endpoint=daemon))
+            queue.put((rank, True))
         else:
             state = {"w": distribute_tensor(torch.zeros(12, 5), mesh, [Shard(0)]),
                      "bias": torch.zeros(7), "meta": {"step": 0}}
@@ -134,3 +140,34 @@ def test_items_of_a_rank_on_another_node_are_read_through_this_node(cluster_fact
     with pytest.raises(BaseException) as err:       # DCP wraps it: CheckpointException
         dcp.load(back, storage_reader=SnapshotdReader("far", step=2, endpoint=a), no_dist=True)
     assert "no DCP checkpoint of job 'far' at step 2" in message(err.value) + caplog.text
+
+
+def test_regression_dcp_storage_metadata_never_trimmed(cluster_factory):
+    """Issue 24, finding 10: ``SnapshotdWriter.finish`` wrote ``<job>.dcp-meta`` from rank 0
+    with a client that counted the job's 2 ranks (``WORLD_SIZE``), so the daemon waited for
+    a rank 1 of the metadata job that never comes and kept every metadata version (12 of 12
+    in a torchtitan run). Two ranks save 6 checkpoints (the daemon keeps 2 per rank): as
+    many metadata versions are kept as data versions, and the newest one still loads."""
+    from conftest import list_versions, wait_for
+
+    cluster = cluster_factory(2, k=1, m=1, args=["--insecure"])    # retention is job-wide
+    cluster.start()
+    node = cluster.specs[0]
+    daemon = node.control
+    assert _spawn(2, daemon, "save-6") == [(0, True), (1, True)]
+
+    def kept():
+        data: dict[int, list[int]] = {}
+        for v in list_versions(node, "dtrim"):
+            data.setdefault(v.rank, []).append(v.step)
+        meta = [v.step for v in list_versions(node, "dtrim" + META_SUFFIX)]
+        return {r: sorted(s) for r, s in data.items()}, sorted(meta)
+
+    try:
+        wait_for(lambda: kept() == ({0: [4, 5], 1: [4, 5]}, [4, 5]), timeout=15)
+    except AssertionError:
+        raise AssertionError(f"kept (data by rank, metadata): {kept()}; expected the newest "
+                             "2 of each") from None
+    full = {"w": torch.zeros(12, 5)}
+    dcp.load(full, storage_reader=SnapshotdReader("dtrim", endpoint=daemon), no_dist=True)
+    assert torch.equal(full["w"], GLOBAL + 5)

@@ -210,6 +210,47 @@ def test_ddp_with_replicas_split_restored_at_another_world_size(cluster_factory,
     same(saved, torch.load(tmp_path / "restored-3.pt"))
 
 
+@pytest.mark.timeout(240)
+def test_regression_rank_permutation_at_same_world_size_refused(cluster_factory, tmp_path):
+    """Issue 24, finding 8: a 2-rank DDP job with a default ``TrainingState(model,
+    optimizer)`` restarted with its ranks swapped across the nodes (torchrun's c10d
+    rendezvous orders nodes by host name and pid: a replacement host can shift every rank)
+    failed on both ranks with "restoring at another world size needs
+    TrainingState(..., state_dicts='dcp')". Each rank now restores its own saved rank, read
+    through its daemon from the node that holds it, bit for bit, and goes on saving."""
+    cluster = cluster_factory(2, k=1, m=1, args=["--keep", "3", "--insecure"])
+    cluster.start()
+    job = f"el-{uuid.uuid4().hex[:6]}"
+    saved = run(tmp_path, cluster, 2, 1, "save", job, "--layout", "ddp",
+                "--state-dicts", "default")
+    restored = run(tmp_path, cluster, 2, 1, "restore", job, "--layout", "ddp",
+                   "--state-dicts", "default", "--swap")
+    assert [r["step"] for r in restored] == [3, 3]
+    assert [r["world_from"] for r in restored] == [None, None]     # not resharded
+    assert all(r["from_peers"] > 0 for r in restored)              # each from the other node
+    assert [r["rng"] for r in restored] == [s["rng"] for s in saved]   # its own rank's RNGs
+    assert all(r["next_committed"] == 1 for r in restored)
+    same(torch.load(tmp_path / "saved.pt"), torch.load(tmp_path / "restored-2.pt"))
+
+
+@pytest.mark.timeout(240)
+def test_regression_default_training_state_of_fsdp2_cannot_change_world_size(
+        cluster_factory, tmp_path):
+    """Issue 24, finding 8: an FSDP2 job saved with a default ``TrainingState(model,
+    optimizer)`` (``state_dicts="module"``: its optimizer state keyed by index) could not come
+    back at another world size. A 3-rank job restores the 2-rank job's step, every full
+    parameter and AdamW moment bit for bit (the indices renamed to DCP's names)."""
+    cluster = cluster_factory(2, k=1, m=1, args=["--insecure"])
+    cluster.start()
+    job = f"el-{uuid.uuid4().hex[:6]}"
+    run(tmp_path, cluster, 2, 1, "save", job, "--state-dicts", "default")
+    restored = run(tmp_path, cluster, 3, 2, "restore", job, "--state-dicts", "default")
+    assert [r["step"] for r in restored] == [3] * 3
+    assert [r["world_from"] for r in restored] == [2] * 3
+    assert all(r["next_committed"] == 1 for r in restored)
+    same(torch.load(tmp_path / "saved.pt"), torch.load(tmp_path / "restored-3.pt"))
+
+
 RESTORE_ONE = """
 import sys, torch, torch.distributed as dist
 from snapshotd_client import SnapshotClient, SnapshotError, TrainingState
