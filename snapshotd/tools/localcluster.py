@@ -144,8 +144,10 @@ class LocalCluster:
         self.args = list(args)
         self.daemons: dict[int, DaemonProcess] = {}
         self.keys = keys
-        #: Extra daemon arguments for one slot (e.g. another key, for attack tests).
+        #: Extra daemon arguments for one slot (e.g. another key, for attack tests), and
+        #: extra environment (e.g. a wall clock shifted by the fault tests).
         self.slot_args: dict[int, list[str]] = {}
+        self.slot_env: dict[int, dict[str, str]] = {}
 
     def peer_args(self) -> list[str]:
         peers = ",".join(f"{s.slot}={s.listen[len('tcp://'):]}" for s in self.specs)
@@ -162,7 +164,8 @@ class LocalCluster:
     def start(self, slots: Sequence[int] | None = None, timeout: float = 30.0) -> None:
         chosen = list(range(len(self.specs)) if slots is None else slots)
         for slot in chosen:
-            self.daemons[slot] = DaemonProcess(self.specs[slot], self.daemon_args(slot)).start()
+            self.daemons[slot] = DaemonProcess(self.specs[slot], self.daemon_args(slot),
+                                               env=dict(self.slot_env.get(slot, {}))).start()
         for slot in chosen:
             self.daemons[slot].wait_ready(timeout)
 
