@@ -334,7 +334,9 @@ class Persister:
         held here and those this node persisted). Never raises: the drop in memory stands.
         Returns how many persisted versions were removed."""
         chosen = set(ranks)
-        record = {"at": time.time(), "step": step, "newer_than": newer_than,
+        # The store's stamp, not time.time(): after every commit on this node even with its
+        # wall clock stepped back (a version committed before the drop is abandoned).
+        record = {"at": self.store.stamp(durable=True), "step": step, "newer_than": newer_than,
                   "timeline": timeline, "node": self.node}
         removed = 0
         try:
