@@ -27,10 +27,12 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import mmap
 import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -42,15 +44,19 @@ from . import peerproto as pp
 from .codec import Codec, make_codec
 from .peers import PeerError
 from .placement import Group, group_of
-from .protection import Protector, frames_checksum
-from .rebuild import RebuildError, Recovery, _Blob, _my_manifests
+from .protection import Protector, contiguous, frames_checksum
+from .rebuild import RebuildError, Recovery, _my_manifests, _Source
 
 __all__ = ["PeerReads"]
 
 #: Seconds a node has to answer a drop before it is told again later (the reader waits).
 DROP_TIMEOUT = 5.0
-#: Seconds a lost node's decoded version is kept for the other reads of its ranks.
-DECODED_SECONDS = 30.0
+#: Seconds a lost node's decoded chunk is kept for the reads of the other ranks that share it
+#: (it goes as soon as each of them was served, and first when the budget needs room).
+DECODED_SECONDS = 10.0
+#: Seconds a decode of a lost node's rank waits for room in the memory budget (reads in
+#: flight giving theirs back) before it fails with ``memory_full``.
+ROOM_WAIT = 10.0
 
 log = logging.getLogger("snapshotd.reads")
 
@@ -70,17 +76,26 @@ class PeerReads:
         self.groups, self.codec_name = groups or [], codec
         self._codecs: dict[int, Codec] = {}
         self.metrics = metrics
-        #: (job, lost slot, step) -> (when, manifest, decoded chunks), and one lock per key:
-        #: the reads of a lost node's ranks decode its version once.
-        self._decoded: dict[tuple[str, int, int], tuple[float, str, list[Any]]] = {}
+        #: One lock per lost node's version (job, lost slot, step): its reads decode one at a
+        #: time, so a chunk that ranks share is decoded once (kept in ``_cache``).
         self._decoding: dict[tuple[str, int, int], threading.Lock] = {}
+        #: Everything a decode holds is in the budget (issue 24, finding 6), summed as it
+        #: changes and read without the lock by the store (design section 6): claim ->
+        #: bytes of one stripe's working set (``decoding``: fragments, decoded chunk), and
+        #: (job, lost slot, step, version id, chunk) -> a decoded chunk kept (``decoded``).
+        self._work: locks.Tally = locks.Tally(lambda n: n)
+        self._cache: locks.Tally = locks.Tally(lambda kept: kept.nbytes)
+        #: Seconds a read waits for room in the budget (see ``_claim_copy``).
+        self.room_wait = ROOM_WAIT
         self._lock = locks.rlock("reads")
         self._ids = itertools.count(self.FIRST_LEASE)
         #: lease -> (path, pid, id, bytes): remote copies held; their bytes (``total``) are read
         #: without the lock by the store's budget (design section 6).
         self._held: locks.Tally = locks.Tally(lambda h: h[3])
         before = store.extra_kinds
-        store.extra_kinds = lambda: before() | {"remote": self._held.total}
+        store.extra_kinds = lambda: before() | {"remote": self._held.total,
+                                                "decoding": self._work.total,
+                                                "decoded": self._cache.total}
         #: Drops a node did not answer, by slot: sent again until it does.
         self._pending: dict[int, list[pp.DropNewer]] = {}
         #: Called with (job, rank, newer_than) after a drop asked by another node (the
@@ -158,6 +173,7 @@ class PeerReads:
         while not self._closed:
             self._wake.wait(2.0)
             self._wake.clear()
+            self._forget_decoded(older=time.monotonic() - DECODED_SECONDS)
             with self._lock:
                 pending = {slot: list(msgs) for slot, msgs in self._pending.items() if msgs}
             for slot, msgs in pending.items():
@@ -236,75 +252,166 @@ class PeerReads:
                                 "protected")
                 continue
             try:
-                reply, payload = self.decode(job, rank, step, slot)
+                return self.decode(job, rank, step, slot, pid)
             except (StoreError, PeerError, RebuildError, OSError, RuntimeError) as exc:
+                if isinstance(exc, StoreError) and exc.code == "memory_full":
+                    raise
                 problems.append(f"node {slot} is down, and decoding its version from "
                                 f"its group failed: {exc}")
                 log.warning("job %r rank %d step %d: %s", job, rank, step, problems[-1])
                 continue
-            return self._keep(job, rank, reply, [payload], pid)
         raise StoreError("not_found", f"job {job!r} rank {rank} step {step} is held by no "
                          f"reachable node of the cluster ({'; '.join(problems) or 'none '}"
                          f"{'' if problems else 'reported it'})")
 
-    def decode(self, job: str, rank: int, step: int, lost: int) -> tuple[pp.VersionData, Any]:
+    def decode(self, job: str, rank: int, step: int, lost: int, pid: int) -> p.OpenReply:
         """Rank ``rank``'s version ``step`` of lost node ``lost``, decoded from its group's
-        fragments (the newest version of that step its group's parity records know), every
-        tensor checked against its checksum. The node version is decoded once for all the
-        reads of its ranks that come within ``DECODED_SECONDS``."""
+        fragments (the newest version of that step its group's parity records know) into a
+        copy leased to ``pid``, every tensor checked against its checksum.
+
+        Inside the memory budget (issue 24, finding 6): the copy (``remote``) and the working
+        set of one stripe (``decoding``: ``k`` fragments and the decoded chunk) are claimed
+        before anything is fetched, waiting up to :attr:`room_wait` for room, else
+        ``memory_full``. Only the stripes whose chunks hold the rank's bytes are decoded, one
+        at a time, straight into the copy where a chunk lies inside it; each stripe's
+        fragments are let go once decoded. A decoded chunk that other ranks of the lost node
+        share is kept (``decoded``) for their reads, while the budget has room for it, until
+        each of them was served or ``DECODED_SECONDS`` passed (evicted first when room is
+        needed)."""
         key = (job, lost, step)
         with self._lock:
             lock = self._decoding.setdefault(key, locks.lock("reads.decode"))
-        with lock:                         # one decode at a time per version; others wait
-            now = time.monotonic()
+        try:
+            with lock:                 # one read of a lost node's version at a time
+                return self._decode(job, rank, step, lost, pid)
+        finally:
             with self._lock:
-                for k in [k for k, (at, _, _) in self._decoded.items()
-                          if now - at > DECODED_SECONDS]:
-                    del self._decoded[k]
-                for k in [k for k, other in self._decoding.items()      # idle ones go
-                          if k != key and k not in self._decoded and not other.locked()]:
+                for k in [k for k, other in self._decoding.items() if not other.locked()]:
                     del self._decoding[k]
-                cached = self._decoded.get(key)
-            started = time.perf_counter()
-            if cached is not None:
-                manifest, chunks = cached[1], cached[2]
-            else:
-                manifest, chunks = self._decode_node(job, step, lost)
-                with self._lock:
-                    self._decoded = {key: (now, manifest, chunks)}  # the newest one only
+
+    def _decode(self, job: str, rank: int, step: int, lost: int, pid: int) -> p.OpenReply:
+        started = time.perf_counter()
+        rec, manifest, plan = self._plan(job, step, lost)
         ranks = json.loads(manifest)["ranks"]
-        if rank not in [r["rank"] for r in ranks]:
-            raise StoreError("not_found", f"node {lost}'s step {step} has no rank {rank}")
-        blob = _Blob(chunks)
         offset = 0
         for r in ranks:
             if r["rank"] == rank:
                 break
             offset += r["nbytes"]
-        payload = bytearray(r["nbytes"])
-        blob.read_into(offset, memoryview(payload))
-        tensors = tuple(TensorEntry(n, d, tuple(sh), o, b, c) for n, d, sh, o, b, c
-                        in r["tensors"])
-        bad = [t.name for t, c in zip(tensors, _checksums(memoryview(payload), tensors))
-               if c != t.checksum]
-        if bad:
+        else:
+            raise StoreError("not_found", f"node {lost}'s step {step} has no rank {rank}")
+        nbytes, vid, k = int(r["nbytes"]), pp.manifest_id(manifest), rec.group.k
+        # The lost node's chunks (in order: their bytes one after the other) this rank's
+        # bytes lie in, and per chunk the other ranks that share it.
+        spans, pos = [], 0
+        for index, (_stripe, frag, length, chunk, sources) in enumerate(plan):
+            lo, hi = pos, pos + chunk
+            pos = hi
+            if lo < offset + nbytes and offset < hi:
+                share, at = set(), 0
+                for other in ranks:
+                    if other["rank"] != rank and at < hi and lo < at + other["nbytes"]:
+                        share.add(other["rank"])
+                    at += other["nbytes"]
+                spans.append((index, frag, length, lo, hi, sources, share))
+        work = max(((k + 1) * span[2] for span in spans), default=0)
+        rec._not_abandoned(job, step, manifest)
+        what = (f"decoding job {job!r} rank {rank} step {step} of lost node {lost} "
+                f"({nbytes} bytes, and {work} for one stripe's {k} fragments and its output)")
+        lease, path, token = self._claim_copy(job, rank, step, nbytes, pid, what, work)
+        decoded = 0
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.ftruncate(fd, nbytes)
+                mapped = mmap.mmap(fd, nbytes) if nbytes else None
+            finally:
+                os.close(fd)
+            dest = memoryview(mapped) if mapped is not None else memoryview(bytearray())
+            try:
+                for index, frag, length, lo, hi, sources, share in spans:
+                    decoded += self._decode_chunk(rec, (job, lost, step, vid, index), frag,
+                                                  length, lo, hi, sources, share, rank,
+                                                  dest, offset)
+                rec._not_abandoned(job, step, manifest)   # a drop may have come meanwhile
+                tensors = tuple(TensorEntry(n, d, tuple(sh), o, b, c) for n, d, sh, o, b, c
+                                in r["tensors"])
+                bad = [t.name for t, c in zip(tensors, _checksums(dest, tensors))
+                       if c != t.checksum]
+            finally:
+                _unmap(dest, mapped)
+            if bad:
+                self._forget_decoded((job, lost, step))
+                raise StoreError("corrupt", f"node {lost}'s rank {rank} step {step} decoded "
+                                 f"from its group fails the checksums of {bad[:4]}")
+        except BaseException:
+            self.release(lease)
+            raise
+        finally:
             with self._lock:
-                self._decoded.pop(key, None)
-            raise StoreError("corrupt", f"node {lost}'s rank {rank} step {step} decoded from "
-                             f"its group fails the checksums of {bad[:4]}")
-        decoded, seconds = sum(x["nbytes"] for x in ranks), time.perf_counter() - started
-        if self.metrics is not None and cached is None:
+                self._work.pop(token, None)
+        seconds = time.perf_counter() - started
+        if self.metrics is not None and decoded:
             self.metrics.rebuilds.inc()
             self.metrics.rebuilt_bytes.inc(decoded)
             self.metrics.rebuild_seconds.observe(seconds)
-        log.info("job %r rank %d step %d of lost node %d %s (%d bytes of its %d in %.2fs)",
-                 job, rank, step, lost, "decoded from its group" if cached is None else
-                 "served from its version decoded moments ago", len(payload), decoded, seconds)
-        return pp.VersionData(step, len(payload), tensors, r["meta"],
-                              frames_checksum([payload]), int(r.get("world_size", 0))), payload
+        log.info("job %r rank %d step %d of lost node %d decoded from its group into a copy "
+                 "for pid %d (%d bytes; %d bytes of its chunks decoded, the rest kept from an "
+                 "earlier read) in %.2fs", job, rank, step, lost, pid, nbytes, decoded, seconds)
+        return p.OpenReply(lease, job, rank, step, path, nbytes, tensors, r["meta"], "peer", 0)
 
-    def _decode_node(self, job: str, step: int, lost: int) -> tuple[str, list[Any]]:
-        """Lost node ``lost``'s version of (job, step) from its group: (manifest, chunks)."""
+    def _decode_chunk(self, rec: Recovery, key: tuple[str, int, int, str, int], frag: int,
+                      length: int, lo: int, hi: int, sources: list[Any], share: set[int],
+                      rank: int, dest: memoryview, offset: int) -> int:
+        """Copy the part of the lost node's chunk ``key`` (its bytes ``lo``..``hi``) that
+        lies in the rank's bytes (from ``offset`` in the node's) into ``dest``: from the
+        chunk kept by an earlier read, else decoded from ``k`` fragments of its stripe (the
+        bytes decoded returned). Runs inside the read's claim of one stripe's working set."""
+        a, b = max(lo, offset), min(hi, offset + dest.nbytes)
+        with self._lock:
+            kept = self._cache.pop(key, None)       # in use: inside this read's claim now
+        if kept is not None:
+            dest[a - offset:b - offset] = kept.buf[a - lo:b - lo]
+            kept.due.discard(rank)
+            if kept.due:
+                with self._lock:
+                    self._cache[key] = kept
+            return 0
+        inside = a == lo and b == hi and hi - lo == length and not share
+        present = rec._fetch_k(sources, length)
+        out: Any = dest[a - offset:b - offset] if inside else bytearray(length)
+        rec.codec.reconstruct(present, {frag: out})
+        present.clear()                             # the fragments go now
+        if not inside:
+            dest[a - offset:b - offset] = memoryview(out)[a - lo:b - lo]
+            if share:
+                self._keep_decoded(key, _Decoded(time.monotonic(), memoryview(out)[:hi - lo],
+                                                 length, share))
+        return hi - lo
+
+    def _keep_decoded(self, key: tuple[str, int, int, str, int], kept: _Decoded) -> None:
+        """Keep a decoded chunk for the reads of the other ranks that share it, where the
+        budget has room for it without evicting anything (else they decode it again)."""
+        with self._lock:
+            if self.store.stats()["bytes_used"] + kept.nbytes <= self.store.memory_limit:
+                self._cache[key] = kept
+
+    def _forget_decoded(self, version: tuple[str, int, int] | None = None,
+                        older: float | None = None, room: int = 0) -> int:
+        """Drop kept chunks: those of ``version`` (job, lost slot, step), those kept since
+        before ``older`` (monotonic), and, oldest first, enough for ``room`` bytes; return
+        the bytes dropped."""
+        freed = 0
+        with self._lock:
+            for key, kept in sorted(self._cache.items(), key=lambda kv: kv[1].at):
+                if (key[:3] == version or (older is not None and kept.at < older)
+                        or freed < room):
+                    freed += self._cache.pop(key).nbytes
+        return freed
+
+    def _plan(self, job: str, step: int, lost: int) -> tuple[Recovery, str, list[Any]]:
+        """How to decode lost node ``lost``'s version of (job, step) from its group:
+        (the recovery that plans and fetches, the version's manifest, the plan)."""
         try:
             group = group_of(lost, self.groups)
         except ValueError as exc:
@@ -314,32 +421,59 @@ class PeerReads:
                 self._codecs[group.index] = make_codec(self.codec_name, group.k, group.m)
             codec = self._codecs[group.index]
         up = self.live(group.slots)
-        rec = Recovery(lost, group, codec, self.store, self.protector, self.links,
-                       up.__contains__)
-        try:
-            inv = rec._inventories()
-            manifest = _my_manifests(inv, job, lost).get(step)
-            if manifest is None:
-                raise StoreError("not_found", f"no parity record of group {group.index} "
-                                 f"(up: {sorted(up)}) covers step {step} of node {lost}")
-            plan = rec._plan(job, step, inv, manifest)
-            if plan is None:
-                raise StoreError("cannot_rebuild", f"group {group.index} cannot decode node "
-                                 f"{lost}'s step {step}: {rec._shortfall(job, step, inv)}")
-            return manifest, rec.decode(job, step, manifest, plan)
-        finally:
-            self.links.close_thread()
+        rec = _Decoder(lost, group, codec, self.store, self.protector, self.links,
+                       up.__contains__, local=self.me)
+        inv = rec._inventories()
+        manifest = _my_manifests(inv, job, lost).get(step)
+        if manifest is None:
+            raise StoreError("not_found", f"no parity record of group {group.index} "
+                             f"(up: {sorted(up)}) covers step {step} of node {lost}")
+        plan = rec._plan(job, step, inv, manifest)
+        if plan is None:
+            raise StoreError("cannot_rebuild", f"group {group.index} cannot decode node "
+                             f"{lost}'s step {step}: {rec._shortfall(job, step, inv)}")
+        return rec, manifest, plan
+
+    def _claim_copy(self, job: str, rank: int, step: int, nbytes: int, pid: int, what: str,
+                    work: int = 0, wait: float | None = None) -> tuple[int, str, int]:
+        """Claim a remote copy of ``nbytes`` for ``pid`` and ``work`` bytes of working memory
+        (``decoding``) together, once the budget has room for both: kept decoded chunks are
+        evicted first, then versions kept above the job-wide step (as for parity). Waits up
+        to ``wait`` (default :attr:`room_wait`) seconds for reads in flight to give theirs
+        back; ``memory_full`` after. Returns (lease, path of the copy, work claim)."""
+        need = nbytes + work
+        limit = self.store.memory_limit
+        deadline = time.monotonic() + (self.room_wait if wait is None else wait)
+        while True:
+            with self._lock:    # the check and the claim together (reads run in parallel)
+                used = self.store.stats()["bytes_used"]
+                if used + need > limit:
+                    self._forget_decoded(room=used + need - limit)
+                    self.store.make_room(need)
+                    used = self.store.stats()["bytes_used"]
+                if used + need <= limit:
+                    lease = next(self._ids)
+                    path = os.path.join(self.store.dir.path, f"remote-{lease}.bin")
+                    self._held[lease] = (path, pid, process_identity(pid), nbytes)
+                    token = next(self._ids)
+                    if work:
+                        self._work[token] = work
+                    return lease, path, token
+            if time.monotonic() >= deadline or self._closed:
+                break
+            time.sleep(0.05)
+        raise StoreError("memory_full", f"{what}: the memory budget has no room for "
+                         f"{need} bytes ({used} of --memory-limit {limit} in use, none came "
+                         f"free in {self.room_wait if wait is None else wait:.0f}s); raise "
+                         f"--memory-limit to at least {used + need} bytes, or read fewer "
+                         "ranks at once")
 
     def _keep(self, job: str, rank: int, reply: pp.VersionData, bufs: list[Any],
               pid: int) -> p.OpenReply:
-        with self._lock:            # the check and the claim together (reads run in parallel)
-            if self.store.stats()["bytes_used"] + reply.nbytes > self.store.memory_limit:
-                raise StoreError("memory_full", f"reading job {job!r} rank {rank} step "
-                                 f"{reply.step} from another node needs {reply.nbytes} "
-                                 "bytes; the memory budget has no room (raise --memory-limit)")
-            lease = next(self._ids)
-            path = os.path.join(self.store.dir.path, f"remote-{lease}.bin")
-            self._held[lease] = (path, pid, process_identity(pid), reply.nbytes)
+        # The bytes arrived already: no wait (they would be held meanwhile).
+        lease, path, _ = self._claim_copy(
+            job, rank, reply.step, reply.nbytes, pid, f"reading job {job!r} rank {rank} step "
+            f"{reply.step} ({reply.nbytes} bytes) from another node", wait=0.0)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             for buf in bufs:
@@ -385,3 +519,45 @@ class PeerReads:
         self._thread.join(timeout=5)
         for lease in list(self._held):
             self.release(lease)
+        with self._lock:
+            self._cache.clear()
+
+
+def _unmap(view: memoryview, mapped: mmap.mmap | None) -> None:
+    """Unmap a copy written through ``view`` (at once, or, where a view of it is still
+    referenced, say by an exception's traceback, when the last one goes)."""
+    try:
+        view.release()
+        if mapped is not None:
+            mapped.close()
+    except BufferError:
+        pass
+
+
+@dataclass
+class _Decoded:
+    """A decoded chunk of a lost node's version kept for the reads of other ranks."""
+
+    at: float           # when it was decoded (monotonic)
+    buf: Any            # its bytes
+    nbytes: int         # the memory it holds (the stripe's fragment length)
+    due: set[int]       # the ranks sharing it that were not read from it yet
+
+
+class _Decoder(Recovery):
+    """The recovery of a lost node, planned and fetched by another node (``local``) that
+    reads its ranks: fragments ``local`` holds are taken in process, not sent to itself
+    (one copy of each less: the daemon's own parity is not copied at all)."""
+
+    def __init__(self, *args: Any, local: int, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.local = local
+
+    def _fetch(self, source: _Source, length: int) -> tuple[Any, pp.Chunk]:
+        if source.slot != self.local:
+            return super()._fetch(source, length)
+        if isinstance(source.request, pp.GetData):
+            reply, frames = self.protector.get_data(source.request)
+        else:
+            reply, frames = self.protector.get_parity(source.request)
+        return contiguous(frames, reply.length if length < 0 else length), reply
