@@ -869,12 +869,31 @@ class SnapshotClient:
         """The job has no common step and starts from scratch: a new timeline from nothing, so
         this rank's older versions must not be served again (nor block its new saves).
         ``token``: the timeline's, as the restore's agreement named it."""
+        self._warn_other_runs()
         # Sent even when this rank holds nothing: the drop names the new timeline, and a node
         # that does not take it would hold back the job's retention (review of the
         # timelines, F1: no pin rose again on any node).
         self._channel.call(p.Drop(self.job, self.rank, token=self._token,
                                   timeline=token or timeline_token(self.job, -1)))
         self._last_step = None
+
+    def _warn_other_runs(self) -> None:
+        """Say so where this rank's daemon holds versions of the job name written by other
+        runs: they are not this job's (issue 24, finding 1), and the start from scratch drops
+        this rank's; a user who meant to resume one names its run."""
+        if self.run is None:
+            return
+        try:
+            held = self._channel.call(p.ListVersions(self.job, self.rank, token=self._token,
+                                                     run=None)).versions
+        except SnapshotError:
+            return
+        others = sorted({v.run for v in held if v.run != self.run})
+        if others:
+            log.warning("job %r rank %d: this daemon holds versions of the job name from other "
+                        "runs %s, not restored by this run (%r) and dropped as it starts from "
+                        "scratch; to resume one, set SNAPSHOTD_RUN to its id", self.job,
+                        self.rank, others[:4], self.run)
 
     def _release(self, lease: int) -> None:
         try:
