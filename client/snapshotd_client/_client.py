@@ -9,6 +9,7 @@ import logging
 import mmap
 import operator
 import os
+import re
 import threading
 import time
 import warnings
@@ -36,12 +37,20 @@ from ._flatten import (
 )
 
 __all__ = ["SnapshotClient", "SnapshotSkipped", "SnapshotTorn", "RestoreInfo", "SaveStats",
-           "ENV_ENDPOINT", "ENV_TOKEN", "ENV_COPY_CPUS", "COPY_MODES", "MAX_META_BYTES",
+           "ENV_ENDPOINT", "ENV_TOKEN", "ENV_JOB", "ENV_RUN", "ENV_COPY_CPUS", "COPY_MODES",
+           "MAX_META_BYTES", "job_name", "run_identity",
            "agree_step", "agree_timeline", "agree_token", "timeline_token"]
 
 log = logging.getLogger("snapshotd_client")
 ENV_ENDPOINT = "SNAPSHOTD_ENDPOINT"
 ENV_TOKEN = "SNAPSHOTD_JOB_TOKEN"
+#: The job's name where ``SnapshotClient(job=...)`` does not give one.
+ENV_JOB = "SNAPSHOTD_JOB"
+#: The job's run identity where it is not the launcher's run id: set it to an old run's id to
+#: resume that run's snapshots in a job launched with another one (see :func:`run_identity`).
+ENV_RUN = "SNAPSHOTD_RUN"
+#: torchrun's (torchelastic's) id of the job's run: the same across its restarts.
+ENV_RUN_ID = "TORCHELASTIC_RUN_ID"
 #: CPUs (``0,2-3``) for the background copy thread: the cores a node leaves to snapshotting,
 #: so the copies of a save do not run on the training thread's core. Unset: no pinning.
 ENV_COPY_CPUS = "SNAPSHOTD_COPY_CPUS"
@@ -210,18 +219,32 @@ class SnapshotClient:
     older than one the daemon holds is refused (``stale_step``): restore that step first.
 
     ``token`` (default: ``$SNAPSHOTD_JOB_TOKEN``) is the job's secret on a daemon started with
-    ``--job-isolation``: the first writer binds the job to it, and requests for the job without
-    it are refused (``forbidden``). Give every rank of a job the same one.
+    ``--job-isolation``: the first writer binds the job to it, on every node of the cluster,
+    and requests for the job without it are refused (``forbidden``). Give every rank of a job
+    the same one.
+
+    **The job's identity** (docs/design.md section 6). ``job`` names it: ``job=``, else
+    ``$SNAPSHOTD_JOB``, else the launcher's run id (``$TORCHELASTIC_RUN_ID``); there is no
+    default name (two unrelated jobs would share it). ``run`` is the run identity recorded with
+    every version this client saves (see :func:`run_identity`): ``run=``, else
+    ``$SNAPSHOTD_RUN``, else ``$TORCHELASTIC_RUN_ID``; restores, reads and drops take only
+    versions of the same job name *and* run, so a torchrun restart (same run id) resumes its
+    job, and another job of the same name (another run id) never restores its state. To resume
+    a run under a new launch, set ``SNAPSHOTD_RUN`` to the old run's id.
     """
 
-    def __init__(self, endpoint: str | None = None, job: str = "default",
+    def __init__(self, endpoint: str | None = None, job: str | None = None,
                  rank: int | None = None, *, timeout: timedelta = timedelta(seconds=30),
-                 context: Any = None, token: str | None = None, copy: str = "auto") -> None:
+                 context: Any = None, token: str | None = None, copy: str = "auto",
+                 run: str | None = None) -> None:
         if copy not in COPY_MODES:
             raise ValueError(f"copy={copy!r}: choose one of {COPY_MODES}")
         self.copy_mode = copy
         self.endpoint = endpoint or os.environ.get(ENV_ENDPOINT) or _default_endpoint()
-        self.job = job
+        self.job = job_name(job)
+        #: The run identity this client's versions carry and its restores take (None: any
+        #: run, for operators' tools that read whatever a job name holds; saves send "").
+        self.run: str | None = run_identity(run)
         self._token = os.environ.get(ENV_TOKEN, "") if token is None else token
         self.rank = int(os.environ.get("RANK", "0")) if rank is None else rank
         self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -445,7 +468,8 @@ class SnapshotClient:
             else:
                 reply = self._channel.call(p.Alloc(
                     self.job, self.rank, job.step, job.layout.nbytes, os.getpid(),
-                    self.local_world_size, token=self._token, world_size=self.world_size))
+                    self.local_world_size, token=self._token, world_size=self.world_size,
+                    run=self.run or ""))
                 slot, path, nbytes, mapping = reply.slot, reply.path, reply.nbytes, None
                 if not self._copy_placed:
                     self._copy_placed = True
@@ -698,12 +722,13 @@ class SnapshotClient:
         """The erasure coding ``(k, m)`` of the daemon's group: ``m`` nodes of a group of
         ``k + m`` can be lost without losing data; ``m = 0``: a node loss loses this node's
         snapshots (no peers, or replication off). ``(0, 0)`` from a daemon that does not say."""
-        reply = self._channel.call(p.Status())
+        reply = self._channel.call(p.Status(token=self._token))
         return reply.group_k, reply.group_m
 
     def steps(self) -> list[int]:
         """Committed steps of this rank held by the daemon, oldest first."""
-        reply = self._channel.call(p.ListVersions(self.job, self.rank, token=self._token))
+        reply = self._channel.call(p.ListVersions(self.job, self.rank, token=self._token,
+                                                  run=self.run))
         return [v.step for v in reply.versions]
 
     def latest(self) -> int | None:
@@ -795,7 +820,8 @@ class SnapshotClient:
         try:
             lease = self._channel.call(p.Open(self.job, self.rank, os.getpid(), step,
                                               token=self._token, map=zero_copy,
-                                              remote=remote and step is not None))
+                                              remote=remote and step is not None,
+                                              run=self.run))
         except DaemonError as exc:
             if exc.code == "not_found" and step is None:
                 return None
@@ -823,7 +849,8 @@ class SnapshotClient:
                 self._channel.call(p.Drop(self.job, self.rank, newer_than=lease.step,
                                           token=self._token, everywhere=remote,
                                           timeline=token or timeline_token(self.job,
-                                                                           lease.step)))
+                                                                           lease.step),
+                                          run=self.run))
             tensors, mapped = self._copy_out(lease, targets, zero_copy)
         finally:
             if not mapped:
@@ -842,12 +869,31 @@ class SnapshotClient:
         """The job has no common step and starts from scratch: a new timeline from nothing, so
         this rank's older versions must not be served again (nor block its new saves).
         ``token``: the timeline's, as the restore's agreement named it."""
+        self._warn_other_runs()
         # Sent even when this rank holds nothing: the drop names the new timeline, and a node
         # that does not take it would hold back the job's retention (review of the
         # timelines, F1: no pin rose again on any node).
         self._channel.call(p.Drop(self.job, self.rank, token=self._token,
                                   timeline=token or timeline_token(self.job, -1)))
         self._last_step = None
+
+    def _warn_other_runs(self) -> None:
+        """Say so where this rank's daemon holds versions of the job name written by other
+        runs: they are not this job's (issue 24, finding 1), and the start from scratch drops
+        this rank's; a user who meant to resume one names its run."""
+        if self.run is None:
+            return
+        try:
+            held = self._channel.call(p.ListVersions(self.job, self.rank, token=self._token,
+                                                     run=None)).versions
+        except SnapshotError:
+            return
+        others = sorted({v.run for v in held if v.run != self.run})
+        if others:
+            log.warning("job %r rank %d: this daemon holds versions of the job name from other "
+                        "runs %s, not restored by this run (%r) and dropped as it starts from "
+                        "scratch; to resume one, set SNAPSHOTD_RUN to its id", self.job,
+                        self.rank, others[:4], self.run)
 
     def _release(self, lease: int) -> None:
         try:
@@ -1065,6 +1111,42 @@ class _MapCache:
     def clear(self) -> None:
         while self._maps:
             self._drop(next(iter(self._maps)))
+
+
+def _launcher_run_id() -> str:
+    """The launcher's run id (``$TORCHELASTIC_RUN_ID``), "" where there is none: torchrun's
+    default ``--rdzv-id`` ``none`` names no run (every job launched without one has it)."""
+    run = os.environ.get(ENV_RUN_ID, "").strip()
+    return "" if run.lower() in ("", "none") else run
+
+
+def job_name(job: str | None = None) -> str:
+    """The job's name: ``job``, else ``$SNAPSHOTD_JOB``, else the launcher's run id (made a
+    valid job name: characters other than ``A-Z a-z 0-9 _ . -`` become ``-``, at most 128).
+    Raise :class:`SnapshotError` saying how to name the job where none of them is set: a
+    default name would let two unrelated jobs restore each other's state (issue 24)."""
+    if job is None:
+        job = os.environ.get(ENV_JOB, "").strip() or None
+    if job is None:
+        run = _launcher_run_id()
+        if run:
+            job = re.sub(r"[^A-Za-z0-9_.-]", "-", run)[:128]
+            job = job if job not in (".", "..") else f"run{job}"
+    if not job:
+        raise SnapshotError(
+            "the job has no name: pass SnapshotClient(job=\"my-job\") or set SNAPSHOTD_JOB "
+            "(the same on every rank of the job, and one no other job of the cluster uses), "
+            "or launch with torchrun --rdzv-id (TORCHELASTIC_RUN_ID names the job)")
+    return job
+
+
+def run_identity(run: str | None = None) -> str:
+    """The job's run identity, recorded with every version it saves: ``run``, else
+    ``$SNAPSHOTD_RUN``, else the launcher's run id (``$TORCHELASTIC_RUN_ID``; the same across
+    torchrun's restarts of one job), else "" (none: every run of the job name is one)."""
+    if run is None:
+        run = os.environ.get(ENV_RUN, "").strip() or _launcher_run_id()
+    return run
 
 
 def timeline_token(*parts: Any) -> int:

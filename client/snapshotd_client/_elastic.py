@@ -132,11 +132,14 @@ def survey(client: SnapshotClient) -> Survey:
     import torch.distributed as dist
 
     try:
-        status = client._channel.call(p.Status())
-        versions = client._channel.call(p.ListVersions(client.job,
-                                                       token=client._token)).versions
+        # Only the versions of this job's own run (the job's identity: issue 24, finding 1),
+        # here and on the other nodes: another job of the same name is not this one.
+        status = client._channel.call(p.Status(token=client._token))
+        versions = client._channel.call(p.ListVersions(client.job, token=client._token,
+                                                       run=client.run)).versions
         try:
-            nodes = client._channel.call(p.Where(client.job, token=client._token)).nodes
+            nodes = client._channel.call(p.Where(client.job, token=client._token,
+                                                 run=client.run)).nodes
         except SnapshotError:
             nodes = ()                  # a daemon without peers, or one that predates Where
         reported = {n.slot: {(r, s): n.world for r in n.ranks for s in n.steps} for n in nodes}
@@ -194,10 +197,10 @@ def _read_old(client: SnapshotClient, rank: int, step: int, remote: bool,
     """Map a saved rank's version (zero copy; ``verify=False`` only where another rank of
     this restore verified the same version moments ago)."""
     with SnapshotClient(client.endpoint, job=client.job, rank=rank,
-                        token=client._token) as reader:
+                        token=client._token, run=client.run or "") as reader:
         lease = reader._channel.call(p.Open(client.job, rank, os.getpid(), step,
                                             verify=verify, token=client._token, map=True,
-                                            remote=remote))
+                                            remote=remote, run=client.run))
         mapped = False
         try:
             tensors, mapped = reader._copy_out(lease, {}, True)
@@ -643,7 +646,8 @@ def load(state: Any, client: SnapshotClient, found: Survey, step: int, world: in
     for rank in sorted({me, *read}):
         client._channel.call(p.Drop(client.job, rank=rank, newer_than=step,
                                     token=client._token, everywhere=True,
-                                    timeline=found.token or timeline_token(client.job, step)))
+                                    timeline=found.token or timeline_token(client.job, step),
+                                    run=client.run))
     client.last_restore = RestoreInfo(step, "memory", sum(
         t.numel() * t.element_size() for t in _tensors(target)), time.perf_counter() - started,
         world_from=agreed.world, bytes_from_peers=reader.received + remote)

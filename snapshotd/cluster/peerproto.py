@@ -166,6 +166,13 @@ class JobFloor:
     #: A report of another timeline counts only up to the lower base (protection.on_timeline).
     timeline: int = 0
     base: int = -1
+    #: The run identity of the sending node's newest version of ``job`` (``Alloc.run``):
+    #: ``Where`` lists a node to a job's client only where it is the client's own.
+    run: str = ""
+    #: The token digest ``job`` is bound to on the sending node (``--job-isolation``; "":
+    #: unbound): the binding travels with the reports, so a node that never held the job
+    #: still refuses another token (docs/design.md section 6).
+    owner: str = ""
 
 
 @dataclass(frozen=True)
@@ -308,6 +315,14 @@ class GetVersion:
     job: str
     rank: int
     step: int
+    #: The requesting client's run identity: the holder serves only a version of it (None:
+    #: of any).
+    run: str | None = None
+    #: The requesting client's token digest (its daemon checked it against its own binding),
+    #: or ``admin``: the client presented its daemon's admin token. The holder refuses
+    #: (``forbidden``) a digest other than the one the job is bound to there.
+    owner: str = ""
+    admin: bool = False
 
 
 @dataclass(frozen=True)
@@ -333,6 +348,11 @@ class DropNewer:
     job: str
     rank: int
     newer_than: int
+    #: As in :class:`GetVersion`: only versions of this run identity go (None: any), and the
+    #: requester's token digest (or ``admin``) must be the job's binding on the holder.
+    run: str | None = None
+    owner: str = ""
+    admin: bool = False
 
 
 _PEER_MESSAGES = p.registry(Ping, Pong, PutData, HaveData, PutParity, Protected, Dropped,

@@ -83,7 +83,7 @@ class NodeVersion:
     def manifest(self, slot: int, owner: str = "") -> str:
         ranks = [{"rank": v.rank, "nbytes": v.nbytes, "meta": v.meta,
                   "committed_at": v.committed_at, "local_world_size": v.local_world_size,
-                  "world_size": v.world_size,
+                  "world_size": v.world_size, "run": v.run,
                   "tensors": [[t.name, t.dtype, list(t.shape), t.offset, t.nbytes, t.checksum]
                               for t in v.tensors]} for v in self.versions]
         return json.dumps({"slot": slot, "job": self.job, "step": self.step,
@@ -739,8 +739,9 @@ class Protector:
         with self._lock:
             pin = self._pin.get(job, -1)
             token, base = self._timelines.get(job, (0, -1))
+        run = max(((v.step, v.committed_at, v.run) for v in versions), default=(0, 0.0, ""))[2]
         return NodeView(self.job_floor(job), held, tuple(sorted(per)), world, pin, protected,
-                        token, base)
+                        token, base, run, self.store.owner(job))
 
     def on_protected(self, msg: pp.Protected) -> None:
         stripe = self._stripe(msg.stripe)
@@ -1341,7 +1342,7 @@ class Protector:
             return msg, False
         floors = {j.job: j.floor for j in msg.jobs}
         held = {j.job: NodeView(j.floor, tuple(j.held), tuple(j.ranks), j.world, j.pin,
-                                tuple(j.protected), j.timeline, j.base)
+                                tuple(j.protected), j.timeline, j.base, j.run, j.owner)
                 for j in msg.jobs}
         self._floor_marks[msg.src] = msg.mark
         back = self._recovering.pop(msg.src, None) is not None
@@ -1687,6 +1688,10 @@ class NodeView(NamedTuple):
     #: The timeline the node's ranks last restored: its token (0: none) and base step.
     timeline: int = 0
     base: int = -1
+    #: The run identity of the node's newest version, and the token digest the job is bound
+    #: to there ("": none; see :class:`~snapshotd.cluster.peerproto.JobFloor`).
+    run: str = ""
+    owner: str = ""
 
 
 def on_timeline(view: NodeView, token: int, base: int) -> NodeView:
@@ -1812,7 +1817,7 @@ def job_wide(views: dict[int, NodeView], every_rank: bool = True) -> int:
 class SavedFloors:
     """``floors.json`` (see ``Protector._load_floors``) as a restarted daemon reads it back,
     with the protocol's typed decoding; slots are object keys (decimal strings), each view of
-    ``held`` a list of :class:`NodeView`'s fields in order (4 to 8 of them: older daemons
+    ``held`` a list of :class:`NodeView`'s fields in order (4 to 10 of them: older daemons
     wrote fewer), each mark and timeline a pair."""
 
     floors: dict[str, dict[str, int]]

@@ -24,6 +24,7 @@ of one that is not, only the steps it reported *protected* (the ones its group c
 
 from __future__ import annotations
 
+import hmac
 import itertools
 import json
 import logging
@@ -109,9 +110,32 @@ class PeerReads:
 
     # ------------------------------------------------------------------ the holder's side
 
+    def check_owner(self, job: str, owner: str, admin: bool, bound: str | None = None) -> None:
+        """Refuse (``forbidden``) a peer request made for a client whose token digest
+        ``owner`` is not the one ``job`` is bound to on this node (``bound``: the binding a
+        version's record says instead; unbound: anyone, as on the requester's node). The
+        requester's daemon checked the client's token against its own binding; this is the
+        holder's check against its own (docs/design.md section 6)."""
+        held = self.store.owner(job) if bound is None else bound
+        if admin or not held or hmac.compare_digest(held, owner):
+            return
+        raise StoreError("forbidden", f"job {job!r} on node {self.me} belongs to another "
+                         "token; use the job's own SNAPSHOTD_JOB_TOKEN")
+
+    def owners(self, job: str) -> dict[str, list[int]]:
+        """The token digests the other nodes' reports say ``job`` is bound to, each with the
+        nodes that said so (empty: no node reported a binding)."""
+        out: dict[str, list[int]] = {}
+        for slot, v in sorted(self.protector.views(job).items()):
+            if slot != self.me and v.owner:
+                out.setdefault(v.owner, []).append(slot)
+        return out
+
     def serve(self, msg: pp.GetVersion) -> tuple[pp.VersionData, list[Any]]:
-        """Send (job, rank, step) whole, once every tensor matches its checksum."""
-        lease = self.store.lease(msg.job, msg.rank, os.getpid(), step=msg.step)
+        """Send (job, rank, step) whole, once every tensor matches its checksum (only to a
+        requester of the job's token, and only a version of its run identity)."""
+        self.check_owner(msg.job, msg.owner, msg.admin)
+        lease = self.store.lease(msg.job, msg.rank, os.getpid(), step=msg.step, run=msg.run)
         try:
             v = lease.version
             bad = self.store.verify(v)
@@ -126,9 +150,12 @@ class PeerReads:
 
     def on_drop_newer(self, msg: pp.DropNewer) -> int:
         """Drop this node's versions of (job, rank) newer than ``newer_than`` (as a local
-        ``Drop`` would: the group is told, so their parity goes too)."""
+        ``Drop`` would: the group is told, so their parity goes too); only those of the
+        requester's run identity (another job of the same name keeps its versions), and only
+        for a requester of the job's token."""
+        self.check_owner(msg.job, msg.owner, msg.admin)
         before = {v.step for v in self.store.versions(msg.job)}
-        count = self.store.drop(msg.job, msg.rank, None, msg.newer_than)
+        count = self.store.drop(msg.job, msg.rank, None, msg.newer_than, run=msg.run)
         gone = before - {v.step for v in self.store.versions(msg.job)}
         if gone:
             self.protector.node_dropped(msg.job, gone)
@@ -138,28 +165,34 @@ class PeerReads:
                      "started elsewhere)", msg.job, msg.rank, count, msg.newer_than)
         return count
 
-    def drop_elsewhere(self, job: str, rank: int, newer_than: int) -> int:
+    def drop_elsewhere(self, job: str, rank: int, newer_than: int, run: str | None = None,
+                       owner: str = "", admin: bool = False) -> int:
         """Have every other node that reported holding (job, rank) drop its versions newer
         than ``newer_than``; return how many they dropped now. A node that does not answer
         (down, partitioned, frozen) is told again until it does (kept in memory, like drop
         notices): the versions it holds belong to the abandoned timeline, and a later
-        restore must never combine them with the new one's."""
+        restore must never combine them with the new one's. ``run``, ``owner``, ``admin``:
+        the requesting client's run identity and token (see :class:`~.peerproto.DropNewer`)."""
         views = self.protector.views(job)
         count = 0
         holders = sorted(s for s, v in views.items() if s != self.me and rank in v.ranks)
+        drop = pp.DropNewer(job, rank, newer_than, run, owner, admin)
         up = self.live(holders) if self.groups else set(holders)
         for slot in holders:
             try:
                 if slot not in up:
                     raise PeerError(f"node {slot} is down")
-                count += self._send_drop(slot, pp.DropNewer(job, rank, newer_than))
+                count += self._send_drop(slot, drop)
             except (PeerError, OSError) as exc:
+                if getattr(exc, "code", "") == "forbidden":     # never: not told again
+                    log.warning("job %r rank %d: node %d refused to drop its versions newer "
+                                "than step %d (%s)", job, rank, slot, newer_than, exc)
+                    continue
                 log.warning("job %r rank %d: node %d did not drop its versions newer than "
                             "step %d yet (%s); told again once it answers", job, rank, slot,
                             newer_than, exc)
                 with self._lock:
-                    self._pending.setdefault(slot, []).append(pp.DropNewer(job, rank,
-                                                                           newer_than))
+                    self._pending.setdefault(slot, []).append(drop)
                 self._wake.set()
         self.links.close_thread()           # a worker thread of the control server
         return count
@@ -180,8 +213,11 @@ class PeerReads:
                 for msg in msgs:
                     try:
                         self._send_drop(slot, msg)
-                    except (PeerError, OSError):
-                        break                               # still away: later
+                    except (PeerError, OSError) as exc:
+                        if getattr(exc, "code", "") != "forbidden":
+                            break                           # still away: later
+                        log.warning("job %r rank %d: node %d refused the drop (%s)", msg.job,
+                                    msg.rank, slot, exc)    # not again
                     with self._lock:
                         self._pending[slot].remove(msg)
                     log.info("job %r rank %d: node %d dropped its versions newer than step %d "
@@ -201,10 +237,15 @@ class PeerReads:
         up = {s for s in slots & mine if s == self.me or self.protector.up(s)}
         return up | (slots - mine) & self.protector.reporting()
 
-    def where(self, job: str) -> p.WhereReply:
+    def where(self, job: str, run: str | None = None, owner: str = "") -> p.WhereReply:
         """What every other node last reported holding of ``job``; of a node that is down
-        now, only the steps it reported protected (its group can decode those)."""
-        views = {slot: v for slot, v in self.protector.views(job).items() if slot != self.me}
+        now, only the steps it reported protected (its group can decode those). ``run``: only
+        the nodes whose newest version of the job is of that run identity; ``owner``: only
+        those that report the job bound to that token digest, or unbound (the requester's
+        binding; "": any)."""
+        views = {slot: v for slot, v in self.protector.views(job).items() if slot != self.me
+                 and (run is None or v.run == run)
+                 and (not owner or not v.owner or hmac.compare_digest(v.owner, owner))}
         up = self.live(views) if self.groups else set(views)
         return p.WhereReply(tuple(
             p.NodeHolding(slot, tuple(v.ranks),
@@ -213,29 +254,37 @@ class PeerReads:
                           v.world, slot in up)
             for slot, v in sorted(views.items())))
 
-    def fetch(self, job: str, rank: int, step: int | None, pid: int) -> p.OpenReply:
+    def fetch(self, job: str, rank: int, step: int | None, pid: int, *,
+              run: str | None = None, owner: str = "", admin: bool = False) -> p.OpenReply:
         """Fetch (job, rank, step) from a node that reported holding it; a lease on the copy.
         The connections it opened (on the control server's worker thread) are closed when it
-        returns: a daemon's peers stay bounded by its group, not by the nodes it read from."""
+        returns: a daemon's peers stay bounded by its group, not by the nodes it read from.
+        ``run``, ``owner``, ``admin``: the reading client's run identity and token digest (see
+        :class:`~.peerproto.GetVersion`): only versions of its run, held for its token."""
         if step is None:
             raise StoreError("bad_request", "a remote read names its step")
         try:
-            return self._fetch(job, rank, step, pid)
+            return self._fetch(job, rank, step, pid, run, owner, admin)
         finally:
             self.links.close_thread()
 
-    def _fetch(self, job: str, rank: int, step: int, pid: int) -> p.OpenReply:
+    def _fetch(self, job: str, rank: int, step: int, pid: int, run: str | None, owner: str,
+               admin: bool) -> p.OpenReply:
         views = self.protector.views(job)
         holders = [slot for slot, v in views.items() if slot != self.me and rank in v.ranks]
+        forbidden = []
         up = self.live(holders) if self.groups else set(holders)
         candidates = sorted((slot for slot in holders if slot in up),
                             key=lambda slot: (step not in views[slot].held, slot))
         problems = []
         for slot in candidates:
             try:
-                reply, frames = self.links.call(slot, pp.GetVersion(job, rank, step),
+                reply, frames = self.links.call(slot, pp.GetVersion(job, rank, step, run,
+                                                                    owner, admin),
                                                 timeout=timedelta(seconds=self.timeout))
             except (PeerError, StoreError, OSError) as exc:
+                if getattr(exc, "code", "") == "forbidden":
+                    forbidden.append(slot)
                 problems.append(f"node {slot}: {exc}")
                 if isinstance(exc, PeerError) and slot not in self.live([slot]):
                     up.discard(slot)                    # gone meanwhile: decoded below
@@ -252,19 +301,26 @@ class PeerReads:
                                 "protected")
                 continue
             try:
-                return self.decode(job, rank, step, slot, pid)
+                return self.decode(job, rank, step, slot, pid, run, owner, admin)
             except (StoreError, PeerError, RebuildError, OSError, RuntimeError) as exc:
                 if isinstance(exc, StoreError) and exc.code == "memory_full":
                     raise
+                if getattr(exc, "code", "") == "forbidden":
+                    forbidden.append(slot)
                 problems.append(f"node {slot} is down, and decoding its version from "
                                 f"its group failed: {exc}")
                 log.warning("job %r rank %d step %d: %s", job, rank, step, problems[-1])
                 continue
+        if forbidden:
+            raise StoreError("forbidden", f"job {job!r} rank {rank} step {step}: node(s) "
+                             f"{forbidden} hold it for another token; use the job's own "
+                             "SNAPSHOTD_JOB_TOKEN")
         raise StoreError("not_found", f"job {job!r} rank {rank} step {step} is held by no "
                          f"reachable node of the cluster ({'; '.join(problems) or 'none '}"
                          f"{'' if problems else 'reported it'})")
 
-    def decode(self, job: str, rank: int, step: int, lost: int, pid: int) -> p.OpenReply:
+    def decode(self, job: str, rank: int, step: int, lost: int, pid: int,
+               run: str | None = None, owner: str = "", admin: bool = False) -> p.OpenReply:
         """Rank ``rank``'s version ``step`` of lost node ``lost``, decoded from its group's
         fragments (the newest version of that step its group's parity records know) into a
         copy leased to ``pid``, every tensor checked against its checksum.
@@ -283,16 +339,20 @@ class PeerReads:
             lock = self._decoding.setdefault(key, locks.lock("reads.decode"))
         try:
             with lock:                 # one read of a lost node's version at a time
-                return self._decode(job, rank, step, lost, pid)
+                return self._decode(job, rank, step, lost, pid, run, owner, admin)
         finally:
             with self._lock:
                 for k in [k for k, other in self._decoding.items() if not other.locked()]:
                     del self._decoding[k]
 
-    def _decode(self, job: str, rank: int, step: int, lost: int, pid: int) -> p.OpenReply:
+    def _decode(self, job: str, rank: int, step: int, lost: int, pid: int,
+                run: str | None, owner: str, admin: bool) -> p.OpenReply:
         started = time.perf_counter()
         rec, manifest, plan = self._plan(job, step, lost)
-        ranks = json.loads(manifest)["ranks"]
+        record = json.loads(manifest)
+        # The lost node's binding travels with its version (the node manifest's owner).
+        self.check_owner(job, owner, admin, bound=str(record.get("owner", "")))
+        ranks = record["ranks"]
         offset = 0
         for r in ranks:
             if r["rank"] == rank:
@@ -300,6 +360,9 @@ class PeerReads:
             offset += r["nbytes"]
         else:
             raise StoreError("not_found", f"node {lost}'s step {step} has no rank {rank}")
+        if run is not None and str(r.get("run", "")) != run:
+            raise StoreError("not_found", f"node {lost}'s rank {rank} step {step} was written "
+                             f"by run {r.get('run', '')!r}, not {run!r}")
         nbytes, vid, k = int(r["nbytes"]), pp.manifest_id(manifest), rec.group.k
         # The lost node's chunks (in order: their bytes one after the other) this rank's
         # bytes lie in, and per chunk the other ranks that share it.

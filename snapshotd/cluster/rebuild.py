@@ -503,7 +503,8 @@ class Recovery:
                                tensors, r["meta"], r["local_world_size"],
                                functools.partial(blob.read_into, start),
                                committed_at=r["committed_at"], owner=manifest.get("owner", ""),
-                               world_size=int(r.get("world_size", 0)))
+                               world_size=int(r.get("world_size", 0)),
+                               run=str(r.get("run", "")))
             offset += r["nbytes"]
 
     # ------------------------------------------------------------------ parity

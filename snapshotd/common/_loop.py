@@ -151,6 +151,9 @@ class RouterLoop:
         job = getattr(msg, "job", None)
         if isinstance(job, str):             # every request naming a job, on both servers
             p.check_job(job)
+        run = getattr(msg, "run", None)
+        if isinstance(run, str):
+            p.check_run(run)
         return handler(msg, payload)
 
     def _error(self, exc: Exception) -> p.Error:

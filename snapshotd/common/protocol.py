@@ -36,7 +36,7 @@ __all__ = [
     "Drop", "Verify", "Persist", "Verified", "VerifyReply", "Error", "AllocReply", "CommitReply",
     "Ok", "VersionInfo", "ListReply", "OpenReply", "StatusReply", "Where", "NodeHolding",
     "WhereReply", "encode", "decode", "decode_as", "registry",
-    "check_table", "check_job",
+    "check_table", "check_job", "check_run",
 ]
 
 PROTOCOL_VERSION = 1
@@ -81,6 +81,18 @@ def check_job(job: str) -> None:
                             "characters A-Z a-z 0-9 _ . - and not '.' or '..'")
 
 
+#: The longest run identity (``Alloc.run``) a daemon takes.
+MAX_RUN = 256
+
+
+def check_run(run: str) -> None:
+    """Refuse (``bad_request``) a run identity longer than ``MAX_RUN`` or holding characters
+    that are not printable ASCII."""
+    if len(run) > MAX_RUN or not all(" " < c <= "~" for c in run):
+        raise ProtocolError("bad_request", f"run identity {run[:64]!r} must be at most "
+                            f"{MAX_RUN} printable ASCII characters without spaces")
+
+
 # --------------------------------------------------------------------------- payload types
 
 
@@ -110,6 +122,8 @@ class VersionInfo:
     #: The job's number of ranks when the version was saved (0: not said): a job restarted
     #: at another world size tells the old layout's versions from the new one's by it.
     world: int = 0
+    #: The run identity of the job that wrote the version (``Alloc.run``; "": none).
+    run: str = ""
 
 
 # --------------------------------------------------------------------------- requests
@@ -134,6 +148,10 @@ class Alloc:
     #: How many ranks the whole job has (``WORLD_SIZE``; 0: not said). Until every rank has
     #: been heard of, daemons keep the steps a slower node may still report (retention).
     world_size: int = 0
+    #: The job's run identity, recorded with the version (docs/design.md section 6): the
+    #: launcher's run id (``TORCHELASTIC_RUN_ID``) or ``SNAPSHOTD_RUN``; "": none. Surveys,
+    #: reads and drops of the job's clients take only versions of their own run.
+    run: str = ""
 
 
 @dataclass(frozen=True)
@@ -175,6 +193,8 @@ class ListVersions:
     rank: int | None = None
     #: The job's access token (``--job-isolation``; from ``SNAPSHOTD_JOB_TOKEN``); never logged.
     token: str = ""
+    #: Only the versions of this run identity (``Alloc.run``); None: of any (operators' tools).
+    run: str | None = None
 
 
 @dataclass(frozen=True)
@@ -198,6 +218,8 @@ class Open:
     #: node (a job restored at another world size). Served as tier ``peer``, from a copy the
     #: daemon keeps until :class:`Release`.
     remote: bool = False
+    #: Only a version of this run identity (``Alloc.run``); None: of any (operators' tools).
+    run: str | None = None
 
 
 @dataclass(frozen=True)
@@ -210,9 +232,12 @@ class Release:
 
 @dataclass(frozen=True)
 class Status:
-    """Ask for the daemon's summary."""
+    """Ask for the daemon's summary. With ``--job-isolation`` the versions listed are those of
+    the jobs bound to ``token`` (every job's with the admin token; none without a token)."""
 
     OP: ClassVar[str] = "status"
+    #: A job's access token, or the admin token; never logged.
+    token: str = ""
 
 
 @dataclass(frozen=True)
@@ -224,6 +249,8 @@ class Where:
     job: str
     #: The job's access token (``--job-isolation``; from ``SNAPSHOTD_JOB_TOKEN``); never logged.
     token: str = ""
+    #: Only the nodes whose versions of the job are of this run identity; None: any.
+    run: str | None = None
 
 
 @dataclass(frozen=True)
@@ -247,6 +274,9 @@ class Drop:
     #: agreement). The node's job-wide retention reports carry it, so that no node raises
     #: the job's pin on a stale report of the old timeline (docs/protocol.md).
     timeline: int = 0
+    #: With ``everywhere``: the other nodes drop only versions of this run identity (the
+    #: job's own; another job of the same name keeps its versions); None: of any.
+    run: str | None = None
 
 
 @dataclass(frozen=True)

@@ -97,11 +97,18 @@ class ControlServer(RouterLoop):
 
     # ------------------------------------------------------------------ requests
 
-    def _authorize(self, m: Any, bind: bool = False) -> None:
+    def _authorize(self, m: Any, bind: bool = False) -> tuple[str, bool]:
         """With ``--job-isolation``: a request naming a job must carry that job's token (the
-        one its first writer presented) or the admin token."""
+        one its first writer presented) or the admin token. Return the token's digest and
+        whether it is the admin token (("", False) without isolation): a request that reaches
+        other nodes carries them, and each holder checks them against its own binding.
+
+        The binding holds cluster-wide (docs/design.md section 6): where this node does not
+        hold the job, the owners the other nodes' retention reports carry stand in for it, so
+        a token that is not the job's is refused here too, and cannot bind the job here to
+        itself (``bind``: an ``Alloc``)."""
         if not self.job_isolation:
-            return
+            return "", False
         if self.persister is not None and not self.store.owner(m.job):
             # After a restart with memory lost the binding comes back from the disk tier,
             # before anyone can read a persisted step or bind the job to another token.
@@ -114,15 +121,28 @@ class ControlServer(RouterLoop):
                              ") to the job's token")
         digest = token_digest(m.token)
         if self._admin and hmac.compare_digest(digest, self._admin):
-            return
-        self.store.authorize(m.job, digest, bind)
+            return digest, True
+        bound_here = bool(self.store.owner(m.job))
+        self.store.authorize(m.job, digest, bind=False)
+        if not bound_here and self.reads is not None:
+            others = self.reads.owners(m.job)
+            if (bind and any(not hmac.compare_digest(o, digest) for o in others)) or \
+                    (others and not any(hmac.compare_digest(o, digest) for o in others)):
+                raise StoreError("forbidden", f"job {m.job!r} belongs to another token on "
+                                 f"node(s) {sorted(s for v in others.values() for s in v)} "
+                                 "of the cluster; use the "
+                                 "job's own SNAPSHOTD_JOB_TOKEN, or name this job apart "
+                                 "(SNAPSHOTD_JOB)")
+        if bind:
+            self.store.authorize(m.job, digest, bind=True)
+        return digest, False
 
     def _on_alloc(self, m: p.Alloc, _: Any = None) -> p.AllocReply:
         self._authorize(m, bind=True)
         if self.stopping:
             raise StoreError("shutting_down", "the daemon is shutting down; retry on restart")
         slot = self.store.alloc(m.job, m.rank, m.step, m.nbytes, m.pid, m.local_world_size,
-                                world_size=m.world_size)
+                                world_size=m.world_size, run=m.run)
         return p.AllocReply(slot.handle, self.store.dir.seg_path(slot.number), slot.nbytes,
                             _pinned_cpus())
 
@@ -159,16 +179,18 @@ class ControlServer(RouterLoop):
     def _on_list(self, m: p.ListVersions, _: Any = None) -> p.ListReply:
         self._authorize(m)
         self._wait_recovery(m.job)
-        held = [_info(v) for v in self.store.versions(m.job, m.rank)]
+        held = [_info(v) for v in self.store.versions(m.job, m.rank)
+                if m.run is None or v.run == m.run]
         if self.persister is not None:
             # Complete persisted steps only (every rank of the step's world written), none
             # that a drop abandoned.
             in_memory = {(v.rank, v.step) for v in held}
             held += [p.VersionInfo(m.job, rank, step, 0, "persisted", e["committed_at"],
-                                   e["world_size"])
+                                   e["world_size"], e.get("run", ""))
                      for step, ranks in self.persister.inventory(m.job).items()
                      for rank, e in ranks.items()
-                     if (m.rank is None or rank == m.rank) and (rank, step) not in in_memory]
+                     if (m.rank is None or rank == m.rank) and (rank, step) not in in_memory
+                     and (m.run is None or e.get("run", "") == m.run)]
         return p.ListReply(tuple(sorted(held, key=lambda v: (v.rank, v.step))))
 
     def _wait_recovery(self, job: str) -> None:
@@ -182,7 +204,7 @@ class ControlServer(RouterLoop):
             log.warning("memory cannot serve job %r; the persistence tier will", job)
 
     def _on_open(self, m: p.Open, _: Any = None) -> p.OpenReply:
-        self._authorize(m)
+        digest, admin = self._authorize(m)
         started = time.perf_counter()
         self._wait_recovery(m.job)
         try:
@@ -192,7 +214,8 @@ class ControlServer(RouterLoop):
                 raise
             # Another rank's version, held on another node: the holder verified it, and the
             # copy is checked against the checksum it sent.
-            reply = self.reads.fetch(m.job, m.rank, m.step, m.pid)
+            reply = self.reads.fetch(m.job, m.rank, m.step, m.pid, run=m.run, owner=digest,
+                                     admin=admin)
             self.metrics.open_seconds.observe(time.perf_counter() - started)
             return reply
         v = lease.version
@@ -224,15 +247,16 @@ class ControlServer(RouterLoop):
         while the newer are damaged (``corrupt``: each is set aside as it is found)."""
         try:
             return self.store.lease(m.job, m.rank, m.pid, m.step, m.max_step,
-                                    mapped=m.map), "memory"
+                                    mapped=m.map, run=m.run), "memory"
         except StoreError as exc:
             if exc.code != "not_found" or self.persister is None:
                 raise
-            on_disk = [s for s in self.persister.steps(m.job, m.rank)
+            on_disk = [s for s in self.persister.steps(m.job, m.rank, run=m.run)
                        if (m.step is None or s == m.step)
                        and (m.max_step is None or s <= m.max_step)]
             in_memory = [v.step for v in self.store.versions(m.job, m.rank)
-                         if m.max_step is None or v.step <= m.max_step]
+                         if (m.max_step is None or v.step <= m.max_step)
+                         and (m.run is None or v.run == m.run)]
             if m.step is None and in_memory:
                 on_disk = [s for s in on_disk if s > max(in_memory)]
             if not on_disk:
@@ -240,7 +264,8 @@ class ControlServer(RouterLoop):
             first: StoreError | None = None
             for step in reversed(on_disk):
                 try:
-                    lease = self.persister.load(m.job, m.rank, step, m.pid, mapped=m.map)
+                    lease = self.persister.load(m.job, m.rank, step, m.pid, mapped=m.map,
+                                                run=m.run)
                 except StoreError as err:
                     if m.step is not None or err.code != "corrupt":
                         raise
@@ -285,11 +310,13 @@ class ControlServer(RouterLoop):
         return p.VerifyReply(tuple(results))
 
     def _on_where(self, m: p.Where, _: Any = None) -> p.WhereReply:
-        self._authorize(m)
-        return self.reads.where(m.job) if self.reads is not None else p.WhereReply(())
+        digest, admin = self._authorize(m)
+        if self.reads is None:
+            return p.WhereReply(())
+        return self.reads.where(m.job, run=m.run, owner="" if admin else digest)
 
     def _on_drop(self, m: p.Drop, _: Any = None) -> p.Ok:
-        self._authorize(m)
+        digest, admin = self._authorize(m)
         if m.everywhere and (m.rank is None or m.newer_than is None or m.step is not None):
             raise StoreError("bad_request", "a drop everywhere names one rank and newer_than")
         held = self.store.versions(m.job)
@@ -313,15 +340,25 @@ class ControlServer(RouterLoop):
                               sorted(gone))
         if m.everywhere and self.reads is not None:
             assert m.rank is not None and m.newer_than is not None
-            count += self.reads.drop_elsewhere(m.job, m.rank, m.newer_than)
+            count += self.reads.drop_elsewhere(m.job, m.rank, m.newer_than, run=m.run,
+                                               owner=digest, admin=admin)
         return p.Ok(count)
 
     def _on_status(self, m: p.Status, _: Any = None) -> p.StatusReply:
         stats = self.store.stats()
         peers = self.peers() if self.peers is not None else {}
+        versions = self.store.versions()
+        if self.job_isolation:
+            # Without the admin token a client sees only the jobs bound to its own token
+            # (none without one): other tenants' names, ranks, steps and sizes are theirs.
+            digest = token_digest(m.token) if m.token else ""
+            if not (digest and self._admin and hmac.compare_digest(digest, self._admin)):
+                owners = {job: self.store.owner(job) for job in {v.job for v in versions}}
+                versions = [v for v in versions if digest and owners[v.job]
+                            and hmac.compare_digest(owners[v.job], digest)]
         return p.StatusReply(self.node_slot, os.getpid(), not self.stopping,
                              self.store.memory_limit, stats["bytes_used"], stats["open_slots"],
-                             stats["open_leases"], tuple(_info(v) for v in self.store.versions()),
+                             stats["open_leases"], tuple(_info(v) for v in versions),
                              tuple(sorted(s for s, up in peers.items() if up)),
                              tuple(sorted(s for s, up in peers.items() if not up)),
                              self.recovery is not None and not self.recovery.ready,
@@ -357,7 +394,7 @@ def _bind(sock: zmq.Socket, endpoint: str) -> str:
 
 def _info(v: Any) -> p.VersionInfo:
     return p.VersionInfo(v.job, v.rank, v.step, v.nbytes, v.state, v.committed_at,
-                         v.world_size)
+                         v.world_size, v.run)
 
 
 def _pinned_cpus() -> tuple[int, ...]:

@@ -188,6 +188,8 @@ class ManifestRecord:
     tensors: tuple[TensorEntry, ...]
     #: The seal (see ``_shm.seal``): checked before the fields are decoded.
     check: str = ""
+    #: The run identity of the job that wrote it (``Alloc.run``; absent from older daemons').
+    run: str = ""
 
 
 def _manifest_version(number: int, size: int, m: dict[str, Any]) -> Version:
@@ -218,7 +220,7 @@ def _manifest_version(number: int, size: int, m: dict[str, Any]) -> Version:
                                 "not an XXH3-64 in hex")
     return Version(number, r.job, r.rank, r.step, r.nbytes, size, r.tensors, r.meta,
                    r.committed_at, _VERSION_OVERHEAD + len(r.meta), r.local_world_size,
-                   r.protected, world_size=r.world_size, mapped=True)
+                   r.protected, world_size=r.world_size, mapped=True, run=r.run)
 
 
 def _named(m: dict[str, Any] | None) -> str:
@@ -247,6 +249,8 @@ class Slot:
     #: What the client gets and names the slot by: an unguessable capability, not the segment
     #: number (which the segment's path shows), so one client cannot abort another's write.
     handle: int = 0
+    #: The writer's run identity (``Alloc.run``), recorded with the version.
+    run: str = ""
 
 
 @dataclass
@@ -276,6 +280,9 @@ class Version:
     mapped: bool = False
     #: The manifest's ``tensors`` array as JSON text (written once, reused by rewrites).
     tensors_json: str = field(default="", repr=False, compare=False)
+    #: The run identity of the job that wrote it (``Alloc.run``; docs/design.md section 6):
+    #: a client's surveys, reads and drops take only versions of its own run.
+    run: str = ""
 
     @property
     def state(self) -> str:
@@ -503,7 +510,8 @@ class Store:
     # ------------------------------------------------------------------ writing
 
     def alloc(self, job: str, rank: int, step: int, nbytes: int, pid: int,
-              local_world_size: int = 1, *, older: bool = False, world_size: int = 0) -> Slot:
+              local_world_size: int = 1, *, older: bool = False, world_size: int = 0,
+              run: str = "") -> Slot:
         """Reserve a write slot of ``nbytes``; refuse over the memory limit.
 
         A step older than the newest one held for (job, rank) is refused (``stale_step``):
@@ -539,7 +547,7 @@ class Store:
                 number, size = reused
             slot = Slot(number, job, rank, step, nbytes, size, pid, pid_start, self._clock(),
                         max(1, local_world_size), handle=self._new_handle(self._handles),
-                        world_size=max(0, world_size))
+                        world_size=max(0, world_size), run=run)
             self._slots[number] = slot
             self._handles[slot.handle] = number
         if fresh:
@@ -581,7 +589,8 @@ class Store:
                     return None
             slot = Slot(number, like.job, like.rank, -1, nbytes, size, like.pid, like.pid_start,
                         self._clock(), like.local_world_size,
-                        handle=self._new_handle(self._handles), world_size=like.world_size)
+                        handle=self._new_handle(self._handles), world_size=like.world_size,
+                        run=like.run)
             self._slots[number] = slot
             self._handles[slot.handle] = number
         if fresh:
@@ -718,7 +727,7 @@ class Store:
             self._raise_stamp(committed_at)
         version = Version(slot.number, slot.job, slot.rank, slot.step, slot.nbytes, slot.size,
                           summed, meta, now, 0, slot.local_world_size, protected,
-                          world_size=slot.world_size)
+                          world_size=slot.world_size, run=slot.run)
         version.book = self._write_manifest(version, tensors) + _VERSION_OVERHEAD
         return version
 
@@ -730,7 +739,7 @@ class Store:
                     "nbytes": v.nbytes, "meta": v.meta, "committed_at": v.committed_at,
                     "local_world_size": v.local_world_size, "protected": v.protected,
                     "world_size": v.world_size,
-                    "owner": self._owners.get(v.job, "")}
+                    "owner": self._owners.get(v.job, ""), "run": v.run}
         if not v.tensors_json:
             v.tensors_json = _tensors_json(table if table is not None else v.tensors,
                                            [t.checksum for t in v.tensors])
@@ -742,7 +751,7 @@ class Store:
                 tensors: tuple[TensorEntry, ...], meta: str, local_world_size: int,
                 fill: Callable[[memoryview], None], committed_at: float | None = None,
                 protected: bool = True, owner: str = "", world_size: int = 0,
-                hold: Hold | None = None) -> Version:
+                hold: Hold | None = None, run: str = "") -> Version:
         """Publish a version rebuilt from peers: reserve, ``fill`` the bytes, verify, commit.
 
         The tensor checksums come with the table; bytes that do not match them are refused
@@ -759,7 +768,7 @@ class Store:
             with self._lock:
                 self._owners.setdefault(job, owner)
         slot = self.alloc(job, rank, step, nbytes, os.getpid(), local_world_size, older=True,
-                          world_size=world_size)
+                          world_size=world_size, run=run)
         view = self.dir.view(slot.number, slot.size)
         try:
             fill(view[:nbytes])
@@ -817,8 +826,10 @@ class Store:
                           key=lambda v: (v.job, v.rank, v.step))
 
     def lease(self, job: str, rank: int, pid: int, step: int | None = None,
-              max_step: int | None = None, mapped: bool = False) -> Lease:
-        """Pin a version for reading: ``step``, or the newest one not above ``max_step``.
+              max_step: int | None = None, mapped: bool = False,
+              run: str | None = None) -> Lease:
+        """Pin a version for reading: ``step``, or the newest one not above ``max_step``;
+        with ``run``, only a version of that run identity (another job's is not found).
 
         ``mapped``: the reader maps the segment privately and may keep the mapping as long as
         it holds the lease; the segment's file is then never reused (see ``Version.mapped``)."""
@@ -828,7 +839,8 @@ class Store:
         if pid_start is None:
             raise StoreError("bad_request", f"reader pid {pid} is not a running process")
         with self._lock:
-            held = {s: v for s, v in self._versions.get((job, rank), {}).items() if not v.doomed}
+            held = {s: v for s, v in self._versions.get((job, rank), {}).items()
+                    if not v.doomed and (run is None or v.run == run)}
             if step is not None:
                 version = held.get(step)
             else:
@@ -866,12 +878,14 @@ class Store:
             return lease
 
     def drop(self, job: str, rank: int | None = None, step: int | None = None,
-             newer_than: int | None = None) -> int:
-        """Drop versions of a job; return how many were dropped."""
+             newer_than: int | None = None, run: str | None = None) -> int:
+        """Drop versions of a job (with ``run``: only those of that run identity); return
+        how many were dropped."""
         with self._lock:
             doomed = [v for (j, r), vs in self._versions.items() for v in vs.values()
                       if j == job and (rank is None or r == rank)
                       and (step is None or v.step == step)
+                      and (run is None or v.run == run)
                       and (newer_than is None or v.step > newer_than) and not v.doomed]
             for version in doomed:
                 self._evict(version)

@@ -64,7 +64,7 @@ def _versions(versions: Sequence[p.VersionInfo]) -> str:
 
 
 def cmd_status(ch: Channel, args: argparse.Namespace) -> tuple[Any, str]:
-    st = ch.call(p.Status())
+    st = ch.call(p.Status(token=args.token))
     text = (f"node slot {st.node_slot}  pid {st.pid}  "
             f"{'accepting' if st.accepting else 'shutting down'}"
             f"{'  REBUILDING' if st.rebuilding else ''}\n"
@@ -77,7 +77,7 @@ def cmd_status(ch: Channel, args: argparse.Namespace) -> tuple[Any, str]:
 
 def cmd_ls(ch: Channel, args: argparse.Namespace) -> tuple[Any, str]:
     if args.job is None:
-        versions = ch.call(p.Status()).versions
+        versions = ch.call(p.Status(token=args.token)).versions
     else:
         versions = ch.call(p.ListVersions(args.job, args.rank, token=args.token)).versions
     return p.ListReply(tuple(versions)), _versions(versions)

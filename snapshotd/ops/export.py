@@ -79,6 +79,7 @@ def export(control: str, job: str, step: int | None, out: str,
     _progress(0, len(chosen), 0, progress)
     for i, rank in enumerate(chosen):
         with SnapshotClient(control, job=job, rank=rank, token=token) as client:
+            client.run = None                   # an operator's export: whatever run wrote it
             # A read, not a restore: the rank's newer versions stay (a restore of an older
             # step would start a new timeline and drop them).
             got = client.read(step, local_shards=True)
@@ -124,7 +125,7 @@ def export_global(control: str, job: str, step: int | None, out: str, progress: 
                          "on a training node or `pip install snapshotd-client`") from None
     ch = Channel(control)
     try:
-        status = ch.call(p.Status())
+        status = ch.call(p.Status(token=token))
         versions = ch.call(p.ListVersions(job, token=token)).versions
         nodes = ch.call(p.Where(job, token=token)).nodes
     finally:
@@ -153,6 +154,7 @@ def export_global(control: str, job: str, step: int | None, out: str, progress: 
     nbytes = 0
     _progress(0, world, 0, progress)
     with SnapshotClient(control, job=job, rank=0, token=token) as client:
+        client.run = None                       # an operator's export: whatever run wrote it
         for i, rank in enumerate(range(world)):
             old = _read_old(client, rank, step, holders[rank][1])
             chunks, values = _chunks_of(old)

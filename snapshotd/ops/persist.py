@@ -265,7 +265,7 @@ class Persister:
                     "nbytes": v.nbytes, "committed_at": v.committed_at,
                     "world_size": v.world_size, "local_world_size": v.local_world_size,
                     "timeline": timeline, "owner": self.store.owner(v.job),
-                    "node": self.node, "meta": v.meta,
+                    "run": v.run, "node": self.node, "meta": v.meta,
                     "tensors": [t.__dict__ | {"shape": list(t.shape)} for t in v.tensors]}
         self._publish(os.path.join(directory, f"rank-{v.rank}.json"),
                       json.dumps(manifest).encode(), tag)
@@ -273,7 +273,8 @@ class Persister:
     def _write_marker(self, directory: str, versions: list[Version], tag: str) -> None:
         marker = {"format": _FORMAT, "node": self.node, "written_at": time.time(),
                   "ranks": {str(v.rank): {"committed_at": v.committed_at,
-                                          "world_size": v.world_size} for v in versions}}
+                                          "world_size": v.world_size, "run": v.run}
+                            for v in versions}}
         self._publish(os.path.join(directory, f"node-{self.node}.done"),
                       json.dumps(marker).encode(), tag)
 
@@ -433,7 +434,8 @@ class Persister:
             for rank, said in marker["ranks"].items():
                 try:
                     entry = {"committed_at": float(said["committed_at"]),
-                             "world_size": int(said.get("world_size", 0))}
+                             "world_size": int(said.get("world_size", 0)),
+                             "run": str(said.get("run", ""))}
                     r = int(rank)
                 except (KeyError, TypeError, ValueError):
                     continue
@@ -442,7 +444,7 @@ class Persister:
         return out
 
     def inventory(self, job: str) -> dict[int, dict[int, dict[str, Any]]]:
-        """step -> {rank: {committed_at, world_size}} of the persisted versions that can be
+        """step -> {rank: {committed_at, world_size, run}} of the persisted versions that can be
         restored: the step complete (every rank of its world marked and its manifest there),
         not abandoned; an incomplete step maps to {}."""
         out: dict[int, dict[int, dict[str, Any]]] = {}
@@ -467,12 +469,15 @@ class Persister:
             out[step] = ranks if whole else {}
         return out
 
-    def steps(self, job: str, rank: int | None = None) -> list[int]:
-        """Complete persisted steps of a job (that hold ``rank``, when given), oldest first."""
+    def steps(self, job: str, rank: int | None = None, run: str | None = None) -> list[int]:
+        """Complete persisted steps of a job (that hold ``rank``, when given, of run identity
+        ``run``, when given), oldest first."""
         return sorted(s for s, ranks in self.inventory(job).items()
-                      if ranks and (rank is None or rank in ranks))
+                      if ranks and (rank is None or rank in ranks)
+                      and (run is None or rank is None or ranks[rank].get("run", "") == run))
 
-    def load(self, job: str, rank: int, step: int, pid: int, mapped: bool = False) -> Lease:
+    def load(self, job: str, rank: int, step: int, pid: int, mapped: bool = False,
+             run: str | None = None) -> Lease:
         """Load a persisted version into memory (checked against its checksums), leased to
         ``pid`` as it is published (retention may evict a step older than those held at once;
         the lease keeps it for this reader). Raises StoreError ``corrupt`` (the version is set
@@ -497,6 +502,7 @@ class Persister:
                 float(m["committed_at"])
             local_world, world, owner = int(m.get("local_world_size", 1)), \
                 int(m.get("world_size", 0)), str(m.get("owner", ""))
+            written_by = str(m.get("run", ""))
         except (ValueError, KeyError, TypeError) as exc:
             self._set_aside(path, f"not a readable manifest ({type(exc).__name__}: {exc})")
             raise StoreError("corrupt", f"persisted manifest {path} is damaged "
@@ -507,6 +513,10 @@ class Persister:
             raise StoreError("not_found", f"job {job!r} rank {rank} step {step} in the "
                              "persistence tier is not complete or was abandoned (a restore "
                              "of an older step dropped it)")
+        if run is not None and written_by != run:
+            raise StoreError("not_found", f"job {job!r} rank {rank} step {step} in the "
+                             f"persistence tier was written by run {written_by!r}, not "
+                             f"{run!r} (another job of the same name)")
         bound = self.store.owner(job)
         if bound and owner and owner != bound:
             raise StoreError("forbidden", f"job {job!r} rank {rank} step {step} in the "
@@ -530,7 +540,7 @@ class Persister:
         try:
             self.store.install(job, rank, step, nbytes, tensors, meta, local_world, fill,
                                committed_at=committed_at, protected=False, owner=bound or owner,
-                               world_size=world, hold=hold)
+                               world_size=world, hold=hold, run=written_by)
         except StoreError as exc:
             if exc.code not in ("checksum_mismatch", "corrupt"):
                 raise

@@ -73,14 +73,16 @@ def wait_for(predicate, timeout=60.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def torchrun_standalone(script, nproc, endpoint, out, *args, timeout=180):
+def torchrun_standalone(script, nproc, endpoint, out, *args, timeout=180, run=None):
     """Run one ``torchrun --standalone`` job of ``script --size tiny`` on one node against the
-    daemon at ``endpoint`` to the end (c10d rendezvous, up to 2 restarts); return its output."""
+    daemon at ``endpoint`` to the end (c10d rendezvous, up to 2 restarts); return its output.
+    ``run``: the job's run identity (``SNAPSHOTD_RUN``): a launch that resumes an earlier one's
+    snapshots names its run (``--standalone`` gives every launch a new run id)."""
     from pathlib import Path
 
     from snapshotd.tools.torchrun import kill_tree, torchrun_env
 
-    env = torchrun_env(SNAPSHOTD_ENDPOINT=endpoint)
+    env = torchrun_env(SNAPSHOTD_ENDPOINT=endpoint, **({"SNAPSHOTD_RUN": run} if run else {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", "--max-restarts=2", "--monitor-interval=0.2",
            f"--log-dir={Path(out) / 'torchelastic'}", str(script), "--size", "tiny", "--out",

@@ -135,7 +135,8 @@ def test_ranks_with_different_newest_versions_restore_the_same_older_step(cluste
     spec = cluster.specs[0]
     job = f"c-{uuid.uuid4().hex[:6]}"
     first, second = tmp_path / "first", tmp_path / "second"
-    torchrun_standalone(SCRIPT, 2, spec.control, first, "--steps", str(steps), "--job", job)
+    torchrun_standalone(SCRIPT, 2, spec.control, first, "--steps", str(steps), "--job", job,
+                        run=job)
     held = versions(spec, job)
     assert {(0, steps - 1), (1, steps - 1), (0, steps - 2), (1, steps - 2)} <= held, held
     # Rank 1 "died before committing" the newest step: drop it from its daemon.
@@ -145,8 +146,10 @@ def test_ranks_with_different_newest_versions_restore_the_same_older_step(cluste
     finally:
         ch.close()
     assert (1, steps - 1) not in versions(spec, job) and (0, steps - 1) in versions(spec, job)
-    # A new job restores: the newest step both ranks hold is steps-2, not rank 0's steps-1.
-    torchrun_standalone(SCRIPT, 2, spec.control, second, "--steps", str(steps), "--job", job)
+    # A new launch of the same run (SNAPSHOTD_RUN: --standalone gives each launch another run
+    # id) restores: the newest step both ranks hold is steps-2, not rank 0's steps-1.
+    torchrun_standalone(SCRIPT, 2, spec.control, second, "--steps", str(steps), "--job", job,
+                        run=job)
     events = starts(second)
     assert sorted(e["rank"] for e in events) == [0, 1], events
     assert {e["restored"] for e in events} == {steps - 2}, events

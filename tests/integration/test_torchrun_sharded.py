@@ -135,7 +135,7 @@ def test_the_fsdp2_example_restarted_at_4_then_3_ranks_restores_every_global_ten
     for nproc in (2, 4, 3):
         out = tmp_path / f"w{nproc}"
         torchrun_standalone(SCRIPT, nproc, cluster.specs[0].control, out, "--steps", "8",
-                            "--job", job, "--state-dicts", "dcp")
+                            "--job", job, "--state-dicts", "dcp", run=job)
         starts = [e for e in read_jsonl(out / "events.jsonl") if e["event"] == "start"]
         assert sorted(e["rank"] for e in starts) == list(range(nproc))
         assert {e["restored"] for e in starts} == ({None} if nproc == 2 else {7}), starts

@@ -62,7 +62,7 @@ def test_encode_is_plain_json():
     body = json.loads(p.encode(p.Alloc("j", 0, 1, 2, 3), 5))
     assert body == {"v": p.PROTOCOL_VERSION, "op": "alloc", "id": 5, "job": "j", "rank": 0,
                     "step": 1, "nbytes": 2, "pid": 3, "local_world_size": 1, "token": "",
-                    "world_size": 0}
+                    "world_size": 0, "run": ""}
 
 
 def _t(name, dtype="float32", shape=(4,), offset=0, nbytes=16):

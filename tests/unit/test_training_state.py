@@ -142,11 +142,12 @@ def test_a_start_over_names_the_timeline_even_where_the_rank_holds_nothing():
 
     sent = []
     client = SnapshotClient.__new__(SnapshotClient)
-    client.job, client.rank, client._token = "j", 1, ""
-    client._channel = SimpleNamespace(call=lambda msg, *a, **k: sent.append(msg))
+    client.job, client.rank, client._token, client.run = "j", 1, "", "r"
+    client._channel = SimpleNamespace(call=lambda msg, *a, **k: sent.append(msg) or
+                                      SimpleNamespace(versions=()))
     client.steps = lambda: []
     client._start_over(0x77)
-    assert sent == [p.Drop("j", 1, timeline=0x77)]
+    assert [m for m in sent if isinstance(m, p.Drop)] == [p.Drop("j", 1, timeline=0x77)]
 
 
 def test_a_restarted_torchrun_worker_without_the_rendezvous_setting_is_warned_once(monkeypatch):
