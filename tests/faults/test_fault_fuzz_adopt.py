@@ -25,7 +25,7 @@ import shutil
 import tempfile
 
 import pytest
-from harness import BASE_SEED, LONG
+from harness import BASE_SEED, LONG, RESULTS, reproduce
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
@@ -217,8 +217,8 @@ def apply(path, files, dmg):
 # --------------------------------------------------------------------------- the fuzzer
 
 
-def test_fuzz_adopted_files(template, caplog):
-    counts = {"examples": 0, "discarded": 0}
+def test_fuzz_adopted_files(template, caplog, request):
+    counts = {"examples": 0, "discarded": 0, "survived": 0}
 
     @seed(BASE_SEED)
     @settings(max_examples=EXAMPLES, deadline=None, database=None,
@@ -239,8 +239,19 @@ def test_fuzz_adopted_files(template, caplog):
         finally:
             shutil.rmtree(path, ignore_errors=True)
         counts["examples"] += 1
+        counts["survived"] += 1
 
-    fuzz()
+    try:
+        fuzz()
+    finally:
+        RESULTS.tally("fuzz: every adopted file damaged (hypothesis)",
+                      "a node's tmpfs (versions of 2 jobs, parity, floors.json) with one file "
+                      "damaged in one field (flipped, mistyped, removed, truncated, resealed) "
+                      "before a start on it: the node starts, adopts only committed versions, "
+                      "keeps every intact one, warns of every discard; one run = one example",
+                      reproduce(request.node.nodeid), runs=counts["examples"],
+                      survived=counts["survived"], seed=BASE_SEED,
+                      figures={"discarded": counts["discarded"]})
     assert counts["examples"] >= EXAMPLES // 2
     assert counts["discarded"] > 0, "no example discarded anything: the damage did nothing"
 

@@ -12,13 +12,15 @@ real clients.
   without a token listed every job. The binding now holds on every node.
 """
 
+import functools
 import hashlib
 import os
+import time
 import uuid
 
 import pytest
 import torch
-from harness import call, peer_call, wait_for
+from harness import BASE_SEED, RESULTS, call, peer_call, reproduce, wait_for
 
 from snapshotd.cluster import peerproto as pp
 from snapshotd.common import protocol as p
@@ -31,6 +33,25 @@ pytestmark = pytest.mark.timeout(120)
 
 ARGS = ["--insecure", "--memory-limit", "256MiB", "--heartbeat-interval", "0.2",
         "--peer-timeout", "1.5"]
+
+
+def row(name: str, description: str):
+    """Record the test as a campaign row (docs/reliability.md): one run, survived when it
+    passed."""
+    def wrap(test):
+        @functools.wraps(test)
+        def run(*args, **kwargs):
+            started, ok = time.monotonic(), False
+            try:
+                test(*args, **kwargs)
+                ok = True
+            finally:
+                nodeid = f"tests/faults/test_fault_tenants.py::{test.__name__}"
+                RESULTS.tally(name, description, reproduce(nodeid), runs=1, survived=int(ok),
+                              lost=int(not ok), stall=time.monotonic() - started,
+                              seed=BASE_SEED)
+        return run
+    return wrap
 
 
 @pytest.fixture
@@ -48,6 +69,11 @@ def where(spec, job, token="", **run):
     return call(spec, p.Where(job, token=token, **run)).nodes
 
 
+@row("tenants: two jobs of one name",
+     "2 daemons, two unrelated 1-rank jobs with the same name on two nodes (other runs), "
+     "TrainingState.restore surveying the cluster; no job name: refused with a message; a "
+     "torchrun restart of one run (ranks moved to other nodes) still restores: no job ever "
+     "restores the other's bytes")
 def test_two_jobs_of_one_name_never_restore_each_others_state(clusters, one_rank_group,
                                                                  monkeypatch):
     from snapshotd_client import SnapshotClient, SnapshotError, TrainingState
@@ -103,6 +129,11 @@ def test_two_jobs_of_one_name_never_restore_each_others_state(clusters, one_rank
 TOKEN_VICTIM, TOKEN_ATTACKER = "token-of-the-victim", "token-of-the-attacker"
 
 
+@row("tenants: two tenants on one cluster, --job-isolation",
+     "2 daemons with --job-isolation: a client holding another tenant's token reads, drops, "
+     "lists (Where, Status) and squats on the victim's job through either node (GetVersion, "
+     "DropNewer between daemons): every request refused (forbidden), the victim's versions "
+     "intact, restored bit for bit")
 def test_job_isolation_holds_on_every_node_of_the_cluster(clusters, monkeypatch):
     from snapshotd_client import SnapshotClient
 
