@@ -54,6 +54,62 @@ def give_large_buffers_back() -> bool:
         return False
 
 
+#: What the daemon needs beside the budget inside its memory cgroup (its own heap: the
+#: interpreter, ZeroMQ, bookkeeping outside the budget), at least.
+CGROUP_HEADROOM = 96 << 20
+
+
+def cgroup_memory_limit(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup"
+                        ) -> tuple[int, str] | None:
+    """The memory limit of this process's cgroup (v2 ``memory.max``, else v1
+    ``memory.limit_in_bytes``) and the file it was read from; None where there is none (or
+    it cannot be read). The daemon's segments are charged to it: a budget above it gets the
+    daemon killed by the kernel, not saves refused (review of issue 25, C)."""
+    try:
+        with open(proc) as fh:
+            lines = [line.rstrip("\n").split(":", 2) for line in fh]
+    except OSError:
+        return None
+    candidates = []
+    for parts in lines:
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            candidates.append(os.path.join(root, path.lstrip("/"), "memory.max"))
+        elif "memory" in controllers.split(","):
+            candidates.append(os.path.join(root, "memory", path.lstrip("/"),
+                                           "memory.limit_in_bytes"))
+    for name in candidates:
+        try:
+            with open(name) as fh:
+                text = fh.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < (1 << 60):    # v1 "unlimited" is ~2^63
+            return int(text), name
+    return None
+
+
+def fit_cgroup(memory_limit: int, found: tuple[int, str] | None) -> int:
+    """``--memory-limit`` lowered to what the cgroup leaves beside the daemon's own heap
+    (:data:`CGROUP_HEADROOM`, or a tenth of the cgroup's limit), with a warning; unchanged
+    where it fits."""
+    if found is None:
+        return memory_limit
+    limit, where = found
+    room = limit - max(CGROUP_HEADROOM, limit // 10)
+    if memory_limit <= room:
+        return memory_limit
+    fitted = max(room, 0)
+    log.warning("--memory-limit %d bytes does not fit this daemon's memory cgroup (%d bytes, "
+                "%s) with room for the daemon itself: the budget is lowered to %d bytes, so "
+                "saves beyond it are refused (memory_full) instead of the kernel killing the "
+                "daemon; raise the cgroup's limit (systemd MemoryMax=, the pod's memory "
+                "limit) or lower --memory-limit", memory_limit, limit, where, fitted)
+    return fitted
+
+
 class Daemon:
     """One node's daemon. ``start()`` then ``serve()``; ``stop()`` from a signal handler."""
 
@@ -63,7 +119,8 @@ class Daemon:
         self.context = context or zmq.Context()
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
-        self.store = Store(config.shm_dir, config.memory_limit, config.keep)
+        self.store = Store(config.shm_dir, fit_cgroup(config.memory_limit,
+                                                      cgroup_memory_limit()), config.keep)
         self.server: ControlServer | None = None
         self.cluster: ClusterNode | None = None
         self.http: MetricsServer | None = None
@@ -216,6 +273,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         daemon.serve()
-    finally:
-        daemon.close()
+    except Exception:  # noqa: BLE001
+        # Not a stop that was asked for: leave the node's memory (segments, parity, floors)
+        # as a SIGKILL would, for the restart to adopt; a graceful close would release it
+        # (review of issue 25, A: a failed reply took the daemon down and its close deleted
+        # every committed step).
+        log.critical("the control loop failed; exiting without releasing this node's "
+                     "memory (a restart adopts it)", exc_info=True)
+        logging.shutdown()
+        os._exit(70)
+    daemon.close()
     return 0

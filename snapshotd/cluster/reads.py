@@ -153,6 +153,9 @@ class PeerReads:
         ``Drop`` would: the group is told, so their parity goes too); only those of the
         requester's run identity (another job of the same name keeps its versions), and only
         for a requester of the job's token."""
+        if msg.rank < 0 or msg.newer_than < -1:
+            raise StoreError("bad_request", f"drop_newer of job {msg.job!r}: rank {msg.rank} "
+                             f"and newer_than {msg.newer_than} must be >= 0 and >= -1")
         self.check_owner(msg.job, msg.owner, msg.admin)
         before = {v.step for v in self.store.versions(msg.job)}
         count = self.store.drop(msg.job, msg.rank, None, msg.newer_than, run=msg.run)

@@ -198,8 +198,8 @@ class Recovery:
                 try:
                     self._recover_job(job, inv)
                 except Exception as exc:  # noqa: BLE001 - one job's failure spares the others
-                    log.log(logging.ERROR if job not in self.failures else logging.DEBUG,
-                            "%s", exc)
+                    log.log(logging.DEBUG if job in self.failures else
+                            logging.WARNING if self._late() else logging.ERROR, "%s", exc)
                     self.failures[job] = str(exc)
                 else:
                     self.failures.pop(job, None)
@@ -243,13 +243,17 @@ class Recovery:
             return
         if candidates:
             lost = [s for s in self.group.slots if s == self.me or not self.up(s)]
-            why = (f"group {self.group.index} lost slots {lost} (more than m={self.group.m})"
+            late = [s for s in lost if s != self.me]
+            why = (f"group {self.group.index} misses slots {lost} (more than m={self.group.m})"
                    if len(lost) > self.group.m else
-                   f"group {self.group.index} (lost slots {lost}) holds fewer than k="
+                   f"group {self.group.index} (missing slots {lost}) holds fewer than k="
                    f"{self.group.k} fragments of some stripe for every version")
+            then = (f"; slot(s) {late} are down now (lost, or only late: paused, restarting): "
+                    "the rebuild is tried again when they answer" if late else
+                    "; fall back to the newest persisted checkpoint")
             raise RebuildError(
                 f"{why}: job {job!r} step {candidates[0]} (and older) cannot be rebuilt for "
-                f"slot {self.me}; fall back to the newest persisted checkpoint"
+                f"slot {self.me} now{then}"
                 + (f" ({'; '.join(problems)})" if problems else ""))
 
     def _rebuild_common(self, job: str, rebuilt: int, inv: dict[int, pp.InventoryReply],

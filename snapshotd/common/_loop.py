@@ -123,8 +123,7 @@ class RouterLoop:
             if isinstance(exc, p.ProtocolError) and exc.req_id is not None:
                 req_id = exc.req_id          # refused while decoding: still matchable
             reply = self._error(exc)
-        msg, extra = reply if isinstance(reply, tuple) else (reply, [])
-        self._deliver([ident, p.encode(msg, req_id), *extra])
+        self._deliver(self._frames(ident, req_id, reply))
 
     def _work(self, ident: bytes, req_id: int, msg: Any, payload: list[zmq.Frame]) -> None:
         try:
@@ -139,10 +138,20 @@ class RouterLoop:
             self._pushes.append(sock)
         self._send(sock, ident, req_id, reply)
 
-    @staticmethod
-    def _send(sock: zmq.Socket, ident: bytes, req_id: int, reply: Any) -> None:
+    def _send(self, sock: zmq.Socket, ident: bytes, req_id: int, reply: Any) -> None:
+        sock.send_multipart(self._frames(ident, req_id, reply), copy=False)
+
+    def _frames(self, ident: bytes, req_id: int, reply: Any) -> list[Any]:
+        """The frames of ``reply``; a reply that cannot be encoded (a value JSON cannot
+        carry, such as a non-finite float from a damaged record) is answered ``internal``
+        instead: one bad reply never stops the loop (review of issue 25, A: it took the
+        daemon down, and its graceful stop released the node's memory)."""
         msg, extra = reply if isinstance(reply, tuple) else (reply, [])
-        sock.send_multipart([ident, p.encode(msg, req_id), *extra], copy=False)
+        try:
+            return [ident, p.encode(msg, req_id), *extra]
+        except Exception as exc:  # noqa: BLE001
+            log.exception("a %s reply could not be encoded", getattr(msg, "OP", "?"))
+            return [ident, p.encode(self._error(exc), req_id)]
 
     def _dispatch(self, msg: Any, payload: list[zmq.Frame]) -> Any:
         handler = getattr(self, "_on_" + msg.OP, None)

@@ -43,9 +43,13 @@ import xxhash
 
 from ..common import locks
 from ..common.protocol import ProtocolError, TensorEntry, check_job, check_table, decode_as
-from ._shm import SegmentDir
+from ._shm import SegmentDir, read_sealed, seal
 
 log = logging.getLogger("snapshotd.store")
+
+#: How far past the wall clock a saved or adopted stamp may be and still order this node's
+#: commits and drops (Store._plausible): a clock stepped back by up to this much is handled.
+STAMP_AHEAD = 7 * 86400
 
 __all__ = ["Store", "StoreError", "Slot", "Version", "Lease", "Hold", "process_identity"]
 
@@ -420,7 +424,8 @@ class Store:
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(self.dir.path, name))
         self._stamp_hw = max([self._stamp_hw, self._saved_stamp()] + [
-            v.committed_at for vs in self._versions.values() for v in vs.values()])
+            at for vs in self._versions.values() for v in vs.values()
+            if self._plausible(at := v.committed_at, "an adopted manifest's committed_at")])
         if retain:
             self.retain_all()
         return report
@@ -441,27 +446,52 @@ class Store:
             self._save_stamp(now)
         return now
 
-    def _raise_stamp(self, at: float) -> None:
-        """Stamps from now on come after ``at`` (a version rebuilt with its original's)."""
-        with self._lock:
-            self._stamp_hw = max(self._stamp_hw, at)
+    def raise_stamp(self, at: float, what: str = "a rebuilt version's committed_at") -> None:
+        """Stamps from now on come after ``at`` (a version rebuilt with its original's, a
+        drop recorded on disk), unless ``at`` is not plausible (:meth:`_plausible`)."""
+        if self._plausible(at, what):
+            with self._lock:
+                self._stamp_hw = max(self._stamp_hw, at)
+
+    _raise_stamp = raise_stamp
+
+    def _plausible(self, at: float, what: str) -> bool:
+        """Whether ``at`` may order this node's stamps: a finite time at most
+        :data:`STAMP_AHEAD` past the wall clock. A value further ahead is damage (a flipped
+        digit, ``Infinity``), not a clock: taken, it would stamp every later commit in
+        another century, or stop the stamps rising at all (at 1e17 s, 1 us is below the
+        float's resolution). Refused with a warning."""
+        if isinstance(at, int | float) and math.isfinite(at) and \
+                at <= self._clock() + STAMP_AHEAD:
+            return True
+        log.warning("%s %r is not a plausible time (more than %d days past this node's wall "
+                    "clock, or not finite): not used to order commits and drops", what, at,
+                    STAMP_AHEAD // 86400)
+        return False
 
     def _stamp_path(self) -> str:
         return os.path.join(self.dir.path, "stamp.json")
 
     def _saved_stamp(self) -> float:
-        try:
-            with open(self._stamp_path()) as fh:
-                value = json.load(fh).get("stamp", 0.0)
-            return float(value) if isinstance(value, int | float) else 0.0
-        except (OSError, ValueError, AttributeError):
+        """The stamp ``stamp.json`` keeps (sealed like every record in the directory), or 0
+        with a warning when it is damaged, mistyped or not plausible."""
+        record, problem = read_sealed(self._stamp_path())
+        if record is None and not problem:
+            return 0.0                                  # never written
+        value = None if record is None else record.get("stamp")
+        if problem or isinstance(value, bool) or not isinstance(value, int | float):
+            log.warning("%s: %s; ignored (the adopted manifests still order new commits "
+                        "after every one held)", self._stamp_path(),
+                        problem or f"'stamp' is {value!r}, not a number")
             return 0.0
+        return float(value) if self._plausible(value, f"{self._stamp_path()}: the stamp") \
+            else 0.0
 
     def _save_stamp(self, at: float) -> None:
         tmp = self._stamp_path() + f".{threading.get_ident()}.tmp"
         try:
             with open(tmp, "w") as fh:
-                json.dump({"stamp": at}, fh)
+                fh.write(seal(json.dumps({"stamp": at}, separators=(",", ":"))))
             os.replace(tmp, self._stamp_path())
         except OSError as exc:
             log.warning("could not keep the newest drop stamp in %s (%s): after a restart "

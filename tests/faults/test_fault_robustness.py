@@ -20,6 +20,7 @@ from harness import (
     drop_job,
     log_tail,
     lose,
+    peer_call,
     restore_check,
     save_on,
     status,
@@ -27,6 +28,7 @@ from harness import (
     wait_for,
 )
 
+from snapshotd.cluster import peerproto as pp
 from snapshotd.common import protocol as p
 
 pytest_plugins = ["faultfixtures"]
@@ -60,6 +62,18 @@ def test_regression_replacement_gives_up_its_rebuild_after_a_peer_pause(clusters
     held = {v.step for v in call(cluster.specs[1], p.ListVersions("job", 1), timeout=60).versions}
     assert 3 in held, held
     assert "on a later try" in log_tail(cluster.specs[1], 200)
+
+
+def test_regression_drop_newer_with_a_negative_rank_is_refused(clusters, zygote):
+    """Review of issue 25, E: a peer's ``DropNewer`` for rank -1 (or newer_than below -1)
+    was answered ``Ok``; it is refused (``bad_request``) and nothing held is touched."""
+    cluster = clusters(2, k=1, m=1, args=FAST)
+    cluster.start()
+    save_on(zygote, cluster, "job", 1, 2, 0.25)
+    for rank, newer in ((-1, 0), (0, -5)):
+        reply, _ = peer_call(cluster.specs[0], pp.DropNewer("job", rank, newer))
+        assert isinstance(reply, p.Error) and reply.code == "bad_request", reply
+    assert [v.step for v in call(cluster.specs[0], p.ListVersions("job", 0)).versions] == [1, 2]
 
 
 # --------------------------------------------------------------------------- campaign rows
