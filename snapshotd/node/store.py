@@ -439,6 +439,12 @@ class Store:
         with self._lock:
             self._stamp_hw = max(self._stamp_hw, at)
 
+    def raise_stamp(self, at: float) -> None:
+        """Stamps from now on come after ``at``: a stamp this node gave before, kept somewhere
+        that outlives this memory (the persistence tier's drop logs and markers, read at start:
+        a memory lost with a wall clock stepped back must not stamp new commits below them)."""
+        self._raise_stamp(at)
+
     def _stamp_path(self) -> str:
         return os.path.join(self.dir.path, "stamp.json")
 
