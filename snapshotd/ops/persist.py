@@ -428,12 +428,10 @@ class Persister:
             held, why = read_sealed(path)
             on_disk = held.get("drops") if held is not None and not why else None
             if (held is not None or why) and not isinstance(on_disk, list):
-                # A damaged log of ours: what it held is lost, so every version this node
-                # committed before now counts as abandoned (as while the log was damaged).
-                log.error("drop log %s is damaged (%s): written anew with a drop of every "
-                          "step this node committed before now", path, why or "no drops")
-                on_disk = [{"at": self.store.stamp(durable=True), "step": None,
-                            "newer_than": None, "timeline": 0, "node": self.node}]
+                # A damaged log of ours is kept as it is (the versions it covers answer
+                # corrupt until an operator removes it); the record stays in memory.
+                raise OSError(errno.EIO, f"the drop log is damaged ({why or 'no drops'}); "
+                              "remove it once no restore of an older step is to be kept", path)
             with self._lock:
                 mine = list(self._drops.get((job, r), []))
             records = [d for d in (on_disk if isinstance(on_disk, list) else [])
@@ -469,8 +467,8 @@ class Persister:
                 damaged.add(m.group(2))
                 self._warn(path, f"drop log {path} is damaged ({why or 'not a drop log'}): "
                            f"the persisted versions of rank {rank} that node {m.group(2)} "
-                           "wrote are not served (they may have been abandoned by a restore "
-                           "of an older step); remove the file if no such restore was made")
+                           "wrote answer corrupt (a restore of an older step may have "
+                           "abandoned them); remove the file if no such restore was made")
                 continue
             records += [d for d in drops if isinstance(d, dict)]
         with self._lock:
@@ -480,11 +478,9 @@ class Persister:
     def _abandoned(self, job: str, rank: int, step: int, committed_at: float, node: str,
                    drops: tuple[list[dict[str, Any]], set[str]] | None = None) -> bool:
         """Whether a drop made on ``node`` (the node that committed the version: its stamps
-        are ordered, another node's are another clock) after the commit selects the version;
-        or ``node``'s drop log of the rank is damaged."""
-        records, damaged = self._drops_of(job, rank) if drops is None else drops
-        if node in damaged:
-            return True
+        are ordered, another node's are another clock) after the commit selects the version.
+        (A damaged drop log is :meth:`load`'s to refuse.)"""
+        records = (self._drops_of(job, rank) if drops is None else drops)[0]
         for d in records:
             try:
                 if d.get("node") == node and float(d["at"]) > committed_at and \
@@ -716,7 +712,13 @@ class Persister:
             raise self._damaged(path, job, rank, step, "its manifest and the markers disagree "
                                 "(a persist cut short, or a file changed)",
                                 set_aside=not writing)
-        if self._abandoned(job, rank, step, committed_at, node):
+        drops = self._drops_of(job, rank)
+        if node in drops[1]:
+            raise StoreError("corrupt", f"job {job!r} rank {rank} step {step}: the drop log "
+                             f"{self._drop_log(job, rank, node)} of the node that wrote it is "
+                             "damaged, so whether a restore of an older step abandoned it is "
+                             "unknown; remove that file if no such restore was made")
+        if self._abandoned(job, rank, step, committed_at, node, drops):
             raise StoreError("not_found", f"job {job!r} rank {rank} step {step} in the "
                              "persistence tier was abandoned (a restore of an older step "
                              "dropped it)")
