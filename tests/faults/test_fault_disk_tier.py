@@ -263,18 +263,28 @@ def test_finding7_an_older_persisted_step_is_restored_and_exported(clusters, tmp
         assert client.last_restore.tier == "disk"
 
 
-@pytest.fixture
-def small_disk(tmp_path):
+def tmpfs(tmp_path, size):
+    """A ``size`` tmpfs mounted under ``tmp_path`` (a disk that fills up), unmounted after."""
     if os.geteuid() != 0:
         pytest.skip("a full disk is a small tmpfs, which needs root to mount")
     path = tmp_path / "small"
     path.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(path)],
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
                           capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
     yield path
     subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    yield from tmpfs(tmp_path, "2m")
+
+
+@pytest.fixture
+def disk_4m(tmp_path):
+    yield from tmpfs(tmp_path, "4m")
 
 
 def test_finding7_a_full_disk_says_disk_full_and_leaves_no_temporaries(clusters, small_disk):
@@ -370,14 +380,14 @@ def restores_step_10_not_15(cluster, spec, job, manifest):
     assert "corrupt" in log_tail(spec, 200)
 
 
-def test_review24_a_full_disk_brings_the_abandoned_step_back(clusters, small_disk):
+def test_review24_a_full_disk_brings_the_abandoned_step_back(clusters, disk_4m):
     """restore(5) on a full disk: the drop log cannot be written, the abandoned step 10 is
     removed all the same, so after a memory loss the restore is 5, never 10 (e3)."""
-    cluster, spec = one_node(clusters, small_disk, "--keep", "12", "--persist-keep", "4")
+    cluster, spec = one_node(clusters, disk_4m, "--keep", "12", "--persist-keep", "4")
     n = 256 << 10                                       # 1 MiB a step
     save(spec, "fd", range(1, 11), n=n)
     wait_for(lambda: persists(spec) >= 2, 20, "steps 5 and 10 persisted")
-    filler = small_disk / "filler"
+    filler = disk_4m / "filler"
     with open(filler, "wb") as fh:
         with pytest.raises(OSError):
             while True:
@@ -387,7 +397,7 @@ def test_review24_a_full_disk_brings_the_abandoned_step_back(clusters, small_dis
         assert value(client.restore(step=5)) == (5, 5.0, 5)
         for step in (6, 7):
             client.save(step, state(1000 + step, n)).result()
-    assert not glob.glob(f"{small_disk}/fd/step-000000000010/rank-0.*"), "10 not removed"
+    assert not glob.glob(f"{disk_4m}/fd/step-000000000010/rank-0.*"), "10 not removed"
     assert "could not be recorded" in log_tail(spec, 200)
     lose_memory(cluster)
     with SnapshotClient(spec.control, job="fd", rank=0) as client:
