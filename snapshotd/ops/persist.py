@@ -200,7 +200,11 @@ class Persister:
         if not versions:
             raise StoreError("not_found", f"job {job!r} step {step} is not in memory here")
         self._claim(job, self.store.owner(job))
-        self._save_drops(job)                  # drops a full disk kept from the logs
+        try:
+            self._save_drops(job)              # drops a full disk kept from the logs
+        except OSError as exc:
+            log.warning("job %r: drops made here are still not in the persistence tier's drop "
+                        "logs (%s); they are kept in memory", job, exc)
         final = self.step_dir(job, step)
         os.makedirs(final, mode=0o700, exist_ok=True)
         started = time.perf_counter()
@@ -442,7 +446,8 @@ class Persister:
             self._publish(path, _sealed({"format": _FORMAT, "node": self.node, "rank": r,
                                          "drops": records[-_DROPS_KEPT:]}))
             with self._lock:
-                self._unsaved.discard((job, r))
+                if self._drops.get((job, r), []) == mine:     # none added meanwhile
+                    self._unsaved.discard((job, r))
 
     def _drops_of(self, job: str, rank: int) -> tuple[list[dict[str, Any]], set[str]]:
         """The drops of (job, rank) every node recorded, and the nodes whose drop log of the
