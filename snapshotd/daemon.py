@@ -148,8 +148,10 @@ class Daemon:
         if self.persister is not None and self.cluster is not None and \
                 self.cluster.reads is not None:
             persister = self.persister
+            # A peer's DropNewer may come late (sent again until answered): it removes only
+            # the persisted versions this node committed before it.
             self.cluster.reads.on_dropped = lambda job, rank, newer_than: persister.dropped(
-                job, [rank], newer_than=newer_than)
+                job, [rank], newer_than=newer_than, everyone=False)
         self.store.retain_all()
         self.registry.register(StoreCollector(
             self.store, peers=self.cluster.heartbeats.status if self.cluster else None,

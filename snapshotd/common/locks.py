@@ -49,6 +49,7 @@ ORDER: tuple[str, ...] = (
     "relay",              # report relay: neighbours and forwarded reports
     "relay.done",         # the relay's push counter (condition)
     "store",              # slots, versions, leases, pool, pins' effect on retention
+    "persist",            # the persistence tier's queue, writes in flight, unsaved drops
     "peers",              # peer links: sockets per thread
     "hash-pool",          # the checksum thread pool's creation
     # (common/channel.py's lock, one request/reply socket, is a leaf too; the client shares

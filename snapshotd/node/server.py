@@ -25,6 +25,9 @@ from .store import Store, StoreError
 __all__ = ["ControlServer"]
 
 log = logging.getLogger("snapshotd.server")
+#: What a load of a listed persisted step may fail with where a restore of the newest step
+#: goes on to the next older one, worst first (the error answered when every one failed).
+_FALL_BACK = ("corrupt", "disk_error", "not_found")
 
 
 class ControlServer(RouterLoop):
@@ -244,7 +247,10 @@ class ControlServer(RouterLoop):
     def _lease_any_tier(self, m: p.Open) -> tuple[Any, str]:
         """Lease from memory; if memory has nothing fitting, load from the persistence tier:
         the step asked for, or the newest complete persisted step, falling back to older ones
-        while the newer are damaged (``corrupt``: each is set aside as it is found)."""
+        while the newer cannot be loaded (``corrupt``: each is set aside as it is found;
+        ``not_found``: trimmed or dropped since it was listed; ``disk_error``). A named step
+        gets its error; an unnamed one whose every listed step failed gets the worst of them
+        (``corrupt`` before ``disk_error`` before ``not_found``), never a bare "none"."""
         try:
             return self.store.lease(m.job, m.rank, m.pid, m.step, m.max_step,
                                     mapped=m.map, run=m.run), "memory"
@@ -261,23 +267,22 @@ class ControlServer(RouterLoop):
                 on_disk = [s for s in on_disk if s > max(in_memory)]
             if not on_disk:
                 raise
-            first: StoreError | None = None
+            failed: list[StoreError] = []
             for step in reversed(on_disk):
                 try:
                     lease = self.persister.load(m.job, m.rank, step, m.pid, mapped=m.map,
                                                 run=m.run)
                 except StoreError as err:
-                    if m.step is not None or err.code != "corrupt":
+                    if m.step is not None or err.code not in _FALL_BACK:
                         raise
-                    first = first or err
-                    log.error("job %r rank %d: persisted step %d is damaged; trying an "
-                              "older one (%s)", m.job, m.rank, step, err.message)
+                    failed.append(err)
+                    log.error("job %r rank %d: persisted step %d cannot be loaded (%s); trying "
+                              "an older one (%s)", m.job, m.rank, step, err.code, err.message)
                     continue
                 log.warning("job %r rank %d step %d served from the persistence tier", m.job,
                             m.rank, step)
                 return lease, "disk"
-            assert first is not None
-            raise first from None
+            raise min(failed, key=lambda e: _FALL_BACK.index(e.code)) from None
 
     def _on_persist(self, m: p.Persist, _: Any = None) -> p.Ok:
         self._authorize(m)

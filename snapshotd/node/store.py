@@ -447,8 +447,11 @@ class Store:
         return now
 
     def raise_stamp(self, at: float, what: str = "a rebuilt version's committed_at") -> None:
-        """Stamps from now on come after ``at`` (a version rebuilt with its original's, a
-        drop recorded on disk), unless ``at`` is not plausible (:meth:`_plausible`)."""
+        """Stamps from now on come after ``at``: a stamp this node gave before, kept somewhere
+        that outlives this memory (a version rebuilt with its original's; the persistence
+        tier's drop logs and markers, read at start: a memory lost with a wall clock stepped
+        back must not stamp new commits below them), unless ``at`` is not plausible
+        (:meth:`_plausible`)."""
         if self._plausible(at, what):
             with self._lock:
                 self._stamp_hw = max(self._stamp_hw, at)

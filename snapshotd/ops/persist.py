@@ -6,7 +6,7 @@ removed by another, except where a drop of a rank removes that rank's files (doc
 "Persistence tier")::
 
     DIR/<job>/owner                           hex SHA-256 of the job's token (--job-isolation)
-    DIR/<job>/drops/rank-3.json               rank 3's drops: its timeline (newest 64)
+    DIR/<job>/drops/rank-3.<node>.json        the drops of rank 3 made on <node> (newest 64)
     DIR/<job>/step-000000000120/rank-3.bin    the rank's slot bytes
     DIR/<job>/step-000000000120/rank-3.json   its manifest (tensors with checksums, meta,
                                               commit time, timeline, owner)
@@ -19,10 +19,12 @@ Every file is written under a temporary name unique to the node and process
 and a daemon removes those of its node (a daemon killed mid-persist) when it starts. A step is
 *complete* when the markers name every rank of its world (``world_size``; the markers' ranks
 where the job did not say) and each rank's manifest is there; only complete steps are listed,
-restored and exported. A rank's version is *abandoned* when its rank's drop log holds a drop
-made after it was committed that selects its step (a restore of an older step starts a new
-timeline): it is removed by the drop, and never served should a persist in flight have
-written it after. ``snapshotctl export`` turns any version (in memory or here) into a
+restored and exported. Manifests, markers and drop logs are sealed (``_shm.seal``: an XXH3-64
+``check`` over the record's text). A rank's version is *abandoned* when the drop log of the
+node that committed it holds a drop made there after the commit (the node's stamps: one
+clock, never compared with another node's) that selects its step (a restore of an older step
+starts a new timeline): it is removed by the drop, and never served should a persist in flight
+have written it after. ``snapshotctl export`` turns any version (in memory or here) into a
 ``torch.distributed.checkpoint`` directory. When memory cannot serve a restore (every daemon
 restarted empty, or more than ``m`` nodes lost), the newest complete persisted step is loaded
 back, checked against its checksums (a damaged one is set aside and the next older one tried),
@@ -49,7 +51,9 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..common.protocol import TensorEntry
+from ..common import locks
+from ..common.protocol import ProtocolError, TensorEntry, check_table
+from ..node._shm import read_sealed, seal, unseal
 from ..node.store import Hold, Lease, Store, StoreError, Version
 
 __all__ = ["Persister", "node_name"]
@@ -57,12 +61,18 @@ __all__ = ["Persister", "node_name"]
 log = logging.getLogger("snapshotd.persist")
 _STEP_RE = re.compile(r"step-(\d{12})")
 _RANK_RE = re.compile(r"rank-(\d+)\.json")
+#: A drop log: ``rank-<rank>.<node>.json`` (one file per rank and node: no node rewrites
+#: another's records).
+_DROPS_RE = re.compile(r"rank-(\d+)\.([A-Za-z0-9_-]+)\.json")
 _PIECE = 8 << 20
 #: Drops kept per rank in its drop log (older ones cannot select a version still on disk).
 _DROPS_KEPT = 64
 #: Temporaries of other nodes older than this are removed at start too (a node gone for good).
 _STALE_TMP_S = 24 * 3600.0
-_FORMAT = 2
+_FORMAT = 3
+#: Codes of a failed install that say nothing about the persisted files (everything else a
+#: load finds wrong is damage: ``corrupt``).
+_NOT_DAMAGE = frozenset({"memory_full", "shutting_down", "forbidden"})
 
 
 def node_name(slot: int) -> str:
@@ -94,16 +104,24 @@ class Persister:
         self._queue: queue.Queue[tuple[str, int, list[Lease] | None] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="snapshotd-persist", daemon=True)
         #: Guards the drop logs' read-modify-write and ``_failing``.
-        self._lock = threading.Lock()
+        self._lock = locks.lock("persist")
         #: (job, rank) -> drops made here since the start (also in the drop logs on disk,
         #: where writing them may fail: a full disk)
         self._drops: dict[tuple[str, int], list[dict[str, Any]]] = {}
         self._failing = ""        # the code of the failure streak under way ('' when none)
+        #: (job, rank) of drop logs whose write failed (a full disk): written again with the
+        #: next drop or persist of the job.
+        self._unsaved: set[tuple[str, int]] = set()
+        #: (job, step) being written here: a manifest newer than its marker is not damage.
+        self._writing: set[tuple[str, int]] = set()
+        #: Damaged records already named in the log (one line each, not one per listing).
+        self._warned: set[str] = set()
         os.makedirs(root, mode=0o700, exist_ok=True)
         removed = self._remove_temporaries()
         if removed:
             log.warning("removed %d temporaries of persists that did not finish in %s: %s",
                         len(removed), root, ", ".join(removed[:8]))
+        self._raise_stamps()
 
     def start(self) -> Persister:
         self._thread.start()
@@ -183,32 +201,43 @@ class Persister:
         if not versions:
             raise StoreError("not_found", f"job {job!r} step {step} is not in memory here")
         self._claim(job, self.store.owner(job))
+        try:
+            self._save_drops(job)              # drops a full disk kept from the logs
+        except OSError as exc:
+            log.warning("job %r: drops made here are still not in the persistence tier's drop "
+                        "logs (%s); they are kept in memory", job, exc)
         final = self.step_dir(job, step)
         os.makedirs(final, mode=0o700, exist_ok=True)
         started = time.perf_counter()
         tag = secrets.token_hex(3)              # this write's temporaries
         written: list[Version] = []
         fresh = 0
+        with self._lock:
+            self._writing.add((job, step))
         try:
             marked = self._markers(final)
             for v in versions:
-                if self._abandoned(job, v.rank, step, v.committed_at):
+                if self._abandoned(job, v.rank, step, v.committed_at, self.node):
                     continue               # dropped since (a new timeline)
-                if marked.get(v.rank, {}).get("committed_at") == v.committed_at and \
-                        os.path.exists(os.path.join(final, f"rank-{v.rank}.json")):
+                mine = [e for e in marked.get(v.rank, []) if e["node"] == self.node]
+                if any(e["committed_at"] == v.committed_at for e in mine) and \
+                        self._manifest_is(final, v.rank, self.node, v.committed_at):
                     written.append(v)      # persisted already
                     continue
                 self._write_rank(final, v, tag)
                 written.append(v)
                 fresh += v.nbytes
             # A drop that came while the bytes were written: those ranks are abandoned.
-            gone = [v for v in written if self._abandoned(job, v.rank, step, v.committed_at)]
+            gone = [v for v in written
+                    if self._abandoned(job, v.rank, step, v.committed_at, self.node)]
             for v in gone:
                 self._remove_rank(final, v.rank)
             written = [v for v in written if v not in gone]
             if written:
                 self._write_marker(final, written, tag)
         finally:
+            with self._lock:
+                self._writing.discard((job, step))
             self._remove_temporaries_in(final, tag)
         try:
             self._trim(job)
@@ -267,16 +296,14 @@ class Persister:
                     "timeline": timeline, "owner": self.store.owner(v.job),
                     "run": v.run, "node": self.node, "meta": v.meta,
                     "tensors": [t.__dict__ | {"shape": list(t.shape)} for t in v.tensors]}
-        self._publish(os.path.join(directory, f"rank-{v.rank}.json"),
-                      json.dumps(manifest).encode(), tag)
+        self._publish(os.path.join(directory, f"rank-{v.rank}.json"), _sealed(manifest), tag)
 
     def _write_marker(self, directory: str, versions: list[Version], tag: str) -> None:
         marker = {"format": _FORMAT, "node": self.node, "written_at": time.time(),
                   "ranks": {str(v.rank): {"committed_at": v.committed_at,
                                           "world_size": v.world_size, "run": v.run}
                             for v in versions}}
-        self._publish(os.path.join(directory, f"node-{self.node}.done"),
-                      json.dumps(marker).encode(), tag)
+        self._publish(os.path.join(directory, f"node-{self.node}.done"), _sealed(marker), tag)
 
     def _throttle(self, nbytes: int, spent: float) -> None:
         if self.rate > 0:
@@ -294,11 +321,13 @@ class Persister:
                 continue
             directory = self.step_dir(job, step)
             mine = os.path.join(directory, f"node-{self.node}.done")
-            marker = _read_json(mine)
+            marker, _ = read_sealed(mine)
             if marker is None:
                 continue
             for rank in marker.get("ranks", {}):
-                self._remove_rank(directory, int(rank))
+                # Not a rank another node wrote since (a rank that moved nodes).
+                if self._manifest_node(directory, int(rank)) in (self.node, None):
+                    self._remove_rank(directory, int(rank))
             _unlink(mine)
             try:
                 os.rmdir(directory)       # once every node trimmed its part
@@ -329,27 +358,51 @@ class Persister:
     # ------------------------------------------------------------------ drops (timelines)
 
     def dropped(self, job: str, ranks: Iterable[int], step: int | None = None,
-                newer_than: int | None = None, timeline: int = 0) -> int:
-        """A drop of (job, ranks) reached memory: record it in each rank's drop log and remove
-        the persisted versions it selects (``rank=None`` of an operator's drop: the ranks
-        held here and those this node persisted). Never raises: the drop in memory stands.
-        Returns how many persisted versions were removed."""
+                newer_than: int | None = None, timeline: int = 0,
+                everyone: bool = True) -> int:
+        """A drop of (job, ranks) reached memory: record it in each rank's drop log (this
+        node's) and remove the persisted versions it selects (``rank=None`` of an operator's
+        drop: the ranks held here and those this node persisted). ``everyone``: the drop is
+        made now, here (a restore's or an operator's ``Drop``), so every node's selected
+        versions of the ranks belong to the abandoned timeline and are removed; else (a peer's
+        ``DropNewer``, which may arrive late, after the new timeline was persisted by another
+        node) only those this node committed before the drop. The versions are removed even
+        where the log cannot be written (a full disk: unlinking needs no space; the drop is
+        kept in memory and written with the next drop or persist). Never raises: the drop in
+        memory stands. Returns how many persisted versions were removed."""
         chosen = set(ranks)
         # The store's stamp, not time.time(): after every commit on this node even with its
         # wall clock stepped back (a version committed before the drop is abandoned).
-        record = {"at": self.store.stamp(durable=True), "step": step, "newer_than": newer_than,
-                  "timeline": timeline, "node": self.node}
+        at = self.store.stamp(durable=True)
+        record = {"at": at, "step": step, "newer_than": newer_than, "timeline": timeline,
+                  "node": self.node}
         removed = 0
-        try:
-            for rank in sorted(chosen):
-                self._record_drop(job, rank, record)
-                for s in self._step_numbers(job):
-                    if _selects(record, s) and self._remove_rank(self.step_dir(job, s), rank):
+        for rank in sorted(chosen):
+            with self._lock:
+                self._drops.setdefault((job, rank), []).append(record)
+                del self._drops[(job, rank)][:-_DROPS_KEPT]
+                self._unsaved.add((job, rank))
+            try:
+                self._save_drops(job, rank)
+            except OSError as exc:
+                log.warning("job %r rank %d: the drop (%s) could not be recorded in the "
+                            "persistence tier (%s); the versions it selects there are removed "
+                            "all the same, and the record is written with the next drop or "
+                            "persist of the job", job, rank, record, exc)
+            for s in self._step_numbers(job):
+                if not _selects(record, s):
+                    continue
+                directory = self.step_dir(job, s)
+                try:
+                    if not everyone and not self._manifest_is(directory, rank, self.node,
+                                                              below=at):
+                        continue
+                    if self._remove_rank(directory, rank):
                         removed += 1
-        except OSError as exc:
-            log.warning("job %r ranks %s: the drop (%s) could not reach the persistence tier: "
-                        "%s; the versions it selects there are abandoned all the same (the "
-                        "drop is kept in memory)", job, sorted(chosen), record, exc)
+                except OSError as exc:
+                    log.error("job %r rank %d step %d: the persisted version a drop abandons "
+                              "could not be removed (%s); it is not served while this daemon "
+                              "runs, remove %s by hand", job, rank, s, exc, directory)
         if removed:
             log.info("job %r ranks %s: removed %d persisted versions (a drop: step %s, newer "
                      "than %s)", job, sorted(chosen), removed, step, newer_than)
@@ -359,52 +412,137 @@ class Persister:
         """The ranks of ``job`` this node's markers name (an operator's drop of every rank)."""
         out: set[int] = set()
         for s in self._step_numbers(job):
-            marker = _read_json(os.path.join(self.step_dir(job, s), f"node-{self.node}.done"))
+            marker, _ = read_sealed(os.path.join(self.step_dir(job, s),
+                                                 f"node-{self.node}.done"))
             out |= {int(r) for r in (marker or {}).get("ranks", {})}
         return out
 
-    def _drop_log(self, job: str, rank: int) -> str:
-        return os.path.join(self.root, job, "drops", f"rank-{rank}.json")
+    def _drops_dir(self, job: str) -> str:
+        return os.path.join(self.root, job, "drops")
 
-    def _record_drop(self, job: str, rank: int, record: dict[str, Any]) -> None:
+    def _drop_log(self, job: str, rank: int, node: str = "") -> str:
+        return os.path.join(self._drops_dir(job), f"rank-{rank}.{node or self.node}.json")
+
+    def _save_drops(self, job: str, rank: int | None = None) -> None:
+        """Write this node's drop logs of ``job`` (of ``rank``) that memory holds records of
+        not yet on disk: the records on disk and those in memory, the newest 64. Raises
+        OSError (the record stays in memory, marked unsaved)."""
         with self._lock:
-            self._drops.setdefault((job, rank), []).append(record)
-            del self._drops[(job, rank)][:-_DROPS_KEPT]
-            path = self._drop_log(job, rank)
-            held = _read_json(path)
-            records = held if isinstance(held, list) else []
-            records = (records + [record])[-_DROPS_KEPT:]
+            todo = sorted(r for j, r in self._unsaved if j == job and rank in (None, r))
+        for r in todo:
+            path = self._drop_log(job, r)
+            held, why = read_sealed(path)
+            on_disk = held.get("drops") if held is not None and not why else None
+            if (held is not None or why) and not isinstance(on_disk, list):
+                # A damaged log of ours is kept as it is (the versions it covers answer
+                # corrupt until an operator removes it); the record stays in memory.
+                raise OSError(errno.EIO, f"the drop log is damaged ({why or 'no drops'}); "
+                              "remove it once no restore of an older step is to be kept", path)
+            with self._lock:
+                mine = list(self._drops.get((job, r), []))
+            records = [d for d in (on_disk if isinstance(on_disk, list) else [])
+                       if isinstance(d, dict) and d not in mine] + mine
+            records.sort(key=lambda d: float(d["at"]) if isinstance(d.get("at"), (int, float))
+                         else 0.0)
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            self._publish(path, json.dumps(records).encode())
+            self._publish(path, _sealed({"format": _FORMAT, "node": self.node, "rank": r,
+                                         "drops": records[-_DROPS_KEPT:]}))
+            with self._lock:
+                if self._drops.get((job, r), []) == mine:     # none added meanwhile
+                    self._unsaved.discard((job, r))
 
-    def _drops_of(self, job: str, rank: int) -> list[dict[str, Any]]:
-        held = _read_json(self._drop_log(job, rank))
+    def _drops_of(self, job: str, rank: int) -> tuple[list[dict[str, Any]], set[str]]:
+        """The drops of (job, rank) every node recorded, and the nodes whose drop log of the
+        rank is damaged (not sealed, truncated, changed): what they abandoned is unknown."""
+        records: list[dict[str, Any]] = []
+        damaged: set[str] = set()
+        try:
+            names = os.listdir(self._drops_dir(job))
+        except OSError:
+            names = []
+        for name in names:
+            m = _DROPS_RE.fullmatch(name)
+            if m is None or int(m.group(1)) != rank:
+                continue
+            path = os.path.join(self._drops_dir(job), name)
+            held, why = read_sealed(path)
+            if held is None and not why:
+                continue                   # removed meanwhile
+            drops = held.get("drops") if held is not None else None
+            if why or held is None or not isinstance(drops, list) or \
+                    held.get("node") != m.group(2):
+                damaged.add(m.group(2))
+                self._warn(path, f"drop log {path} is damaged ({why or 'not a drop log'}): "
+                           f"the persisted versions of rank {rank} that node {m.group(2)} "
+                           "wrote answer corrupt (a restore of an older step may have "
+                           "abandoned them); remove the file if no such restore was made")
+                continue
+            records += [d for d in drops if isinstance(d, dict)]
         with self._lock:
-            mine = list(self._drops.get((job, rank), []))
-        return (held if isinstance(held, list) else []) + mine
+            records += self._drops.get((job, rank), [])
+        return records, damaged
 
-    def _abandoned(self, job: str, rank: int, step: int, committed_at: float,
-                   drops: list[dict[str, Any]] | None = None) -> bool:
-        """Whether a drop made after the version was committed selects it."""
-        for d in self._drops_of(job, rank) if drops is None else drops:
+    def _abandoned(self, job: str, rank: int, step: int, committed_at: float, node: str,
+                   drops: tuple[list[dict[str, Any]], set[str]] | None = None) -> bool:
+        """Whether a drop made on ``node`` (the node that committed the version: its stamps
+        are ordered, another node's are another clock) after the commit selects the version.
+        (A damaged drop log is :meth:`load`'s to refuse.)"""
+        records = (self._drops_of(job, rank) if drops is None else drops)[0]
+        for d in records:
             try:
-                if float(d["at"]) > committed_at and _selects(d, step):
+                if d.get("node") == node and float(d["at"]) > committed_at and \
+                        _selects(d, step):
                     return True
             except (KeyError, TypeError, ValueError):
                 continue
         return False
 
     def _timeline_of(self, job: str, rank: int, committed_at: float) -> dict[str, Any]:
-        """The timeline a version was committed in: the newest drop before its commit that
-        named one (token 0, base -1: none known)."""
-        before = [d for d in self._drops_of(job, rank)
-                  if isinstance(d.get("at"), (int, float)) and d["at"] <= committed_at
-                  and d.get("timeline")]
+        """The timeline a version committed here was committed in: the newest drop made here
+        before its commit that named one (token 0, base -1: none known)."""
+        before = [d for d in self._drops_of(job, rank)[0]
+                  if d.get("node") == self.node and isinstance(d.get("at"), (int, float))
+                  and d["at"] <= committed_at and d.get("timeline")]
         if not before:
             return {"token": 0, "base": -1}
         last = max(before, key=lambda d: d["at"])
         base = last.get("newer_than")
         return {"token": last["timeline"], "base": -1 if base is None else base}
+
+    def _raise_stamps(self) -> None:
+        """At start, before the daemon serves: the store's stamps from now on come after every
+        stamp this node left in the persistence tier (its drops and the commit times in its
+        markers). A memory lost with the wall clock stepped back took ``stamp.json`` with it;
+        a new commit stamped below an older drop of this node would look abandoned."""
+        newest = 0.0
+        try:
+            jobs = os.listdir(self.root)
+        except OSError:
+            return
+        for job in jobs:
+            for rank in self._own_drop_ranks(job):
+                held, why = read_sealed(self._drop_log(job, rank))
+                for d in (held or {}).get("drops", []) if not why else []:
+                    if isinstance(d, dict) and isinstance(d.get("at"), (int, float)):
+                        newest = max(newest, float(d["at"]))
+            for s in self._step_numbers(job):
+                marker, why = read_sealed(os.path.join(self.step_dir(job, s),
+                                                       f"node-{self.node}.done"))
+                ranks = (marker or {}).get("ranks", {}) if not why else {}
+                for said in ranks.values() if isinstance(ranks, dict) else []:
+                    at = said.get("committed_at") if isinstance(said, dict) else None
+                    if isinstance(at, (int, float)):
+                        newest = max(newest, float(at))
+        if newest:
+            self.store.raise_stamp(newest)
+
+    def _own_drop_ranks(self, job: str) -> list[int]:
+        try:
+            names = os.listdir(self._drops_dir(job))
+        except OSError:
+            return []
+        return [int(m.group(1)) for n in names
+                if (m := _DROPS_RE.fullmatch(n)) and m.group(2) == self.node]
 
     # ------------------------------------------------------------------ reading
 
@@ -418,9 +556,18 @@ class Persister:
             return []
         return sorted(int(m.group(1)) for n in names if (m := _STEP_RE.fullmatch(n)))
 
-    def _markers(self, directory: str) -> dict[int, dict[str, Any]]:
-        """rank -> what the newest marker naming it says (committed_at, world_size)."""
-        out: dict[int, dict[str, Any]] = {}
+    def _warn(self, key: str, message: str) -> None:
+        """Log a damaged record once (listings read it again and again)."""
+        with self._lock:
+            first = key not in self._warned
+            self._warned.add(key)
+        if first:
+            log.error("%s", message)
+
+    def _markers(self, directory: str) -> dict[int, list[dict[str, Any]]]:
+        """rank -> what each marker naming it says: {node, committed_at, world_size}. A
+        damaged marker (its seal does not match) names nothing."""
+        out: dict[int, list[dict[str, Any]]] = {}
         try:
             names = os.listdir(directory)
         except OSError:
@@ -428,27 +575,65 @@ class Persister:
         for name in names:
             if not (name.startswith("node-") and name.endswith(".done")):
                 continue
-            marker = _read_json(os.path.join(directory, name))
-            if not isinstance(marker, dict) or not isinstance(marker.get("ranks"), dict):
+            path = os.path.join(directory, name)
+            marker, why = read_sealed(path)
+            if marker is None and not why:
+                continue                   # removed meanwhile
+            if why or not isinstance(marker, dict) or not isinstance(marker.get("ranks"), dict):
+                self._warn(path, f"persisted marker {path} is damaged ({why or 'no ranks'}); "
+                           "the ranks it names are not complete there")
                 continue
             for rank, said in marker["ranks"].items():
                 try:
-                    entry = {"committed_at": float(said["committed_at"]),
+                    entry = {"node": str(marker["node"]),
+                             "committed_at": float(said["committed_at"]),
                              "world_size": int(said.get("world_size", 0)),
                              "run": str(said.get("run", ""))}
                     r = int(rank)
                 except (KeyError, TypeError, ValueError):
                     continue
-                if r not in out or entry["committed_at"] > out[r]["committed_at"]:
-                    out[r] = entry
+                out.setdefault(r, []).append(entry)
         return out
 
+    def _manifest(self, directory: str, rank: int) -> tuple[dict[str, Any] | None, str]:
+        return read_sealed(os.path.join(directory, f"rank-{rank}.json"))
+
+    def _manifest_node(self, directory: str, rank: int) -> str | None:
+        """The node that wrote a rank's manifest (None: no manifest, or a damaged one)."""
+        m, why = self._manifest(directory, rank)
+        return None if m is None or why else str(m.get("node", ""))
+
+    def _manifest_is(self, directory: str, rank: int, node: str,
+                     committed_at: float | None = None, below: float | None = None) -> bool:
+        """Whether the rank's manifest is intact, written by ``node``, of a version committed
+        at ``committed_at`` (or before ``below``)."""
+        m, why = self._manifest(directory, rank)
+        if m is None or why or m.get("node") != node:
+            return False
+        at = m.get("committed_at")
+        if not isinstance(at, (int, float)):
+            return False
+        return (committed_at is None or at == committed_at) and (below is None or at < below)
+
+    def _marked(self, directory: str, rank: int,
+                entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """The marker entry that describes the rank's manifest. Where markers of several
+        nodes name the rank (it moved nodes, and one rewrote it), the manifest says which
+        (never the newest commit time: those of two nodes are two clocks)."""
+        distinct = {(e["node"], e["committed_at"]): e for e in entries}
+        if len(distinct) == 1:
+            return entries[0]
+        m, why = self._manifest(directory, rank)
+        if m is None or why:
+            return None
+        return distinct.get((m.get("node"), m.get("committed_at")))
+
     def inventory(self, job: str) -> dict[int, dict[int, dict[str, Any]]]:
-        """step -> {rank: {committed_at, world_size, run}} of the persisted versions that can be
-        restored: the step complete (every rank of its world marked and its manifest there),
-        not abandoned; an incomplete step maps to {}."""
+        """step -> {rank: {node, committed_at, world_size, run}} of the persisted versions
+        that can be restored: the step complete (every rank of its world marked and its
+        manifest there), not abandoned; an incomplete step maps to {}."""
         out: dict[int, dict[int, dict[str, Any]]] = {}
-        drops: dict[int, list[dict[str, Any]]] = {}
+        drops: dict[int, tuple[list[dict[str, Any]], set[str]]] = {}
         for step in self._step_numbers(job):
             directory = self.step_dir(job, step)
             marked = self._markers(directory)
@@ -458,13 +643,17 @@ class Persister:
             except OSError:
                 present = set()
             ranks = {}
-            for rank, entry in marked.items():
+            world = 0
+            for rank, entries in marked.items():
+                entry = self._marked(directory, rank, entries) if rank in present else None
+                if entry is None:
+                    continue
+                world = max(world, entry["world_size"])
                 if rank not in drops:
                     drops[rank] = self._drops_of(job, rank)
-                if rank in present and not self._abandoned(job, rank, step,
-                                                           entry["committed_at"], drops[rank]):
+                if not self._abandoned(job, rank, step, entry["committed_at"], entry["node"],
+                                       drops[rank]):
                     ranks[rank] = entry
-            world = max((e["world_size"] for e in marked.values()), default=0)
             whole = bool(ranks) and (world <= 0 or set(ranks) >= set(range(world)))
             out[step] = ranks if whole else {}
         return out
@@ -476,16 +665,26 @@ class Persister:
                       if ranks and (rank is None or rank in ranks)
                       and (run is None or rank is None or ranks[rank].get("run", "") == run))
 
+    def _damaged(self, path: str, job: str, rank: int, step: int, why: str,
+                 set_aside: bool = True) -> StoreError:
+        """The error of a damaged persisted version (set aside unless told not to)."""
+        if set_aside:
+            self._set_aside(path, why)
+        return StoreError("corrupt", f"persisted job {job!r} rank {rank} step {step} ({path}) "
+                          f"is damaged: {why}; {'it was set aside, ' if set_aside else ''}"
+                          "restore another step")
+
     def load(self, job: str, rank: int, step: int, pid: int, mapped: bool = False,
              run: str | None = None) -> Lease:
-        """Load a persisted version into memory (checked against its checksums), leased to
-        ``pid`` as it is published (retention may evict a step older than those held at once;
-        the lease keeps it for this reader). Raises StoreError ``corrupt`` (the version is set
-        aside: ``rank-R.json.corrupt``), ``forbidden``, ``not_found``."""
+        """Load a persisted version into memory (checked against its seal and checksums),
+        leased to ``pid`` as it is published (retention may evict a step older than those
+        held at once; the lease keeps it for this reader). Raises StoreError ``corrupt``
+        (anything found wrong with the files: the version is set aside as
+        ``rank-R.json.corrupt``), ``forbidden``, ``not_found`` (not there, or abandoned),
+        ``disk_error``, ``memory_full``."""
         directory = self.step_dir(job, step)
         path = os.path.join(directory, f"rank-{rank}.json")
         binary = os.path.join(directory, f"rank-{rank}.bin")
-        marked = self._markers(directory).get(rank)
         try:
             with open(path, "rb") as fh:
                 text = fh.read()
@@ -494,25 +693,47 @@ class Persister:
                              f"persistence tier ({directory})") from None
         except OSError as exc:
             raise _disk_error(exc, f"reading {path}") from None
+        m, why = unseal(text)
+        if m is None or why:
+            raise self._damaged(path, job, rank, step, f"not a readable manifest ({why})")
         try:
-            m = json.loads(text)
-            tensors = tuple(TensorEntry(t["name"], t["dtype"], tuple(t["shape"]), t["offset"],
-                                        t["nbytes"], t["checksum"]) for t in m["tensors"])
-            nbytes, meta, committed_at = int(m["nbytes"]), str(m["meta"]), \
-                float(m["committed_at"])
+            tensors = tuple(TensorEntry(str(t["name"]), str(t["dtype"]),
+                                        tuple(int(d) for d in t["shape"]), int(t["offset"]),
+                                        int(t["nbytes"]), str(t["checksum"]))
+                            for t in m["tensors"])
+            nbytes, meta, committed_at = int(m["nbytes"]), m["meta"], float(m["committed_at"])
             local_world, world, owner = int(m.get("local_world_size", 1)), \
                 int(m.get("world_size", 0)), str(m.get("owner", ""))
             written_by = str(m.get("run", ""))
-        except (ValueError, KeyError, TypeError) as exc:
-            self._set_aside(path, f"not a readable manifest ({type(exc).__name__}: {exc})")
-            raise StoreError("corrupt", f"persisted manifest {path} is damaged "
-                             f"({type(exc).__name__}: {exc}); it was set aside, restore "
-                             "another step") from None
-        if marked is None or marked["committed_at"] != committed_at or \
-                self._abandoned(job, rank, step, committed_at):
+            node = str(m["node"])
+            if (m.get("job"), m.get("rank"), m.get("step")) != (job, rank, step):
+                raise ValueError(f"it describes job {m.get('job')!r} rank {m.get('rank')} "
+                                 f"step {m.get('step')}")
+            if not isinstance(meta, str) or nbytes < 0 or local_world < 1:
+                raise ValueError("meta, nbytes or local_world_size out of range")
+            json.loads(meta)
+            check_table(tensors, nbytes)
+        except (ValueError, KeyError, TypeError, ProtocolError) as exc:
+            raise self._damaged(path, job, rank, step, f"not a valid manifest "
+                                f"({type(exc).__name__}: {exc})") from None
+        entry = self._marked(directory, rank, self._markers(directory).get(rank, []))
+        if entry is None or (entry["node"], entry["committed_at"]) != (node, committed_at):
+            with self._lock:
+                writing = (job, step) in self._writing
+            # A rank being rewritten here is between its manifest and its marker: not damage.
+            raise self._damaged(path, job, rank, step, "its manifest and the markers disagree "
+                                "(a persist cut short, or a file changed)",
+                                set_aside=not writing)
+        drops = self._drops_of(job, rank)
+        if node in drops[1]:
+            raise StoreError("corrupt", f"job {job!r} rank {rank} step {step}: the drop log "
+                             f"{self._drop_log(job, rank, node)} of the node that wrote it is "
+                             "damaged, so whether a restore of an older step abandoned it is "
+                             "unknown; remove that file if no such restore was made")
+        if self._abandoned(job, rank, step, committed_at, node, drops):
             raise StoreError("not_found", f"job {job!r} rank {rank} step {step} in the "
-                             "persistence tier is not complete or was abandoned (a restore "
-                             "of an older step dropped it)")
+                             "persistence tier was abandoned (a restore of an older step "
+                             "dropped it)")
         if run is not None and written_by != run:
             raise StoreError("not_found", f"job {job!r} rank {rank} step {step} in the "
                              f"persistence tier was written by run {written_by!r}, not "
@@ -523,13 +744,13 @@ class Persister:
                              "persistence tier belongs to another token")
         try:
             size = os.path.getsize(binary)
+        except FileNotFoundError:
+            raise self._damaged(path, job, rank, step, f"{binary} is missing") from None
         except OSError as exc:
             raise _disk_error(exc, f"reading {binary}") from None
-        if size < nbytes:
-            self._set_aside(path, f"{binary} holds {size} of {nbytes} bytes")
-            raise StoreError("corrupt", f"{binary} is shorter ({size} bytes) than its "
-                             f"manifest says ({nbytes}); it was set aside, restore another "
-                             "step")
+        if size != nbytes:
+            raise self._damaged(path, job, rank, step, f"{binary} holds {size} bytes, its "
+                                f"manifest says {nbytes}")
 
         def fill(view: memoryview) -> None:
             with open(binary, "rb") as fh:
@@ -542,14 +763,11 @@ class Persister:
                                committed_at=committed_at, protected=False, owner=bound or owner,
                                world_size=world, hold=hold, run=written_by)
         except StoreError as exc:
-            if exc.code not in ("checksum_mismatch", "corrupt"):
+            if exc.code in _NOT_DAMAGE or (exc.code == "bad_request" and "pid" in exc.message):
                 raise
             if self.metrics is not None and exc.code == "checksum_mismatch":
                 self.metrics.checksum_failures.inc()
-            self._set_aside(path, exc.message)
-            raise StoreError("corrupt", f"persisted job {job!r} rank {rank} step {step} "
-                             f"({binary}) is damaged: {exc.message}; it was set aside, "
-                             "restore another step") from None
+            raise self._damaged(path, job, rank, step, exc.message) from None
         except OSError as exc:
             raise _disk_error(exc, f"reading {binary}") from None
         assert hold.lease is not None
@@ -611,13 +829,9 @@ def _selects(drop: dict[str, Any], step: int) -> bool:
         (drop.get("newer_than") is None or step > drop["newer_than"])
 
 
-def _read_json(path: str) -> Any:
-    """A small JSON file's content; None when it is missing or unreadable."""
-    try:
-        with open(path, "rb") as fh:
-            return json.loads(fh.read())
-    except (OSError, ValueError):
-        return None
+def _sealed(record: dict[str, Any]) -> bytes:
+    """A record as written to the persistence tier: compact JSON, sealed (``_shm.seal``)."""
+    return seal(json.dumps(record, separators=(",", ":"))).encode()
 
 
 def _unlink(path: str) -> bool:

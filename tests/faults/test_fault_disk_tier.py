@@ -263,18 +263,28 @@ def test_finding7_an_older_persisted_step_is_restored_and_exported(clusters, tmp
         assert client.last_restore.tier == "disk"
 
 
-@pytest.fixture
-def small_disk(tmp_path):
+def tmpfs(tmp_path, size):
+    """A ``size`` tmpfs mounted under ``tmp_path`` (a disk that fills up), unmounted after."""
     if os.geteuid() != 0:
         pytest.skip("a full disk is a small tmpfs, which needs root to mount")
     path = tmp_path / "small"
     path.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(path)],
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
                           capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
     yield path
     subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    yield from tmpfs(tmp_path, "2m")
+
+
+@pytest.fixture
+def disk_4m(tmp_path):
+    yield from tmpfs(tmp_path, "4m")
 
 
 def test_finding7_a_full_disk_says_disk_full_and_leaves_no_temporaries(clusters, small_disk):
@@ -315,3 +325,196 @@ def test_finding7_temporaries_of_a_daemon_killed_mid_persist_are_removed(cluster
     cluster.replace(0, wipe=False)
     assert leftovers(persist) == []
     assert persisted(spec, "kill") == []
+
+
+# --------------------------------------------------------------------------- review of issue 24
+# The adversarial review of the disk tier (its scripts e2-e6): one regression test per finding.
+
+CLOCKSHIFT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clockshift")
+
+
+def clock_env(path, offset):
+    """A daemon whose wall clock the file at ``path`` shifts (clockshift/sitecustomize.py)."""
+    with open(path, "w") as fh:
+        fh.write(str(offset))
+    return {"SNAPSHOTD_TEST_CLOCK_FILE": str(path),
+            "PYTHONPATH": os.pathsep.join(x for x in (CLOCKSHIFT, os.environ.get(
+                "PYTHONPATH", "")) if x)}
+
+
+def fifteen_steps(clusters, tmp_path, job):
+    """One node, steps 1-15 saved (5, 10 and 15 persisted), then its memory lost: the
+    manifest of step 15 is the caller's to damage before :func:`lose_memory`'s restart."""
+    persist = tmp_path / "persist"
+    cluster, spec = one_node(clusters, persist, "--keep", "3", "--persist-keep", "4")
+    with SnapshotClient(spec.control, job=job, rank=0) as client:
+        for step in range(1, 16):
+            client.save(step, state(step) | {"tag": "abcdefgh"}).result()
+    wait_for(lambda: persists(spec) >= 3, 20, "steps 5, 10 and 15 persisted")
+    cluster.kill(0)
+    return cluster, spec, persist / job / "step-000000000015" / "rank-0.json"
+
+
+def rewrite(manifest, change, reseal=False):
+    """Change a persisted manifest's record; ``reseal``: with a check that matches (a record
+    whose seal holds but which says something else)."""
+    from snapshotd.node._shm import seal
+    record = json.loads(manifest.read_text())
+    change(record)
+    record.pop("check", None)
+    text = json.dumps(record, separators=(",", ":"))
+    manifest.write_text(seal(text) if reseal else text)
+
+
+def restores_step_10_not_15(cluster, spec, job, manifest):
+    cluster.replace(0, wipe=True)
+    with SnapshotClient(spec.control, job=job, rank=0) as client:
+        got = client.restore(zero_copy=False)
+        assert got is not None, "restore() said there is no snapshot: the job starts at 0"
+        assert value((got[0], got[1])) == (10, 10.0, 10) and got[1]["tag"] == "abcdefgh"
+        assert client.last_restore.tier == "disk"
+        with pytest.raises(ClientError) as err:             # asked for: a clear error
+            client.restore(step=15)
+        assert err.value.code in ("corrupt", "not_found"), err.value
+    assert os.path.exists(str(manifest) + ".corrupt")       # set aside
+    assert "corrupt" in log_tail(spec, 200)
+
+
+def test_review24_a_full_disk_brings_the_abandoned_step_back(clusters, disk_4m):
+    """restore(5) on a full disk: the drop log cannot be written, the abandoned step 10 is
+    removed all the same, so after a memory loss the restore is 5, never 10 (e3)."""
+    cluster, spec = one_node(clusters, disk_4m, "--keep", "12", "--persist-keep", "4")
+    n = 256 << 10                                       # 1 MiB a step
+    save(spec, "fd", range(1, 11), n=n)
+    wait_for(lambda: persists(spec) >= 2, 20, "steps 5 and 10 persisted")
+    filler = disk_4m / "filler"
+    with open(filler, "wb") as fh:
+        with pytest.raises(OSError):
+            while True:
+                fh.write(b"x" * 65536)
+                fh.flush()
+    with SnapshotClient(spec.control, job="fd", rank=0) as client:
+        assert value(client.restore(step=5)) == (5, 5.0, 5)
+        for step in (6, 7):
+            client.save(step, state(1000 + step, n)).result()
+    assert not glob.glob(f"{disk_4m}/fd/step-000000000010/rank-0.*"), "10 not removed"
+    assert "could not be recorded" in log_tail(spec, 200)
+    lose_memory(cluster)
+    with SnapshotClient(spec.control, job="fd", rank=0) as client:
+        assert value(client.restore()) == (5, 5.0, 5)
+        assert client.last_restore.tier == "disk"
+
+
+def test_review24_a_clock_stepped_back_across_a_memory_loss_stops_the_disk_tier(
+        clusters, tmp_path):
+    """The clock an hour ahead through restore(5), set right while the memory is lost: the
+    new timeline's step 10 is persisted and restored, not taken as abandoned by the old drop
+    (stamped an hour ahead) (e2)."""
+    persist, clock = tmp_path / "persist", tmp_path / "clock"
+    cluster = clusters(1, args=[*ONE, "--persist-dir", str(persist), "--keep", "10"])
+    cluster.slot_env[0] = clock_env(clock, 3600)
+    cluster.start()
+    spec = cluster.specs[0]
+    save(spec, "ck", range(1, 11))
+    wait_for(lambda: persists(spec) >= 2, 20, "steps 5 and 10 persisted")
+    with SnapshotClient(spec.control, job="ck", rank=0) as client:
+        assert value(client.restore(step=5)) == (5, 5.0, 5)
+        client.save(6, state(1006)).result()
+    clock.write_text("0")                                 # NTP, during the reboot
+    lose_memory(cluster)
+    with SnapshotClient(spec.control, job="ck", rank=0) as client:
+        assert value(client.restore()) == (5, 5.0, 5)
+        for step in range(6, 11):
+            client.save(step, state(2000 + step)).result()
+    wait_for(lambda: persists(spec) >= 1, 20, "the new step 10 persisted")
+    lose_memory(cluster)
+    assert persisted(spec, "ck") == [5, 10]
+    with SnapshotClient(spec.control, job="ck", rank=0) as client:
+        assert value(client.restore()) == (10, 2010.0, 2010)
+
+
+def test_review24_a_listed_step_that_fails_not_found_starts_the_job_at_0(clusters, tmp_path):
+    """Step 15's manifest and marker disagree on its commit time (its seal holds): the step
+    answers corrupt and is set aside, and restore() falls back to step 10, never "no
+    snapshot" (e4 committed)."""
+    cluster, spec, manifest = fifteen_steps(clusters, tmp_path, "cm")
+    rewrite(manifest, lambda m: m.update(committed_at=m["committed_at"] + 1e-3), reseal=True)
+    restores_step_10_not_15(cluster, spec, "cm", manifest)
+
+
+def test_review24_a_flipped_byte_in_a_manifests_meta_is_served(clusters, tmp_path):
+    """A byte of step 15's meta changed (and, in another file, a dtype): the manifest's seal
+    fails, the step is corrupt, restore() falls back to 10 (e4 meta)."""
+    cluster, spec, manifest = fifteen_steps(clusters, tmp_path, "mt")
+    rewrite(manifest, lambda m: m.update(meta=m["meta"].replace("abcdefgh", "abcdefgX")))
+    restores_step_10_not_15(cluster, spec, "mt", manifest)
+
+
+def test_review24_a_changed_dtype_in_a_manifest_is_served(clusters, tmp_path):
+    cluster, spec, manifest = fifteen_steps(clusters, tmp_path, "dt")
+    rewrite(manifest, lambda m: m["tensors"][0].update(dtype="int32"))
+    restores_step_10_not_15(cluster, spec, "dt", manifest)
+
+
+def test_review24_a_flipped_shape_digit_answers_bad_table(clusters, tmp_path):
+    """A shape that does not fit its bytes, even under a seal that holds: corrupt (set aside,
+    fall back to 10), never bad_table (e4 shape)."""
+    cluster, spec, manifest = fifteen_steps(clusters, tmp_path, "sh")
+    rewrite(manifest, lambda m: m["tensors"][0].update(shape=[2048]), reseal=True)
+    restores_step_10_not_15(cluster, spec, "sh", manifest)
+
+
+@pytest.mark.parametrize("everywhere", [True, False], ids=["drop-everywhere", "no-drop"])
+def test_review24_node_clocks_apart_abandon_a_moved_ranks_new_timeline(
+        clusters, tmp_path, monkeypatch, everywhere):
+    """One --persist-dir, node 1's clock 30 s ahead. Rank 0 saves 1-10 on node 1, moves to
+    node 0, restores step 5 (read from node 1; with a drop of the newer steps everywhere:
+    node 1's drop record carries node 1's stamp) and saves 6'-10' there. Both memories lost:
+    the restore is the new 10', neither taken as abandoned by node 1's drop nor hidden by node
+    1's marker of the old 10 (e6)."""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    persist = tmp_path / "shared"
+    cluster = clusters(2, k=1, m=1, args=[*FAST, "--persist-every", "5", "--persist-dir",
+                                          str(persist), "--keep", "10"])
+    cluster.slot_env[1] = clock_env(tmp_path / "clock", 30)
+    cluster.start()
+    s0, s1 = cluster.specs
+    save(s1, "sk", range(1, 11))
+    wait_for(lambda: persists(s1) >= 2, 20, "steps 5 and 10 persisted by node 1")
+    with SnapshotClient(s0.control, job="sk", rank=0) as client:
+        assert value(client.restore(step=5)) == (5, 5.0, 5)
+        if everywhere:
+            call(s0, p.Drop("sk", 0, newer_than=5, everywhere=True, timeline=12345))
+        for step in range(6, 11):
+            client.save(step, state(1000 + step)).result()
+    wait_for(lambda: persists(s0) >= 1, 20, "the new step 10 persisted by node 0")
+    for slot in (0, 1):
+        cluster.kill(slot)
+    for slot in (0, 1):
+        cluster.replace(slot, wipe=True)
+    assert persisted(s0, "sk") == [5, 10]
+    with SnapshotClient(s0.control, job="sk", rank=0) as client:
+        got = client.restore()
+        assert got is not None and value(got) == (10, 1010.0, 1010)
+
+
+def test_review24_a_damaged_drop_log_is_not_read_as_no_drops(clusters, tmp_path):
+    """A truncated drop log: the versions of its node answer corrupt (loud, naming the file)
+    instead of being served as if no restore had abandoned any; removing it serves them."""
+    persist = tmp_path / "persist"
+    cluster, spec = one_node(clusters, persist, "--keep", "10")
+    save(spec, "dl", range(1, 11))
+    wait_for(lambda: persists(spec) >= 2, 20, "steps 5 and 10 persisted")
+    with SnapshotClient(spec.control, job="dl", rank=0) as client:
+        assert value(client.restore(step=5)) == (5, 5.0, 5)
+    (log_file,) = glob.glob(f"{persist}/dl/drops/rank-0.*.json")
+    lose_memory(cluster)
+    with open(log_file, "r+") as fh:
+        fh.truncate(20)
+    with pytest.raises(ClientError) as err:
+        with SnapshotClient(spec.control, job="dl", rank=0) as client:
+            client.restore()
+    assert err.value.code == "corrupt" and "drop log" in err.value.message, err.value
+    os.unlink(log_file)
+    with SnapshotClient(spec.control, job="dl", rank=0) as client:
+        assert value(client.restore()) == (5, 5.0, 5)
