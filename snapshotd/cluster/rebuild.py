@@ -181,6 +181,10 @@ class Recovery:
                              f"is rebuilt when they answer; retry the restore. ({reason})")
         raise StoreError("cannot_rebuild", reason)
 
+    def wait_started(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the start-up rebuild to be over; whether it is."""
+        return self._ready.wait(timeout)
+
     @property
     def ready(self) -> bool:
         return self._ready.is_set()

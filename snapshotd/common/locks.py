@@ -44,6 +44,7 @@ ORDER: tuple[str, ...] = (
     "rebuild",            # the rebuild's progress (node replacement)
     "rebuild.pass",       # the count of rebuild passes a restore waits on (condition)
     "reads",              # remote reads and decoded versions, pending drops
+    "reads.serve",        # one copy of a whole version to send at a time (held across it)
     "protector.report",   # this node's report: its sequence number and contents
     "protector",          # encode pipeline, parity kept, job-wide retention
     "relay",              # report relay: neighbours and forwarded reports

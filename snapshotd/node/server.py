@@ -30,6 +30,11 @@ log = logging.getLogger("snapshotd.server")
 _FALL_BACK = ("corrupt", "disk_error", "not_found")
 
 
+
+#: How long a request naming a job waits for a replacement's rebuild under --job-isolation
+#: (below the client's request timeout, 30 s) before it is refused ``rebuilding``.
+REBUILD_WAIT = 25.0
+
 class ControlServer(RouterLoop):
     """Serves :mod:`snapshotd.common.protocol` for one :class:`Store`.
 
@@ -112,6 +117,16 @@ class ControlServer(RouterLoop):
         itself (``bind``: an ``Alloc``)."""
         if not self.job_isolation:
             return "", False
+        if self.recovery is not None and not self.recovery.ready:
+            # A replacement knows no binding before its rebuild and its peers' reports: a
+            # token let through now could read a rank rebuilt after it, or bind the job to
+            # itself and own what is rebuilt (second review of issue 24, findings 1-2).
+            # Every request naming a job is served on a worker thread: it waits.
+            self.recovery.wait_started(REBUILD_WAIT)
+            if not self.recovery.ready:
+                raise StoreError("rebuilding", f"job {m.job!r}: this node is still rebuilding "
+                                 "from its group and cannot tell yet which token the job "
+                                 "belongs to; retry in a few seconds")
         if self.persister is not None and not self.store.owner(m.job):
             # After a restart with memory lost the binding comes back from the disk tier,
             # before anyone can read a persisted step or bind the job to another token.

@@ -799,7 +799,15 @@ class Store:
                                  "process")
         if owner:
             with self._lock:
-                self._owners.setdefault(job, owner)
+                bound = self._owners.setdefault(job, owner)
+            if not hmac.compare_digest(bound, owner):
+                # The version belongs to another token than the one this node bound the job
+                # to meanwhile (a tenant that squatted on the name before the rebuild):
+                # never published under that binding (second review of issue 24, F2).
+                raise StoreError("forbidden", f"rebuilt job {job!r} rank {rank} step {step} "
+                                 "belongs to another token than the one this node bound the "
+                                 "job to; not installed (drop the job here as an admin, then "
+                                 "restart this node to rebuild it)")
         slot = self.alloc(job, rank, step, nbytes, os.getpid(), local_world_size, older=True,
                           world_size=world_size, run=run)
         view = self.dir.view(slot.number, slot.size)

@@ -198,3 +198,33 @@ def test_fault_decode_budget_a_decode_that_does_not_fit_waits_then_fails_clearly
     call(spec, p.Release(second_lease.lease))
     wait_for(lambda: kinds(spec) == {"remote": 0, "decoding": 0, "decoded": 0}, 5.0,
              "every read's bytes freed")
+
+
+def test_regression_a_holder_serving_remote_reads_copies_outside_its_budget(clusters, zygote):
+    """Second review of issue 24, finding 3: a live holder served each ``GetVersion`` from a
+    copy of the whole rank on its heap, counted nowhere: six readers took node 2 47-76 MiB
+    past its --memory-limit. The copy is claimed first (``serving``), made only when it fits
+    (else ``memory_full``, nothing copied), and counted until it is sent."""
+    from harness import peer_call
+
+    from snapshotd.cluster import peerproto as pp
+
+    job, mib = unique("serve"), 8
+    cluster = clusters(2, k=1, m=1, args=FAST)
+    cluster.start()
+    save_on(zygote, cluster, job, 1, 1, mib, world=2)
+    holder = cluster.specs[1]
+    used = status(holder).bytes_used
+    reply, frames = peer_call(holder, pp.GetVersion(job, 1, 1))
+    assert isinstance(reply, pp.VersionData) and reply.nbytes == sum(len(f) for f in frames)
+    wait_for(lambda: metric(holder, "snapshotd_memory_used_bytes", kind="serving") == 0, 10,
+             "the sent copy let go")
+    # A budget with no room for another copy of the rank: refused, the heap unchanged.
+    cluster.kill(1)
+    cluster.slot_args[1] = ["--memory-limit", str(used + (mib << 20) // 2)]
+    cluster.restart(1)
+    before = heap(cluster.daemons[1].proc.pid)
+    reply, _ = peer_call(holder, pp.GetVersion(job, 1, 1))
+    assert isinstance(reply, p.Error) and reply.code == "memory_full", reply
+    assert "--memory-limit" in reply.message
+    assert heap(cluster.daemons[1].proc.pid) - before < (mib << 20) // 2

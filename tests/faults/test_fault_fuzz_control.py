@@ -44,7 +44,8 @@ pytestmark = pytest.mark.timeout(1800 if LONG else 120)
 KEEP = "keep"                      # the job whose data must not change
 CODES = {"malformed", "bad_version", "unknown_op", "too_large", "bad_request", "bad_table",
          "memory_full", "unknown_slot", "unknown_lease", "not_found", "checksum_mismatch",
-         "cannot_rebuild", "shutting_down"}
+         "cannot_rebuild", "shutting_down", "rebuilding", "forbidden", "corrupt",
+         "disk_full", "disk_error"}
 EXAMPLES = 2500 if LONG else 120
 STATS = {"sent": 0, "answered": 0, "errors": 0, "slowest": 0.0, "codes": {}}
 ROW = "fuzz: control protocol (hypothesis)"

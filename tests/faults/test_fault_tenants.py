@@ -184,3 +184,81 @@ def test_job_isolation_holds_on_every_node_of_the_cluster(clusters, monkeypatch)
     with SnapshotClient(node1.control, job=job, rank=0, token=TOKEN_VICTIM) as client:
         step, state = client.restore()
     assert step == 2 and bool((state["w"] == 2.0).all())
+
+
+def _admin(spec):
+    with open(os.path.join(spec.shm_dir, "admin.token")) as fh:
+        return fh.read().strip()
+
+
+@pytest.mark.parametrize("attack", ["read", "squat"])
+def test_regression_a_tenant_races_the_replacements_rebuild(clusters, monkeypatch, attack):
+    """Second review of issue 24, findings 1-2: two tenants on 3 nodes with --job-isolation,
+    node 1 lost and replaced; the attacker asked the replacement for the victim's job from
+    the moment it answered. Before it heard any report or rebuilt anything it knew no
+    binding: ``Open`` leased the victim's rebuilt rank (4/4), and an ``Alloc`` bound the job
+    to the attacker, whose binding then owned the victim's rebuilt versions (4/4). Requests
+    naming a job wait for the rebuild; a rebuilt version is never installed under another
+    token's binding."""
+    import threading
+    from datetime import timedelta
+
+    from snapshotd.common.channel import Channel, SnapshotError
+    from snapshotd.tools.localcluster import DaemonProcess
+    from snapshotd_client import SnapshotClient
+
+    victim, attacker = "victim-token", "attacker-token"
+    for name in ("SNAPSHOTD_RUN", "TORCHELASTIC_RUN_ID", "SNAPSHOTD_JOB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    cluster = clusters(3, k=2, m=1, args=[*ARGS, "--job-isolation"])
+    cluster.start()
+    n = cluster.specs
+    for job, tok, base in (("jv", victim, 1000.0), ("ja", attacker, 5000.0)):
+        for r in range(3):
+            with SnapshotClient(n[r].control, job=job, rank=r, token=tok, run=job) as c:
+                for step in (1, 2):
+                    c.save(step, {"w": torch.full((4096,), base + 10 * r + step)}).result()
+
+    def protected():
+        held = [v for s in n for v in call(s, p.Status(token=_admin(s))).versions]
+        return sum(v.step == 2 and v.state == "protected" for v in held) == 6
+
+    wait_for(protected, 40, "step 2 protected everywhere")
+    cluster.kill(1)
+    import shutil
+    shutil.rmtree(n[1].shm_dir, ignore_errors=True)
+    wait_for(lambda: 1 in call(n[0], p.Status()).peers_down, 10, "node 1 down")
+    pid = os.getpid()
+    msg = (p.Open("jv", 1, pid, token=attacker, run="jv") if attack == "read" else
+           p.Alloc("jv", 1, 50, 4096, pid, token=attacker, run="jv"))
+    answer: list = []
+
+    def hammer():
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and not answer:
+            ch = Channel(n[1].control, timedelta(seconds=30))
+            try:
+                answer.append(ch.call(msg))
+            except DaemonError as exc:
+                answer.append(exc)
+            except SnapshotError:
+                time.sleep(0.005)                      # not listening yet
+            finally:
+                ch.close()
+
+    thread = threading.Thread(target=hammer)
+    cluster.daemons[1] = DaemonProcess(n[1], cluster.daemon_args(1)).start()
+    thread.start()
+    thread.join(60)
+    assert answer and isinstance(answer[0], DaemonError) and answer[0].code == "forbidden", \
+        answer
+    cluster.daemons[1].wait_ready(30)
+    wait_for(lambda: not call(n[1], p.Status()).rebuilding, 30, "rebuilt")
+    # The victim's rank 1 came back to the victim, and only to the victim.
+    with SnapshotClient(n[1].control, job="jv", rank=1, token=victim, run="jv") as c:
+        step, state = c.restore()
+    assert step == 2 and torch.equal(state["w"], torch.full((4096,), 1012.0))
+    with pytest.raises(DaemonError) as err:
+        call(n[1], p.Open("jv", 1, pid, token=attacker, run="jv"))
+    assert err.value.code == "forbidden"
