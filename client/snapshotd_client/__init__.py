@@ -27,10 +27,13 @@ from ._client import (
     SnapshotClient,
     SnapshotSkipped,
     SnapshotTorn,
+    newest_common_step,
 )
-from ._training import TrainingState
+from ._adapters import register_type
+from ._training import TrainingState, capture_rng, restore_rng
 
 __all__ = ["SnapshotClient", "SnapshotError", "DaemonUnavailable", "DaemonError",
            "SnapshotSkipped", "SnapshotTorn", "ENV_ENDPOINT", "ENV_TOKEN", "ENV_COPY_CPUS",
-           "TrainingState"]
+           "TrainingState", "newest_common_step", "capture_rng", "restore_rng",
+           "register_type"]
 __version__ = "0.1.0"
