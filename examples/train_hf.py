@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
-from snapshotd_client.hf import SnapshotdCallback                                  # snapshotd
+from snapshotd_client.hf import SnapshotdCallback  # snapshotd
 
 SEQ, VOCAB = 16, 64
 

@@ -19,6 +19,7 @@ version stays leased while they live): the optimizer above would keep them for t
 on the CPU, hence ``zero_copy=False`` (``TrainingState`` chooses for you).
 """
 
+from ._adapters import register_type
 from ._channel import DaemonError, DaemonUnavailable, SnapshotError
 from ._client import (
     ENV_COPY_CPUS,
@@ -29,7 +30,6 @@ from ._client import (
     SnapshotTorn,
     newest_common_step,
 )
-from ._adapters import register_type
 from ._training import TrainingState, capture_rng, restore_rng
 
 __all__ = ["SnapshotClient", "SnapshotError", "DaemonUnavailable", "DaemonError",
