@@ -19,6 +19,7 @@ version stays leased while they live): the optimizer above would keep them for t
 on the CPU, hence ``zero_copy=False`` (``TrainingState`` chooses for you).
 """
 
+from ._adapters import register_type
 from ._channel import DaemonError, DaemonUnavailable, SnapshotError
 from ._client import (
     ENV_COPY_CPUS,
@@ -27,10 +28,12 @@ from ._client import (
     SnapshotClient,
     SnapshotSkipped,
     SnapshotTorn,
+    newest_common_step,
 )
-from ._training import TrainingState
+from ._training import TrainingState, capture_rng, restore_rng
 
 __all__ = ["SnapshotClient", "SnapshotError", "DaemonUnavailable", "DaemonError",
            "SnapshotSkipped", "SnapshotTorn", "ENV_ENDPOINT", "ENV_TOKEN", "ENV_COPY_CPUS",
-           "TrainingState"]
+           "TrainingState", "newest_common_step", "capture_rng", "restore_rng",
+           "register_type"]
 __version__ = "0.1.0"

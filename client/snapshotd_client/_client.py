@@ -39,7 +39,7 @@ from ._flatten import (
 __all__ = ["SnapshotClient", "SnapshotSkipped", "SnapshotTorn", "RestoreInfo", "SaveStats",
            "ENV_ENDPOINT", "ENV_TOKEN", "ENV_JOB", "ENV_RUN", "ENV_COPY_CPUS", "COPY_MODES",
            "MAX_META_BYTES", "job_name", "run_identity",
-           "agree_step", "agree_timeline", "agree_token", "timeline_token"]
+           "agree_step", "agree_timeline", "agree_token", "timeline_token", "newest_common_step"]
 
 log = logging.getLogger("snapshotd_client")
 ENV_ENDPOINT = "SNAPSHOTD_ENDPOINT"
@@ -1170,6 +1170,35 @@ def agree_step(client: SnapshotClient, group: Any = None) -> int | None:
     rank cannot list its steps, every rank raises the same ``SnapshotError``.
     """
     return agree_timeline(client, group)[0]
+
+
+def newest_common_step(client: SnapshotClient, group: Any = None, *,
+                       backend: str | None = None) -> int | None:
+    """The newest step that every rank of the job holds, or None: what a restore would
+    load, without restoring. A collective: call it on every rank.
+
+    Usable before a framework starts: where ``torch.distributed`` is not initialised yet and
+    the launcher's environment names several ranks (``WORLD_SIZE`` > 1, as torchrun sets it),
+    the default process group is initialised first from that environment (``env://``) with
+    ``backend`` (default: torch's choice, gloo for CPU tensors and NCCL for CUDA ones where
+    CUDA is available). Frameworks that start the process group themselves (Lightning,
+    accelerate) find it initialised and use it. In a single process it is the newest step
+    this rank's daemon holds.
+
+    Example, before ``trainer.fit`` (under torchrun)::
+
+        client = SnapshotClient(job="gpt")
+        step = newest_common_step(client)          # e.g. 41, or None: nothing to resume
+    """
+    import torch.distributed as dist
+
+    if not _distributed():
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            dist.init_process_group(backend=backend)
+        else:
+            held = client.steps()
+            return max(held) if held else None
+    return agree_step(client, group)
 
 
 def agree_token(step: int, group: Any = None) -> int:

@@ -43,6 +43,7 @@ except ImportError:  # pragma: no cover
 
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from ._adapters import adapter_for, adapter_named
 from ._protocol import DTYPE_SIZES
 
 __all__ = ["Layout", "LayoutCache", "flatten", "unflatten", "dtype_name", "view_of", "key_name",
@@ -51,7 +52,7 @@ __all__ = ["Layout", "LayoutCache", "flatten", "unflatten", "dtype_name", "view_
 
 _ALIGN = 64
 _TAGS = ("__tensor__", "__tuple__", "__bytes__", "__float__", "__dict__", "__np__",
-         "__ndarray__", "__dtensor__", "__sharded__")
+         "__ndarray__", "__dtensor__", "__sharded__", "__object__")
 #: Version of the ``__sharded__`` envelope (mesh table) around a skeleton holding DTensors.
 SHARDED_FORMAT = 1
 _DIGITS = re.compile(r"-?[0-9]+")
@@ -382,9 +383,14 @@ def _flatten(state: Any) -> tuple[Layout, list[dict[str, Any]], dict[str, Any] |
                 return {k: walk(v, f"{path}/{key_name(k)}") for k, v in value.items()}
             return {"__dict__": [[walk(k, f"{path}/<key>"), walk(v, f"{path}/{key_name(k)}")]
                                  for k, v in value.items()]}
+        adapter = adapter_for(type(value))
+        if adapter is not None:            # snapshotd_client.register_type
+            return {"__object__": adapter.name,
+                    "v": walk(adapter.to_plain(value), f"{path}/<{adapter.name}>")}
         raise TypeError(f"{path or '<state>'}: cannot snapshot a value of type "
                         f"{type(value).__name__}; convert it to tensors or plain values "
-                        "(int, float, str, bool, None, bytes, list, tuple, dict)")
+                        "(int, float, str, bool, None, bytes, list, tuple, dict), or "
+                        "register an adapter for its type (snapshotd_client.register_type)")
 
     try:
         skeleton = walk(state, "")
@@ -704,6 +710,11 @@ def _build(node: Any, tensors: list[torch.Tensor], placer: Placer | None) -> Any
             parts = [_build(v, tensors, placer) for v in node["c"]]
             return np.dtype(node["__np__"]).type(complex(*parts))  # type: ignore[arg-type]
         return np.dtype(node["__np__"]).type(_build(node["v"], tensors, placer))
+    if "__object__" in node:
+        value = _build(node["v"], tensors, placer)
+        if isinstance(value, torch.Tensor) and value.is_meta:
+            return value                      # a structure-only restore (shapes, no bytes)
+        return adapter_named(node["__object__"]).from_plain(value)
     if "__dict__" in node:
         return {_hashable(_build(k, tensors, placer)): _build(v, tensors, placer)
                 for k, v in node["__dict__"]}

@@ -12,6 +12,8 @@ import snapshotd_client
 
 # Modules that start processes or need a cluster in their examples are shown, not run.
 _SKIP = {"snapshotd.__main__"}
+# Framework integrations: examined where their framework (an optional extra) is installed.
+_OPTIONAL = {"snapshotd_client.hf": "transformers"}
 
 
 def _modules():
@@ -24,6 +26,9 @@ def _modules():
 
 @pytest.mark.parametrize("name", sorted(set(_modules())))
 def test_docstring_examples_run(name):
+    if name in _OPTIONAL:
+        pytest.importorskip(_OPTIONAL[name], reason=f"{name} needs {_OPTIONAL[name]} "
+                            "(pip install -e './client[hf]')")
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {name}"
