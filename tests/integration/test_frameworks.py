@@ -97,3 +97,22 @@ def _faulted(cluster_factory, tmp_path, script, rank, step, reference):
                                        pytest.param(0, 10, id="epoch-boundary")])
 def test_hf_trainer_resumes_bit_exact(cluster_factory, tmp_path, hf_reference, rank, step):
     _faulted(cluster_factory, tmp_path, "train_hf.py", rank, step, hf_reference)
+
+
+@pytest.fixture(scope="module")
+def lightning_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lightning-reference")
+    torchrun_standalone(find_script("train_lightning.py"), 2, "ipc:///nonexistent", out,
+                        "--no-snapshot", timeout=240)
+    return out
+
+
+# The same shape: 40 samples, 2 ranks of batch 4: 5 steps an epoch, 3 epochs. The boundary
+# kill is at the end of the first epoch, so two epochs run after the resume (the sampler's
+# epoch and the RNG states must come back, and the next epoch's after them be Lightning's).
+@_needs("lightning")
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("rank,step", [pytest.param(1, 7, id="mid-epoch"),
+                                       pytest.param(0, 5, id="epoch-boundary")])
+def test_lightning_resumes_bit_exact(cluster_factory, tmp_path, lightning_reference, rank, step):
+    _faulted(cluster_factory, tmp_path, "train_lightning.py", rank, step, lightning_reference)
