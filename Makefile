@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml client/pyproject.toml
 	@$(PY) -m pip install --quiet torch==2.13.0
 	@# setuptools' generic notice on every editable install ("be careful with folders named like
 	@# the package") is silenced: it is about this very layout and says nothing new.
-	@PYTHONWARNINGS=ignore $(PY) -m pip install --quiet -e '.[test,fallback,demo]' -e './client[hf]'
+	@PYTHONWARNINGS=ignore $(PY) -m pip install --quiet -e '.[test,fallback,demo]' -e './client[hf,lightning]'
 	@touch $@
 	@echo "setup: done"
 
