@@ -53,8 +53,13 @@ log = logging.getLogger("snapshotd_client")
 
 #: ``ckpt_path`` of a checkpoint held by the daemons: ``"snapshotd:<step>"``.
 PREFIX = "snapshotd:"
-#: The Lightning versions this module was tested with (it touches private API).
+#: The Lightning minor versions this module was tested with (it touches private API).
 TESTED = ("2.6",)
+
+if not pl.__version__.startswith(tuple(v + "." for v in TESTED)):  # pragma: no cover
+    log.warning("snapshotd_client.lightning was tested with lightning %s and uses private "
+                "Lightning API; lightning %s is installed: check a resume before relying on it",
+                "/".join(TESTED), pl.__version__)
 
 
 class SnapshotdCheckpointIO(CheckpointIO):  # type: ignore[misc]
@@ -62,10 +67,19 @@ class SnapshotdCheckpointIO(CheckpointIO):  # type: ignore[misc]
     daemons' memory (the checkpoint :meth:`SnapshotdCallback.resume_path` read); every other
     path, and every save and removal, goes to the wrapped ``CheckpointIO``.
 
-    Example (the callback installs it; by hand)::
+    The callback installs it in its ``setup`` hook. Other paths are the wrapped one's:
 
-        trainer.strategy.checkpoint_io = SnapshotdCheckpointIO(trainer.strategy.checkpoint_io,
-                                                               snap)
+    >>> import os, tempfile, torch
+    >>> from lightning.pytorch.plugins.io import TorchCheckpointIO
+    >>> io = SnapshotdCheckpointIO(TorchCheckpointIO(), SnapshotdCallback(job="doc"))
+    >>> path = os.path.join(tempfile.mkdtemp(), "a.ckpt")
+    >>> io.save_checkpoint({"w": torch.ones(2)}, path)
+    >>> io.load_checkpoint(path)["w"]
+    tensor([1., 1.])
+    >>> io.load_checkpoint("snapshotd:3")      # not what resume_path() read
+    Traceback (most recent call last):
+    ...
+    snapshotd_client._channel.SnapshotError: ckpt_path='snapshotd:3': this callback's ...
     """
 
     def __init__(self, inner: CheckpointIO, callback: SnapshotdCallback) -> None:

@@ -13,7 +13,7 @@ import snapshotd_client
 # Modules that start processes or need a cluster in their examples are shown, not run.
 _SKIP = {"snapshotd.__main__"}
 # Framework integrations: examined where their framework (an optional extra) is installed.
-_OPTIONAL = {"snapshotd_client.hf": "transformers"}
+_OPTIONAL = {"snapshotd_client.hf": "transformers", "snapshotd_client.lightning": "lightning"}
 
 
 def _modules():
@@ -28,7 +28,7 @@ def _modules():
 def test_docstring_examples_run(name):
     if name in _OPTIONAL:
         pytest.importorskip(_OPTIONAL[name], reason=f"{name} needs {_OPTIONAL[name]} "
-                            "(pip install -e './client[hf]')")
+                            "(pip install -e './client[hf,lightning]')")
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {name}"

@@ -128,3 +128,47 @@ def test_epoch_loader_keeps_the_epoch_accelerate_omits():
     fresh.load_state_dict(saved)
     assert fresh.epoch == 2 and fresh.loader.epochs == [2]
     assert fresh.loader.loaded == {"_iterator_finished": False}
+
+
+# ---------------------------------------------------------------------- Lightning
+
+def test_lightning_resume_sampler_sets_the_saved_epoch_skips_once_and_steps_aside():
+    pytest.importorskip("lightning", reason="snapshotd_client.lightning needs lightning "
+                        "(pip install -e './client[lightning]')")
+    from torch.utils.data import BatchSampler, DistributedSampler
+
+    from snapshotd_client.lightning import _ResumeSampler
+
+    data = list(range(20))
+    inner = DistributedSampler(data, num_replicas=2, rank=1, shuffle=True, seed=7)
+    batches = BatchSampler(inner, batch_size=3, drop_last=False)
+    inner.set_epoch(2)
+    want = list(batches)                      # epoch 2's batches of this rank
+    inner.set_epoch(0)
+    batches.sampler = _ResumeSampler(batches, epoch=2, skip=2 * 3)
+    batches.sampler.set_epoch(5)              # Lightning's epoch for the pass: ignored
+    assert len(batches) == len(want)
+    assert list(batches) == want[2:]          # the saved epoch, two batches already seen
+    assert batches.sampler is inner           # later passes are the sampler's own
+    inner.set_epoch(3)
+    assert list(batches) == list(BatchSampler(inner, 3, False))
+
+
+def test_lightning_checkpoint_io_hands_over_the_restored_checkpoint_once():
+    pytest.importorskip("lightning", reason="snapshotd_client.lightning needs lightning "
+                        "(pip install -e './client[lightning]')")
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    from snapshotd_client import SnapshotError
+    from snapshotd_client.lightning import SnapshotdCallback, SnapshotdCheckpointIO
+
+    snap = SnapshotdCallback(job="unit")
+    snap._checkpoint, snap.restored_step = {"pytorch-lightning_version": "2.6.6"}, 4
+    io = SnapshotdCheckpointIO(TorchCheckpointIO(), snap)
+    with pytest.raises(SnapshotError, match="resume_path"):
+        io.load_checkpoint("snapshotd:3")
+    assert io.load_checkpoint("snapshotd:4") == {"pytorch-lightning_version": "2.6.6"}
+    with pytest.raises(SnapshotError, match="did not read"):
+        io.load_checkpoint("snapshotd:4")     # handed over once, then freed
+    with pytest.raises(ValueError, match="every_n_steps"):
+        SnapshotdCallback(every_n_steps=0)
