@@ -142,7 +142,7 @@ def check_clock_step(env, rng, got):
     return Outcome(lost == 0, lost=lost, detail=f"{detail}: {problems}")
 
 
-CLOCK = Fault("clock_stepped_on_one_node",
+CLOCK = Fault("wall clock stepped back or forward on one node",
               "3 daemons RS(2,1): steps 1-4 protected, every rank restores step 2 (a new "
               "timeline), node 0's wall clock steps back (0.2 s to an hour) or forward, every "
               "rank saves new steps 3-4: they are protected, and after node 0 is lost and "
@@ -198,7 +198,7 @@ def check_pause_through_replacement(env, rng, got):
     return Outcome(lost == 0, lost=lost, stall=time.monotonic() - started, detail=detail)
 
 
-PAUSE = Fault("peer_paused_through_a_replacement",
+PAUSE = Fault("peer paused through a replacement",
               "3 daemons RS(2,1): steps 1-3 protected, one node SIGSTOPped, another lost and "
               "replaced, the paused one resumed 2-10 s later: the replacement rebuilds once "
               "it answers, every rank restores step 3 bit for bit",
@@ -251,7 +251,7 @@ def check_soak(env, rng, got):
                    figures={"saves": sum(r.get("last", 0) for r in done)})
 
 
-SOAK = Fault("deadlock_soak_back_to_back_saves",
+SOAK = Fault("soak: back-to-back saves, lock order checked",
              "3 daemons RS(2,1), 2 ranks on node 0 and one on each other node saving back to "
              "back (20 s; 10 min in the long campaign) with every daemon's status asked twice "
              "a second and the lock-order checker on: every daemon answers within 10 s, no "
