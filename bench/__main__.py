@@ -1,6 +1,8 @@
 """``python -m bench CASE [...]``: run benchmark cases and write ``docs/benchmarks.md``.
 
-Cases: ``save``, ``restore``, ``codec``, ``rebuild``, ``memory``, ``all``; ``smoke`` runs every
+Cases: ``save``, ``restore``, ``codec``, ``rebuild``, ``memory``, ``frameworks`` (the Hugging
+Face Trainer and Lightning examples: no snapshotd, a snapshot every step, the framework's own
+checkpoint every step), ``all``; ``smoke`` runs every
 case on tiny sizes (the test suite does, so the suite cannot rot). Every figure is reported next
 to its baseline measured in the same run, as a ratio.
 """
@@ -26,7 +28,7 @@ SIZES: dict[str, list[Any]] = {
     "codec": [256 * MIB], "rebuild": [256 * MIB], "memory": [256 * MIB],
     "scaling": [[64 * MIB, 256 * MIB, 1024 * MIB, 2048 * MIB, 4096 * MIB]],
     "training": [200], "training1": [200], "training1c": [200],
-    "fsdp1": [200], "fsdp1c": [200],
+    "fsdp1": [200], "fsdp1c": [200], "frameworks": [100],
     "dlrover": [[64 * MIB, 256 * MIB, 1024 * MIB]],
     "savecpu": [9]}
 #: ``--quick``: the issue-15 rows (restore, CPU per save) at sizes that run in about a minute.
@@ -86,6 +88,9 @@ def run_case(name: str, size: Any, repeats: int) -> Any:
                              size="small" if size > 50 else "tiny", daemon_core=True,
                              copy_on_daemon_core=name == "fsdp1c", script="train_fsdp.py",
                              script_args=("--state-dicts", "dcp"))
+    if name == "frameworks":      # the HF Trainer and Lightning examples, three ways each
+        from .frameworks import frameworks_case
+        return frameworks_case(size, repeats=2 if size > 50 else 1)
     if name == "savecpu":
         from .savecpu import savecpu_case
         return savecpu_case(saves=40 if size > 1 else 5, repeats=max(1, repeats),

@@ -13,7 +13,9 @@ is on, so the resume is exact only if the RNG states come back. Each rank append
 losses to ``OUT/loss.jsonl``; at the end rank 0 writes the model's and the optimizer's state to
 ``OUT/final.pt``. Test flags: ``--fail-at RANK:STEP`` (that rank SIGKILLs itself after step
 STEP, on the first attempt only, once every rank's snapshot of STEP is committed);
-``--no-snapshot`` (the reference run, without snapshotd).
+``--no-snapshot`` (the reference run, without snapshotd). Benchmark flag (``python -m bench
+frameworks``): ``--framework-checkpoint DIR`` (with ``--no-snapshot``): the Trainer's own
+checkpoint every step instead (``save_strategy="steps", save_steps=1``, the newest one kept).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -59,7 +62,7 @@ class LossLog(Trainer):
         value = loss[0] if isinstance(loss, tuple) else loss
         with open(self.losses, "a") as f:
             f.write(json.dumps({"rank": self.args.process_index, "step": self.state.global_step + 1,
-                                "loss": value.item().hex(),
+                                "loss": value.item().hex(), "time": time.time(),
                                 "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))})
                     + "\n")
         return loss
@@ -88,6 +91,8 @@ def main() -> None:
     ap.add_argument("--size", default="tiny")            # accepted for the test harness
     ap.add_argument("--fail-at", default=None, metavar="RANK:STEP")
     ap.add_argument("--no-snapshot", action="store_true")
+    ap.add_argument("--framework-checkpoint", default=None, metavar="DIR",
+                    help="the Trainer's own checkpoint every step, into DIR (benchmark)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,13 +100,17 @@ def main() -> None:
     torch.use_deterministic_algorithms(True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    saving = {"save_strategy": "no", "output_dir": str(out / "hf")}
+    if args.framework_checkpoint:     # the Trainer's own checkpoint every step (benchmark)
+        saving = {"save_strategy": "steps", "save_steps": 1, "save_total_limit": 1,
+                  "output_dir": args.framework_checkpoint}
     config = GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config)
     training = TrainingArguments(
-        output_dir=str(out / "hf"), per_device_train_batch_size=4, num_train_epochs=args.epochs,
+        **saving, per_device_train_batch_size=4, num_train_epochs=args.epochs,
         learning_rate=1e-3, lr_scheduler_type="linear", warmup_steps=2, seed=0, use_cpu=True,
-        ddp_backend="gloo", save_strategy="no", logging_strategy="no", report_to="none",
+        ddp_backend="gloo", logging_strategy="no", report_to="none",
         disable_tqdm=True, dataloader_num_workers=0)
     trainer = LossLog(model, training, train_dataset=Tokens(args.samples),
                       losses=out / "loss.jsonl")

@@ -13,7 +13,10 @@ so the resume is exact only if the data position, the sampler's epoch and the RN
 back. Each rank appends its per-step losses to ``OUT/loss.jsonl``; at the end rank 0 writes the
 model's and the optimizer's state to ``OUT/final.pt``. Test flags: ``--fail-at RANK:STEP`` (that
 rank SIGKILLs itself after step STEP, on the first attempt only, once every rank's snapshot of
-STEP is committed); ``--no-snapshot`` (the reference run, without snapshotd).
+STEP is committed); ``--no-snapshot`` (the reference run, without snapshotd). Benchmark flag
+(``python -m bench frameworks``): ``--framework-checkpoint DIR`` (with ``--no-snapshot``):
+Lightning's own checkpoint every step instead (``ModelCheckpoint(every_n_train_steps=1)``, the
+newest one kept).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -48,7 +52,8 @@ class Regressor(L.LightningModule):
         loss = torch.nn.functional.mse_loss(self.net(x), y)
         with open(self.losses, "a") as f:
             f.write(json.dumps({"rank": self.global_rank, "step": self.global_step + 1,
-                                "loss": loss.item().hex(), "attempt": attempt()}) + "\n")
+                                "loss": loss.item().hex(), "time": time.time(),
+                                "attempt": attempt()}) + "\n")
         return loss
 
     def configure_optimizers(self):
@@ -81,6 +86,8 @@ def main() -> None:
     ap.add_argument("--size", default="tiny")            # accepted for the test harness
     ap.add_argument("--fail-at", default=None, metavar="RANK:STEP")
     ap.add_argument("--no-snapshot", action="store_true")
+    ap.add_argument("--framework-checkpoint", default=None, metavar="DIR",
+                    help="Lightning's own checkpoint every step, into DIR (benchmark)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,11 +106,15 @@ def main() -> None:
         if args.fail_at:
             rank, step = map(int, args.fail_at.split(":"))
             callbacks.append(FailAt(rank, step, snap))
+    if args.framework_checkpoint:     # Lightning's own checkpoint every step (benchmark)
+        callbacks.append(L.callbacks.ModelCheckpoint(dirpath=args.framework_checkpoint,
+                                                     every_n_train_steps=1))
     world = int(os.environ.get("WORLD_SIZE", 1))
     trainer = L.Trainer(accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto",
                         max_epochs=args.epochs, callbacks=callbacks, deterministic=True,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=str(out / "lightning"))
+                        logger=False, enable_checkpointing=bool(args.framework_checkpoint),
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(out / "lightning"))
     resume = snap.resume_path() if snap is not None else None                       # snapshotd
     with open(out / "events.jsonl", "a") as f:
         f.write(json.dumps({"event": "start", "rank": int(os.environ.get("RANK", 0)),
