@@ -1234,6 +1234,27 @@ def agree_timeline(client: SnapshotClient, group: Any = None) -> tuple[int | Non
     return step, timeline_token(step, [nonce for _, _, nonce in everyone])
 
 
+def restore_agreed(client: SnapshotClient) -> tuple[int, Any] | None:
+    """Restore, copied out (``zero_copy=False``), the newest step every rank holds, starting
+    its timeline (:func:`agree_timeline` in a ``torch.distributed`` job, else the newest step
+    held); None, after starting a timeline from nothing, when no such step exists. A
+    collective where a process group is up: the framework integrations' resume."""
+    if _distributed():
+        step, token = agree_timeline(client)
+    else:
+        held = client.steps()
+        step, token = (max(held) if held else None), 0
+    if step is None:
+        client._start_over(token)
+        return None
+    client._next_timeline = token
+    restored = client.restore(step, zero_copy=False)
+    if restored is None:
+        raise SnapshotError(f"job {client.job!r}: step {step}, which every rank held, is "
+                            "gone; restart the job")
+    return step, restored[1]
+
+
 
 def _targets(into: Any, lease: p.OpenReply, meshes: tuple = (),
              local_shards: bool = False) -> tuple[dict[str, torch.Tensor], Placer]:

@@ -46,8 +46,8 @@ except ImportError as exc:  # pragma: no cover - the optional extra
                       "'snapshotd-client[hf]'") from exc
 
 from ._adapters import register_type
-from ._client import SnapshotClient, SnapshotError, agree_timeline
-from ._training import TrainingState, _distributed, unwrap_optimizer
+from ._client import SnapshotClient, restore_agreed
+from ._training import TrainingState, unwrap_optimizer
 
 __all__ = ["SnapshotdCallback", "EpochLoader"]
 
@@ -111,20 +111,10 @@ class SnapshotdCallback(TrainerCallback):  # type: ignore[misc]
         when the daemons hold nothing of the job (a fresh start). A collective: call it on
         every rank, after the Trainer is built (it starts the process group)."""
         client = self.client
-        if _distributed():
-            step, token = agree_timeline(client)
-        else:
-            held = client.steps()
-            step, token = (max(held) if held else None), 0
-        if step is None:
-            client._start_over(token)
+        agreed = restore_agreed(client)
+        if agreed is None:
             return None
-        client._next_timeline = token
-        restored = client.restore(step, zero_copy=False)
-        if restored is None:
-            raise SnapshotError(f"job {client.job!r}: step {step}, which every rank held, is "
-                                "gone; restart the job")
-        _, state = restored
+        step, state = agreed
         args = trainer.args
         directory = tempfile.mkdtemp(prefix=f"snapshotd-hf-{client.job}-{client.rank}-",
                                      dir="/dev/shm" if os.path.isdir("/dev/shm") else None)

@@ -44,7 +44,7 @@ except ImportError as exc:  # pragma: no cover - the optional extra
     raise ImportError("snapshotd_client.lightning needs lightning: pip install "
                       "'snapshotd-client[lightning]'") from exc
 
-from ._client import SnapshotClient, SnapshotError, agree_timeline
+from ._client import SnapshotClient, SnapshotError, restore_agreed
 from ._training import _distributed, capture_rng, restore_rng
 
 __all__ = ["SnapshotdCallback", "SnapshotdCheckpointIO", "PREFIX", "TESTED"]
@@ -189,20 +189,10 @@ class SnapshotdCallback(Callback):  # type: ignore[misc]
         client = self.client
         if not _distributed() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             dist.init_process_group(backend=backend)
-        if _distributed():
-            step, token = agree_timeline(client)
-        else:
-            held = client.steps()
-            step, token = (max(held) if held else None), 0
-        if step is None:
-            client._start_over(token)
+        agreed = restore_agreed(client)
+        if agreed is None:
             return None
-        client._next_timeline = token
-        restored = client.restore(step, zero_copy=False)
-        if restored is None:
-            raise SnapshotError(f"job {client.job!r}: step {step}, which every rank held, is "
-                                "gone; restart the job")
-        _, checkpoint = restored
+        step, checkpoint = agreed
         if "pytorch-lightning_version" not in checkpoint:
             raise SnapshotError(f"job {client.job!r} step {step}: the daemon holds a snapshot "
                                 "that is not a Lightning checkpoint (another trainer's?); name "

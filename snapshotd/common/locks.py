@@ -31,7 +31,7 @@ import logging
 import os
 import threading
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("snapshotd.locks")
@@ -224,11 +224,6 @@ class _Checked:
 
     def __repr__(self) -> str:
         return f"<checked lock {self.name!r} {self._inner!r}>"
-
-
-def holding() -> Iterator[str]:
-    """The names of the locks this thread holds (test mode only; empty otherwise)."""
-    return iter([n for n, _ in _held()])
 
 
 class Tally(dict):  # type: ignore[type-arg]

@@ -456,8 +456,6 @@ class Store:
             with self._lock:
                 self._stamp_hw = max(self._stamp_hw, at)
 
-    _raise_stamp = raise_stamp
-
     def _plausible(self, at: float, what: str) -> bool:
         """Whether ``at`` may order this node's stamps: a finite time at most
         :data:`STAMP_AHEAD` past the wall clock. A value further ahead is damage (a flipped
@@ -757,7 +755,7 @@ class Store:
             now = self.stamp()
         else:
             now = committed_at
-            self._raise_stamp(committed_at)
+            self.raise_stamp(committed_at)
         version = Version(slot.number, slot.job, slot.rank, slot.step, slot.nbytes, slot.size,
                           summed, meta, now, 0, slot.local_world_size, protected,
                           world_size=slot.world_size, run=slot.run)
